@@ -1,0 +1,3 @@
+from hnvm.cli import main
+
+main()

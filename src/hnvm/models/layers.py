@@ -1,0 +1,168 @@
+"""Shared building blocks: MLPs, Gaussian heads, KL, reparameterisation, ranking losses, init.
+
+Everything here is either a tiny nn.Module or a pure function over tensors, so models share
+infrastructure without sharing internals. Losses take score tensors (not models), which lets
+every neural recommender pick any of them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# a finite "minus infinity": masked logits must stay finite so that gradients never become NaN
+_NEG = -1e9
+
+
+def mlp(in_dim: int, hidden: int, out_dim: int, act: type[nn.Module] = nn.Tanh) -> nn.Sequential:
+    """Two-layer MLP: Linear -> act -> Linear (the output layer is linear)."""
+    return nn.Sequential(nn.Linear(in_dim, hidden), act(), nn.Linear(hidden, out_dim))
+
+
+class GaussianHead(nn.Module):
+    """Diagonal Gaussian from a two-layer MLP: x -> (mu, logvar), both [..., out_dim].
+
+    `var_scale` multiplies the variance, i.e. logvar = raw_logvar + log(var_scale). The paper
+    (section 4.3) multiplies every prior and posterior covariance by 0.05 because large
+    variances made the gradients unstable; doing it in log space keeps it a constant shift.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        hidden: int,
+        out_dim: int,
+        var_scale: float = 1.0,
+        act: type[nn.Module] = nn.Tanh,
+    ) -> None:
+        super().__init__()
+        if var_scale <= 0:
+            raise ValueError(f"var_scale must be > 0, got {var_scale}")
+        self.net = mlp(in_dim, hidden, 2 * out_dim, act)
+        self.log_var_scale = math.log(var_scale)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        mu, raw_logvar = self.net(x).chunk(2, dim=-1)
+        return mu, raw_logvar + self.log_var_scale
+
+
+def gaussian_kl(mu_q: Tensor, logvar_q: Tensor, mu_p: Tensor, logvar_p: Tensor) -> Tensor:
+    """KL(N(mu_q, diag e^logvar_q) || N(mu_p, diag e^logvar_p)), summed over the last dim."""
+    kl = 0.5 * (
+        logvar_p - logvar_q + (logvar_q.exp() + (mu_q - mu_p).pow(2)) / logvar_p.exp() - 1.0
+    )
+    return kl.sum(-1)
+
+
+def reparameterize(mu: Tensor, logvar: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """One sample mu + sigma * eps, eps ~ N(0, I), differentiable in mu and logvar."""
+    eps = torch.randn(mu.shape, generator=generator, dtype=mu.dtype, device=mu.device)
+    return mu + (0.5 * logvar).exp() * eps
+
+
+# ---------------------------------------------------------------------------------------------
+# Ranking losses. pos: Float[N] score of each target; neg: Float[N, M] scores of M negatives;
+# neg_mask: Bool[N, M], True = a valid negative (False e.g. where a sampled negative equals the
+# target, which must not be pushed down). reduction: "mean" over rows, "sum", or "none" -> [N].
+
+
+def _reduce(loss: Tensor, reduction: str) -> Tensor:
+    if reduction == "mean":
+        return loss.mean()
+    if reduction == "sum":
+        return loss.sum()
+    if reduction == "none":
+        return loss
+    raise ValueError(f"unknown reduction {reduction!r}")
+
+
+def _valid(neg: Tensor, neg_mask: Tensor | None) -> Tensor:
+    return torch.ones_like(neg, dtype=torch.bool) if neg_mask is None else neg_mask
+
+
+def bpr_loss(
+    pos: Tensor, neg: Tensor, neg_mask: Tensor | None = None, reduction: str = "mean"
+) -> Tensor:
+    """BPR: per row, the mean over valid negatives of -log σ(pos - neg_j). A row without valid
+    negatives contributes 0."""
+    valid = _valid(neg, neg_mask)
+    pair = -F.logsigmoid(pos.unsqueeze(-1) - neg) * valid  # [N, M]
+    loss = pair.sum(-1) / valid.sum(-1).clamp(min=1)  # [N]
+    return _reduce(loss, reduction)
+
+
+def bpr_max_loss(
+    pos: Tensor,
+    neg: Tensor,
+    bpreg: float,
+    neg_mask: Tensor | None = None,
+    reduction: str = "mean",
+) -> Tensor:
+    """GRU4Rec's BPR-max: s = softmax over the valid negatives' scores,
+    loss = -log Σ_j s_j σ(pos - neg_j) + bpreg · Σ_j s_j neg_j².
+
+    With a single negative (s = 1) it is BPR plus bpreg · neg². The log-sum is computed as a
+    logsumexp of log s_j + log σ(·), so it never underflows to log 0."""
+    valid = _valid(neg, neg_mask)
+    has_valid = valid.any(-1)  # [N]
+    log_s = torch.log_softmax(neg.masked_fill(~valid, _NEG), dim=-1)  # [N, M]
+    s = log_s.exp() * valid  # exact zeros on masked entries
+    log_term = torch.logsumexp(log_s + F.logsigmoid(pos.unsqueeze(-1) - neg), dim=-1)  # [N]
+    loss = -log_term + bpreg * (s * neg.pow(2)).sum(-1)
+    loss = torch.where(has_valid, loss, torch.zeros_like(loss))
+    return _reduce(loss, reduction)
+
+
+def sampled_softmax_loss(
+    pos: Tensor,
+    neg: Tensor,
+    logq_pos: Tensor | None = None,
+    logq_neg: Tensor | None = None,
+    neg_mask: Tensor | None = None,
+    reduction: str = "mean",
+) -> Tensor:
+    """Cross-entropy of the target among [pos, valid negatives].
+
+    With log-Q correction (Bengio & Senécal; Yi et al. 2019) the log sampling probability of
+    each candidate is subtracted from its logit, which makes the sampled softmax a consistent
+    estimate of the full one under non-uniform (e.g. popularity) sampling. logq_pos: Float[N]
+    or broadcastable; logq_neg: Float[N, M] or Float[M]."""
+    if logq_pos is not None:
+        pos = pos - logq_pos
+    if logq_neg is not None:
+        neg = neg - logq_neg
+    neg = neg.masked_fill(~_valid(neg, neg_mask), _NEG)
+    logits = torch.cat([pos.unsqueeze(-1), neg], dim=-1)  # [N, 1 + M]
+    loss = -torch.log_softmax(logits, dim=-1)[:, 0]
+    return _reduce(loss, reduction)
+
+
+def full_softmax_loss(
+    logits: Tensor,
+    targets: Tensor,
+    valid_cols: Tensor | None = None,
+    reduction: str = "mean",
+) -> Tensor:
+    """Cross-entropy over the whole catalogue. logits: Float[N, C]; targets: Long[N];
+    valid_cols: Bool[C], False columns (e.g. column 0 = padding) are left out of the softmax."""
+    if valid_cols is not None:
+        logits = logits.masked_fill(~valid_cols, _NEG)
+    return F.cross_entropy(logits, targets, reduction=reduction)
+
+
+def init_uniform_(module: nn.Module, std: float) -> None:
+    """The paper's init (section 4.3): every weight ~ U(-a, a) with variance std² (a = √3·std),
+    every bias = 0; embedding padding rows stay 0."""
+    bound = math.sqrt(3.0) * std
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.split(".")[-1].startswith("bias"):
+                p.zero_()
+            else:
+                p.uniform_(-bound, bound)
+        for m in module.modules():
+            if isinstance(m, nn.Embedding) and m.padding_idx is not None:
+                m.weight[m.padding_idx].zero_()
