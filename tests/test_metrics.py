@@ -114,6 +114,15 @@ def test_topk_excludes_padding_and_seen_items_ties_by_lower_id() -> None:
     assert torch.equal(scores, before)
 
 
+def test_topk_tie_order_on_a_wide_catalogue() -> None:
+    # torch.topk returns these tied items in an arbitrary order on a wide row.
+    scores = torch.zeros(2, 3000)
+    scores[:, [2900, 5, 1700, 40]] = 1.0
+    scores[1, 1700] = 2.0
+    assert topk_items(scores, 4).tolist() == [[5, 40, 1700, 2900], [1700, 5, 40, 2900]]
+    assert topk_items(scores, 5).tolist() == [[5, 40, 1700, 2900, 1], [1700, 5, 40, 2900, 1]]
+
+
 def test_topk_fills_with_padding_when_too_few_eligible_items() -> None:
     scores = torch.tensor([[5.0, 0.1, 0.2, 0.3, -math.inf], [5.0, 0.4, 0.3, 0.2, 0.1]])
     got = topk_items(scores, 3, exclude=[torch.tensor([1, 2]), torch.tensor([], dtype=torch.long)])

@@ -258,7 +258,7 @@ def _session_at_k(hits: Tensor, size: Tensor, k: int) -> dict[str, Tensor]:
     rr = (h / slots).amax(dim=1)
     return {
         f"recall@{k}": n_hit / size,
-        f"precision@{k}": n_hit / h.shape[1],
+        f"precision@{k}": n_hit / k,
         f"mrr@{k}": rr,
         f"ndcg@{k}": (h * discount).sum(dim=1) / idcg,
     }

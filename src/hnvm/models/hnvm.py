@@ -35,7 +35,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from hnvm.models.layers import GaussianHead, gaussian_kl, init_uniform_, reparameterize
 
@@ -98,23 +97,20 @@ class HNVMNet(nn.Module):
 
     def _encode(self, seqs: Tensor, lengths: Tensor) -> Tensor:
         """seqs: Long[N, T] right-padded, lengths: Long[N] >= 1 -> h_enc Float[N, H]."""
-        packed = pack_padded_sequence(
-            self.item_emb(seqs), lengths.cpu(), batch_first=True, enforce_sorted=False
-        )
-        _, h_last = self.encoder(packed)  # packing: h_last is the last *valid* state
-        return h_last[0]
+        # padded rather than packed: on CPU, torch's packed GRU is ~6x slower, and a causal
+        # GRU's state at the last valid step never sees the trailing padding anyway
+        out, _ = self.encoder(self.item_emb(seqs))  # [N, T, H]
+        return out[torch.arange(seqs.shape[0], device=seqs.device), lengths - 1]
 
-    def _decode(self, seqs: Tensor, lengths: Tensor, cond: Tensor) -> Tensor:
-        """Decoder over (BOS, seqs[:, :-1]). seqs: Long[N, T], lengths: Long[N] >= 1,
-        cond: Float[N, C] per-session input -> Float[N, T, H] (0 past each length)."""
+    def _decode(self, seqs: Tensor, cond: Tensor) -> Tensor:
+        """Decoder over (BOS, seqs[:, :-1]). seqs: Long[N, T] right-padded, cond: Float[N, C]
+        per-session input -> Float[N, T, H]; states past a session's length are junk that
+        the caller masks (causality keeps the valid ones exact)."""
         N, T = seqs.shape
         bos = seqs.new_full((N, 1), self.bos)
         x = self.item_emb(torch.cat([bos, seqs[:, :-1]], dim=1))  # [N, T, E]
         x = torch.cat([x, cond.unsqueeze(1).expand(N, T, cond.shape[-1])], dim=-1)
-        packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
-        out, _ = self.decoder(packed)
-        out, _ = pad_packed_sequence(out, batch_first=True, total_length=T)
-        return out  # [N, T, H]
+        return self.decoder(x)[0]  # [N, T, H]
 
     def _context(
         self, h_enc: Tensor, session_mask: Tensor, h_con0: Tensor | None
@@ -159,6 +155,25 @@ class HNVMNet(nn.Module):
             return torch.cat([h_prev, e.expand(*h_prev.shape[:-1], -1)], -1)
         return h_prev
 
+    def _sessions(self, items: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Encode every real session of items Long[B, W, T] in one GRU call.
+        -> h_enc [B, W, H] (0 for empty sessions), item_mask [B, W, T], session_mask [B, W],
+        real Long[N] (flat indices of non-empty sessions), seqs Long[N, T'] (their items,
+        trimmed to the longest real session T' so that batch padding costs nothing)."""
+        B, W, T = items.shape
+        item_mask = items > 0
+        lengths = item_mask.sum(-1)  # [B, W]
+        if not torch.equal(item_mask, torch.arange(T, device=items.device) < lengths[..., None]):
+            raise ValueError("items must be right-padded: no 0 before a real item in a session")
+        session_mask = lengths > 0
+        real = session_mask.view(-1).nonzero().squeeze(1)  # [N]
+        t_max = int(lengths.max()) if real.numel() else 0
+        seqs, seq_len = items.view(B * W, T)[real, :t_max], lengths.view(-1)[real]
+        h_enc = items.new_zeros(B * W, self.hidden, dtype=torch.float)
+        if real.numel():
+            h_enc = h_enc.index_copy(0, real, self.drop(self._encode(seqs, seq_len)))
+        return h_enc.view(B, W, -1), item_mask, session_mask, real, seqs
+
     # ---- training / scoring forward ---------------------------------------------------------
 
     def forward(
@@ -179,19 +194,9 @@ class HNVMNet(nn.Module):
             raise ValueError("mc_samples > 1 is for inference (sample=False)")
         B, W, T = items.shape
         H = self.hidden
-        item_mask = items > 0
-        lengths = item_mask.sum(-1)  # [B, W]
-        if not torch.equal(item_mask, torch.arange(T, device=items.device) < lengths[..., None]):
-            raise ValueError("items must be right-padded: no 0 before a real item in a session")
-        session_mask = lengths > 0
-        real = session_mask.view(-1).nonzero().squeeze(1)  # [N] flat indices of real sessions
-        seqs, seq_len = items.view(B * W, T)[real], lengths.view(-1)[real]  # [N, T], [N]
+        h_enc, item_mask, session_mask, real, seqs = self._sessions(items)
 
-        # encoder over every real session at once, then the context GRU across sessions
-        h_enc = items.new_zeros(B * W, H, dtype=torch.float)
-        if real.numel():
-            h_enc = h_enc.index_copy(0, real, self.drop(self._encode(seqs, seq_len)))
-        h_enc = h_enc.view(B, W, H)
+        # the context GRU across sessions (the only loop over W)
         h_prev, h_con = self._context(h_enc, session_mask, h_con0)  # [B, W, H] each
 
         # latents
@@ -208,17 +213,19 @@ class HNVMNet(nn.Module):
                 z = torch.stack([reparameterize(mu_p, lv_p, generator) for _ in range(S)])
             else:
                 z = mu_p
-        cond = self._cond(h_prev, e, z) if S == 1 else torch.cat(
-            [h_prev.expand(S, -1, -1, -1), z], -1
-        )
+        if S == 1:
+            cond = self._cond(h_prev, e, z)  # [B, W, C]
+        else:
+            cond = torch.cat([h_prev.expand(S, -1, -1, -1), z], -1)  # [S, B, W, C]
         cond = cond.reshape(S, B * W, -1)[:, real].reshape(S * real.numel(), -1)  # [S*N, C]
 
         # decoder over all real sessions (and MC draws) in one GRU call
         dec = h_enc.new_zeros(B * W, T, H)
         if real.numel():
-            out = self._decode(seqs.repeat(S, 1), seq_len.repeat(S), cond)
-            dec = dec.index_copy(0, real, out.view(S, -1, T, H).mean(0))
-        dec_hidden = self.drop(dec.view(B, W, T, H))
+            out = self._decode(seqs.repeat(S, 1), cond)  # [S*N, T', H]
+            out = out.view(S, -1, *out.shape[1:]).mean(0)  # [N, T', H]
+            dec[real, : out.shape[1]] = out
+        dec_hidden = self.drop(dec.view(B, W, T, H) * item_mask.unsqueeze(-1))
         return HNVMOutput(dec_hidden, kl_z, kl_e, h_con, item_mask, session_mask)
 
     def score(self, hidden: Tensor) -> Tensor:
@@ -244,15 +251,8 @@ class HNVMNet(nn.Module):
         The context depends on items only; `users` keeps the signature of the other entry
         points. Chain windows through h_con0 for long histories."""
         del users
-        B, W, T = items.shape
-        lengths = (items > 0).sum(-1)
-        session_mask = lengths > 0
-        real = session_mask.view(-1).nonzero().squeeze(1)
-        h_enc = items.new_zeros(B * W, self.hidden, dtype=torch.float)
-        if real.numel():
-            seqs, seq_len = items.view(B * W, T)[real], lengths.view(-1)[real]
-            h_enc = h_enc.index_copy(0, real, self.drop(self._encode(seqs, seq_len)))
-        _, h_con = self._context(h_enc.view(B, W, -1), session_mask, h_con0)
+        h_enc, _, session_mask, _, _ = self._sessions(items)
+        _, h_con = self._context(h_enc, session_mask, h_con0)
         return h_con[:, -1]
 
     @torch.no_grad()
@@ -284,7 +284,7 @@ class HNVMNet(nn.Module):
         lengths = (prefix > 0).sum(-1) + 1  # + the BOS step
         # pad one slot so that the decoder also consumes the last prefix item
         seqs = torch.cat([prefix, prefix.new_zeros(B, 1)], 1).repeat(S, 1)  # [S*B, L+1]
-        out = self._decode(seqs, lengths.repeat(S), cond)  # [S*B, L+1, H]
+        out = self._decode(seqs, cond)  # [S*B, L+1, H]
         last = out[torch.arange(S * B, device=out.device), lengths.repeat(S) - 1]  # [S*B, H]
         return self.drop(last.view(S, B, -1).mean(0))
 

@@ -1,0 +1,227 @@
+"""Padded tensors from a dataset: user windows for training, evaluation batches.
+
+`Sequences` holds every session of a dataset as flat numpy arrays (sessions are numbered by
+user, then time, so each user's sessions form one contiguous range); batches are cut from it
+without touching polars again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+import torch
+
+from hnvm.models.base import Batch
+
+SPLIT_CODE = {"train": 0, "valid": 1, "test": 2}
+
+
+@dataclass
+class Sequences:
+    """All sessions of a dataset, flat."""
+
+    items: np.ndarray  # int64[n_events], items in (session, pos) order
+    offsets: np.ndarray  # int64[n_sessions + 1]
+    session_user: np.ndarray  # int64[n_sessions]
+    session_split: np.ndarray  # int8[n_sessions]
+    user_first: np.ndarray  # int64[n_users + 1]: first session of each user (index by user id)
+    user_end: np.ndarray  # int64[n_users + 1]: one past the user's last session
+
+    @classmethod
+    def from_events(cls, events: pl.DataFrame, n_users: int) -> Sequences:
+        ev = events.sort("session", "pos")
+        sess = ev.get_column("session").to_numpy().astype(np.int64)
+        n_sessions = int(sess.max()) + 1 if len(sess) else 0
+        counts = np.bincount(sess, minlength=n_sessions)
+        offsets = np.zeros(n_sessions + 1, dtype=np.int64)
+        np.cumsum(counts, out=offsets[1:])
+        firsts = offsets[:-1]
+        session_user = ev.get_column("user").to_numpy().astype(np.int64)[firsts]
+        codes = ev.get_column("split").cast(pl.Utf8).replace_strict(SPLIT_CODE, return_dtype=pl.Int8)
+        session_split = codes.to_numpy()[firsts]
+        user_first = np.zeros(n_users + 1, dtype=np.int64)
+        user_end = np.zeros(n_users + 1, dtype=np.int64)
+        order = np.arange(n_sessions)
+        # sessions are sorted by user, so first/last occurrences delimit each user's range
+        np.maximum.at(user_end, session_user, order + 1)
+        user_first[:] = n_sessions
+        np.minimum.at(user_first, session_user, order)
+        user_first[user_end == 0] = 0
+        return cls(ev.get_column("item").to_numpy().astype(np.int64), offsets, session_user,
+                   session_split, user_first, user_end)
+
+    @property
+    def n_sessions(self) -> int:
+        return len(self.session_user)
+
+    def session(self, s: int) -> np.ndarray:
+        return self.items[self.offsets[s]:self.offsets[s + 1]]
+
+    def length(self, s: int) -> int:
+        return int(self.offsets[s + 1] - self.offsets[s])
+
+    def sessions_of(self, split: str) -> np.ndarray:
+        return np.flatnonzero(self.session_split == SPLIT_CODE[split])
+
+
+def pad_sessions(
+    seq: Sequences, rows: list[list[int]], max_len: int | None = None
+) -> torch.Tensor:
+    """Long[B, N, T]: each row's sessions right-aligned in N (empty sessions first).
+    A session longer than `max_len` keeps its last `max_len` items (only where a setting asks)."""
+    n = max((len(r) for r in rows), default=0)
+    t = max((seq.length(s) for r in rows for s in r), default=1)
+    if max_len is not None:
+        t = min(t, max_len)
+    out = np.zeros((len(rows), max(n, 1), max(t, 1)), dtype=np.int64)
+    for b, r in enumerate(rows):
+        shift = n - len(r)
+        for j, s in enumerate(r):
+            items = seq.session(s)
+            if max_len is not None and len(items) > max_len:
+                items = items[-max_len:]
+            out[b, shift + j, : len(items)] = items
+    return torch.from_numpy(out)
+
+
+def history_of(seq: Sequences, s: int, max_history: int | None) -> list[int]:
+    """Sessions of the same user strictly before session s (optionally the last few)."""
+    lo = int(seq.user_first[seq.session_user[s]])
+    if max_history is not None:
+        lo = max(lo, s - max_history)
+    return list(range(lo, s))
+
+
+def next_item_batches(
+    seq: Sequences,
+    split: str = "test",
+    *,
+    include_first: bool = False,
+    max_targets: int = 512,
+    max_history: int | None = None,
+) -> Iterator[Batch]:
+    """Evaluation batches for next-item prediction: each row is one session of `split` (last
+    in the session axis) with the user's earlier sessions before it; targets are positions
+    >= 1 (>= 0 with include_first), at most about `max_targets` per batch."""
+    start = 0 if include_first else 1
+    rows: list[list[int]] = []
+    users: list[int] = []
+    t_rows: list[int] = []
+    t_pos: list[int] = []
+    for s in seq.sessions_of(split):
+        s = int(s)
+        n = seq.length(s)
+        if n <= start:
+            continue
+        rows.append([*history_of(seq, s, max_history), s])
+        users.append(int(seq.session_user[s]))
+        t_rows.extend([len(rows) - 1] * (n - start))
+        t_pos.extend(range(start, n))
+        if len(t_rows) >= max_targets:
+            yield _batch(seq, users, rows, t_rows, t_pos)
+            rows, users, t_rows, t_pos = [], [], [], []
+    if rows:
+        yield _batch(seq, users, rows, t_rows, t_pos)
+
+
+def _batch(seq: Sequences, users: list[int], rows: list[list[int]], t_rows: list[int],
+           t_pos: list[int], sessions: list[int] | None = None) -> Batch:
+    return Batch(
+        session_ids=torch.tensor(sessions if sessions is not None else [r[-1] if r else -1 for r in rows],
+                                 dtype=torch.long),
+        users=torch.tensor(users, dtype=torch.long),
+        sessions=pad_sessions(seq, rows),
+        target_rows=torch.tensor(t_rows, dtype=torch.long),
+        target_pos=torch.tensor(t_pos, dtype=torch.long),
+    )
+
+
+def next_session_batches(
+    seq: Sequences, split: str = "test", *, max_users: int = 256, max_history: int | None = None
+) -> Iterator[tuple[Batch, list[np.ndarray]]]:
+    """Batches of history-only rows for next-session prediction, with each row's target set
+    (the unique items of the held-out session)."""
+    rows: list[list[int]] = []
+    users: list[int] = []
+    sets: list[np.ndarray] = []
+    held_out: list[int] = []
+    for s in seq.sessions_of(split):
+        s = int(s)
+        hist = history_of(seq, s, max_history)
+        rows.append(hist)
+        users.append(int(seq.session_user[s]))
+        sets.append(np.unique(seq.session(s)))
+        held_out.append(s)
+        if len(rows) >= max_users:
+            yield _batch(seq, users, rows, [], [], held_out), sets
+            rows, users, sets, held_out = [], [], [], []
+    if rows:
+        yield _batch(seq, users, rows, [], [], held_out), sets
+
+
+@dataclass
+class WindowBatch:
+    """A training batch: up to W consecutive train sessions per user, plus the sessions
+    before the window (context only, no gradient). Both right-aligned like `Batch`."""
+
+    users: torch.Tensor  # Long[B]
+    prefix: torch.Tensor  # Long[B, P, T] (P may be 0)
+    window: torch.Tensor  # Long[B, W, T]
+
+    @property
+    def n_targets(self) -> int:
+        return int((self.window != 0).sum())
+
+
+def user_windows(seq: Sequences, window: int, splits: tuple[str, ...] = ("train",)) -> np.ndarray:
+    """int64[n_windows, 3]: (user, first session, end session) cutting each user's sessions of
+    `splits` into windows of at most `window` sessions."""
+    keep = np.isin(seq.session_split, [SPLIT_CODE[s] for s in splits])
+    out = []
+    for u in np.flatnonzero(seq.user_end > 0):
+        ss = np.arange(seq.user_first[u], seq.user_end[u])
+        ss = ss[keep[ss]]
+        if len(ss) == 0:
+            continue
+        # train sessions are contiguous at the start of a user's range (user-last split);
+        # windows aligned to the end keep the most recent sessions in one window
+        for end in range(len(ss), 0, -window):
+            lo = max(0, end - window)
+            out.append((u, ss[lo], ss[end - 1] + 1))
+    return np.asarray(out, dtype=np.int64).reshape(-1, 3)
+
+
+def window_batches(
+    seq: Sequences,
+    windows: np.ndarray,
+    batch_size: int,
+    rng: np.random.Generator | None,
+    *,
+    max_len: int | None = None,
+    max_prefix: int | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+) -> Iterator[WindowBatch]:
+    """Shuffled training batches of windows (rank r of world_size takes every world_size-th
+    batch, so distributed ranks see disjoint data)."""
+    order = rng.permutation(len(windows)) if rng is not None else np.arange(len(windows))
+    n_batches = (len(order) + batch_size - 1) // batch_size
+    for i in range(rank, n_batches, world_size):
+        sel = windows[order[i * batch_size:(i + 1) * batch_size]]
+        prefixes, wins = [], []
+        for u, lo, hi in sel:
+            first = int(seq.user_first[u])
+            if max_prefix is not None:
+                first = max(first, int(lo) - max_prefix)
+            prefixes.append(list(range(first, int(lo))))
+            wins.append(list(range(int(lo), int(hi))))
+        prefix = (pad_sessions(seq, prefixes, max_len) if any(prefixes)
+                  else torch.zeros((len(sel), 0, 1), dtype=torch.long))
+        yield WindowBatch(
+            users=torch.from_numpy(sel[:, 0].copy()),
+            prefix=prefix,
+            window=pad_sessions(seq, wins, max_len),
+        )

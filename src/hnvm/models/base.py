@@ -1,0 +1,144 @@
+"""The Recommender protocol every model implements, and the model registry.
+
+Evaluation never sees model internals: it builds a `Batch`, calls `score` (next item) or
+`score_sessions` (next session) and ranks the result over the full catalogue.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
+
+import torch
+
+if TYPE_CHECKING:
+    from hnvm.data.store import Dataset
+
+
+@dataclass
+class Batch:
+    """Consecutive sessions of B users, oldest first, right-aligned in the session axis.
+
+    sessions[b, n, t] is the t-th item of user b's n-th session in this window (0 = padding).
+    Empty sessions appear only at the start of the session axis (left padding), so the last
+    session of every row sits at index N-1.
+
+    For next-item scoring the last session is the one being predicted and the targets are
+    (target_rows[k], target_pos[k]): the item at sessions[target_rows[k], -1, target_pos[k]]
+    is predicted from the sessions before and items [0, target_pos[k]) of the last one.
+    For next-session scoring `sessions` holds history only and targets are unused.
+    """
+
+    users: torch.Tensor  # Long[B], 0 = unknown user
+    sessions: torch.Tensor  # Long[B, N, T]
+    target_rows: torch.Tensor  # Long[K]
+    target_pos: torch.Tensor  # Long[K]
+    session_ids: torch.Tensor | None = None  # Long[B]: dataset id of each row's last session
+
+    @property
+    def targets(self) -> torch.Tensor:
+        """Long[K]: the item id of each target."""
+        return self.sessions[self.target_rows, -1, self.target_pos]
+
+    @property
+    def n_targets(self) -> int:
+        return int(self.target_rows.numel())
+
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch(self.users.to(device), self.sessions.to(device), self.target_rows.to(device),
+                     self.target_pos.to(device), self.session_ids)
+
+
+@runtime_checkable
+class Recommender(Protocol):
+    """What every model offers. Hyper-parameters are constructor keyword arguments; learned
+    state is set in `fit`, which returns self."""
+
+    name: ClassVar[str]
+
+    def fit(self, train: Dataset, valid: Dataset | None = None, **kwargs: Any) -> Recommender: ...
+
+    def score(self, batch: Batch) -> torch.Tensor:
+        """Float[K, n_items + 1]: scores of every item for each next-item target (column 0 is
+        padding and is ignored by ranking)."""
+        ...
+
+    def score_sessions(self, batch: Batch) -> torch.Tensor:
+        """Float[B, n_items + 1]: scores for the next session of each row, from history only."""
+        ...
+
+    def save(self, path: Path) -> None: ...
+
+    @classmethod
+    def load(cls, path: Path) -> Recommender: ...
+
+
+REGISTRY: dict[str, Callable[..., Recommender]] = {}
+
+
+def register(name: str) -> Callable[[type], type]:
+    """Class decorator: make a model available as `hnvm train --model NAME`."""
+
+    def deco(cls: type) -> type:
+        cls.name = name
+        REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def get_model_class(name: str) -> Callable[..., Recommender]:
+    import hnvm.models  # noqa: F401  (registers the built-in models)
+
+    if name not in REGISTRY:
+        from hnvm.errors import ConfigError
+
+        raise ConfigError(f"unknown model '{name}' (known: {', '.join(sorted(REGISTRY))})")
+    return REGISTRY[name]
+
+
+def save_model_files(path: Path, name: str, config: dict[str, Any], tensors: dict[str, torch.Tensor],
+                     extra: dict[str, Any] | None = None) -> None:
+    """model.safetensors + model.json in `path` (each written to a temp file, then renamed)."""
+    import json
+    import os
+
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = path / ".model.safetensors.tmp"
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path / "model.safetensors")
+    tmpj = path / ".model.json.tmp"
+    tmpj.write_text(json.dumps({"model": name, "config": config, **(extra or {})}, indent=2) + "\n")
+    os.replace(tmpj, path / "model.json")
+
+
+def load_model_files(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Inverse of save_model_files: (model.json contents, tensors)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from hnvm.errors import HnvmError
+
+    mj, st = path / "model.json", path / "model.safetensors"
+    if not mj.exists() or not st.exists():
+        raise HnvmError(f"{path}: no model.json / model.safetensors (not a saved model)")
+    return json.loads(mj.read_text()), load_file(str(st))
+
+
+def load_model(path: Path) -> Recommender:
+    """Load any registered model saved with `save`."""
+    import json
+
+    from hnvm.errors import HnvmError
+
+    mj = Path(path) / "model.json"
+    if not mj.exists():
+        raise HnvmError(f"{path}: no model.json (not a saved model)")
+    name = json.loads(mj.read_text()).get("model")
+    cls = get_model_class(name)
+    return cls.load(Path(path))  # type: ignore[attr-defined]
