@@ -116,6 +116,75 @@ def stats(
     _print_stats(dataset_stats(ds), title=str(dataset))
 
 
+def _metrics_table(rows: dict[str, dict[str, float]], title: str,
+                   names: tuple[str, ...] = ("recall@5", "mrr@5", "recall@20", "mrr@20")) -> Table:
+    """Rows = models, columns = the given metrics."""
+    t = Table(title=title)
+    t.add_column("model")
+    for n in names:
+        t.add_column(n, justify="right")
+    for model, m in rows.items():
+        t.add_row(model, *(f"{m[n]:.4f}" if n in m else "-" for n in names))
+    return t
+
+
+def _by_k_table(m: dict[str, float], title: str, ks: tuple[int, ...] = (5, 10, 20)) -> Table:
+    """Rows = metrics, columns = cut-offs."""
+    t = Table(title=title)
+    t.add_column("metric")
+    for k in ks:
+        t.add_column(f"@{k}", justify="right")
+    for name in ("recall", "mrr", "precision", "ndcg"):
+        t.add_row(name, *(f"{m.get(f'{name}@{k}', float('nan')):.4f}" for k in ks))
+    return t
+
+
+@app.command()
+def train(
+    dataset: Annotated[Path, typer.Argument(help="Dataset directory made by `hnvm prepare`.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Run directory to write.")],
+    model: Annotated[str, typer.Option(help="Model name (hnvm, pop, ptopfreq, ...).")] = "hnvm",
+    config: Annotated[Path | None, typer.Option(help="TOML config ([model], [train]).")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override: model.KEY=V or train.KEY=V.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from RUN/last.")] = False,
+    force: Annotated[bool, typer.Option(help="Replace an existing run directory.")] = False,
+) -> None:
+    """Train a model; writes checkpoints, a JSON-lines log and the final model to --out."""
+    from hnvm.runs import train_run
+
+    try:
+        t0 = time.perf_counter()
+        train_run(dataset, model, out_dir, config_path=config, overrides=set_ or [], resume=resume,
+                  force=force, show_progress=True)
+    except HnvmError as exc:
+        _fail(exc)
+    err.print(f"trained {model} -> {out_dir} in {time.perf_counter() - t0:.1f}s")
+
+
+@app.command()
+def evaluate(
+    run: Annotated[Path, typer.Argument(help="Run directory made by `hnvm train`.")],
+    data: Annotated[Path | None, typer.Option(help="Dataset (default: the one trained on).")] = None,
+    task: Annotated[str, typer.Option(help="next-item or next-session.")] = "next-item",
+    split: Annotated[str, typer.Option(help="test or valid.")] = "test",
+    export_ranks: Annotated[Path | None, typer.Option(help="Write per-target ranks (parquet).")] = None,
+    include_first: Annotated[bool, typer.Option(help="Also score each session's first item.")] = False,
+) -> None:
+    """Full-ranking evaluation (conservative ties) of a trained run."""
+    from hnvm.runs import evaluate_run
+
+    try:
+        with err.status(f"evaluating {run} ({task}, {split}) ..."):
+            res = evaluate_run(run, data=data, task=task, split=split, export=export_ranks,
+                               include_first=include_first)
+    except HnvmError as exc:
+        _fail(exc)
+    out.print(_by_k_table(res.metrics, f"{run.name}: {task}, {split}, {res.n_targets:,} targets "
+                                       f"(full ranking), {res.seconds:.1f}s"))
+    if export_ranks:
+        err.print(f"ranks written to {export_ranks}")
+
+
 @app.command()
 def demo(
     out_dir: Annotated[Path, typer.Option("--out", help="Working directory for the demo.")] = Path(
