@@ -13,8 +13,13 @@ import polars as pl
 
 from hnvm import __version__
 from hnvm.data.readers import read_events
-from hnvm.data.sessions import filter_fixed_point, parse_duration, sessionize
-from hnvm.data.splits import clean_eval_sessions, split_time, split_user_last
+from hnvm.data.sessions import filter_fixed_point, parse_duration, run_starts, sessionize
+from hnvm.data.splits import (
+    SPLIT_DTYPE,
+    clean_eval_sessions,
+    split_time,
+    split_user_last,
+)
 from hnvm.data.store import FORMAT, FORMAT_VERSION, Dataset
 from hnvm.errors import HnvmError, InputError
 
@@ -41,10 +46,14 @@ class PrepareConfig:
             if getattr(self, name) < 1:
                 raise HnvmError(f"--{name.replace('_', '-')} must be >= 1")
         if self.split == "user-last" and self.min_sessions < 3:
-            raise HnvmError("--split user-last needs --min-sessions >= 3 (train, valid and test sessions)")
+            raise HnvmError(
+                "--split user-last needs --min-sessions >= 3 (train, valid and test sessions)"
+            )
         if not (0 < self.valid_fraction < 1 and 0 < self.test_fraction < 1
                 and self.valid_fraction + self.test_fraction < 1):
-            raise HnvmError("--valid-fraction and --test-fraction must be in (0, 1) and sum below 1")
+            raise HnvmError(
+                "--valid-fraction and --test-fraction must be in (0, 1) and sum below 1"
+            )
 
 
 def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
@@ -76,34 +85,34 @@ def build_dataset(
         df, cfg.valid_fraction, cfg.test_fraction
     )
     df = clean_eval_sessions(df, cfg.min_session_length)
-    train = df.filter(pl.col("split") == "train")
-    if train.height == 0 or df.filter(pl.col("split") == "test").height == 0:
+    n_split = df.select((pl.col("split") == s).sum().alias(s) for s in ("train", "test")).row(0)
+    if 0 in n_split:
         raise HnvmError(f"{where}the split leaves no train or no test events "
                         f"({df.height:,} events after filtering)")
 
-    # ids: 1..n in sorted order of the original ids (0 = padding / unknown user)
+    # ids: 1..n in sorted order of the original ids (0 = padding / unknown user). The frame is
+    # sessionize's layout, sorted by user id then session, so user and session ids are running
+    # counts of run starts and the rows are already in (session, pos) order: no sort, and only
+    # item ids (train items only) need a lookup.
     items = (
-        train.group_by("item").agg(pl.len().alias("train_count")).sort("item")
+        df.select(pl.col("item").filter(pl.col("split") == "train"))
+        .group_by("item").agg(pl.len().alias("train_count")).sort("item")
         .with_row_index("idx", offset=1)
     )
-    users = df.select("user").unique().sort("user").with_row_index("uidx", offset=1)
-    sess = (
-        df.select("user", "sess").unique().sort("user", "sess")
-        .with_row_index("session").select("sess", pl.col("session").cast(pl.Int32))
+    users = (
+        df.select(pl.col("user").filter(run_starts("user"))).rechunk()
+        .with_row_index("uidx", offset=1)
     )
     events = (
-        df.join(items.select("item", "idx"), on="item", how="left")
-        .join(users, on="user", how="left")
-        .join(sess, on="sess", how="left")
+        df.join(items.select("item", "idx"), on="item", how="left", maintain_order="left")
         .select(
-            user=pl.col("uidx").cast(pl.Int32),
-            session=pl.col("session"),
+            user=run_starts("user").cast(pl.Int32).cum_sum(),
+            session=run_starts("sess").cast(pl.Int32).cum_sum() - 1,
             item=pl.col("idx").cast(pl.Int32),
             ts=pl.col("ts").cast(pl.Int64),
             pos=pl.col("pos").cast(pl.Int32),
-            split=pl.col("split").cast(pl.Enum(["train", "valid", "test"])),
+            split=pl.col("split").cast(SPLIT_DTYPE),
         )
-        .sort("session", "pos")
     )
     item_table = items.select(item=pl.col("idx").cast(pl.Int32), id=pl.col("item").cast(pl.Utf8),
                               train_count=pl.col("train_count").cast(pl.Int64))
@@ -160,6 +169,7 @@ def dataset_stats(ds: Dataset) -> dict[str, Any]:
     per_split = ev.group_by("split").agg(
         pl.len().alias("events"), pl.col("session").n_unique().alias("sessions"),
         pl.col("user").n_unique().alias("users"),
+        (pl.col("pos") >= 1).sum().alias("targets"),  # = next_item_targets(split).height
     )
     by = {r["split"]: r for r in per_split.to_dicts()}
     n_sessions = ev.get_column("session").n_unique()
@@ -171,11 +181,11 @@ def dataset_stats(ds: Dataset) -> dict[str, Any]:
         "interactions_per_session": round(ev.height / max(n_sessions, 1), 3),
     }
     for split in ("train", "valid", "test"):
-        r = by.get(split, {"events": 0, "sessions": 0, "users": 0})
+        r = by.get(split, {"events": 0, "sessions": 0, "users": 0, "targets": 0})
         out[f"{split}_events"] = int(r["events"])
         out[f"{split}_sessions"] = int(r["sessions"])
         out[f"{split}_users"] = int(r["users"])
         if split != "train":
-            out[f"{split}_next_item_targets"] = int(ds.next_item_targets(split).height)
+            out[f"{split}_next_item_targets"] = int(r["targets"])
             out[f"{split}_next_session_targets"] = int(r["sessions"])
     return out

@@ -52,7 +52,8 @@ def _instacart(df: pl.DataFrame, path: Path) -> pl.DataFrame:
     _require(df, ("order_id", "user_id", "order_number", "product_id", "add_to_cart_order"), path)
     days = pl.col("days_since_prior_order") if "days_since_prior_order" in df.columns else None
     orders = (
-        df.select("user_id", "order_id", "order_number", *(["days_since_prior_order"] if days is not None else []))
+        df.select("user_id", "order_id", "order_number",
+                  *(["days_since_prior_order"] if days is not None else []))
         .unique(subset=["order_id"], keep="first")
         .sort("user_id", "order_number")
     )
@@ -81,10 +82,12 @@ PRESETS: dict[str, Preset] = {
     for p in [
         Preset(
             "xing2016",
-            {"user": "user_id", "item": "item_id", "time": "created_at", "event": "interaction_type"},
+            {"user": "user_id", "item": "item_id", "time": "created_at",
+             "event": "interaction_type"},
             time_format="s",
             drop_events=("4",),
-            description="RecSys Challenge 2016 interactions.csv; drops 'delete' (type 4) as the paper",
+            description="RecSys Challenge 2016 interactions.csv; drops 'delete' (type 4) as "
+            "the paper",
         ),
         Preset(
             "ijcai15",
@@ -151,14 +154,18 @@ def parse_columns(spec: str) -> dict[str, str]:
         if not part:
             continue
         if "=" not in part:
-            raise InputError(f"--columns: '{part}' is not ROLE=COLUMN (roles: {', '.join(CANONICAL)})")
+            raise InputError(
+                f"--columns: '{part}' is not ROLE=COLUMN (roles: {', '.join(CANONICAL)})"
+            )
         role, col = (s.strip() for s in part.split("=", 1))
         if role not in CANONICAL:
             raise InputError(f"--columns: unknown role '{role}' (roles: {', '.join(CANONICAL)})")
         out[role] = col
     missing = [r for r in REQUIRED if r not in out]
     if missing:
-        raise InputError(f"--columns: missing role(s) {', '.join(missing)} (required: user, item, time)")
+        raise InputError(
+            f"--columns: missing role(s) {', '.join(missing)} (required: user, item, time)"
+        )
     return out
 
 
@@ -176,7 +183,9 @@ def _read_raw(path: Path, preset: Preset | None) -> tuple[pl.DataFrame, bool]:
     if not path.exists():
         raise InputError("no such file", path=path)
     if path.is_dir():
-        raise InputError("is a directory, expected a file (csv, tsv, parquet, optionally .gz)", path=path)
+        raise InputError(
+            "is a directory, expected a file (csv, tsv, parquet, optionally .gz)", path=path
+        )
     if path.stat().st_size == 0:
         raise InputError("file is empty", path=path)
     name = path.name.lower()
@@ -215,7 +224,8 @@ def _read_raw(path: Path, preset: Preset | None) -> tuple[pl.DataFrame, bool]:
                                 quote_char=None, infer_schema=False)
             n = len(names or [])
             df = lines.select(
-                pl.col("_l").str.split_exact("::", n - 1).struct.rename_fields(names or []).alias("_s")
+                pl.col("_l").str.split_exact("::", n - 1)
+                .struct.rename_fields(names or []).alias("_s")
             ).unnest("_s")
         else:
             df = pl.read_csv(
@@ -232,7 +242,8 @@ def _read_raw(path: Path, preset: Preset | None) -> tuple[pl.DataFrame, bool]:
         raise InputError("file is empty", path=path) from exc
     except Exception as exc:  # polars' own message names the offending line
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"cannot parse as {'TSV' if sep == chr(9) else 'CSV'}: {msg}", path=path) from exc
+        kind = "TSV" if sep == "\t" else "CSV"
+        raise InputError(f"cannot parse as {kind}: {msg}", path=path) from exc
     if preset and preset.name == "movielens" and "userId" in df.columns:
         df = df.rename({"userId": "UserID", "movieId": "MovieID", "timestamp": "Timestamp"})
     if df.height == 0:
@@ -244,7 +255,9 @@ def _line_of(index: int, header: bool) -> int:
     return index + 1 + (1 if header else 0)
 
 
-def _to_seconds(col: pl.Series, fmt: str, path: Path, name: str, header: bool) -> tuple[pl.Series, pl.Series]:
+def _to_seconds(
+    col: pl.Series, fmt: str, path: Path, name: str, header: bool
+) -> tuple[pl.Series, pl.Series]:
     """Returns (ts seconds Int64, sub-second tie-breaker Int64)."""
     zero = pl.Series("seq", [0] * len(col), dtype=pl.Int64)
     if fmt == "mmdd":
@@ -253,7 +266,8 @@ def _to_seconds(col: pl.Series, fmt: str, path: Path, name: str, header: bool) -
         bad = v.is_null() | (month < 1) | (month > 12) | (day < 1) | (day > 31)
         if bad.any():
             i = int(bad.arg_true()[0])
-            raise InputError(f"unparsable mmdd date {col[i]!r}", path=path, row=_line_of(i, header), column=name)
+            raise InputError(f"unparsable mmdd date {col[i]!r}", path=path,
+                             row=_line_of(i, header), column=name)
         days = pl.DataFrame({"m": month, "d": day}).select(
             pl.date(2015, pl.col("m"), pl.col("d")).cast(pl.Int64).alias("x")
         ).to_series()
@@ -275,7 +289,8 @@ def _to_seconds(col: pl.Series, fmt: str, path: Path, name: str, header: bool) -
             bad = x.is_null()
         if bad.any():
             i = int(bad.arg_true()[0])
-            raise InputError(f"unparsable timestamp {col[i]!r}", path=path, row=_line_of(i, header), column=name)
+            raise InputError(f"unparsable timestamp {col[i]!r}", path=path,
+                             row=_line_of(i, header), column=name)
         unit = fmt
         if unit == "auto":
             mx = float(x.abs().max() or 0)
@@ -294,7 +309,8 @@ def _to_seconds(col: pl.Series, fmt: str, path: Path, name: str, header: bool) -
     bad = parsed.is_null()
     if bad.any():
         i = int(bad.arg_true()[0])
-        raise InputError(f"unparsable timestamp {col[i]!r}", path=path, row=_line_of(i, header), column=name)
+        raise InputError(f"unparsable timestamp {col[i]!r}", path=path,
+                         row=_line_of(i, header), column=name)
     us = parsed.dt.epoch("us")
     return (us // 1_000_000).rename("ts"), (us % 1_000_000).rename("seq")
 
@@ -311,7 +327,8 @@ def _check_ids(df: pl.DataFrame, src: str, role: str, path: Path, header: bool) 
             s = s.cast(pl.Int64)
     if bad.any():
         i = int(bad.arg_true()[0])
-        raise InputError(f"empty or missing {role} id", path=path, row=_line_of(i, header), column=src)
+        raise InputError(f"empty or missing {role} id", path=path,
+                         row=_line_of(i, header), column=src)
     return s.rename(role)
 
 
@@ -357,7 +374,9 @@ def read_events(
 
     user = _check_ids(df, columns["user"], "user", path, header)
     item = _check_ids(df, columns["item"], "item", path, header)
-    ts, sub = _to_seconds(df.get_column(columns["time"]), time_format, path, columns["time"], header)
+    ts, sub = _to_seconds(
+        df.get_column(columns["time"]), time_format, path, columns["time"], header
+    )
     line = (df.get_column("_row").cast(pl.Int64) + 1 + (1 if header else 0)).cast(pl.UInt32)
     out = pl.DataFrame([user, item, ts, sub.rename("seq"), line.rename("line")])
     if "seq" in columns:

@@ -144,8 +144,9 @@ class Dataset:
             raise HnvmError(f"{meta_path}: not valid JSON ({exc})") from exc
         if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
             raise HnvmError(
-                f"{path}: dataset format {meta.get('format')!r} version {meta.get('format_version')!r}"
-                f" is not supported (expected {FORMAT} version {FORMAT_VERSION}); re-run `hnvm prepare`"
+                f"{path}: dataset format {meta.get('format')!r} version "
+                f"{meta.get('format_version')!r} is not supported (expected {FORMAT} version "
+                f"{FORMAT_VERSION}); re-run `hnvm prepare`"
             )
         try:
             events = pl.read_parquet(path / "events.parquet")
