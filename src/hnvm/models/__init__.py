@@ -1,3 +1,3 @@
 """Built-in models; importing this package registers them."""
 
-from hnvm.models import pop, ptopfreq  # noqa: F401
+from hnvm.models import hnvm, pop, ptopfreq  # noqa: F401

@@ -1,6 +1,7 @@
 """HNVM network: hierarchical neural variational model (Xiao, Liang & Meng, WWW 2019).
 
-The network only; the estimator (training loop, losses, protocol) lives elsewhere.
+The network (`HNVMNet`), then the estimator (`HNVM`: the Recommender protocol, the loss of
+eq. 18-24 and leakage-free scoring) that the generic trainer fits.
 
     sessions of one user   s_1 ... s_n ...                  (items [B, W, T], 0 = padding)
     encoder  (eq. 9)       h_enc_n = GRU_enc(s_n)[last valid step]
@@ -30,13 +31,34 @@ Interpretation choices (the paper leaves these open; see DESIGN.md §5):
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hnvm.models.layers import GaussianHead, gaussian_kl, init_uniform_, reparameterize
+from hnvm.config import choices, rng
+from hnvm.models.base import Batch, load_model_files, register, save_model_files
+from hnvm.models.layers import (
+    GaussianHead,
+    bpr_loss,
+    bpr_max_loss,
+    full_softmax_loss,
+    gaussian_kl,
+    init_uniform_,
+    reparameterize,
+    sampled_softmax_loss,
+)
+from hnvm.train import TrainConfig
+
+if TYPE_CHECKING:
+    from hnvm.data.store import Dataset
 
 
 @dataclass
@@ -65,6 +87,7 @@ class HNVMNet(nn.Module):
         init_var: float = 0.01,
         use_e: bool = True,
         use_z: bool = True,
+        length_buckets: int = 4,
     ) -> None:
         super().__init__()
         if n_items < 1 or n_users < 0:
@@ -72,6 +95,7 @@ class HNVMNet(nn.Module):
         self.n_items, self.n_users, self.hidden = n_items, n_users, hidden
         self.d_e, self.d_z = d_e, d_z
         self.use_e, self.use_z = use_e, use_z
+        self.length_buckets = length_buckets  # speed only: see _by_length
         self.bos = n_items + 1
         self.log_var_scale = math.log(var_scale)
         H = hidden
@@ -95,22 +119,42 @@ class HNVMNet(nn.Module):
 
     # ---- building blocks ------------------------------------------------------------------
 
-    def _encode(self, seqs: Tensor, lengths: Tensor) -> Tensor:
-        """seqs: Long[N, T] right-padded, lengths: Long[N] >= 1 -> h_enc Float[N, H]."""
-        # padded rather than packed: on CPU, torch's packed GRU is ~6x slower, and a causal
-        # GRU's state at the last valid step never sees the trailing padding anyway
-        out, _ = self.encoder(self.item_emb(seqs))  # [N, T, H]
-        return out[torch.arange(seqs.shape[0], device=seqs.device), lengths - 1]
+    def _by_length(self, run: Callable[[Tensor, int], Tensor], lengths: Tensor) -> Tensor:
+        """Run a GRU over length buckets: run(rows, t) -> [len(rows), t, H] for rows trimmed to
+        t steps; returns [N, max(lengths), H], zero past each bucket's longest row.
+        Padded, not packed: on CPU torch's packed GRU is several times slower. Bucketing rows
+        by length keeps short sessions from paying for the longest one; rows of a GRU are
+        independent and causal, so valid positions are exact either way."""
+        T = int(lengths.max())
+        order = lengths.argsort()
+        outs = []
+        for rows in order.tensor_split(min(self.length_buckets, len(order))):
+            t = int(lengths[rows].max())
+            outs.append(F.pad(run(rows, t), (0, 0, 0, T - t)))
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(len(order), device=order.device)
+        return torch.cat(outs)[inverse]
 
-    def _decode(self, seqs: Tensor, cond: Tensor) -> Tensor:
-        """Decoder over (BOS, seqs[:, :-1]). seqs: Long[N, T] right-padded, cond: Float[N, C]
-        per-session input -> Float[N, T, H]; states past a session's length are junk that
-        the caller masks (causality keeps the valid ones exact)."""
+    def _encode(self, seqs: Tensor, lengths: Tensor) -> Tensor:
+        """seqs: Long[N, T] right-padded, lengths: Long[N] >= 1 -> h_enc Float[N, H] (the state
+        after each session's last real item)."""
+        run = lambda rows, t: self.encoder(self.item_emb(seqs[rows, :t]))[0]  # noqa: E731
+        out = self._by_length(run, lengths)  # [N, T, H]
+        return out[torch.arange(len(lengths), device=out.device), lengths - 1]
+
+    def _decode(self, seqs: Tensor, lengths: Tensor, cond: Tensor) -> Tensor:
+        """Decoder over (BOS, seqs[:, :-1]). seqs: Long[N, T] right-padded, lengths: Long[N],
+        cond: Float[N, C] per-session input -> Float[N, T, H]; states past a session's length
+        are junk or 0, which the caller masks."""
         N, T = seqs.shape
-        bos = seqs.new_full((N, 1), self.bos)
-        x = self.item_emb(torch.cat([bos, seqs[:, :-1]], dim=1))  # [N, T, E]
-        x = torch.cat([x, cond.unsqueeze(1).expand(N, T, cond.shape[-1])], dim=-1)
-        return self.decoder(x)[0]  # [N, T, H]
+        x_ids = torch.cat([seqs.new_full((N, 1), self.bos), seqs[:, :-1]], dim=1)  # [N, T]
+
+        def run(rows: Tensor, t: int) -> Tensor:
+            x = self.item_emb(x_ids[rows, :t])  # [n, t, E]
+            c = cond[rows].unsqueeze(1).expand(-1, t, -1)  # the same [h_con; z] at every step
+            return self.decoder(torch.cat([x, c], dim=-1))[0]  # [n, t, H]
+
+        return F.pad(self._by_length(run, lengths), (0, 0, 0, T - int(lengths.max())))
 
     def _context(
         self, h_enc: Tensor, session_mask: Tensor, h_con0: Tensor | None
@@ -155,8 +199,8 @@ class HNVMNet(nn.Module):
             return torch.cat([h_prev, e.expand(*h_prev.shape[:-1], -1)], -1)
         return h_prev
 
-    def _sessions(self, items: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """Encode every real session of items Long[B, W, T] in one GRU call.
+    def _sessions(self, items: Tensor) -> tuple[Tensor, ...]:
+        """Encode every real session of items Long[B, W, T] together (one GRU call per bucket).
         -> h_enc [B, W, H] (0 for empty sessions), item_mask [B, W, T], session_mask [B, W],
         real Long[N] (flat indices of non-empty sessions), seqs Long[N, T'] (their items,
         trimmed to the longest real session T' so that batch padding costs nothing)."""
@@ -166,13 +210,13 @@ class HNVMNet(nn.Module):
         if not torch.equal(item_mask, torch.arange(T, device=items.device) < lengths[..., None]):
             raise ValueError("items must be right-padded: no 0 before a real item in a session")
         session_mask = lengths > 0
-        real = session_mask.view(-1).nonzero().squeeze(1)  # [N]
+        real = session_mask.reshape(-1).nonzero().squeeze(1)  # [N]
         t_max = int(lengths.max()) if real.numel() else 0
-        seqs, seq_len = items.view(B * W, T)[real, :t_max], lengths.view(-1)[real]
+        seqs, seq_len = items.reshape(B * W, T)[real, :t_max], lengths.reshape(-1)[real]
         h_enc = items.new_zeros(B * W, self.hidden, dtype=torch.float)
         if real.numel():
             h_enc = h_enc.index_copy(0, real, self.drop(self._encode(seqs, seq_len)))
-        return h_enc.view(B, W, -1), item_mask, session_mask, real, seqs
+        return h_enc.view(B, W, -1), item_mask, session_mask, real, seqs, seq_len
 
     # ---- training / scoring forward ---------------------------------------------------------
 
@@ -194,7 +238,7 @@ class HNVMNet(nn.Module):
             raise ValueError("mc_samples > 1 is for inference (sample=False)")
         B, W, T = items.shape
         H = self.hidden
-        h_enc, item_mask, session_mask, real, seqs = self._sessions(items)
+        h_enc, item_mask, session_mask, real, seqs, seq_len = self._sessions(items)
 
         # the context GRU across sessions (the only loop over W)
         h_prev, h_con = self._context(h_enc, session_mask, h_con0)  # [B, W, H] each
@@ -217,12 +261,12 @@ class HNVMNet(nn.Module):
             cond = self._cond(h_prev, e, z)  # [B, W, C]
         else:
             cond = torch.cat([h_prev.expand(S, -1, -1, -1), z], -1)  # [S, B, W, C]
-        cond = cond.reshape(S, B * W, -1)[:, real].reshape(S * real.numel(), -1)  # [S*N, C]
+        cond = cond.reshape(S, B * W, cond.shape[-1])[:, real].flatten(0, 1)  # [S*N, C]
 
-        # decoder over all real sessions (and MC draws) in one GRU call
+        # decoder over all real sessions (and MC draws) at once: one GRU call per length bucket
         dec = h_enc.new_zeros(B * W, T, H)
         if real.numel():
-            out = self._decode(seqs.repeat(S, 1), cond)  # [S*N, T', H]
+            out = self._decode(seqs.repeat(S, 1), seq_len.repeat(S), cond)  # [S*N, T', H]
             out = out.view(S, -1, *out.shape[1:]).mean(0)  # [N, T', H]
             dec[real, : out.shape[1]] = out
         dec_hidden = self.drop(dec.view(B, W, T, H) * item_mask.unsqueeze(-1))
@@ -244,14 +288,12 @@ class HNVMNet(nn.Module):
     # ---- inference helpers ------------------------------------------------------------------
 
     @torch.no_grad()
-    def encode_history(
-        self, users: Tensor, items: Tensor, h_con0: Tensor | None = None
-    ) -> Tensor:
+    def encode_history(self, users: Tensor, items: Tensor, h_con0: Tensor | None = None) -> Tensor:
         """Context state after all given sessions: items Long[B, W, T] -> h_con Float[B, H].
         The context depends on items only; `users` keeps the signature of the other entry
         points. Chain windows through h_con0 for long histories."""
         del users
-        h_enc, _, session_mask, _, _ = self._sessions(items)
+        h_enc, _, session_mask, *_ = self._sessions(items)
         _, h_con = self._context(h_enc, session_mask, h_con0)
         return h_con[:, -1]
 
@@ -284,7 +326,7 @@ class HNVMNet(nn.Module):
         lengths = (prefix > 0).sum(-1) + 1  # + the BOS step
         # pad one slot so that the decoder also consumes the last prefix item
         seqs = torch.cat([prefix, prefix.new_zeros(B, 1)], 1).repeat(S, 1)  # [S*B, L+1]
-        out = self._decode(seqs, cond)  # [S*B, L+1, H]
+        out = self._decode(seqs, lengths.repeat(S), cond)  # [S*B, L+1, H]
         last = out[torch.arange(S * B, device=out.device), lengths.repeat(S) - 1]  # [S*B, H]
         return self.drop(last.view(S, B, -1).mean(0))
 
@@ -299,3 +341,202 @@ class HNVMNet(nn.Module):
         predicts the whole next session from history only, so the BOS-step distribution under
         the prior is the natural score: next-session scores = score(next_session_hidden(...))."""
         return self.prefix_hidden(users, h_con_prev, None, mc_samples, generator)
+
+
+# ---- the estimator: HNVM as a Recommender ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HNVMConfig:
+    """Hyper-parameters of HNVM (section [model] of a config file). Ranges are what `hnvm tune`
+    searches within and what the config loader accepts."""
+
+    hidden: int = field(default=100, metadata=rng(8, 2048, "H of all three GRUs (paper 200)"))
+    emb_dim: int = field(default=100, metadata=rng(8, 2048, "item input embedding size"))
+    d_e: int = field(default=32, metadata=rng(1, 1024, "general preference e^u size"))
+    d_z: int = field(default=32, metadata=rng(1, 1024, "long-term preference z_n size"))
+    mlp_hidden: int = field(default=100, metadata=rng(8, 2048, "prior/posterior MLP width"))
+    dropout: float = field(default=0.1, metadata=rng(0.0, 0.9))
+    var_scale: float = field(default=0.05, metadata=rng(1e-4, 1.0, "variance multiplier (paper 0.05)"))
+    init_var: float = field(default=0.01, metadata=rng(1e-6, 1.0, "uniform init variance"))
+    use_e: bool = True
+    use_z: bool = True
+    use_history: bool = True  # False: every session on its own (history-blind ablation)
+    loss: str = field(default="bpr-max", metadata=choices("bpr", "bpr-max", "sampled-softmax", "full-softmax"))
+    n_negatives: int = field(default=1024, metadata=rng(1, 100_000, "shared popularity-sampled negatives"))
+    sample_alpha: float = field(default=0.5, metadata=rng(0.0, 1.0, "negatives ~ count^alpha"))
+    bpreg: float = field(default=1.0, metadata=rng(0.0, 100.0, "bpr-max score regulariser"))
+    batch_size: int = field(default=64, metadata=rng(1, 100_000, "user windows per step"))
+    window: int = field(default=8, metadata=rng(1, 10_000, "sessions per training window W"))
+    max_len: int = field(default=0, metadata=rng(0, 100_000, "keep the last max_len items of longer sessions; 0 = all"))
+    kl_anneal_steps: int = field(default=300, metadata=rng(0, 10**9, "steps for beta 0 -> 1"))
+    mc_samples: int = field(default=1, metadata=rng(1, 1000, "prior samples averaged at inference"))
+
+
+@register("hnvm")
+class HNVM:
+    """HNVM as a Recommender: `HNVM(HNVMConfig(...)).fit(dataset)`."""
+
+    name = "hnvm"
+    config_class = HNVMConfig
+
+    def __init__(self, config: HNVMConfig | None = None, **overrides: Any) -> None:
+        self.config = dataclasses.replace(config or HNVMConfig(), **overrides)
+        self.net: HNVMNet | None = None
+        self.counts_: Tensor | None = None
+        self.n_items = self.n_users = 0
+        self.result_: Any = None
+
+    # -- construction ---------------------------------------------------------------------------
+    def _build(self, n_items: int, n_users: int) -> HNVMNet:
+        c = self.config
+        self.n_items, self.n_users = n_items, n_users
+        return HNVMNet(n_items=n_items, n_users=n_users, hidden=c.hidden, emb_dim=c.emb_dim,
+                       d_e=c.d_e, d_z=c.d_z, mlp_hidden=c.mlp_hidden, dropout=c.dropout,
+                       var_scale=c.var_scale, init_var=c.init_var, use_e=c.use_e, use_z=c.use_z)
+
+    def fit(self, train: Dataset, valid: Dataset | None = None, *, train_cfg: TrainConfig | None = None,
+            run_dir: Path | None = None, resume: bool = False, show_progress: bool = False,
+            **_: Any) -> HNVM:
+        from hnvm.data.batches import Sequences
+        from hnvm.evaluate import evaluate_next_item
+        from hnvm.train import Trainer
+
+        cfg = train_cfg or TrainConfig()
+        torch.manual_seed(cfg.seed)
+        seq = Sequences.from_events(train.events, train.n_users)
+        self.net = self._build(train.n_items, train.n_users)
+        counts = torch.from_numpy(np.bincount(train.split("train").get_column("item").to_numpy(),
+                                              minlength=train.n_items + 1).astype(np.float32))
+        self.counts_ = counts
+        trainable = _HNVMTrainable(self, seq, counts)
+
+        def validate() -> dict[str, float]:
+            return evaluate_next_item(self, seq, "valid", max_targets=1024).metrics
+
+        has_valid = valid is not None and len(seq.sessions_of("valid")) > 0
+        self.result_ = Trainer(cfg, run_dir, show_progress=show_progress, resume=resume).fit(
+            trainable, validate if has_valid else None)
+        self.net.eval()
+        return self
+
+    # -- scoring (no leakage: prior for z, posterior mean of e which reads the user id only) -----
+    def _require(self) -> HNVMNet:
+        if self.net is None:
+            raise RuntimeError("fit or load the model first")
+        self.net.eval()
+        return self.net
+
+    @torch.no_grad()
+    def _history(self, users: Tensor, sessions: Tensor) -> Tensor:
+        net = self._require()
+        if sessions.shape[1] == 0 or not self.config.use_history:
+            return sessions.new_zeros(len(users), net.hidden, dtype=torch.float)
+        return net.encode_history(users, self._trim(sessions))
+
+    def _trim(self, items: Tensor) -> Tensor:
+        """Keep the last max_len items of each session (only if the setting asks)."""
+        L = self.config.max_len
+        if not L or items.shape[-1] <= L:
+            return items
+        lengths = (items > 0).sum(-1, keepdim=True)
+        idx = (lengths - L).clamp(min=0) + torch.arange(L)
+        return items.gather(-1, idx.clamp(max=items.shape[-1] - 1)) * (torch.arange(L) < lengths)
+
+    @torch.no_grad()
+    def score(self, batch: Batch) -> Tensor:
+        net = self._require()
+        h = self._history(batch.users, batch.sessions[:, :-1])  # [B, H]
+        out = net(batch.users, batch.sessions[:, -1:], h_con0=h, sample=False,
+                  mc_samples=self.config.mc_samples)
+        hidden = out.dec_hidden[batch.target_rows, 0, batch.target_pos]  # [K, H]
+        return net.score(hidden)
+
+    @torch.no_grad()
+    def score_sessions(self, batch: Batch) -> Tensor:
+        net = self._require()
+        h = self._history(batch.users, batch.sessions)
+        return net.score(net.next_session_hidden(batch.users, h, self.config.mc_samples))
+
+    # -- persistence ------------------------------------------------------------------------------
+    def save(self, path: Path) -> None:
+        net = self._require()
+        save_model_files(Path(path), self.name, dataclasses.asdict(self.config),
+                         {**net.state_dict(), "_counts": self.counts_},
+                         {"n_items": self.n_items, "n_users": self.n_users})
+
+    @classmethod
+    def load(cls, path: Path) -> HNVM:
+        meta, tensors = load_model_files(Path(path))
+        m = cls(HNVMConfig(**meta["config"]))
+        m.counts_ = tensors.pop("_counts")
+        m.net = m._build(meta["n_items"], meta["n_users"])
+        m.net.load_state_dict(tensors)
+        m.net.eval()
+        return m
+
+
+class _HNVMTrainable:
+    """What the generic Trainer needs: the module, batches and the loss (eq. 18-24)."""
+
+    def __init__(self, model: HNVM, seq: Any, counts: Tensor) -> None:
+        from hnvm.data.batches import user_windows
+
+        self.model, self.seq, self.cfg = model, seq, model.config
+        assert model.net is not None
+        self.module = model.net
+        self.windows = user_windows(seq, self.cfg.window if self.cfg.use_history else 1)
+        # w_u: spread each user's KL(q(e)||p(e)) over the user's train sessions, so that one
+        # epoch of session-level batches counts it once (the sequence-level bound, eq. 19/22)
+        n_train = np.bincount(seq.session_user[seq.session_split == 0], minlength=len(seq.user_first))
+        self.sessions_per_user = torch.from_numpy(np.maximum(n_train, 1).astype(np.float32))
+        probs = counts.clamp(min=0) ** self.cfg.sample_alpha
+        probs[0] = 0
+        self.neg_probs = probs / probs.sum()
+
+    def train_batches(self, epoch: int, rng: np.random.Generator) -> Any:
+        from hnvm.data.batches import window_batches
+
+        return window_batches(self.seq, self.windows, self.cfg.batch_size, rng,
+                              max_len=self.cfg.max_len or None,
+                              max_prefix=None if self.cfg.use_history else 0)
+
+    def batch_targets(self, batch: Any) -> int:
+        return batch.n_targets
+
+    def loss(self, batch: Any, step: int) -> dict[str, Tensor]:
+        net, c = self.module, self.cfg
+        h0 = None
+        if batch.prefix.shape[1] > 0:
+            with torch.no_grad():  # the context entering the window, without gradient (§5.10)
+                h0 = net.encode_history(batch.users, batch.prefix)
+        out = net(batch.users, batch.window, h_con0=h0, sample=True)
+        mask = out.item_mask  # [B, W, T]
+        hidden = out.dec_hidden[mask]  # [K, H]
+        targets = batch.window[mask]  # [K]
+        if c.loss == "full-softmax":
+            logits = net.score(hidden)
+            valid = torch.ones(logits.shape[1], dtype=torch.bool)
+            valid[0] = False
+            rec = full_softmax_loss(logits, targets, valid, reduction="sum")
+        else:
+            neg_ids = torch.multinomial(self.neg_probs, c.n_negatives, replacement=True)  # [M]
+            pos = net.score_items(hidden, targets.unsqueeze(-1)).squeeze(-1)  # [K]
+            neg = net.score_items(hidden, neg_ids)  # [K, M]
+            neg_mask = neg_ids.unsqueeze(0) != targets.unsqueeze(1)
+            if c.loss == "bpr":
+                rec = bpr_loss(pos, neg, neg_mask, reduction="sum")
+            elif c.loss == "bpr-max":
+                rec = bpr_max_loss(pos, neg, c.bpreg, neg_mask, reduction="sum")
+            else:
+                logq = (self.neg_probs * c.n_negatives).clamp(min=1e-12).log()
+                rec = sampled_softmax_loss(pos, neg, logq[targets], logq[neg_ids], neg_mask,
+                                           reduction="sum")
+        beta = 1.0 if c.kl_anneal_steps == 0 else min(1.0, step / c.kl_anneal_steps)
+        n_sess = out.session_mask.sum(1).float()  # [B] sessions of each window
+        w_u = n_sess / self.sessions_per_user[batch.users]
+        kl_z, kl_e = out.kl_z.sum(), (w_u * out.kl_e).sum()
+        k = max(int(mask.sum()), 1)
+        loss = (rec + beta * (kl_z + kl_e)) / k  # the negative ELBO per target
+        return {"loss": loss, "rec": rec.detach() / k, "kl_z": kl_z.detach() / k,
+                "kl_e": kl_e.detach() / k, "beta": torch.tensor(beta)}
