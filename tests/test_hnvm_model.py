@@ -125,11 +125,11 @@ def test_evaluate_rejects_mismatched_vocabulary(tmp_path: Path) -> None:
 def test_config_errors_list_valid_keys_and_ranges(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"valid keys of \[model\]: hidden \(int in \[8, 2048\]\)"):
         resolve_config("hnvm", None, ["model.hiddn=10"])
-    with pytest.raises(ConfigError, match=r"model.dropout = '1.5' is out of range \[0.0, 0.9\]"):
+    with pytest.raises(ConfigError, match=r"model\.dropout = '1\.5' is out of range \[0\.0, 0\.9\]"):
         resolve_config("hnvm", None, ["model.dropout=1.5"])
     with pytest.raises(ConfigError, match="choose one of bpr, bpr-max"):
         resolve_config("hnvm", None, ["model.loss=hinge"])
-    with pytest.raises(ConfigError, match="unknown key 'train.lrr'"):
+    with pytest.raises(ConfigError, match=r"unknown key 'train\.lrr'"):
         resolve_config("hnvm", None, ["train.lrr=1"])
     paper = Path(__file__).resolve().parents[1] / "configs" / "paper.toml"
     rc = resolve_config("hnvm", paper, [])

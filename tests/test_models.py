@@ -16,8 +16,16 @@ from hnvm.train import TrainConfig
 
 get_model_class("pop")  # registers the built-in models
 
-FAST = {"hnvm": {"hidden": 16, "emb_dim": 16, "d_e": 4, "d_z": 4, "mlp_hidden": 16,
-                 "n_negatives": 32, "batch_size": 32}}
+# small, fast hyper-parameters per model (one line each)
+FAST: dict[str, dict] = {
+    "hnvm": {"hidden": 16, "emb_dim": 16, "d_e": 4, "d_z": 4, "mlp_hidden": 16, "n_negatives": 32, "batch_size": 32},
+    "gru4rec": {"layers": (16,), "batch_size": 16, "n_sample": 16, "sample_cache_size": 4096},
+    "sknn": {"k": 10, "sample_size": 50},
+    "itemknn": {"neighbours": 10},
+    "stamp": {"d": 16, "batch_size": 64},
+    "caser": {"L": 3, "T": 2, "d": 8, "nv": 2, "nh": 4, "batch_size": 64},
+    "hrnn": {"emb_dim": 16, "session_hidden": 16, "user_hidden": 16, "n_negatives": 32, "batch_size": 32},
+}
 TRAIN = TrainConfig(epochs=2, optimizer="adam", lr=0.01, seed=3)
 
 
@@ -46,7 +54,7 @@ def test_scores_have_catalogue_shape(name: str, tiny) -> None:
     s = m.score(batch)
     assert s.shape == (batch.n_targets, ds.n_items + 1)
     assert torch.isfinite(s[:, 1:]).all()
-    batch, sets = next(next_session_batches(seq, "test", max_users=7))
+    batch, _sets = next(next_session_batches(seq, "test", max_users=7))
     assert m.score_sessions(batch).shape == (7, ds.n_items + 1)
 
 

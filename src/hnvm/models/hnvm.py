@@ -87,7 +87,7 @@ class HNVMNet(nn.Module):
         init_var: float = 0.01,
         use_e: bool = True,
         use_z: bool = True,
-        length_buckets: int = 4,
+        length_buckets: int = 8,
     ) -> None:
         super().__init__()
         if n_items < 1 or n_users < 0:
@@ -398,18 +398,13 @@ class HNVM:
     def fit(self, train: Dataset, valid: Dataset | None = None, *, train_cfg: TrainConfig | None = None,
             run_dir: Path | None = None, resume: bool = False, show_progress: bool = False,
             **_: Any) -> HNVM:
-        from hnvm.data.batches import Sequences
         from hnvm.evaluate import evaluate_next_item
         from hnvm.train import Trainer
 
         cfg = train_cfg or TrainConfig()
         torch.manual_seed(cfg.seed)
-        seq = Sequences.from_events(train.events, train.n_users)
-        self.net = self._build(train.n_items, train.n_users)
-        counts = torch.from_numpy(np.bincount(train.split("train").get_column("item").to_numpy(),
-                                              minlength=train.n_items + 1).astype(np.float32))
-        self.counts_ = counts
-        trainable = _HNVMTrainable(self, seq, counts)
+        trainable = self._trainable(train)
+        seq = trainable.seq
 
         def validate() -> dict[str, float]:
             return evaluate_next_item(self, seq, "valid", max_targets=1024).metrics
@@ -419,6 +414,17 @@ class HNVM:
             trainable, validate if has_valid else None)
         self.net.eval()
         return self
+
+    def _trainable(self, train: Dataset) -> _HNVMTrainable:
+        """A fresh network and what the generic Trainer needs to fit it."""
+        from hnvm.data.batches import Sequences
+
+        seq = Sequences.from_events(train.events, train.n_users)
+        self.net = self._build(train.n_items, train.n_users)
+        counts = torch.from_numpy(np.bincount(train.split("train").get_column("item").to_numpy(),
+                                              minlength=train.n_items + 1).astype(np.float32))
+        self.counts_ = counts
+        return _HNVMTrainable(self, seq, counts)
 
     # -- scoring (no leakage: prior for z, posterior mean of e which reads the user id only) -----
     def _require(self) -> HNVMNet:

