@@ -211,8 +211,8 @@ def sequential():
 
 @pytest.fixture(scope="module")
 def tasteful():
-    ds = synthetic_dataset(n_users=300, n_items=200, n_topics=20, topic_stickiness=0.9,
-                           taste_alpha=0.05, sequential=0.0, sessions_per_user=(6, 12), seed=2)
+    ds = synthetic_dataset(n_users=200, n_items=200, n_topics=20, topic_stickiness=0.9,
+                           taste_alpha=0.05, sequential=0.0, sessions_per_user=(6, 10), seed=2)
     return ds, Sequences.from_events(ds.events, ds.n_users)
 
 
@@ -221,7 +221,7 @@ def tasteful():
 def test_knn_beats_pop_on_sequential_data(model, sequential) -> None:
     ds, seq = sequential
     pop = recall5(Pop().fit(ds), seq, "next-item")
-    assert recall5(model.fit(ds), seq, "next-item") > pop + 0.1
+    assert recall5(model.fit(ds), seq, "next-item") > 5 * pop  # about .06 vs .76 and .53
 
 
 @pytest.mark.parametrize("model", [BPRMF(BPRMFConfig(dim=16, batch_size=256)),
@@ -229,9 +229,9 @@ def test_knn_beats_pop_on_sequential_data(model, sequential) -> None:
                          ids=["bprmf", "ncf"])
 def test_factor_models_learn_user_taste(model, tasteful) -> None:
     ds, seq = tasteful
-    pop = recall5(Pop().fit(ds), seq, "next-session")
-    model.fit(ds, ds, train_cfg=TrainConfig(epochs=6, lr=0.01, patience=0, seed=0))
-    assert recall5(model, seq, "next-session") > 1.5 * pop
+    pop = recall5(Pop().fit(ds), seq, "next-session")  # about .08
+    model.fit(ds, None, train_cfg=TrainConfig(epochs=4, lr=0.01, seed=0))  # about .6
+    assert recall5(model, seq, "next-session") > 3 * pop
 
 
 def test_negatives_avoid_the_users_positives(tiny) -> None:

@@ -92,6 +92,7 @@ def test_training_order_is_by_start_time_and_skips_single_events() -> None:
     seq = Sequences.from_events(events, 3)
     assert training_order(seq, events, ("train",)).tolist() == [2, 0, 3]  # 1: one event only
     assert training_order(seq, events, ("train", "valid")).tolist() == [2, 0, 3]
+    assert training_order(seq, events, ("train",), by="id").tolist() == [0, 2, 3]
 
 
 def test_trainer_state_follows_each_session_from_its_start() -> None:
@@ -112,7 +113,7 @@ def test_trainer_state_follows_each_session_from_its_start() -> None:
             k = int(st.events[r] - seq.offsets[s])  # position of the input in its session
             want = net.run(torch.from_numpy(seq.session(s)[: k + 1]).unsqueeze(0))[0, -1]
             torch.testing.assert_close(tr.state[-1][r], want)
-        if i > 60:
+        if i > 30:
             break
 
 
@@ -271,11 +272,11 @@ def test_layers_from_config_and_command_line(tmp_path) -> None:
 
 @pytest.mark.parametrize("loss", ["bpr-max", "cross-entropy"])
 def test_beats_pop_on_sequential_synthetic_data(loss: str) -> None:
-    ds = synthetic_dataset(n_users=150, n_items=80, n_topics=4, sequential=0.9, seed=7)
+    ds = synthetic_dataset(n_users=100, n_items=60, n_topics=3, sequential=0.9, seed=7)
     seq = Sequences.from_events(ds.events, ds.n_users)
     pop = evaluate_next_item(Pop().fit(ds), seq, "test").metrics["mrr@5"]
-    m = GRU4Rec(GRU4RecConfig(**{**SMALL, "loss": loss, "layers": (32,), "batch_size": 16}))
-    m.fit(ds, ds, train_cfg=TrainConfig(epochs=3, optimizer="adagrad", lr=0.1, momentum=0.3,
-                                        patience=0, seed=1))
+    m = GRU4Rec(GRU4RecConfig(**{**SMALL, "loss": loss, "layers": (32,), "batch_size": 32}))
+    m.fit(ds, None, train_cfg=TrainConfig(epochs=1, optimizer="adagrad", lr=0.1, momentum=0.3,
+                                          patience=0, seed=1))
     gru = evaluate_next_item(m, seq, "test").metrics["mrr@5"]
-    assert gru > 2 * pop + 0.05, (gru, pop)
+    assert gru > 3 * pop + 0.1, (gru, pop)  # seen: about 0.6 against 0.09

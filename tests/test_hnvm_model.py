@@ -38,14 +38,14 @@ def test_overfits_a_tiny_dataset() -> None:
 
 @pytest.fixture(scope="module")
 def synth():
-    ds = synthetic_dataset(n_users=400, n_items=150, n_topics=10, seed=11, topic_stickiness=0.8,
+    ds = synthetic_dataset(n_users=200, n_items=150, n_topics=10, seed=11, topic_stickiness=0.8,
                            sequential=0.5)
     return ds, Sequences.from_events(ds.events, ds.n_users)
 
 
 def test_beats_pop_and_history_blind_variant(synth) -> None:
     ds, seq = synth
-    tc = TrainConfig(epochs=8, optimizer="adam", lr=0.005, patience=0, seed=1)
+    tc = TrainConfig(epochs=5, optimizer="adam", lr=0.005, patience=0, seed=1)
     full = HNVM(HNVMConfig(**SMALL)).fit(ds, None, train_cfg=tc)
     blind = HNVM(HNVMConfig(**SMALL, use_history=False, use_e=False)).fit(ds, None, train_cfg=tc)
     pop = Pop().fit(ds)
@@ -53,8 +53,9 @@ def test_beats_pop_and_history_blind_variant(synth) -> None:
     r_full = evaluate_next_session(full, seq, "test").metrics["recall@20"]
     r_blind = evaluate_next_session(blind, seq, "test").metrics["recall@20"]
     r_pop = evaluate_next_session(pop, seq, "test").metrics["recall@20"]
-    assert r_full > 1.5 * r_pop, (r_full, r_pop)
-    assert r_full > 1.3 * r_blind, (r_full, r_blind)
+    # measured (seed 11/1): full .486, blind .243, POP .297
+    assert r_full > 1.4 * r_pop, (r_full, r_pop)
+    assert r_full > 1.5 * r_blind, (r_full, r_blind)
     # next item: sequential patterns inside sessions beat popularity by far
     m_full = evaluate_next_item(full, seq, "test").metrics["mrr@5"]
     m_pop = evaluate_next_item(pop, seq, "test").metrics["mrr@5"]

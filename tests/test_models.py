@@ -19,6 +19,8 @@ get_model_class("pop")  # registers the built-in models
 # small, fast hyper-parameters per model (one line each)
 FAST: dict[str, dict] = {
     "hnvm": {"hidden": 16, "emb_dim": 16, "d_e": 4, "d_z": 4, "mlp_hidden": 16, "n_negatives": 32, "batch_size": 32},
+    "ncf": {"factors": 4, "mlp_layers": 2, "batch_size": 128},
+    "bprmf": {"dim": 8, "batch_size": 128},
     "gru4rec": {"layers": (16,), "batch_size": 16, "n_sample": 16, "sample_cache_size": 4096},
     "sknn": {"k": 10, "sample_size": 50},
     "itemknn": {"neighbours": 10},

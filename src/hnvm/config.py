@@ -51,6 +51,11 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             return low in ("true", "1", "yes")
         if low in ("none", "null") and "None" in text:
             return None
+        if "tuple" in text:
+            try:
+                return tuple(int(v) for v in value.split(",") if v.strip())
+            except ValueError:
+                raise ConfigError(f"{key}: '{value}' is not a comma-separated list of integers") from None
         try:
             if "int" in text and "float" not in text:
                 return int(value)
@@ -58,8 +63,6 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
                 return float(value)
         except ValueError:
             raise ConfigError(f"{key}: '{value}' is not a valid {text}") from None
-        if "tuple" in text:
-            return tuple(int(v) for v in value.split(",") if v.strip())
         return value
     if "float" in text and isinstance(value, int) and not isinstance(value, bool):
         return float(value)

@@ -15,8 +15,9 @@ implementation (hidasib/GRU4Rec_PyTorch_Official) trains and scores it.
 * Losses: bpr-max (final ELU(elu_p), softmax weights over the negatives, bpreg · Σ s_j r_j²) and
   cross-entropy (optional log-Q correction), summed over the batch and divided by the nominal
   batch size.
-* Optimizer: Adagrad with momentum (train.optimizer = "adagrad"); the item tables then get sparse
-  gradients so that, as in the reference, only the rows a step used are updated.
+* Optimizer: Adagrad with momentum (train.optimizer = "adagrad", hnvm.train.AdagradMomentum,
+  the reference's update and eps); the item tables then get sparse gradients so that, as in the
+  reference, only the rows a step used are updated (dense with Adam or train.grad_clip > 0).
 * Init: the reference's default (compatibility mode): each weight block (each gate separately)
   ~ U(±sqrt(6 / (fan_in + fan_out))), biases 0.
 
@@ -117,9 +118,10 @@ def session_parallel_steps(items: np.ndarray, offsets: np.ndarray, order: np.nda
         slots, start, end, reset = slots[alive], start[alive], end[alive], fresh[alive]
 
 
-def training_order(seq: Sequences, events: pl.DataFrame, splits: tuple[str, ...]) -> np.ndarray:
-    """Sessions of `splits` with >= 2 events, by start time (the reference's session_order='time';
-    ties by session id)."""
+def training_order(seq: Sequences, events: pl.DataFrame, splits: tuple[str, ...],
+                   by: str = "time") -> np.ndarray:
+    """Sessions of `splits` with >= 2 events in the reference's session_order: by start time
+    ("time", ties by session id) or by session id ("id": the dataset's order, user by user)."""
     from hnvm.data.batches import SPLIT_CODE
 
     ev = events.select("session", "ts")
@@ -129,6 +131,8 @@ def training_order(seq: Sequences, events: pl.DataFrame, splits: tuple[str, ...]
     lengths = np.diff(seq.offsets)
     keep = np.isin(seq.session_split, [SPLIT_CODE[s] for s in splits]) & (lengths >= 2)
     sessions = np.flatnonzero(keep)
+    if by == "id":
+        return sessions
     return sessions[np.argsort(start[sessions], kind="stable")]
 
 
@@ -297,7 +301,7 @@ class GRU4RecNet(nn.Module):
             h, state = self.advance(items[:, t], state)
             outs.append(h)
         if not outs:
-            return torch.zeros(items.shape[0], 0, self.layers[-1])
+            return self.Wy.weight.new_zeros(items.shape[0], 0, self.layers[-1])
         return torch.stack(outs, 1)
 
 
@@ -326,6 +330,8 @@ class GRU4RecConfig:
     bpreg: float = field(default=1.0, metadata=rng(0.0, 100.0, "bpr-max score regulariser"))
     elu_p: float = field(default=0.5, metadata=rng(0.0, 100.0, "bpr-max final ELU alpha; 0 = off"))
     logq: float = field(default=0.0, metadata=rng(0.0, 10.0, "cross-entropy log-Q weight"))
+    session_order: str = field(default="time", metadata=choices(
+        "time", "id", doc="training order of sessions: by start time (reference) or dataset id"))
     train_on: str = field(default="train", metadata=choices(
         "train", "train+valid", doc="train+valid: fit on both, no validation (final test runs)"))
 
@@ -372,13 +378,15 @@ class GRU4Rec:
         seq = Sequences.from_events(train.events, train.n_users)
         splits = ("train", "valid") if self.config.train_on == "train+valid" else ("train",)
         # sparse item-table gradients make Adagrad update only the rows a step used (reference);
-        # Adam needs dense gradients
-        self.net = self._build(train.n_items, sparse=cfg.optimizer == "adagrad", seed=cfg.seed)
+        # Adam and gradient clipping need dense ones
+        sparse = cfg.optimizer == "adagrad" and not cfg.grad_clip
+        self.net = self._build(train.n_items, sparse=sparse, seed=cfg.seed)
         in_fit = pl.col("split").cast(pl.Utf8).is_in(splits)
         fit_items = train.events.filter(in_fit).get_column("item")
         counts = torch.from_numpy(np.bincount(fit_items.to_numpy(), minlength=train.n_items + 1)
                                   .astype(np.float32))
-        trainable = _GRU4RecTrainable(self, seq, training_order(seq, train.events, splits), counts)
+        order = training_order(seq, train.events, splits, self.config.session_order)
+        trainable = _GRU4RecTrainable(self, seq, order, counts)
 
         def validate() -> dict[str, float]:
             return evaluate_next_item(self, seq, "valid", max_targets=1024).metrics
@@ -402,7 +410,7 @@ class GRU4Rec:
         net = self._require()
         current = batch.sessions[:, -1]  # [B, T]: history sessions are ignored (session-based)
         outs = net.run(current)  # [B, T, H]
-        h = torch.zeros(batch.n_targets, net.layers[-1])  # [K, H]; empty prefix: zero state
+        h = outs.new_zeros(batch.n_targets, net.layers[-1])  # [K, H]; empty prefix: zero state
         has_prefix = batch.target_pos > 0
         h[has_prefix] = outs[batch.target_rows[has_prefix], batch.target_pos[has_prefix] - 1]
         return net.score_items(h)  # [K, n_items + 1]
@@ -415,7 +423,7 @@ class GRU4Rec:
         last = batch.sessions[:, -1]  # [B, T]
         lengths = (last > 0).sum(1)  # [B]
         outs = net.run(last)  # [B, T, H]
-        h = torch.zeros(len(last), net.layers[-1])
+        h = outs.new_zeros(len(last), net.layers[-1])  # [B, H]
         rows = torch.nonzero(lengths > 0).squeeze(1)
         h[rows] = outs[rows, lengths[rows] - 1]
         return net.score_items(h)

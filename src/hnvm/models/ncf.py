@@ -49,7 +49,7 @@ _SCORE_CHUNK = 1 << 24  # users x items x first-layer width evaluated at once
 class NCFConfig:
     """Hyper-parameters of NeuMF (section [model] of a config file)."""
 
-    factors: int = field(default=16, metadata=rng(
+    factors: int = field(default=32, metadata=rng(
         1, 1024, "predictive factors f (GMF size, last MLP layer)"))
     mlp_layers: int = field(default=3, metadata=rng(1, 8, "MLP hidden layers L"))
     n_neg: int = field(default=4, metadata=rng(1, 1000, "sampled negatives per positive (paper 4)"))
