@@ -22,7 +22,7 @@ DEMO_MODELS: dict[str, list[str]] = {
     "pop": [],
     "ptopfreq": [],
     # HNVM with its defaults, a short schedule that fits the demo's time budget
-    "hnvm": ["train.epochs=8", "train.patience=2"],
+    "hnvm": ["train.epochs=16", "train.patience=3"],
 }
 
 
