@@ -177,3 +177,13 @@ def test_cli_train_and_evaluate(tmp_path: Path) -> None:
     assert r.exit_code == 2 and "unknown key 'model.nope'" in r.output
     r = runner.invoke(app, ["evaluate", str(tmp_path / "nothing")])
     assert r.exit_code == 2 and "not a run directory" in r.output
+
+
+def test_run_of_another_format_version_is_refused(tmp_path: Path) -> None:
+    data = _dataset_dir(tmp_path)
+    train_run(data, "pop", tmp_path / "run")
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    cfg["format_version"] = 99
+    (tmp_path / "run" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(HnvmError, match="version 99 is not supported"):
+        evaluate_run(tmp_path / "run")

@@ -48,7 +48,6 @@ class TrainConfig:
         "mrr@5", "recall@5", "ndcg@5", "mrr@10", "recall@10", "mrr@20", "recall@20"))
     seed: int = field(default=0, metadata=rng(0, 2**31 - 1))
     log_every: int = field(default=50, metadata=rng(1, 10**9))
-    device: str = field(default="cpu", metadata=choices("auto", "cpu", "cuda"))
 
 
 class Trainable(Protocol):
@@ -125,14 +124,6 @@ def make_optimizer(params: Iterable[Any], cfg: TrainConfig) -> torch.optim.Optim
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return AdagradMomentum(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise HnvmError("--device cuda: CUDA is not available on this machine")
-    return torch.device(name)
 
 
 # ----------------------------------------------------------------------------- checkpoints
