@@ -1,0 +1,201 @@
+"""`hnvm benchmark`: train and evaluate several models on one dataset, paper-style report.
+
+    OUT/tuned/{model}.toml    optional tuned config (else defaults; the row is marked untuned)
+    OUT/runs/{model}/         one run directory per model
+    OUT/ranks/{model}.parquet per-target (next-item) or per-user (next-session) ranks
+    OUT/results.json          rewritten after each model: a re-run skips finished models
+    OUT/results.csv, table.md, significance.json, position.png, history.png (next-item)
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+
+from hnvm import report
+from hnvm.data.batches import Sequences
+from hnvm.data.store import Dataset, write_json
+from hnvm.errors import HnvmError
+from hnvm.metrics import per_user_session_metrics
+from hnvm.runs import evaluate_run, train_run
+
+log = logging.getLogger(__name__)
+
+# ablations: hnvm with one part switched off (mapped here, not registered as models)
+ABLATIONS: dict[str, tuple[str, list[str]]] = {
+    "hnvm-no-e": ("hnvm", ["model.use_e=false"]),
+    "hnvm-no-z": ("hnvm", ["model.use_z=false"]),
+    "hnvm-no-history": ("hnvm", ["model.use_history=false"]),
+}
+TASKS = ("next-item", "next-session")
+
+
+def all_models() -> list[str]:
+    """Every registered model."""
+    from hnvm.models.base import REGISTRY, get_model_class
+
+    get_model_class("pop")  # registers the built-ins
+    return list(REGISTRY)
+
+
+def parse_models(spec: str) -> list[str]:
+    """`all` or a comma-separated list (registered names or ablations)."""
+    if spec.strip() == "all":
+        return all_models()
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    known = set(all_models()) | set(ABLATIONS)
+    bad = [n for n in names if n not in known]
+    if bad or not names:
+        raise HnvmError(f"unknown model(s) {', '.join(bad) or '(none)'} (known: {', '.join(sorted(known))}, all)")
+    return list(dict.fromkeys(names))
+
+
+def _has_params(model: str) -> bool:
+    from hnvm.models.base import get_model_class
+
+    return getattr(get_model_class(model), "config_class", None) is not None
+
+
+def _augment(ranks: pl.DataFrame, seq: Sequences, task: str) -> pl.DataFrame:
+    """Add session_len and n_history; for next-session, per-user metrics @5 (for paired tests)."""
+    s = ranks["session"].to_numpy().astype(np.int64)
+    u = seq.session_user[s]
+    ranks = ranks.with_columns(session_len=pl.Series((seq.offsets[s + 1] - seq.offsets[s]).astype(np.int64)),
+                               n_history=pl.Series((s - seq.user_first[u]).astype(np.int64)))
+    if task == "next-session":
+        sets = [torch.from_numpy(np.unique(seq.session(int(x)))) for x in s]
+        topk = torch.tensor(ranks["topk"].to_list(), dtype=torch.long)
+        m = per_user_session_metrics(topk, sets, 5)
+        ranks = ranks.with_columns(**{name: pl.Series(v.numpy()) for name, v in m.items()})
+    return ranks
+
+
+def _load_results(path: Path, dataset: Path, task: str) -> dict[str, Any]:
+    if not path.exists():
+        return {"dataset": str(dataset), "task": task, "models": {}}
+    res = json.loads(path.read_text())
+    if res.get("task") != task or res.get("dataset") != str(dataset):
+        raise HnvmError(f"{path}: holds a benchmark of {res.get('dataset')} ({res.get('task')}); "
+                        "use another --out for a different dataset or task")
+    return res
+
+
+def run_benchmark(
+    dataset: str | Path,
+    models: list[str],
+    task: str,
+    out: str | Path,
+    overrides: list[str] | None = None,
+    epochs: int | None = None,
+    on_step: Callable[[str], None] | None = None,
+    show_progress: bool = False,
+    include_first: bool = False,
+) -> dict[str, Any]:
+    """Train, evaluate and report each model; resumable. Returns the results.json content
+    plus "significance" and "files"."""
+    if task not in TASKS:
+        raise HnvmError(f"--task must be one of {', '.join(TASKS)}")
+    say = on_step or (lambda _msg: None)
+    dataset, out = Path(dataset).resolve(), Path(out)
+    for d in ("runs", "ranks"):
+        (out / d).mkdir(parents=True, exist_ok=True)
+    ds = Dataset.load(dataset)
+    seq = Sequences.from_events(ds.events, ds.n_users)
+    res_path = out / "results.json"
+    results = _load_results(res_path, dataset, task)
+    results["include_first"] = include_first
+    extra = list(overrides or []) + ([f"train.epochs={epochs}"] if epochs is not None else [])
+    for i, name in enumerate(models, 1):
+        base, ablation = ABLATIONS.get(name, (name, []))
+        run_dir, ranks_path = out / "runs" / name, out / "ranks" / f"{name}.parquet"
+        if (name in results["models"] and (run_dir / "model" / "model.json").exists()
+                and ranks_path.exists()):
+            say(f"[{i}/{len(models)}] {name}: already done, skipped")
+            continue
+        tuned = next((p for p in (out / "tuned" / f"{name}.toml", out / "tuned" / f"{base}.toml")
+                      if p.exists()), None)
+        say(f"[{i}/{len(models)}] training {name}" + ("" if tuned else " (untuned defaults)"))
+        t0 = time.perf_counter()
+        train_run(dataset, base, run_dir, config_path=tuned, overrides=extra + ablation, force=True,
+                  show_progress=show_progress)
+        train_s = time.perf_counter() - t0
+        say(f"[{i}/{len(models)}] evaluating {name}")
+        t0 = time.perf_counter()
+        ev = evaluate_run(run_dir, task=task, export=ranks_path, include_first=include_first)
+        eval_s = time.perf_counter() - t0
+        assert ev.ranks is not None
+        ranks = _augment(ev.ranks, seq, task)
+        tmp = ranks_path.with_name(f".{ranks_path.name}.tmp")
+        ranks.write_parquet(tmp)
+        tmp.replace(ranks_path)
+        results["models"][name] = {
+            "model": base, "config": str(tuned) if tuned else None,
+            "untuned": tuned is None and _has_params(base),
+            "overrides": extra + ablation, "metrics": ev.metrics, "n_targets": ev.n_targets,
+            "train_s": round(train_s, 2), "eval_s": round(eval_s, 2),
+        }
+        write_json(res_path, results)
+        log.info("%s: %s", name, {k: round(v, 4) for k, v in ev.metrics.items() if k.endswith("@5")})
+    done = {n: results["models"][n] for n in models if n in results["models"]}
+    files = _write_reports(out, done, task)
+    write_json(res_path, results)
+    return {**results, "significance": json.loads((out / "significance.json").read_text()), "files": files}
+
+
+def _significance(out: Path, done: dict[str, Any], task: str) -> dict[str, Any]:
+    base = report.best_baseline(done, "mrr@5")
+    if "hnvm" not in done or base is None:
+        return {"note": "needs hnvm and at least one baseline"}
+    ra = pl.read_parquet(out / "ranks" / "hnvm.parquet")
+    rb = pl.read_parquet(out / "ranks" / f"{base}.parquet")
+    pt = report.compare(ra, rb, task, "mrr@5")
+    return {"model": "hnvm", "baseline": base, "metric": "mrr@5",
+            "unit": "target" if task == "next-item" else "user",
+            "test": "wilcoxon signed-rank (two-sided); paired t-test", **pt.to_json()}
+
+
+def _fmt_p(p: Any) -> str:
+    return "n/a" if p is None else f"{p:.3g}"
+
+
+def _write_reports(out: Path, done: dict[str, Any], task: str) -> dict[str, str]:
+    files: dict[str, str] = {}
+    sig = _significance(out, done, task)
+    write_json(out / "significance.json", sig)
+    title = "Next-item (Table 2 layout)" if task == "next-item" else "Next-session (Table 3 layout)"
+    md = [f"## {title}: test split, full ranking, conservative ties", "",
+          report.paper_table(done, task), "", "### Other cut-offs", "", report.cutoff_table(done), "",
+          f"{report.DAGGER} untuned defaults (no OUT/tuned/MODEL.toml). "
+          "Improv. = hnvm relative to the best baseline per column.", ""]
+    if "baseline" in sig:
+        md.append(f"Significance (hnvm vs {sig['baseline']}, MRR@5 per {sig['unit']}, n = {sig['n']}): "
+                  f"Wilcoxon p = {_fmt_p(sig['p'])}, paired t-test p = {_fmt_p(sig['t_p'])}, "
+                  f"mean difference = {sig['mean_diff']:+.4f}")
+    else:
+        md.append(f"Significance: {sig['note']}")
+    (out / "table.md").write_text("\n".join(md) + "\n", encoding="utf-8")
+    files["table"] = str(out / "table.md")
+    metric_names = sorted({m for r in done.values() for m in r["metrics"]})
+    with open(out / "results.csv", "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["model", "untuned", "n_targets", "train_s", "eval_s", *metric_names])
+        for n, r in done.items():
+            w.writerow([n, r["untuned"], r["n_targets"], r["train_s"], r["eval_s"],
+                        *(r["metrics"].get(m, "") for m in metric_names)])
+    files["csv"] = str(out / "results.csv")
+    if task == "next-item" and done:
+        ranks = {n: pl.read_parquet(out / "ranks" / f"{n}.parquet") for n in done}
+        files["position"] = str(report.plot_position(
+            {n: report.position_breakdown(r) for n, r in ranks.items()}, out / "position.png"))
+        files["history"] = str(report.plot_history(
+            {n: report.history_breakdown(r) for n, r in ranks.items()}, out / "history.png"))
+    return files

@@ -1,0 +1,141 @@
+"""hnvm benchmark: report functions on hand-made inputs, end to end on tiny data, resume."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from typer.testing import CliRunner
+
+from hnvm import report
+from hnvm.benchmark import run_benchmark
+from hnvm.cli import app
+from hnvm.data.samples import synthetic_dataset
+
+TINY_HNVM = ("[model]\nhidden = 16\nemb_dim = 16\nmlp_hidden = 16\nd_e = 8\nd_z = 8\n"
+             "n_negatives = 16\n")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("bench") / "data"
+    synthetic_dataset(n_users=60, n_items=40, n_topics=4, seed=5).save(d)
+    return d
+
+
+def _out(tmp_path: Path) -> Path:
+    out = tmp_path / "out"
+    (out / "tuned").mkdir(parents=True)
+    (out / "tuned" / "hnvm.toml").write_text(TINY_HNVM)
+    return out
+
+
+# ---- report: pure functions -------------------------------------------------------------
+
+def _res(**rows: tuple[float, float, float]) -> dict:
+    return {n: {"metrics": {"recall@5": r, "mrr@5": m, "precision@5": p}, "untuned": n == "b"}
+            for n, (r, m, p) in rows.items()}
+
+
+def test_paper_table_layout_and_improvement() -> None:
+    res = _res(a=(0.10, 0.05, 0.02), b=(0.20, 0.04, 0.03), hnvm=(0.25, 0.06, 0.03),
+               **{"hnvm-no-z": (0.9, 0.9, 0.9)})  # an ablation is never the best baseline
+    md = report.paper_table(res, "next-item").splitlines()
+    assert md[0] == "| model | Recall@5 | MRR@5 | Pre@5 |"
+    assert md[3] == "| b† | 0.2000 | 0.0400 | 0.0300 |"  # untuned rows carry a dagger
+    # best baseline per column: recall b .20, mrr a .05, pre b .03
+    assert md[-1] == "| Improv. | +25.0% | +20.0% | +0.0% |"
+    assert report.cutoff_table(res).splitlines()[0].startswith("| model | Recall@10 | MRR@10 | Pre@10 | Recall@20")
+
+
+def test_paired_test_known_cases() -> None:
+    rng = np.random.default_rng(0)
+    b = rng.random(40)
+    t = report.paired_test(b + 0.1 + rng.random(40) * 0.01, b)  # a always better
+    assert t.n == 40 and t.p < 1e-6 and t.t_p < 1e-6 and t.mean_diff == pytest.approx(0.105, abs=0.01)
+    assert t.statistic == 0.0  # no negative differences: W- = 0
+    same = report.paired_test(b, b)
+    assert same.p == 1.0 and same.t_p == 1.0 and same.mean_diff == 0.0
+    assert math.isnan(report.paired_test([1.0], [0.0]).p)
+    with pytest.raises(ValueError):
+        report.paired_test([1.0, 2.0], [1.0])
+
+
+def _ranks_frame() -> pl.DataFrame:
+    # session 0: 6 events (targets at 0-based pos 1..5), ranks chosen per group;
+    # session 1: 3 events (too short for the position breakdown)
+    return pl.DataFrame({
+        "user": [0, 0, 0, 0, 0, 1, 1],
+        "session": [0, 0, 0, 0, 0, 1, 1],
+        "position": [1, 2, 3, 4, 5, 1, 2],
+        "item": [1, 2, 3, 4, 5, 6, 7],
+        "rank": [1, 2, 100, 4, 1, 1, 1],
+    })
+
+
+def test_position_breakdown() -> None:
+    pb = report.position_breakdown(_ranks_frame(), k=5, session_len={0: 6, 1: 3})
+    got = {g: (n, r, m) for g, n, r, m in pb.select("group", "n", "recall@5", "mrr@5").iter_rows()}
+    assert list(pb["group"]) == ["Begin", "Middle", "End"]
+    assert got["Begin"] == (1, 1.0, 1.0)  # pos 1 only (pos 0 is never a next-item target)
+    assert got["Middle"] == (2, 0.5, pytest.approx(0.25))  # ranks 2 and 100
+    assert got["End"] == (2, 1.0, pytest.approx((0.25 + 1.0) / 2))  # ranks 4 and 1
+    with pytest.raises(ValueError):
+        report.position_breakdown(_ranks_frame())  # no session lengths anywhere
+
+
+def test_history_breakdown() -> None:
+    hb = report.history_breakdown(_ranks_frame(), {0: 6, 1: 7}, k=5)
+    got = {g: (n, r, m) for g, n, r, m in hb.select("group", "n", "recall@5", "mrr@5").iter_rows()}
+    assert got["Short"] == (5, 0.8, pytest.approx((1 + 0.5 + 0 + 0.25 + 1) / 5))  # 6 <= 6
+    assert got["Long"] == (2, 1.0, 1.0)
+
+
+# ---- end to end ---------------------------------------------------------------------------
+
+def test_benchmark_cli_end_to_end(data: Path, tmp_path: Path) -> None:
+    out = _out(tmp_path)
+    r = CliRunner().invoke(app, ["benchmark", str(data), "--models", "pop,ptopfreq,itemknn,hnvm",
+                                 "--task", "next-item", "--out", str(out), "--set", "train.epochs=1"])
+    assert r.exit_code == 0, r.output
+    md = (out / "table.md").read_text()
+    assert "| model | Recall@5 | MRR@5 | Pre@5 |" in md and "| Improv. |" in md
+    for row in ("| pop |", "| ptopfreq |", "| itemknn† |", "| hnvm |"):  # hnvm tuned: no dagger
+        assert row in md
+    assert (out / "position.png").stat().st_size > 1000 and (out / "history.png").stat().st_size > 1000
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["models"]) == {"pop", "ptopfreq", "itemknn", "hnvm"}
+    assert res["models"]["hnvm"]["config"].endswith("hnvm.toml")
+    sig = json.loads((out / "significance.json").read_text())
+    best = max(("pop", "ptopfreq", "itemknn"), key=lambda n: res["models"][n]["metrics"]["mrr@5"])
+    assert sig["baseline"] == best and sig["n"] == res["models"]["hnvm"]["n_targets"]
+    # the stored ranks reproduce the reported metric
+    ranks = pl.read_parquet(out / "ranks" / "pop.parquet")
+    mrr = float(np.where(ranks["rank"] <= 5, 1.0 / ranks["rank"], 0.0).mean())
+    assert mrr == pytest.approx(res["models"]["pop"]["metrics"]["mrr@5"])
+    assert {"session_len", "n_history"} <= set(ranks.columns)
+    assert len(pl.read_csv(out / "results.csv")) == 4
+
+
+def test_benchmark_resumes(data: Path, tmp_path: Path) -> None:
+    out = _out(tmp_path)  # hnvm-no-e falls back to tuned/hnvm.toml (tiny)
+    steps: list[str] = []
+    run_benchmark(data, ["pop", "ptopfreq"], "next-session", out, ["train.epochs=1"])
+    mtimes = {n: (out / "runs" / n / "model" / "model.json").stat().st_mtime_ns for n in ("pop", "ptopfreq")}
+    res = run_benchmark(data, ["pop", "ptopfreq", "hnvm-no-e"], "next-session", out,
+                        ["train.epochs=1"],
+                        on_step=steps.append)
+    assert sum("training" in s for s in steps) == 1 and "training hnvm-no-e" in steps[-2]
+    for n, t in mtimes.items():
+        assert (out / "runs" / n / "model" / "model.json").stat().st_mtime_ns == t
+    assert set(res["models"]) == {"pop", "ptopfreq", "hnvm-no-e"}
+    cfg = json.loads((out / "runs" / "hnvm-no-e" / "config.json").read_text())
+    assert cfg["model"] == "hnvm" and cfg["model_config"]["use_e"] is False
+    # per-user paired values match the reported next-session metrics
+    ranks = pl.read_parquet(out / "ranks" / "ptopfreq.parquet")
+    assert ranks["recall@5"].mean() == pytest.approx(res["models"]["ptopfreq"]["metrics"]["recall@5"])
+    assert not (out / "position.png").exists()  # figures are next-item only
