@@ -1,6 +1,7 @@
 """`hnvm benchmark`: train and evaluate several models on one dataset, paper-style report.
 
-    OUT/tuned/{model}.toml    optional tuned config (else defaults; the row is marked untuned)
+    OUT/tuned/{model}.toml    optional tuned config (or OUT/tuned/{model}/best.toml from
+                              `hnvm tune --out OUT/tuned/{model}`); else defaults, marked untuned
     OUT/runs/{model}/         one run directory per model
     OUT/ranks/{model}.parquet per-target (next-item) or per-user (next-session) ranks
     OUT/results.json          rewritten after each model: a re-run skips finished models
@@ -121,8 +122,10 @@ def run_benchmark(
                 and ranks_path.exists()):
             say(f"[{i}/{len(models)}] {name}: already done, skipped")
             continue
-        tuned = next((p for p in (out / "tuned" / f"{name}.toml", out / "tuned" / f"{base}.toml")
-                      if p.exists()), None)
+        # OUT/tuned/MODEL.toml, or the best.toml that `hnvm tune --out OUT/tuned/MODEL` writes
+        candidates = [out / "tuned" / f"{n}.toml" for n in (name, base)]
+        candidates += [out / "tuned" / n / "best.toml" for n in (name, base)]
+        tuned = next((p for p in candidates if p.exists()), None)
         say(f"[{i}/{len(models)}] training {name}" + ("" if tuned else " (untuned defaults)"))
         t0 = time.perf_counter()
         train_run(dataset, base, run_dir, config_path=tuned, overrides=extra + ablation, force=True,

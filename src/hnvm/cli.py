@@ -186,6 +186,78 @@ def evaluate(
 
 
 @app.command()
+def benchmark(
+    dataset: Annotated[Path, typer.Argument(help="Dataset directory made by `hnvm prepare`.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Benchmark directory (re-run to resume).")],
+    models: Annotated[str, typer.Option(help="all, or a,b,c (also hnvm-no-e, hnvm-no-z, "
+                                        "hnvm-no-history).")] = "all",
+    task: Annotated[str, typer.Option(help="next-item or next-session.")] = "next-item",
+    epochs: Annotated[int | None, typer.Option(help="Override train.epochs for every model.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override for every model: "
+                                                   "model.KEY=V or train.KEY=V.")] = None,
+    include_first: Annotated[bool, typer.Option(help="Also score each session's first item.")] = False,
+) -> None:
+    """Train and evaluate several models; paper-style tables (Table 2/3), significance test
+    and, for next-item, the position / history figures (Fig. 2/3). Uses OUT/tuned/MODEL.toml
+    where present."""
+    from hnvm.benchmark import parse_models, run_benchmark
+
+    t0 = time.perf_counter()
+    try:
+        names = parse_models(models)
+        with err.status(f"benchmark of {len(names)} model(s) ...") as status:
+            res = run_benchmark(dataset, names, task, out_dir, set_ or [], epochs=epochs,
+                                on_step=lambda msg: status.update(
+                                    f"{time.perf_counter() - t0:6.1f}s {msg}"),
+                                include_first=include_first)
+    except HnvmError as exc:
+        _fail(exc)
+    out.print((out_dir / "table.md").read_text(encoding="utf-8"), markup=False, highlight=False, soft_wrap=True)
+    for key in ("table", "csv", "position", "history"):
+        if key in res["files"]:
+            err.print(f"{key}: {res['files'][key]}", highlight=False)
+    err.print(f"total {time.perf_counter() - t0:.0f}s")
+
+
+@app.command()
+def tune(
+    dataset: Annotated[Path, typer.Argument(help="Dataset directory made by `hnvm prepare`.")],
+    model: Annotated[str, typer.Option(help="Model name (hnvm, itemknn, gru4rec, ...).")],
+    trials: Annotated[int, typer.Option(help="Total trials wanted (a re-run resumes --out).")],
+    timeout: Annotated[float | None, typer.Option(help="Stop starting trials after S seconds.")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Study directory "
+                                                 "(default runs/tune/MODEL).")] = None,
+    config: Annotated[Path | None, typer.Option(help="Base TOML config; its keys are not searched.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Fixed: model.KEY=V or train.KEY=V.")] = None,
+    seed: Annotated[int, typer.Option(help="Sampler seed.")] = 0,
+) -> None:
+    """Optuna search of a model's hyper-parameters for validation MRR@5 (full ranking);
+    writes OUT/best.toml (for `hnvm train --config`), OUT/trials.csv and OUT/optuna.db."""
+    from hnvm.tune import tune as run_tune
+
+    out_dir = out_dir or Path("runs/tune") / model
+    t0 = time.perf_counter()
+    try:
+        res = run_tune(dataset, model, out_dir, trials, timeout=timeout, base_overrides=set_ or [],
+                       seed=seed, show_progress=True, config_path=config)
+        if res["best_value"] is None:
+            raise HnvmError(f"no trial of {model} completed; see {res['trials_csv']}")
+    except HnvmError as exc:
+        _fail(exc)
+    out.print(f"{model}: validation {res['objective']} = {res['best_value']:.4f} (trial "
+              f"{res['best_trial']}, best of {res['n_complete']} complete)", highlight=False)
+    t = Table(title="best parameters")
+    t.add_column("parameter")
+    t.add_column("value", justify="right")
+    for k, v in res["best_params"].items():
+        t.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(v))
+    out.print(t)
+    err.print(f"best config: {res['best_toml']} (hnvm train {dataset} --model {model} --config "
+              f"{res['best_toml']}); trials: {res['trials_csv']}; {time.perf_counter() - t0:.0f}s",
+              highlight=False, soft_wrap=True)
+
+
+@app.command()
 def demo(
     out_dir: Annotated[Path, typer.Option("--out", help="Working directory for the demo.")] = Path(
         "runs/demo"),

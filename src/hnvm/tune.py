@@ -1,0 +1,321 @@
+"""`hnvm tune`: Optuna search of a model's hyper-parameters on the validation split.
+
+The search space comes from the model's config dataclass: every field with `range` or
+`choices` metadata is searched, except what `EXCLUDE` drops, with ranges narrowed by
+`OVERRIDE` (runtime-exploding sizes, leaky or structural switches). Models trained by the
+generic Trainer (their `fit` takes `train_cfg`) also search `train.lr` and `train.optimizer`.
+Keys fixed by the base config (`--config`, `--set`) are never searched.
+
+    OUT/optuna.db    the study (sqlite; study name = model); a rerun resumes it
+    OUT/best.toml    [model] and [train]: the base settings merged with the best trial's
+    OUT/trials.csv   one row per trial: number, state, value, then one column per parameter
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import inspect
+import io
+import logging
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from hnvm.config import apply_overrides, as_dict, load_toml
+from hnvm.errors import HnvmError
+
+log = logging.getLogger(__name__)
+
+OBJECTIVE = "mrr@5"  # validation next-item MRR@5, full ranking
+
+# fields never searched: seeds, leaky or structural switches, inference-only knobs
+EXCLUDE_ALL = frozenset({"seed", "train_on", "use_valid", "mc_samples", "sample_cache_size",
+                         "session_order"})
+EXCLUDE: dict[str, frozenset[str]] = {
+    "gru4rec": frozenset({"embedding"}),  # constrained_embedding (default) ignores it
+    "hnvm": frozenset({"max_len", "kl_anneal_steps"}),
+    "hrnn": frozenset({"max_len"}),
+    "stamp": frozenset({"max_len"}),
+}
+
+# (lo, hi) sub-ranges, inside the field's own range, that keep a trial's runtime sensible
+_SIZES = {"hidden": (16, 256), "emb_dim": (16, 256), "mlp_hidden": (16, 256), "d_e": (4, 128),
+          "d_z": (4, 128), "batch_size": (16, 512), "n_negatives": (32, 4096), "window": (2, 16),
+          "bpreg": (0.01, 10.0), "elu_p": (0.0, 2.0), "logq": (0.0, 1.0)}
+OVERRIDE: dict[str, dict[str, tuple[float, float]]] = {
+    "hnvm": _SIZES,
+    "hrnn": {**_SIZES, "session_hidden": (16, 256), "user_hidden": (16, 256)},
+    "gru4rec": {**_SIZES, "n_sample": (0, 4096)},
+    "stamp": {**_SIZES, "d": (16, 256)},
+    "caser": {"L": (1, 10), "T": (1, 5), "d": (8, 256), "nv": (1, 16), "nh": (4, 64),
+              "n_negatives": (1, 64), "batch_size": (64, 1024)},
+    "bprmf": {"dim": (8, 256), "reg": (1e-7, 0.1), "n_neg": (1, 32), "batch_size": (256, 8192),
+              "init_std": (1e-4, 0.1)},
+    "ncf": {"factors": (8, 128), "mlp_layers": (1, 4), "n_neg": (1, 16),
+            "batch_size": (256, 8192), "init_std": (1e-4, 0.1)},
+    "itemknn": {"neighbours": (10, 1000)},
+    "sknn": {"k": (10, 500), "sample_size": (100, 5000)},
+}
+# train.* parameters searched for models fitted by the generic Trainer
+TRAIN_SPACE: dict[str, dict[str, Any]] = {
+    "lr": {"range": (1e-4, 1e-1)},
+    "optimizer": {"choices": ("adagrad", "adam")},
+}
+
+
+@dataclass(frozen=True)
+class Param:
+    """One searched parameter: `name` is dotted (model.hidden, train.lr)."""
+
+    name: str
+    kind: str  # "int" | "float" | "categorical"
+    lo: float = 0.0
+    hi: float = 0.0
+    log: bool = False
+    choices: tuple[Any, ...] = ()
+
+    def suggest(self, trial: Any) -> Any:
+        if self.kind == "categorical":
+            return trial.suggest_categorical(self.name, list(self.choices))
+        if self.kind == "int":
+            return trial.suggest_int(self.name, int(self.lo), int(self.hi), log=self.log)
+        return trial.suggest_float(self.name, self.lo, self.hi, log=self.log)
+
+
+def _param(name: str, hint: Any, meta: dict[str, Any], override: tuple[float, float] | None) -> Param | None:
+    if "choices" in meta:
+        return Param(name, "categorical", choices=tuple(meta["choices"]))
+    if "range" not in meta:
+        return None
+    lo, hi = meta["range"]
+    if override is not None:
+        olo, ohi = override
+        if not lo <= olo <= ohi <= hi:
+            raise ValueError(f"{name}: search range [{olo}, {ohi}] is outside [{lo}, {hi}]")
+        lo, hi = olo, ohi
+    is_int = "int" in str(hint) and "float" not in str(hint)
+    if is_int:
+        lo, hi = int(lo), int(hi)
+    # log scale for positive ranges spanning two decades or more (lr, regularisers, sizes)
+    log_scale = lo > 0 and hi / lo >= 100
+    return Param(name, "int" if is_int else "float", lo, hi, log_scale)
+
+
+def space_from_config(cls: type, section: str = "model", *, exclude: frozenset[str] = frozenset(),
+                      override: dict[str, tuple[float, float]] | None = None) -> list[Param]:
+    """The searchable fields of a config dataclass (range -> int/float, choices -> categorical)."""
+    hints = get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        if f.name in exclude or f.name in EXCLUDE_ALL:
+            continue
+        p = _param(f"{section}.{f.name}", hints[f.name], dict(f.metadata), (override or {}).get(f.name))
+        if p is not None:
+            out.append(p)
+    return out
+
+
+def uses_trainer(cls: Any) -> bool:
+    """Fitted by the generic Trainer (SGD): its `fit` takes a `train_cfg`."""
+    return "train_cfg" in inspect.signature(cls.fit).parameters
+
+
+def search_space(model: str, fixed: frozenset[str] = frozenset()) -> list[Param]:
+    """What `tune` searches for `model`, less the dotted keys in `fixed`."""
+    from hnvm.models.base import get_model_class
+    from hnvm.train import TrainConfig
+
+    cls = get_model_class(model)
+    config_cls = getattr(cls, "config_class", None)
+    space = [] if config_cls is None else space_from_config(
+        config_cls, exclude=EXCLUDE.get(model, frozenset()), override=OVERRIDE.get(model))
+    if config_cls is not None and uses_trainer(cls):
+        hints = get_type_hints(TrainConfig)
+        for name, meta in TRAIN_SPACE.items():
+            p = _param(f"train.{name}", hints[name], meta, None)
+            assert p is not None
+            space.append(p)
+    space = [p for p in space if p.name not in fixed]
+    if not space:
+        raise HnvmError(f"model '{model}' has nothing to tune" + (
+            " (every searchable key is fixed by the base config)" if fixed else
+            " (it has no hyper-parameters); train it directly with `hnvm train`"))
+    return space
+
+
+def base_settings(model: str, config_path: Path | None, overrides: list[str]) -> dict[str, dict[str, Any]]:
+    """{'model': {...}, 'train': {...}}: what the config file and --set fix for `model`."""
+    tree: dict[str, Any] = load_toml(config_path) if config_path else {}
+    tree = apply_overrides(tree, overrides)
+    mod = {k: v for k, v in tree.get("model", {}).items() if not isinstance(v, dict)}
+    mod.update(tree.get("model", {}).get(model, {}))
+    return {"model": mod, "train": dict(tree.get("train", {}))}
+
+
+# ----------------------------------------------------------------------------- outputs
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8", newline="") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {v!r} to TOML")
+
+
+def to_toml(sections: dict[str, dict[str, Any]], header: str = "") -> str:
+    lines = [f"# {h}" for h in header.splitlines()]
+    for name, values in sections.items():
+        lines += ["", f"[{name}]"]
+        lines += [f"{k} = {_toml_value(v)}" for k, v in sorted(values.items()) if v is not None]
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def trials_csv(study: Any, names: list[str]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["number", "state", "value", *names])
+    for t in study.get_trials(deepcopy=False):
+        w.writerow([t.number, t.state.name, "" if t.value is None else repr(t.value),
+                    *(t.params.get(n, "") for n in names)])
+    return buf.getvalue()
+
+
+# ----------------------------------------------------------------------------- the search
+
+def tune(
+    dataset: str | Path,
+    model: str,
+    out: str | Path,
+    trials: int,
+    timeout: float | None = None,
+    base_overrides: list[str] | None = None,
+    seed: int = 0,
+    show_progress: bool = False,
+    *,
+    config_path: Path | None = None,
+) -> dict[str, Any]:
+    """Search `model`'s hyper-parameters for validation MRR@5; `trials` is the total number of
+    finished (complete or pruned) trials wanted, counting those of an earlier run in `out`."""
+    import optuna
+
+    from hnvm.data.batches import Sequences
+    from hnvm.data.store import Dataset
+    from hnvm.evaluate import evaluate_next_item
+    from hnvm.runs import make_model, resolve_config, vocab_digest
+    from hnvm.train import TrainingDiverged
+
+    overrides = list(base_overrides or [])
+    if trials < 1:
+        raise HnvmError(f"--trials must be at least 1 (got {trials})")
+    resolve_config(model, config_path, overrides)  # unknown model / bad base config fail here
+    base = base_settings(model, config_path, overrides)
+    fixed = frozenset(f"{s}.{k}" for s, vals in base.items() for k in vals)
+    space = search_space(model, fixed)
+    names = [p.name for p in space]
+    ds = Dataset.load(dataset)
+    seq = Sequences.from_events(ds.events, ds.n_users)
+    if not len(seq.sessions_of("valid")):
+        raise HnvmError(f"{dataset}: the dataset has no validation sessions to tune on")
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not log.isEnabledFor(logging.INFO):
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(
+        storage=f"sqlite:///{out.resolve() / 'optuna.db'}", study_name=model, direction="maximize",
+        sampler=optuna.samplers.TPESampler(seed=seed), load_if_exists=True)
+    if study.trials:  # resuming: a fresh seed, or the startup trials would repeat earlier ones
+        study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials))
+    # a study only resumes with the same data, base settings and search space
+    setup = {"dataset_vocab_sha256": vocab_digest(ds), "space": names,
+             "base": {s: {k: str(v) for k, v in vals.items()} for s, vals in base.items()},
+             "objective": OBJECTIVE}
+    prev = study.user_attrs.get("setup")
+    if prev is None:
+        study.set_user_attr("setup", setup)
+    elif prev != setup:
+        diff = ", ".join(k for k in setup if prev.get(k) != setup[k])
+        raise HnvmError(f"{out}: the study there was run with a different {diff}; "
+                        "tune into another --out directory")
+
+    def objective(trial: optuna.Trial) -> float:
+        params = {p.name: p.suggest(trial) for p in space}
+        rc = resolve_config(model, config_path, overrides + [f"{k}={v}" for k, v in params.items()])
+        rec = make_model(rc)
+        try:
+            rec.fit(ds, ds, train_cfg=rc.train, run_dir=None, show_progress=False)
+        except TrainingDiverged as exc:  # a bad lr: counts as a (pruned) trial, the study goes on
+            trial.set_user_attr("error", str(exc))
+            raise optuna.TrialPruned(str(exc)) from exc
+        res = evaluate_next_item(rec, seq, "valid")
+        value = res.metrics.get(OBJECTIVE, math.nan)
+        log.info("trial %d: %s = %.5f %s", trial.number, OBJECTIVE, value, params)
+        return value
+
+    done_states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    n_done = len(study.get_trials(deepcopy=False, states=done_states))
+    missing = trials - n_done
+    if n_done:
+        log.info("%s: resuming study with %d finished trial(s); %d to run", out, n_done, max(missing, 0))
+    try:
+        if missing > 0:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                study.optimize(objective, n_trials=missing, timeout=timeout,
+                               show_progress_bar=show_progress)
+    finally:  # also after an interrupt: what has finished is written
+        _write_atomic(out / "trials.csv", trials_csv(study, names))
+        result = _write_best(study, model, config_path, overrides, base, out)
+    return result
+
+
+def _write_best(study: Any, model: str, config_path: Path | None, overrides: list[str],
+                base: dict[str, dict[str, Any]], out: Path) -> dict[str, Any]:
+    import optuna
+
+    from hnvm.runs import resolve_config
+
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    complete = [t for t in complete if t.value is not None and not math.isnan(t.value)]
+    summary: dict[str, Any] = {"model": model, "study": str(out / "optuna.db"),
+                               "trials_csv": str(out / "trials.csv"), "n_trials": len(study.trials),
+                               "n_complete": len(complete), "objective": OBJECTIVE}
+    if not complete:
+        summary.update(best_value=None, best_params={}, best_trial=None, best_toml=None)
+        return summary
+    best = max(complete, key=lambda t: t.value)
+    rc = resolve_config(model, config_path, overrides + [f"{k}={v}" for k, v in best.params.items()])
+    # typed values of the base keys and the tuned ones, as the loader resolved them
+    model_all = as_dict(rc.model_config) if rc.model_config is not None else {}
+    train_all = as_dict(rc.train)
+    keys = {"model": set(base["model"]), "train": set(base["train"])}
+    for name in best.params:
+        section, key = name.split(".", 1)
+        keys[section].add(key)
+    sections = {"model": {k: model_all[k] for k in keys["model"]},
+                "train": {k: train_all[k] for k in keys["train"]}}
+    header = (f"hnvm tune --model {model}: best of {len(complete)} complete trial(s), "
+              f"validation {OBJECTIVE} = {best.value:.6f} (trial {best.number})\n"
+              f"use with: hnvm train DATASET --model {model} --config best.toml")
+    path = out / "best.toml"
+    _write_atomic(path, to_toml(sections, header))
+    summary.update(best_value=best.value, best_params=dict(best.params), best_trial=best.number,
+                   best_toml=str(path))
+    return summary

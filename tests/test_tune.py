@@ -1,0 +1,154 @@
+"""`hnvm tune`: search space from config dataclasses, the Optuna study, resume, outputs."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import optuna
+import pytest
+from typer.testing import CliRunner
+
+from hnvm.cli import app
+from hnvm.config import choices, rng
+from hnvm.data.samples import synthetic_dataset
+from hnvm.errors import HnvmError
+from hnvm.models.base import get_model_class
+from hnvm.runs import resolve_config
+from hnvm.tune import Param, search_space, space_from_config, tune
+
+TINY_HNVM = ["model.hidden=16", "model.emb_dim=16", "model.mlp_hidden=16", "model.d_e=4",
+             "model.d_z=4", "model.n_negatives=32", "model.batch_size=32", "model.window=4",
+             "train.epochs=1"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("tune") / "ds"
+    synthetic_dataset(n_users=60, n_items=40, n_topics=4, seed=5).save(path)
+    return path
+
+
+@dataclass(frozen=True)
+class _Cfg:
+    size: int = field(default=8, metadata=rng(1, 64))
+    width: int = field(default=100, metadata=rng(1, 10_000))
+    lr: float = field(default=0.01, metadata=rng(1e-5, 1.0))
+    dropout: float = field(default=0.1, metadata=rng(0.0, 0.9))
+    act: str = field(default="relu", metadata=choices("relu", "tanh"))
+    seed: int = field(default=0, metadata=rng(0, 2**31 - 1))
+    skip: int = field(default=1, metadata=rng(1, 5))
+    flag: bool = True
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_space_from_config_kinds_ranges_and_exclusions() -> None:
+    space = {p.name: p for p in space_from_config(
+        _Cfg, exclude=frozenset({"skip"}), override={"width": (10, 1000)})}
+    assert set(space) == {"model.size", "model.width", "model.lr", "model.dropout", "model.act"}
+    assert space["model.size"] == Param("model.size", "int", 1, 64, False)
+    assert space["model.width"] == Param("model.width", "int", 10, 1000, True)  # capped, wide -> log
+    assert space["model.lr"] == Param("model.lr", "float", 1e-5, 1.0, True)
+    assert space["model.dropout"] == Param("model.dropout", "float", 0.0, 0.9, False)
+    assert space["model.act"].kind == "categorical" and space["model.act"].choices == ("relu", "tanh")
+    with pytest.raises(ValueError, match="outside"):  # a cap may only narrow the field's range
+        space_from_config(_Cfg, override={"size": (1, 128)})
+
+
+def test_model_search_spaces() -> None:
+    hn = {p.name: p for p in search_space("hnvm")}
+    assert hn["train.lr"] == Param("train.lr", "float", 1e-4, 1e-1, True)
+    assert hn["train.optimizer"].choices == ("adagrad", "adam")
+    assert hn["model.loss"].kind == "categorical"
+    assert not {"model.mc_samples", "model.use_e", "model.use_z", "model.use_history",
+                "model.max_len", "train.seed", "train.epochs"} & set(hn)
+    assert hn["model.hidden"].kind == "int" and 8 <= hn["model.hidden"].lo < hn["model.hidden"].hi <= 256
+    assert "model.hidden" not in {p.name for p in search_space("hnvm", frozenset({"model.hidden"}))}
+    # non-SGD models tune only their own fields; every model's caps lie inside its ranges
+    assert [p.name for p in search_space("itemknn")] == ["model.neighbours"]
+    for name in ("bprmf", "ncf", "gru4rec", "hrnn", "caser", "stamp", "sknn"):
+        cfg = get_model_class(name).config_class  # type: ignore[attr-defined]
+        ranges = {f"model.{f.name}": f.metadata.get("range") for f in dataclasses.fields(cfg)}
+        for p in search_space(name):
+            if p.kind != "categorical" and p.name in ranges:
+                lo, hi = ranges[p.name]
+                assert lo <= p.lo < p.hi <= hi, (name, p)
+            assert "seed" not in p.name
+
+
+def test_suggestions_respect_the_space() -> None:
+    space = search_space("hnvm")
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    for _ in range(30):
+        trial = study.ask()
+        for p in space:
+            v = p.suggest(trial)
+            if p.kind == "categorical":
+                assert v in p.choices
+            else:
+                assert isinstance(v, int if p.kind == "int" else float) and p.lo <= v <= p.hi
+        study.tell(trial, 0.0)
+
+
+def test_nothing_to_tune(data: Path, tmp_path: Path) -> None:
+    for model in ("pop", "ptopfreq"):
+        with pytest.raises(HnvmError, match="nothing to tune"):
+            tune(data, model, tmp_path / model, 2)
+    with pytest.raises(HnvmError, match="nothing to tune"):  # everything fixed by the base
+        tune(data, "itemknn", tmp_path / "fixed", 2, base_overrides=["model.neighbours=5"])
+    r = CliRunner().invoke(app, ["tune", str(data), "--model", "pop", "--trials", "2",
+                                 "--out", str(tmp_path / "cli")])
+    assert r.exit_code == 2 and "nothing to tune" in r.output and "Traceback" not in r.output
+    r = CliRunner().invoke(app, ["tune", str(data), "--model", "nope", "--trials", "2",
+                                 "--out", str(tmp_path / "cli")])
+    assert r.exit_code == 2 and "unknown model" in r.output
+
+
+def test_itemknn_tune_writes_best_and_trials_then_resumes(data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "knn"
+    res = tune(data, "itemknn", out, 3)
+    rows = _rows(out / "trials.csv")
+    assert [r["number"] for r in rows] == ["0", "1", "2"]
+    assert all(r["state"] == "COMPLETE" for r in rows)
+    values = [float(r["value"]) for r in rows]
+    assert res["best_value"] == max(values) > 0
+    best = rows[values.index(max(values))]
+    rc = resolve_config("itemknn", out / "best.toml", [])
+    assert rc.model_config.neighbours == int(best["model.neighbours"]) == res["best_params"][
+        "model.neighbours"]
+    assert 10 <= rc.model_config.neighbours <= 1000
+    assert (out / "optuna.db").is_file()
+
+    res = tune(data, "itemknn", out, 5)  # 3 kept, 2 more run
+    rows2 = _rows(out / "trials.csv")
+    assert [r["number"] for r in rows2] == ["0", "1", "2", "3", "4"]
+    assert rows2[:3] == rows
+    assert res["n_complete"] == 5
+    tune(data, "itemknn", out, 4)  # already enough: nothing runs
+    assert len(_rows(out / "trials.csv")) == 5
+    with pytest.raises(HnvmError, match="different base"):  # other base settings: refused
+        tune(data, "itemknn", out, 6, base_overrides=["model.self_similarity=true"])
+
+
+def test_one_tiny_hnvm_trial(data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "hnvm"
+    r = CliRunner().invoke(app, ["tune", str(data), "--model", "hnvm", "--trials", "1",
+                                 "--out", str(out), *(a for s in TINY_HNVM for a in ("--set", s))])
+    assert r.exit_code == 0, r.output
+    assert "best.toml" in r.output
+    rows = _rows(out / "trials.csv")
+    assert len(rows) == 1 and rows[0]["state"] == "COMPLETE"
+    assert "model.hidden" not in rows[0] and "train.lr" in rows[0]  # base keys are not searched
+    tree = tomllib.loads((out / "best.toml").read_text())
+    assert tree["model"]["hidden"] == 16 and tree["train"]["epochs"] == 1
+    assert tree["train"]["lr"] == pytest.approx(float(rows[0]["train.lr"]))
+    rc = resolve_config("hnvm", out / "best.toml", [])
+    assert rc.model_config.hidden == 16 and rc.train.epochs == 1
+    assert rc.model_config.window == 4 and rc.train.optimizer == rows[0]["train.optimizer"]
