@@ -194,11 +194,14 @@ def _plot_groups(frames: Mapping[str, pl.DataFrame], order: tuple[str, ...], pat
     names = list(frames)
     x = np.arange(len(order))
     width = 0.8 / max(len(names), 1)
+    # tab20 keeps up to 20 models distinguishable (the default cycle repeats after 10)
+    colors = plt.get_cmap("tab20").colors
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, metric in zip(axes, (f"recall@{k}", f"mrr@{k}"), strict=True):
         for i, name in enumerate(names):
             vals = frames[name][metric].fill_null(float("nan")).to_numpy()
-            ax.bar(x + (i - (len(names) - 1) / 2) * width, vals, width, label=name)
+            ax.bar(x + (i - (len(names) - 1) / 2) * width, vals, width, label=name,
+                   color=colors[i % len(colors)])
         ax.set_xticks(x, list(order))
         ax.set_ylabel(metric.replace("recall", "Recall").replace("mrr", "MRR"))
     handles, labels = axes[0].get_legend_handles_labels()
