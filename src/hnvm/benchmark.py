@@ -41,11 +41,12 @@ TASKS = ("next-item", "next-session")
 
 
 def all_models() -> list[str]:
-    """Every registered model."""
-    from hnvm.models.base import REGISTRY, get_model_class
+    """Every registered model: the built-ins in the paper's order (baselines, then HNVM), then
+    any others."""
+    from hnvm.models import BUILTIN
+    from hnvm.models.base import REGISTRY
 
-    get_model_class("pop")  # registers the built-ins
-    return list(REGISTRY)
+    return [n for n in BUILTIN if n in REGISTRY] + [n for n in REGISTRY if n not in BUILTIN]
 
 
 def parse_models(spec: str) -> list[str]:

@@ -1,12 +1,18 @@
-"""Built-in models; importing this package registers them."""
+"""Built-in models; importing this package registers them (each module calls `register`)."""
 
-import importlib
-import importlib.util
+from hnvm.models import (  # noqa: F401
+    bprmf,
+    caser,
+    gru4rec,
+    hnvm,
+    hrnn,
+    itemknn,
+    ncf,
+    pop,
+    ptopfreq,
+    sknn,
+    stamp,
+)
 
-# every built-in model lives in its own module and registers itself on import
 BUILTIN = ("pop", "ptopfreq", "itemknn", "sknn", "bprmf", "ncf", "gru4rec", "hrnn", "caser",
            "stamp", "hnvm")
-
-for _name in BUILTIN:
-    if importlib.util.find_spec(f"hnvm.models.{_name}") is not None:
-        importlib.import_module(f"hnvm.models.{_name}")
