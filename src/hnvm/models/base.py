@@ -142,3 +142,33 @@ def load_model(path: Path) -> Recommender:
     name = json.loads(mj.read_text()).get("model")
     cls = get_model_class(name)
     return cls.load(Path(path))  # type: ignore[attr-defined]
+
+
+class NetPersistence:
+    """`save`/`load` for models whose learned state is `self.net`, an nn.Module made by
+    `self._build(**dims)`, plus the tensor attributes named in `extra_tensors`. A model lists
+    the sizes `_build` needs in `dims` (saved in model.json) and provides `_require()`."""
+
+    name: ClassVar[str]
+    config_class: ClassVar[type]
+    dims: ClassVar[tuple[str, ...]] = ("n_items",)
+    extra_tensors: ClassVar[tuple[str, ...]] = ()
+
+    def save(self, path: Path) -> None:
+        from hnvm.config import as_dict
+
+        net = self._require()  # type: ignore[attr-defined]
+        extra = {f"_{a}": getattr(self, a) for a in self.extra_tensors}
+        save_model_files(Path(path), self.name, as_dict(self.config),  # type: ignore[attr-defined]
+                         {**net.state_dict(), **extra}, {d: getattr(self, d) for d in self.dims})
+
+    @classmethod
+    def load(cls, path: Path) -> Any:
+        meta, tensors = load_model_files(Path(path))
+        m = cls(cls.config_class(**meta["config"]))  # type: ignore[call-arg]
+        for a in cls.extra_tensors:
+            setattr(m, a, tensors.pop(f"_{a}"))
+        m.net = m._build(**{d: meta[d] for d in cls.dims})  # type: ignore[attr-defined]
+        m.net.load_state_dict(tensors)
+        m.net.eval()
+        return m

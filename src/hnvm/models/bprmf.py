@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hnvm.config import rng
-from hnvm.models.base import Batch, load_model_files, register, save_model_files
+from hnvm.models.base import Batch, NetPersistence, register
 
 if TYPE_CHECKING:
     from hnvm.data.store import Dataset
@@ -131,11 +131,12 @@ class BPRMFNet(nn.Module):
 
 
 @register("bprmf")
-class BPRMF:
+class BPRMF(NetPersistence):
     """BPR-MF as a Recommender: `BPRMF(BPRMFConfig(...)).fit(dataset)`."""
 
     name = "bprmf"
     config_class = BPRMFConfig
+    dims = ("n_items", "n_users")
 
     def __init__(self, config: BPRMFConfig | None = None, **overrides: Any) -> None:
         self.config = dataclasses.replace(config or BPRMFConfig(), **overrides)
@@ -175,19 +176,6 @@ class BPRMF:
     def score_sessions(self, batch: Batch) -> Tensor:
         return self._require().scores(batch.users)
 
-    def save(self, path: Path) -> None:
-        net = self._require()
-        save_model_files(Path(path), self.name, dataclasses.asdict(self.config), net.state_dict(),
-                         {"n_items": self.n_items, "n_users": self.n_users})
-
-    @classmethod
-    def load(cls, path: Path) -> BPRMF:
-        meta, tensors = load_model_files(Path(path))
-        m = cls(BPRMFConfig(**meta["config"]))
-        m.net = m._build(meta["n_items"], meta["n_users"])
-        m.net.load_state_dict(tensors)
-        m.net.eval()
-        return m
 
 
 class _BPRTrainable:

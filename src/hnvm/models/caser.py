@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hnvm.config import choices, rng
-from hnvm.models.base import Batch, load_model_files, register, save_model_files
+from hnvm.models.base import Batch, NetPersistence, register
 from hnvm.train import TrainConfig
 
 if TYPE_CHECKING:
@@ -123,11 +123,12 @@ class CaserConfig:
 
 
 @register("caser")
-class Caser:
+class Caser(NetPersistence):
     """Caser as a Recommender: `Caser(CaserConfig(...)).fit(dataset)`."""
 
     name = "caser"
     config_class = CaserConfig
+    dims = ("n_items", "n_users")
 
     def __init__(self, config: CaserConfig | None = None, **overrides: Any) -> None:
         self.config = dataclasses.replace(config or CaserConfig(), **overrides)
@@ -193,19 +194,6 @@ class Caser:
         return net.score_all(net.features(last_items(items, net.L), self._users(batch.users)))
 
     # -- persistence ------------------------------------------------------------------------------
-    def save(self, path: Path) -> None:
-        net = self._require()
-        save_model_files(Path(path), self.name, dataclasses.asdict(self.config), net.state_dict(),
-                         {"n_items": self.n_items, "n_users": self.n_users})
-
-    @classmethod
-    def load(cls, path: Path) -> Caser:
-        meta, tensors = load_model_files(Path(path))
-        m = cls(CaserConfig(**meta["config"]))
-        m.net = m._build(meta["n_items"], meta["n_users"])
-        m.net.load_state_dict(tensors)
-        m.net.eval()
-        return m
 
 
 def training_examples(seq: Sequences, L: int, T: int) -> tuple[np.ndarray, ...]:

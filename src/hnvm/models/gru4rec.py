@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hnvm.config import choices, rng
-from hnvm.models.base import Batch, load_model_files, register, save_model_files
+from hnvm.models.base import Batch, NetPersistence, register
 from hnvm.train import TrainConfig
 
 if TYPE_CHECKING:
@@ -348,7 +348,7 @@ class GRU4RecConfig:
 
 
 @register("gru4rec")
-class GRU4Rec:
+class GRU4Rec(NetPersistence):
     """GRU4Rec as a Recommender: `GRU4Rec(GRU4RecConfig(...)).fit(dataset, train_cfg=...)`."""
 
     name = "gru4rec"
@@ -429,20 +429,6 @@ class GRU4Rec:
         return net.score_items(h)
 
     # -- persistence ------------------------------------------------------------------------------
-    def save(self, path: Path) -> None:
-        net = self._require()
-        save_model_files(Path(path), self.name, {**dataclasses.asdict(self.config),
-                                                 "layers": list(self.config.layers)},
-                         dict(net.state_dict()), {"n_items": self.n_items})
-
-    @classmethod
-    def load(cls, path: Path) -> GRU4Rec:
-        meta, tensors = load_model_files(Path(path))
-        m = cls(GRU4RecConfig(**meta["config"]))
-        m.net = m._build(meta["n_items"])
-        m.net.load_state_dict(tensors)
-        m.net.eval()
-        return m
 
 
 class _GRU4RecTrainable:

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hnvm.config import choices, rng
-from hnvm.models.base import Batch, load_model_files, register, save_model_files
+from hnvm.models.base import Batch, NetPersistence, register
 from hnvm.models.layers import (
     GaussianHead,
     bpr_loss,
@@ -374,11 +374,13 @@ class HNVMConfig:
 
 
 @register("hnvm")
-class HNVM:
+class HNVM(NetPersistence):
     """HNVM as a Recommender: `HNVM(HNVMConfig(...)).fit(dataset)`."""
 
     name = "hnvm"
     config_class = HNVMConfig
+    dims = ("n_items", "n_users")
+    extra_tensors = ("counts_",)
 
     def __init__(self, config: HNVMConfig | None = None, **overrides: Any) -> None:
         self.config = dataclasses.replace(config or HNVMConfig(), **overrides)
@@ -464,22 +466,7 @@ class HNVM:
         h = self._history(batch.users, batch.sessions)
         return net.score(net.next_session_hidden(batch.users, h, self.config.mc_samples))
 
-    # -- persistence ------------------------------------------------------------------------------
-    def save(self, path: Path) -> None:
-        net = self._require()
-        save_model_files(Path(path), self.name, dataclasses.asdict(self.config),
-                         {**net.state_dict(), "_counts": self.counts_},
-                         {"n_items": self.n_items, "n_users": self.n_users})
-
-    @classmethod
-    def load(cls, path: Path) -> HNVM:
-        meta, tensors = load_model_files(Path(path))
-        m = cls(HNVMConfig(**meta["config"]))
-        m.counts_ = tensors.pop("_counts")
-        m.net = m._build(meta["n_items"], meta["n_users"])
-        m.net.load_state_dict(tensors)
-        m.net.eval()
-        return m
+    # persistence (save/load): NetPersistence, with counts_ saved beside the weights
 
 
 class _HNVMTrainable:

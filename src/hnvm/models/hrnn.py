@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hnvm.config import choices, rng
-from hnvm.models.base import Batch, load_model_files, register, save_model_files
+from hnvm.models.base import Batch, NetPersistence, register
 from hnvm.models.layers import bpr_loss, bpr_max_loss, full_softmax_loss, sampled_softmax_loss
 from hnvm.train import TrainConfig
 
@@ -152,7 +152,7 @@ class HRNNConfig:
 
 
 @register("hrnn")
-class HRNN:
+class HRNN(NetPersistence):
     """HRNN-All as a Recommender: `HRNN(HRNNConfig(...)).fit(dataset)`."""
 
     name = "hrnn"
@@ -225,19 +225,6 @@ class HRNN:
         return net.out(net.session_init(user))  # s_{m,0} scores the next session
 
     # -- persistence ------------------------------------------------------------------------------
-    def save(self, path: Path) -> None:
-        net = self._require()
-        save_model_files(Path(path), self.name, dataclasses.asdict(self.config), net.state_dict(),
-                         {"n_items": self.n_items})
-
-    @classmethod
-    def load(cls, path: Path) -> HRNN:
-        meta, tensors = load_model_files(Path(path))
-        m = cls(HRNNConfig(**meta["config"]))
-        m.net = m._build(meta["n_items"])
-        m.net.load_state_dict(tensors)
-        m.net.eval()
-        return m
 
 
 class _HRNNTrainable:

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hnvm.config import choices, rng
-from hnvm.models.base import Batch, load_model_files, register, save_model_files
+from hnvm.models.base import Batch, NetPersistence, register
 from hnvm.models.bprmf import InteractionPairs, fit_with_trainer
 
 if TYPE_CHECKING:
@@ -104,11 +104,12 @@ class NeuMFNet(nn.Module):
 
 
 @register("ncf")
-class NCF:
+class NCF(NetPersistence):
     """NeuMF as a Recommender: `NCF(NCFConfig(...)).fit(dataset)`."""
 
     name = "ncf"
     config_class = NCFConfig
+    dims = ("n_items", "n_users")
 
     def __init__(self, config: NCFConfig | None = None, **overrides: Any) -> None:
         self.config = dataclasses.replace(config or NCFConfig(), **overrides)
@@ -150,19 +151,6 @@ class NCF:
     def score_sessions(self, batch: Batch) -> Tensor:
         return self._require().scores(batch.users)
 
-    def save(self, path: Path) -> None:
-        net = self._require()
-        save_model_files(Path(path), self.name, dataclasses.asdict(self.config), net.state_dict(),
-                         {"n_items": self.n_items, "n_users": self.n_users})
-
-    @classmethod
-    def load(cls, path: Path) -> NCF:
-        meta, tensors = load_model_files(Path(path))
-        m = cls(NCFConfig(**meta["config"]))
-        m.net = m._build(meta["n_items"], meta["n_users"])
-        m.net.load_state_dict(tensors)
-        m.net.eval()
-        return m
 
 
 class _NCFTrainable:

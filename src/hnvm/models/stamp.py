@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from hnvm.config import choices, rng
-from hnvm.models.base import Batch, load_model_files, register, save_model_files
+from hnvm.models.base import Batch, NetPersistence, register
 from hnvm.models.layers import full_softmax_loss, sampled_softmax_loss
 from hnvm.train import TrainConfig
 
@@ -111,11 +111,12 @@ class STAMPConfig:
 
 
 @register("stamp")
-class STAMP:
+class STAMP(NetPersistence):
     """STAMP as a Recommender: `STAMP(STAMPConfig(...)).fit(dataset)`."""
 
     name = "stamp"
     config_class = STAMPConfig
+    extra_tensors = ("pop_",)
 
     def __init__(self, config: STAMPConfig | None = None, **overrides: Any) -> None:
         self.config = dataclasses.replace(config or STAMPConfig(), **overrides)
@@ -192,20 +193,6 @@ class STAMP:
         return self._score_prefixes(_last_sessions(batch.sessions))  # the previous session
 
     # -- persistence ------------------------------------------------------------------------------
-    def save(self, path: Path) -> None:
-        net = self._require()
-        save_model_files(Path(path), self.name, dataclasses.asdict(self.config),
-                         {**net.state_dict(), "_pop": self.pop_}, {"n_items": self.n_items})
-
-    @classmethod
-    def load(cls, path: Path) -> STAMP:
-        meta, tensors = load_model_files(Path(path))
-        m = cls(STAMPConfig(**meta["config"]))
-        m.pop_ = tensors.pop("_pop")
-        m.net = m._build(meta["n_items"])
-        m.net.load_state_dict(tensors)
-        m.net.eval()
-        return m
 
 
 def _last_sessions(sessions: Tensor) -> Tensor:
