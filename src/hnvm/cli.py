@@ -320,6 +320,86 @@ def demo(
               highlight=False, soft_wrap=True)
 
 
+@app.command()
+def recommend(
+    run: Annotated[Path, typer.Argument(help="Run directory made by `hnvm train`.")],
+    user: Annotated[str | None, typer.Option(help="User id (as in the raw log).")] = None,
+    session: Annotated[str | None, typer.Option(help="Current session: item ids i1,i2,... "
+                                                "(empty: recommend the next session).")] = None,
+    k: Annotated[int, typer.Option("-k", "--k", help="Number of items (1..1000).")] = 10,
+    exclude_seen: Annotated[bool, typer.Option(help="Leave out items the user already has.")] = False,
+    input: Annotated[Path | None, typer.Option("--input", help="Batch mode: CSV with columns "
+                                               "user[,session].")] = None,
+    out_path: Annotated[Path | None, typer.Option("--out", help="Batch mode: parquet to write "
+                                                  "(user, rank, item, score).")] = None,
+    data: Annotated[Path | None, typer.Option(help="Dataset with the users' histories (default: the "
+                                              "one trained on).")] = None,
+) -> None:
+    """Top-k items for one user (--user) or for every row of a CSV (--input ... --out ...).
+    Ids are the raw log's; unknown users get cold-start recommendations, unknown items are
+    ignored and reported."""
+    from hnvm.recommend import parse_items, recommend_batch, recommend_user
+
+    try:
+        if (user is None) == (input is None):
+            raise HnvmError("give exactly one of --user ID or --input users.csv (with --out recs.parquet)")
+        if input is not None:
+            if out_path is None or session is not None:
+                raise HnvmError("batch mode takes --input CSV --out PARQUET (sessions go in the CSV)")
+            t0 = time.perf_counter()
+            res = recommend_batch(run, input, out_path, k=k, exclude_seen=exclude_seen, data=data)
+            err.print(f"wrote {res.rows:,} recommendations for {res.users:,} users to {res.out} in "
+                      f"{time.perf_counter() - t0:.1f}s ({res.cold_start:,} cold-start users, "
+                      f"{res.unknown_items:,} unknown items ignored)", highlight=False)
+            return
+        if out_path is not None:
+            raise HnvmError("--out is for batch mode (--input users.csv)")
+        assert user is not None
+        r = recommend_user(run, user, parse_items(session), k=k, exclude_seen=exclude_seen, data=data)
+    except HnvmError as exc:
+        _fail(exc)
+    t = Table(title=f"user {r.user}: top {len(r.items)}" + (" (cold start: unknown user)" if r.cold_start else "")
+              + (f" after {r.session_length} item(s) of the session" if r.session_length else " for the next session"))
+    t.add_column("rank", justify="right")
+    t.add_column("item")
+    t.add_column("score", justify="right")
+    for i, (item, s) in enumerate(zip(r.items, r.scores, strict=True), start=1):
+        t.add_row(str(i), item, f"{s:.4f}")
+    out.print(t)
+    if r.unknown_items:
+        err.print(f"ignored unknown item(s): {', '.join(r.unknown_items)}", highlight=False)
+
+
+@app.command()
+def serve(
+    run: Annotated[Path, typer.Argument(help="Run directory made by `hnvm train`.")],
+    host: Annotated[str, typer.Option(help="Address to bind (default: loopback only).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    db: Annotated[Path, typer.Option(help="SQLite event log (created if missing; replayed at start).")] = Path(
+        "events.sqlite"),
+    data: Annotated[Path | None, typer.Option(help="Dataset with the users' histories (default: the "
+                                              "one trained on).")] = None,
+    gap: Annotated[str | None, typer.Option(help="Idle gap that closes a session (default: the "
+                                            "dataset's, e.g. 30m).")] = None,
+    threads: Annotated[int, typer.Option(help="torch threads for scoring.")] = 1,
+) -> None:
+    """HTTP service: POST /v1/events, POST /v1/recommend, GET /v1/users/{id}, GET /v1/health;
+    OpenAPI docs at /docs. Events are durable (SQLite WAL, synchronous=FULL) and replayed at start."""
+    from hnvm.data.sessions import parse_duration
+    from hnvm.serve.app import serve as run_serve
+
+    def ready(svc: object) -> None:
+        h = svc.health()  # type: ignore[attr-defined]
+        err.print(f"serving {run} ({h['model']}, {h['items']:,} items) on http://{host}:{port} "
+                  f"(docs: /docs); event log {db}: {h['replayed_at_start']:,} events replayed", highlight=False)
+
+    try:
+        gap_s = parse_duration(gap) if gap is not None else None
+        run_serve(run, host=host, port=port, db=db, data=data, gap_s=gap_s, threads=threads, on_ready=ready)
+    except (HnvmError, ValueError) as exc:
+        _fail(exc)
+
+
 def main() -> None:
     try:
         app()

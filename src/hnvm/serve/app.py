@@ -1,0 +1,354 @@
+"""`hnvm serve`: the HTTP service (FastAPI) over an `Engine` and a durable `EventLog`.
+
+    POST /v1/events      a batch of events -> appended to the log (one transaction), then applied
+    POST /v1/recommend   top-k for a user and the current session
+    GET  /v1/users/{id}  the user's state (debugging)
+    GET  /v1/health      liveness, model, counts, durability setting
+    GET  /docs           OpenAPI UI (schema at /openapi.json)
+
+Concurrency: one process, one asyncio loop, which owns all state. Recommendations are computed
+on the loop (they take well under a millisecond of CPU each); requests that arrive together
+are scored in one pass (`_Batcher`). Events go through one writer task: it validates each
+batch against the state plus the batches accepted before it, commits the accepted ones in one
+SQLite transaction on a worker thread (the loop keeps serving meanwhile), and only then applies
+them to the in-memory state and answers. A rejected batch writes nothing and changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
+
+from hnvm.serve.state import Engine, Event, Query, Recommendation
+from hnvm.serve.store import SYNCHRONOUS, EventLog
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_events: int = 10_000  # events per POST /v1/events
+    max_session_length: int = 1000  # events of one session (stored or in a recommend request)
+    max_k: int = 1000
+    max_body_bytes: int = 16 << 20
+    max_id_length: int = 256
+
+
+LIMITS = Limits()
+
+
+def _int_to_str(v: Any) -> Any:
+    # JSON clients often send numeric ids; they name the same thing as their decimal string
+    return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+
+Id = Annotated[str, StringConstraints(min_length=1, max_length=LIMITS.max_id_length), BeforeValidator(_int_to_str)]
+Timestamp = Annotated[float, Field(allow_inf_nan=False, description="seconds (Unix time or the dataset's clock)")]
+
+
+class EventIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    user: Id
+    item: Id
+    ts: Timestamp | None = Field(None, description="event time; default: arrival time")
+    session: Id | None = Field(None, description="explicit session key (e.g. an order id); "
+                               "without one, sessions close after the idle gap")
+
+
+class EventsIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    events: list[EventIn] = Field(min_length=1, description=f"at most {LIMITS.max_events} (`Limits`) per request")
+
+
+class EventsOut(BaseModel):
+    accepted: int
+    first_seq: int
+    last_seq: int
+    unknown_items: list[str] = Field(description="items the model does not know (logged, ignored)")
+
+
+class RecommendIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    user: Id
+    session: list[Id] = Field(default_factory=list, description="items to add to the user's open session for "
+                              f"this request only (at most {LIMITS.max_session_length} with the stored ones)")
+    k: int = Field(10, ge=1, le=LIMITS.max_k)
+    exclude_seen: bool = Field(False, description="leave out items the user has interacted with")
+    ts: Timestamp | None = Field(None, description="request time (an open session idle for longer "
+                                 "than the gap is treated as closed); default: now")
+
+
+class ScoredItem(BaseModel):
+    item: str
+    score: float
+
+
+class RecommendOut(BaseModel):
+    user: str
+    items: list[ScoredItem]
+    unknown_items: list[str]
+    cold_start: bool
+    session_length: int
+    new_session: bool
+    model: str
+
+
+class ServiceError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+class Service:
+    """Engine + event log + the writer and batcher that run on the service's event loop."""
+
+    def __init__(self, engine: Engine, log_: EventLog, *, run: str = "", limits: Limits = LIMITS) -> None:
+        self.engine, self.log, self.run, self.limits = engine, log_, run, limits
+        self.started = time.time()
+        self.replayed = 0
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hnvm-log")
+        self._queue: list[tuple[list[Event], list[str], asyncio.Future[EventsOut]]] = []
+        self._wake: asyncio.Event | None = None
+        self._writer: asyncio.Task[None] | None = None
+        self._pending: list[tuple[Query, asyncio.Future[Recommendation]]] = []
+
+    @classmethod
+    def open(cls, run: str | Path, db: str | Path, *, data: str | Path | None = None,
+             gap_s: float | None = None, limits: Limits = LIMITS) -> Service:
+        engine = Engine.from_run(run, data=data, gap_s=gap_s, max_session_length=limits.max_session_length)
+        svc = cls(engine, EventLog(db), run=str(run), limits=limits)
+        svc.replay()
+        return svc
+
+    def replay(self) -> int:
+        """Rebuild the state from the log (at start-up, before serving)."""
+        t0 = time.perf_counter()
+        n = 0
+        for ev in self.log.replay():
+            self.engine.apply(ev)
+            n += 1
+        self.replayed = n
+        log.info("replayed %d events from %s in %.2fs", n, self.log.path, time.perf_counter() - t0)
+        return n
+
+    # events ---------------------------------------------------------------------------------
+    async def add_events(self, body: EventsIn) -> EventsOut:
+        if len(body.events) > self.limits.max_events:
+            raise ServiceError(413, f"events: {len(body.events)} events in one request (at most "
+                               f"{self.limits.max_events}; split the batch)")
+        now = time.time()
+        events, unknown = [], []
+        last: dict[str, float] = {}
+        for e in body.events:
+            ts = e.ts
+            if ts is None:  # arrival time, never before the user's previous event
+                prev = last.get(e.user, self.engine.track(e.user).last_ts)
+                ts = now if prev is None else max(now, prev)
+            last[e.user] = ts
+            events.append(Event(e.user, e.item, ts, e.session))
+            if e.item not in self.engine.item_index:
+                unknown.append(e.item)
+        fut: asyncio.Future[EventsOut] = asyncio.get_running_loop().create_future()
+        self._queue.append((events, list(dict.fromkeys(unknown)), fut))
+        assert self._wake is not None, "service not started"
+        self._wake.set()
+        return await fut
+
+    async def _write_loop(self) -> None:
+        assert self._wake is not None
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            group, self._queue = self._queue, []
+            try:
+                await self._write_group(group)
+            except Exception as exc:  # a bug must not stall every later POST: fail this group
+                log.exception("event writer failed")
+                for _, _, fut in group:
+                    if not fut.done():
+                        fut.set_exception(ServiceError(500, f"internal error: {exc}"))
+
+    async def _write_group(self, group: list[tuple[list[Event], list[str], asyncio.Future[EventsOut]]]) -> None:
+        loop = asyncio.get_running_loop()
+        overlay: dict[str, Any] = {}
+        accepted = []
+        for events, unknown, fut in group:
+            problems = self.engine.check(events, overlay)
+            if problems:
+                more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+                status = 409 if any(code == "order" for code, _ in problems) else 422
+                if not fut.done():
+                    fut.set_exception(ServiceError(status, "; ".join(m for _, m in problems[:3]) + more))
+            else:
+                accepted.append((events, unknown, fut))
+        if not accepted:
+            return
+        flat = [e for events, _, _ in accepted for e in events]
+        try:  # one transaction for the whole group (group commit)
+            first, _ = await loop.run_in_executor(self._pool, self.log.append, flat)
+        except Exception as exc:  # nothing was applied; the clients may retry
+            log.exception("event log write failed")
+            for _, _, fut in accepted:
+                if not fut.done():
+                    fut.set_exception(ServiceError(503, f"event log write failed: {exc}"))
+            return
+        for events, unknown, fut in accepted:
+            for e in events:
+                self.engine.apply(e)
+            if not fut.done():  # (a client that went away cancels its future)
+                fut.set_result(EventsOut(accepted=len(events), first_seq=first,
+                                         last_seq=first + len(events) - 1, unknown_items=unknown))
+            first += len(events)
+
+    # recommendations ---------------------------------------------------------------------------
+    async def recommend(self, q: Query) -> Recommendation:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Recommendation] = loop.create_future()
+        self._pending.append((q, fut))
+        if len(self._pending) == 1:
+            # runs after the requests already read in this loop iteration: they share one pass
+            loop.call_soon(self._flush)
+        return await fut
+
+    def _flush(self) -> None:
+        batch, self._pending = self._pending, []
+        try:
+            results = self.engine.recommend_many([q for q, _ in batch])
+        except Exception:  # isolate the failing request
+            results = []
+            for q, _ in batch:
+                try:
+                    results.append(self.engine.recommend(q))
+                except Exception as exc:
+                    log.exception("recommend failed for user %r", q.user)
+                    results.append(exc)  # type: ignore[arg-type]
+        for (_, fut), r in zip(batch, results, strict=True):
+            if fut.done():
+                continue
+            if isinstance(r, Exception):
+                fut.set_exception(r)
+            else:
+                fut.set_result(r)
+
+    # lifecycle ---------------------------------------------------------------------------------
+    async def start(self) -> None:
+        self._wake = asyncio.Event()
+        self._writer = asyncio.create_task(self._write_loop(), name="hnvm-event-writer")
+
+    async def stop(self) -> None:
+        if self._writer is not None:
+            self._writer.cancel()
+            with suppress(asyncio.CancelledError):
+                await self._writer
+        self._pool.shutdown(wait=True)
+        self.log.close()
+
+    def health(self) -> dict[str, Any]:
+        e = self.engine
+        return {"status": "ok", "run": self.run, "model": e.model.name, "incremental_state": e.scorer.incremental,
+                "items": e.n_items, "known_users": len(e.user_index), "active_users": len(e.users),
+                "events": e.n_events, "replayed_at_start": self.replayed, "session_gap_s": e.gap_s,
+                "event_log": str(self.log.path), "durability": f"sqlite WAL, synchronous={SYNCHRONOUS}",
+                "uptime_s": round(time.time() - self.started, 1)}
+
+
+def _message(err: dict[str, Any]) -> str:
+    where = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
+    return f"{where}: {err.get('msg')}" if where else str(err.get("msg"))
+
+
+def create_app(service: Service) -> FastAPI:
+    lim = service.limits
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await service.start()
+        try:
+            yield
+        finally:
+            await service.stop()
+
+    app = FastAPI(title="hnvm", version="1", lifespan=lifespan,
+                  description="Personalized sequential recommendation (HNVM and baselines) with a durable "
+                              "event log and online user state.")
+    app.state.service = service
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next: Callable[..., Any]) -> Any:
+        size = request.headers.get("content-length")
+        if size is not None and (not size.isdigit() or int(size) > lim.max_body_bytes):
+            return JSONResponse({"error": f"request body over {lim.max_body_bytes} bytes"}, status_code=413)
+        return await call_next(request)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errs = exc.errors()
+        if any(e.get("type") == "json_invalid" for e in errs):
+            ctx = next(e for e in errs if e.get("type") == "json_invalid").get("ctx", {})
+            return JSONResponse({"error": f"malformed JSON: {ctx.get('error', 'cannot parse the body')}"},
+                                status_code=400)
+        msgs = [_message(e) for e in errs]
+        more = f" (and {len(msgs) - 5} more)" if len(msgs) > 5 else ""
+        detail = [{"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")} for e in errs[:50]]
+        return JSONResponse({"error": "; ".join(msgs[:5]) + more, "detail": detail}, status_code=422)
+
+    @app.exception_handler(ServiceError)
+    async def service_error(_: Request, exc: ServiceError) -> JSONResponse:
+        return JSONResponse({"error": exc.message}, status_code=exc.status)
+
+    @app.post("/v1/events", response_model=EventsOut, responses={409: {"description": "out-of-order timestamp"}})
+    async def post_events(body: EventsIn) -> EventsOut:
+        """Append a batch of events (one transaction; all or nothing) and advance user states."""
+        return await service.add_events(body)
+
+    @app.post("/v1/recommend", response_model=RecommendOut)
+    async def post_recommend(body: RecommendIn) -> RecommendOut:
+        """Top-k items for a user given their history and current session."""
+        if len(body.session) > lim.max_session_length:
+            raise ServiceError(413, f"session: {len(body.session)} items (at most {lim.max_session_length})")
+        now = body.ts if body.ts is not None else time.time()
+        r = await service.recommend(Query(body.user, body.session, body.k, body.exclude_seen, now))
+        return RecommendOut(user=r.user, items=[ScoredItem(item=i, score=s) for i, s in zip(r.items, r.scores,
+                                                                                              strict=True)],
+                            unknown_items=r.unknown_items, cold_start=r.cold_start, session_length=r.session_length,
+                            new_session=r.new_session, model=service.engine.model.name)
+
+    @app.get("/v1/users/{user_id}")
+    async def get_user(user_id: str) -> dict[str, Any]:
+        """The user's state (for debugging)."""
+        if not user_id or len(user_id) > lim.max_id_length:
+            raise ServiceError(422, f"user id must have 1..{lim.max_id_length} characters")
+        return service.engine.describe(user_id)
+
+    @app.get("/v1/health")
+    async def health() -> dict[str, Any]:
+        return service.health()
+
+    return app
+
+
+def serve(run: str | Path, *, host: str = "127.0.0.1", port: int = 8000, db: str | Path = "events.sqlite",
+          data: str | Path | None = None, gap_s: float | None = None, threads: int = 1,
+          on_ready: Callable[[Service], None] | None = None) -> None:
+    """Load the run, replay the log and serve until interrupted."""
+    import torch
+    import uvicorn
+
+    torch.set_num_threads(threads)
+    service = Service.open(run, db, data=data, gap_s=gap_s)
+    if on_ready is not None:
+        on_ready(service)
+    uvicorn.run(create_app(service), host=host, port=port, log_level="warning", access_log=False,
+                timeout_graceful_shutdown=5)

@@ -1,0 +1,410 @@
+"""Online user state: sessions tracked from an event stream, and recommendations from it.
+
+An `Engine` holds a trained model, its vocabularies (original id <-> internal id), each known
+user's history from the run's dataset, and one `UserState` per user seen since. Events are
+applied in log order (`apply`); recommendations (`recommend_many`) read the state.
+
+Sessions: an event opens a new session when the user has none open, when its session key
+differs from the open one's (explicit keys, e.g. an order id, win over time), or, without
+keys, when it comes more than `gap_s` seconds after the user's previous event (the idle gap
+of `hnvm prepare`; exactly `gap_s` stays in the session). The dataset history of a known user
+counts as closed sessions before any online event.
+
+HNVM is served incrementally (`_HNVMScorer`): per user the context state h_con after the closed
+sessions and the decoder state of the open session are kept, so a closed session costs one
+encoder pass + one context step, an event one decoder step, and a recommendation one scoring
+pass. Every other model goes through `_GenericScorer`, which builds the user's history as a
+`Batch` and calls the model's own `score` / `score_sessions`.
+
+Determinism (the crash test relies on it): the state is a pure function of the applied events
+and every per-user tensor is computed by the same per-user operations, in the same order,
+whenever they run (lazily, at the first recommendation that needs them). Replaying the log
+after a restart therefore gives bit-identical states and recommendations.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from hnvm.data.batches import Sequences
+from hnvm.errors import HnvmError
+from hnvm.metrics import topk_items
+from hnvm.models.base import Batch, Recommender
+
+log = logging.getLogger(__name__)
+
+DEFAULT_GAP_S = 1800.0
+
+
+@dataclass
+class Track:
+    """What session tracking and input validation need to know about a user's event stream."""
+
+    has_open: bool = False
+    last_ts: float | None = None  # of the user's last online event
+    key: str | None = None  # session key of the open session
+    open_n: int = 0  # events (known items or not) in the open session
+
+    def starts_new(self, ts: float, key: str | None, gap_s: float) -> bool:
+        if not self.has_open:
+            return True
+        if key is not None or self.key is not None:
+            return key != self.key
+        return self.last_ts is None or ts - self.last_ts > gap_s
+
+    def advance(self, ts: float, key: str | None, gap_s: float) -> bool:
+        """Move past one event; returns whether it opened a new session."""
+        new = self.starts_new(ts, key, gap_s)
+        self.open_n = 1 if new else self.open_n + 1
+        self.has_open, self.last_ts, self.key = True, ts, key
+        return new
+
+    def copy(self) -> Track:
+        return Track(self.has_open, self.last_ts, self.key, self.open_n)
+
+
+@dataclass
+class UserState:
+    uid: int  # internal user id; 0 = unknown to the model (cold start)
+    history: list[np.ndarray]  # closed sessions (known items, non-empty), dataset ones first
+    n_dataset: int  # how many of `history` come from the dataset
+    track: Track = field(default_factory=Track)
+    open_items: list[int] = field(default_factory=list)  # known items of the open session
+    open_id: int = 0  # counts sessions opened online; scorer caches key on it
+    n_events: int = 0  # online events applied
+    seen: set[int] = field(default_factory=set)
+    cache: Any = None  # the scorer's per-user tensors
+
+
+@dataclass
+class Event:
+    user: str
+    item: str
+    ts: float
+    session: str | None = None
+
+
+@dataclass
+class Query:
+    """One recommendation request. `session`: items appended to the user's open session for
+    this request only (not stored). `now`: the request time; an open session without a key
+    whose last event is more than the gap before `now` is treated as closed."""
+
+    user: str
+    session: Sequence[str] = ()
+    k: int = 10
+    exclude_seen: bool = False
+    now: float | None = None
+
+
+@dataclass
+class Recommendation:
+    user: str
+    items: list[str]
+    scores: list[float]
+    unknown_items: list[str]  # of the query's `session` (ignored)
+    cold_start: bool  # the user is not in the model's vocabulary
+    session_length: int  # known items of the current session the scores condition on
+    new_session: bool  # no open session (or it timed out): next-session recommendations
+
+
+class Engine:
+    """A trained model served from an event stream (see the module docstring)."""
+
+    def __init__(self, model: Recommender, item_ids: Sequence[str], user_ids: Sequence[str],
+                 history: Sequences | None = None, *, gap_s: float = DEFAULT_GAP_S,
+                 max_session_length: int = 1000) -> None:
+        self.model = model
+        self.item_ids = ["", *item_ids]  # index = internal id; 0 = padding
+        self.item_index = {s: i for i, s in enumerate(item_ids, start=1)}
+        self.user_index = {s: i for i, s in enumerate(user_ids, start=1)}
+        self.n_items = len(item_ids)
+        self.history = history
+        self.gap_s = float(gap_s)
+        self.max_session_length = max_session_length
+        self.users: dict[str, UserState] = {}
+        self.n_events = 0
+        from hnvm.models.hnvm import HNVM
+
+        self.scorer: _Scorer = _HNVMScorer(model) if isinstance(model, HNVM) else _GenericScorer(model)
+
+    # ---- construction --------------------------------------------------------------------------
+    @classmethod
+    def from_run(cls, run: str | Path, *, data: str | Path | None = None, gap_s: float | None = None,
+                 max_session_length: int = 1000) -> Engine:
+        """Load a run; the users' histories and the idle gap come from its dataset (or `data`).
+        Without a readable dataset users start from no history and the gap is 30 min."""
+        import polars as pl
+
+        from hnvm.data.sessions import parse_duration
+        from hnvm.data.store import Dataset
+        from hnvm.runs import load_run, vocab_digest
+
+        run = Path(run)
+        model, cfg = load_run(run)
+        items = pl.read_parquet(run / "items.parquet").sort("item").get_column("id").to_list()
+        users = pl.read_parquet(run / "users.parquet").sort("user").get_column("id").to_list()
+        path = Path(data) if data is not None else Path(cfg.get("dataset", {}).get("path", ""))
+        history, gap = None, None
+        if data is not None or path.is_dir():
+            ds = Dataset.load(path)
+            if vocab_digest(ds) != cfg["dataset"]["vocab_sha256"]:
+                raise HnvmError(f"{path}: item/user vocabulary does not match the one {run} was trained on")
+            history = Sequences.from_events(ds.events, ds.n_users)
+            gap = parse_duration(ds.meta.get("prepare", {}).get("gap", "30m"))
+        else:
+            log.warning("%s: dataset %s not found; users start without history", run, path)
+        g = gap_s if gap_s is not None else gap if gap is not None else DEFAULT_GAP_S
+        return cls(model, items, users, history, gap_s=g, max_session_length=max_session_length)
+
+    # ---- state ---------------------------------------------------------------------------------
+    def peek(self, user: str) -> UserState | None:
+        return self.users.get(user)
+
+    def state(self, user: str) -> UserState:
+        st = self.users.get(user)
+        if st is None:
+            uid = self.user_index.get(user, 0)
+            hist: list[np.ndarray] = []
+            if uid and self.history is not None and uid < len(self.history.user_end):
+                h = self.history
+                hist = [h.session(s) for s in range(int(h.user_first[uid]), int(h.user_end[uid]))]
+            st = UserState(uid, hist, len(hist), seen={int(i) for s in hist for i in s})
+            self.users[user] = st
+        return st
+
+    def track(self, user: str) -> Track:
+        st = self.users.get(user)
+        return st.track.copy() if st is not None else Track()
+
+    def check(self, events: Sequence[Event], overlay: dict[str, Track]) -> list[tuple[str, str]]:
+        """Problems (kind "order" or "size", message) with appending `events` (in order) after
+        the current state and `overlay` (tracks of events accepted but not yet applied); on
+        success `overlay` is updated. Nothing else changes: a rejected batch leaves no trace."""
+        tracks: dict[str, Track] = {}
+        problems: list[tuple[str, str]] = []
+        for i, ev in enumerate(events):
+            t = tracks.get(ev.user) or (overlay[ev.user].copy() if ev.user in overlay else self.track(ev.user))
+            tracks[ev.user] = t
+            if t.last_ts is not None and ev.ts < t.last_ts:
+                problems.append(("order", f"events[{i}]: timestamp {ev.ts} is earlier than the previous event of "
+                                 f"user {ev.user!r} ({t.last_ts}); a user's events must come in time order"))
+                continue
+            t.advance(ev.ts, ev.session, self.gap_s)
+            if t.open_n > self.max_session_length:
+                problems.append(("size", f"events[{i}]: the session of user {ev.user!r} would exceed "
+                                 f"{self.max_session_length} events"))
+        if not problems:
+            overlay.update(tracks)
+        return problems
+
+    def apply(self, ev: Event) -> bool:
+        """Append one (validated, logged) event to its user's state; False if the item is unknown."""
+        st = self.state(ev.user)
+        if st.track.advance(ev.ts, ev.session, self.gap_s):
+            if st.open_items:
+                st.history.append(np.asarray(st.open_items, dtype=np.int64))
+            st.open_items = []
+            st.open_id += 1
+        st.n_events += 1
+        self.n_events += 1
+        iid = self.item_index.get(ev.item, 0)
+        if iid:
+            st.open_items.append(iid)
+            st.seen.add(iid)
+        return iid > 0
+
+    # ---- recommendations -----------------------------------------------------------------------
+    def recommend(self, q: Query) -> Recommendation:
+        return self.recommend_many([q])[0]
+
+    @torch.no_grad()
+    def recommend_many(self, queries: Sequence[Query]) -> list[Recommendation]:
+        """Top-k for several queries with one scoring pass where the model allows it."""
+        views = []
+        for q in queries:
+            st = self.users.get(q.user) or self._transient(q.user)
+            extra = [self.item_index.get(s, 0) for s in q.session]
+            unknown = list(dict.fromkeys(s for s, i in zip(q.session, extra, strict=True) if not i))
+            extra = [i for i in extra if i]
+            expired = (bool(st.track.has_open) and st.track.key is None and q.now is not None
+                       and st.track.last_ts is not None and q.now - st.track.last_ts > self.gap_s)
+            views.append((q, st, extra, unknown, expired))
+        scores = self.scorer.scores([(st, extra, expired) for _, st, extra, _, expired in views])
+        out = []
+        kmax = min(max(q.k for q in queries), self.n_items)
+        excl = [torch.tensor(sorted(st.seen | set(extra)) if q.exclude_seen else [], dtype=torch.long)
+                for q, st, extra, _, _ in views]
+        top = topk_items(scores, kmax, exclude=excl)
+        vals = scores.gather(1, top)
+        for r, (q, st, extra, unknown, expired) in enumerate(views):
+            ids = top[r, : q.k].tolist()
+            n = ids.index(0) if 0 in ids else len(ids)  # fewer eligible items than k
+            cur = 0 if expired else len(st.open_items) + len(extra)
+            out.append(Recommendation(
+                q.user, [self.item_ids[i] for i in ids[:n]], [float(v) for v in vals[r, :n].tolist()],
+                unknown, st.uid == 0, cur, cur == 0 and (expired or not st.track.has_open)))
+        return out
+
+    def _transient(self, user: str) -> UserState:
+        """A state for a user with no online events: not stored, so reads never grow memory.
+        Known users are stored all the same, to keep the encoded history."""
+        return self.state(user) if user in self.user_index else UserState(0, [], 0)
+
+    def describe(self, user: str) -> dict[str, Any]:
+        """The user's state, for debugging (GET /v1/users/{id})."""
+        st = self.users.get(user) or self._transient(user)
+        t = st.track
+        return {
+            "user": user, "known_to_model": st.uid > 0, "history_sessions": len(st.history),
+            "dataset_sessions": st.n_dataset, "online_events": st.n_events,
+            "session_open": t.has_open, "session_key": t.key, "session_events": t.open_n if t.has_open else 0,
+            "session_items": [self.item_ids[i] for i in st.open_items], "last_event_ts": t.last_ts,
+            "seen_items": len(st.seen), "model": self.model.name, "incremental": self.scorer.incremental,
+        }
+
+
+# ---- scorers ---------------------------------------------------------------------------------
+
+View = tuple[UserState, list[int], bool]  # (state, extra items of the request, open session timed out)
+
+
+class _Scorer:
+    incremental = False
+
+    def scores(self, views: Sequence[View]) -> Tensor:
+        """Float[len(views), n_items + 1]; column 0 is ignored."""
+        raise NotImplementedError
+
+
+class _GenericScorer(_Scorer):
+    """Any Recommender: rebuild the user's history as a Batch and call the model's own scoring
+    (cost grows with the history, as in evaluation)."""
+
+    def __init__(self, model: Recommender) -> None:
+        self.model = model
+
+    def scores(self, views: Sequence[View]) -> Tensor:
+        return torch.cat([self._one(*v) for v in views])
+
+    def _one(self, st: UserState, extra: list[int], expired: bool) -> Tensor:
+        hist = list(st.history)
+        cur = list(st.open_items) + extra
+        if expired and st.open_items:
+            hist.append(np.asarray(st.open_items, dtype=np.int64))
+            cur = extra
+        users = torch.tensor([st.uid])
+        if not cur:
+            return self.model.score_sessions(Batch(users, _pad(hist), _EMPTY, _EMPTY))
+        # the target slot holds a placeholder item: models never read a target (no-leakage test)
+        sessions = _pad([*hist, np.asarray([*cur, 1], dtype=np.int64)])
+        return self.model.score(Batch(users, sessions, torch.tensor([0]), torch.tensor([len(cur)])))
+
+
+_EMPTY = torch.zeros(0, dtype=torch.long)
+
+
+def _pad(sessions: list[np.ndarray]) -> Tensor:
+    """Long[1, N, T]: one row of right-padded sessions (one empty session if there are none)."""
+    n, t = max(len(sessions), 1), max((len(s) for s in sessions), default=1)
+    out = np.zeros((1, n, t), dtype=np.int64)
+    for j, s in enumerate(sessions):
+        out[0, j, : len(s)] = s
+    return torch.from_numpy(out)
+
+
+@dataclass
+class _HNVMCache:
+    e: Tensor | None  # [1, d_e]
+    h_con: Tensor  # [1, H] after the first n_folded history sessions
+    n_folded: int
+    open_id: int = -1  # the open session the decoder state belongs to
+    cond: Tensor | None = None  # [1, C] decoder input [h_con; z] of that session
+    h_dec: Tensor | None = None  # [1, 1, H] after BOS + open_items[:n_dec]
+    n_dec: int = 0
+
+
+class _HNVMScorer(_Scorer):
+    """HNVM step by step with the network's own modules (eval mode: dropout off); z is the prior
+    mean, as in leakage-free scoring with mc_samples = 1 (samples would make replays differ)."""
+
+    incremental = True
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.net = model._require()
+        self.use_history = model.config.use_history
+        if model.config.mc_samples > 1:
+            log.warning("serving HNVM with the prior mean of z (mc_samples=%d is for evaluation)",
+                        model.config.mc_samples)
+
+    def scores(self, views: Sequence[View]) -> Tensor:
+        hidden = torch.cat([self._hidden(*v) for v in views])  # [B, H]
+        return self.net.score(hidden)
+
+    # the per-user steps -------------------------------------------------------------------------
+    def _e(self, uid: int) -> Tensor | None:
+        net = self.net
+        if not net.use_e:
+            return None
+        u = torch.tensor([uid])
+        # known users: posterior mean of q(e|u) (what scoring uses); unknown: the prior's mean
+        return net.e_post_mu(u) if uid else net.e_prior_mu(u)
+
+    def _fold(self, h_con: Tensor, items: np.ndarray) -> Tensor:
+        """Encoder over one closed session + one context step."""
+        if not self.use_history:
+            return h_con
+        x = self.model._trim(torch.from_numpy(np.asarray(items, dtype=np.int64))[None])
+        h_enc = self.net._encode(x, torch.tensor([x.shape[1]]))
+        return self.net.context(h_enc, h_con)
+
+    def _cond(self, e: Tensor | None, h_con: Tensor) -> Tensor:
+        net = self.net
+        z = net._prior_z(h_con, e)[0] if net.use_z else None
+        return net._cond(h_con, e, z)
+
+    def _step(self, item: int, h: Tensor | None, cond: Tensor) -> Tensor:
+        """One decoder step: input [emb(item); cond] -> state [1, 1, H]."""
+        x = torch.cat([self.net.item_emb(torch.tensor([item])), cond], -1)
+        return self.net.decoder(x[:, None], h)[1]
+
+    def _cache(self, st: UserState) -> _HNVMCache:
+        c = st.cache
+        if c is None:
+            h = torch.zeros(1, self.net.hidden)
+            if st.n_dataset:  # the dataset history in one pass, as evaluation encodes it
+                h = self.model._history(torch.tensor([st.uid]), _pad(st.history[: st.n_dataset]))
+            c = st.cache = _HNVMCache(self._e(st.uid), h, st.n_dataset)
+        while c.n_folded < len(st.history):
+            c.h_con = self._fold(c.h_con, st.history[c.n_folded])
+            c.n_folded += 1
+            c.open_id = -1
+        return c
+
+    def _hidden(self, st: UserState, extra: list[int], expired: bool) -> Tensor:
+        c = self._cache(st)
+        bos = self.net.bos
+        if expired:  # the open session timed out: close it in a scratch copy of the state
+            h_con = self._fold(c.h_con, np.asarray(st.open_items)) if st.open_items else c.h_con
+            cond = self._cond(c.e, h_con)
+            h = self._step(bos, None, cond)
+        else:
+            if c.open_id != st.open_id or c.cond is None or c.h_dec is None:
+                c.open_id, c.cond, c.n_dec = st.open_id, self._cond(c.e, c.h_con), 0
+                c.h_dec = self._step(bos, None, c.cond)
+            while c.n_dec < len(st.open_items):
+                c.h_dec = self._step(st.open_items[c.n_dec], c.h_dec, c.cond)
+                c.n_dec += 1
+            h, cond = c.h_dec, c.cond
+        for item in extra:
+            h = self._step(item, h, cond)
+        return h[0]

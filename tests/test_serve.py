@@ -1,0 +1,362 @@
+"""The recommendation service: online state (incremental HNVM equals the model's own scoring,
+every registry model served, sessions closed by gap or key), the durable event log, bad input
+(each a 4xx that changes nothing), restart replay, and a real `hnvm serve` killed with SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from hnvm.data.samples import synthetic_dataset
+from hnvm.errors import HnvmError
+from hnvm.models.base import REGISTRY, Batch, get_model_class
+from hnvm.runs import train_run
+from hnvm.serve.app import Limits, Service, create_app
+from hnvm.serve.state import Engine, Event, Query
+from hnvm.serve.store import EventLog
+
+with warnings.catch_warnings():  # starlette suggests httpx2; httpx is what it supports today
+    warnings.simplefilter("ignore")
+    from fastapi.testclient import TestClient
+
+get_model_class("pop")  # registers the built-in models
+
+SMALL = ["model.hidden=16", "model.emb_dim=16", "model.d_e=4", "model.d_z=4", "model.mlp_hidden=16",
+         "model.n_negatives=32", "model.batch_size=32", "train.epochs=1", "train.seed=1"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("serve") / "data"
+    synthetic_dataset(n_users=40, n_items=30, n_topics=4, seed=5).save(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def run_dir(data_dir: Path) -> Path:
+    out = data_dir.parent / "run"
+    train_run(data_dir, "hnvm", out, overrides=SMALL)
+    return out
+
+
+@pytest.fixture(scope="module")
+def engine(run_dir: Path) -> Engine:
+    return Engine.from_run(run_dir)
+
+
+def client(run_dir: Path, db: Path, **limits: int) -> TestClient:
+    return TestClient(create_app(Service.open(run_dir, db, limits=Limits(**limits))))
+
+
+def items_of(engine: Engine, n: int, start: int = 1) -> list[str]:
+    return engine.item_ids[start: start + n]
+
+
+# ---- online state --------------------------------------------------------------------------------
+
+
+def _model_scores(engine: Engine, uid: int, sessions: list[list[int]], prefix: list[int]) -> torch.Tensor:
+    """The model's own scoring of the same history (what `hnvm evaluate` calls)."""
+    from hnvm.serve.state import _pad
+
+    m = engine.model
+    if not prefix:
+        return m.score_sessions(Batch(torch.tensor([uid]), _pad([np.array(s) for s in sessions]),
+                                      torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)))
+    rows = _pad([np.array(s) for s in [*sessions, [*prefix, 1]]])
+    return m.score(Batch(torch.tensor([uid]), rows, torch.tensor([0]), torch.tensor([len(prefix)])))
+
+
+def test_incremental_hnvm_equals_model_scoring(run_dir: Path) -> None:
+    eng = Engine.from_run(run_dir)
+    assert eng.scorer.incremental
+    seq = eng.history
+    assert seq is not None
+    uid = 3
+    user = next(u for u, i in eng.user_index.items() if i == uid)
+    hist = [seq.session(s).tolist() for s in range(int(seq.user_first[uid]), int(seq.user_end[uid]))]
+    online = [[1, 2, 3], [4, 5]]  # two online sessions (explicit keys), the second left open
+    t = 2e9
+    for key, sess in zip(("a", "b"), online, strict=True):
+        for i in sess[:-1] if key == "b" else sess:
+            t += 1
+            eng.apply(Event(user, eng.item_ids[i], t, key))
+    # prefix of the open session = [4]; then [4, 5] after one more event
+    for prefix in ([4], [4, 5]):
+        got = eng.scorer.scores([(eng.users[user], [], False)])
+        want = _model_scores(eng, uid, [*hist, online[0]], prefix)
+        torch.testing.assert_close(got[:, 1:], want[:, 1:], atol=1e-5, rtol=1e-5)
+        if prefix == [4]:
+            t += 1
+            eng.apply(Event(user, eng.item_ids[5], t, "b"))
+    # the next session, from history only (a new key closes "b")
+    got = eng.scorer.scores([(eng.users[user], [], True)])
+    want = _model_scores(eng, uid, [*hist, *online], [])
+    torch.testing.assert_close(got[:, 1:], want[:, 1:], atol=1e-5, rtol=1e-5)
+
+
+def test_session_closes_after_the_gap_or_a_new_key(engine: Engine) -> None:
+    gap = engine.gap_s
+    assert gap == 1800
+    it = items_of(engine, 4)
+    for ts, item in ((1000, it[0]), (1000 + gap, it[1]), (1001 + 2 * gap, it[2])):  # exactly the gap stays
+        engine.apply(Event("gap-user", item, ts, None))
+    d = engine.describe("gap-user")
+    assert d["history_sessions"] == 1 and d["session_items"] == [it[2]]
+    engine.apply(Event("key-user", it[0], 5, "o1"))
+    engine.apply(Event("key-user", it[1], 5 + 10 * gap, "o1"))  # same key: same session, however late
+    engine.apply(Event("key-user", it[2], 5 + 10 * gap, "o2"))
+    d = engine.describe("key-user")
+    assert d["history_sessions"] == 1 and d["session_items"] == [it[2]] and d["session_key"] == "o2"
+
+
+def test_recommendations_follow_the_session_and_time_out(engine: Engine) -> None:
+    it = items_of(engine, 6)
+    recs = [engine.recommend(Query("walker", (), 5, now=0)).items]
+    for n, item in enumerate(it[:3]):
+        engine.apply(Event("walker", item, 100 + n, None))
+        r = engine.recommend(Query("walker", (), 5, now=100 + n))
+        assert r.session_length == n + 1 and not r.new_session
+        recs.append(r.items)
+    assert len({tuple(r) for r in recs}) > 1  # the session moves the recommendations
+    late = engine.recommend(Query("walker", (), 5, now=102 + engine.gap_s + 1))
+    assert late.new_session and late.session_length == 0
+
+
+def test_cold_start_unknown_items_and_exclude_seen(engine: Engine) -> None:
+    r = engine.recommend(Query("never-seen", ["nope", engine.item_ids[1], "nope"], 5))
+    assert r.cold_start and r.unknown_items == ["nope"] and len(r.items) == 5 and r.session_length == 1
+    assert "never-seen" not in engine.users  # reads do not create state
+    known = next(iter(engine.user_index))
+    st = engine.state(known)
+    seen = {engine.item_ids[i] for i in st.seen}
+    r = engine.recommend(Query(known, (), engine.n_items, exclude_seen=True))
+    assert not r.cold_start and not (set(r.items) & seen)
+    assert len(r.items) == engine.n_items - len(seen)
+    assert r.scores == sorted(r.scores, reverse=True)
+
+
+FAST = {
+    "hnvm": SMALL[:-2], "ncf": ["model.factors=4", "model.batch_size=128"], "bprmf": ["model.dim=8"],
+    "gru4rec": ["model.layers=16", "model.batch_size=16", "model.n_sample=16"],
+    "stamp": ["model.d=16"], "caser": ["model.L=3", "model.T=2", "model.d=8", "model.nv=2", "model.nh=4"],
+    "hrnn": ["model.emb_dim=16", "model.session_hidden=16", "model.user_hidden=16", "model.n_negatives=32"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_every_registry_model_is_served(name: str, data_dir: Path, tmp_path: Path) -> None:
+    run = tmp_path / name
+    train_run(data_dir, name, run, overrides=[*FAST.get(name, []), "train.epochs=1", "train.seed=2"])
+    with client(run, tmp_path / "ev.sqlite") as c:
+        it = c.get("/v1/health").json()
+        assert it["model"] == name and it["incremental_state"] == (name == "hnvm")
+        eng: Engine = c.app.state.service.engine  # type: ignore[attr-defined]
+        user = next(iter(eng.user_index))
+        ev = [{"user": user, "item": eng.item_ids[i], "ts": 1e10 + i} for i in (1, 2, 3)]
+        assert c.post("/v1/events", json={"events": ev}).status_code == 200
+        r = c.post("/v1/recommend", json={"user": user, "k": 7, "ts": 1e10 + 4}).json()
+        assert len(r["items"]) == 7 and r["session_length"] == 3
+        # the generic path is the model's own scoring of the stored history
+        st = eng.users[user]
+        want = _model_scores(eng, st.uid, [s.tolist() for s in st.history], st.open_items)
+        got = eng.scorer.scores([(st, [], False)])
+        torch.testing.assert_close(got[:, 1:], want[:, 1:], atol=1e-5, rtol=1e-5)
+        cold = c.post("/v1/recommend", json={"user": "stranger", "k": 3}).json()
+        assert cold["cold_start"] and len(cold["items"]) == 3
+
+
+# ---- the event log and restarts ----------------------------------------------------------------
+
+
+def test_event_log_is_wal_full_and_single_writer(tmp_path: Path) -> None:
+    log = EventLog(tmp_path / "ev.sqlite")
+    assert log.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert log.conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    assert log.append([Event("u", "i", 1.0), Event("u", "j", 2.0, "s")]) == (1, 2)
+    with pytest.raises(HnvmError, match="in use by another process"):
+        EventLog(tmp_path / "ev.sqlite")
+    log.close()
+    again = EventLog(tmp_path / "ev.sqlite")
+    assert [(e.item, e.session) for e in again.replay()] == [("i", None), ("j", "s")]
+    again.close()
+
+
+def test_restart_replays_to_identical_recommendations(run_dir: Path, tmp_path: Path) -> None:
+    db = tmp_path / "ev.sqlite"
+    eng = Engine.from_run(run_dir)
+    users = [*list(eng.user_index)[:3], "newcomer"]
+    rng = np.random.default_rng(0)
+    batches = [[{"user": str(rng.choice(users)), "item": eng.item_ids[int(rng.integers(1, eng.n_items + 1))],
+                 "ts": 1e9 + 600 * b + i} for i in range(20)] for b in range(6)]  # some gaps close sessions
+    queries = [{"user": u, "k": 10, "ts": 1e9 + 10_000} for u in users]
+    with client(run_dir, db) as c:
+        for b in batches:
+            assert c.post("/v1/events", json={"events": b}).status_code == 200
+        before = [c.post("/v1/recommend", json=q).json() for q in queries]
+    with client(run_dir, db) as c:
+        assert c.get("/v1/health").json()["replayed_at_start"] == 120
+        after = [c.post("/v1/recommend", json=q).json() for q in queries]
+    assert before == after
+
+
+# ---- bad input ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def svc(run_dir: Path, tmp_path: Path):
+    with client(run_dir, tmp_path / "ev.sqlite", max_events=5, max_session_length=4,
+                max_body_bytes=4096) as c:
+        eng: Engine = c.app.state.service.engine  # type: ignore[attr-defined]
+        good = [{"user": "u1", "item": eng.item_ids[1], "ts": 100.0}]
+        assert c.post("/v1/events", json={"events": good}).status_code == 200
+        yield c
+
+
+def _snapshot(c: TestClient) -> tuple:
+    svc = c.app.state.service  # type: ignore[attr-defined]
+    return svc.log.count(), json.dumps(c.get("/v1/users/u1").json()), svc.engine.n_events
+
+
+BAD_EVENTS = [
+    ("{not json", 400, "malformed JSON"),
+    ('{"events": [{"user": "u1", "item": "1", "ts": "yesterday"}]}', 422, "events.0.ts"),
+    ('{"events": [{"user": ["u1"], "item": "1", "ts": 200}]}', 422, "events.0.user"),
+    ('{"events": [{"user": "u1", "ts": 200}]}', 422, "events.0.item: Field required"),
+    ('{"events": [{"user": "u1", "item": "1", "ts": 200, "colour": 1}]}', 422, "Extra inputs"),
+    ('{"events": [{"user": "", "item": "1", "ts": 200}]}', 422, "at least 1 character"),
+    ('{"events": []}', 422, "at least 1 item"),
+    ('{"events": [' + ",".join(['{"user": "u2", "item": "1", "ts": 1}'] * 6) + "]}", 413, "at most 5"),
+    ('{"events": [{"user": "u1", "item": "1", "ts": 99}]}', 409, "earlier than the previous event of user 'u1'"),
+    # the whole batch is refused when one event is out of order: the good first event is not kept
+    ('{"events": [{"user": "u3", "item": "1", "ts": 5}, {"user": "u3", "item": "1", "ts": 4}]}', 409,
+     "events[1]"),
+    ('{"events": [' + ",".join(['{"user": "u1", "item": "1", "ts": 101}'] * 4) + "]}", 422, "exceed 4 events"),
+    ('{"events": [{"user": "u1", "item": "1", "ts": 200}], "pad": "' + "x" * 5000 + '"}', 413, "body over"),
+]
+
+
+@pytest.mark.parametrize(("body", "status", "message"), BAD_EVENTS)
+def test_bad_events_are_refused_and_change_nothing(svc: TestClient, body: str, status: int, message: str) -> None:
+    before = _snapshot(svc)
+    r = svc.post("/v1/events", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    assert message in r.json()["error"]
+    assert _snapshot(svc) == before
+    assert svc.get("/v1/users/u3").json()["online_events"] == 0
+
+
+BAD_RECOMMEND = [
+    ('{"user": "u1", "k": 0}', "k: Input should be greater than or equal to 1"),
+    ('{"user": "u1", "k": -3}', "greater than or equal to 1"),
+    ('{"user": "u1", "k": 1001}', "k: Input should be less than or equal to 1000"),
+    ('{"user": "u1", "k": "ten"}', "k: Input should be a valid integer"),
+    ('{"user": "u1", "k": 2.5}', "k: Input should be a valid integer"),
+    ('{"user": "u1", "exclude_seen": "yes"}', "exclude_seen"),
+    ('{"user": "u1", "session": "1,2"}', "session: Input should be a valid list"),
+    ('{"k": 3}', "user: Field required"),
+    ('{"user": null}', "user"),
+]
+
+
+@pytest.mark.parametrize(("body", "message"), BAD_RECOMMEND)
+def test_bad_recommend_requests_get_422(svc: TestClient, body: str, message: str) -> None:
+    before = _snapshot(svc)
+    r = svc.post("/v1/recommend", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 422, r.text
+    assert message in r.json()["error"]
+    assert _snapshot(svc) == before
+
+
+def test_oversized_recommend_session_gets_413(svc: TestClient) -> None:
+    r = svc.post("/v1/recommend", json={"user": "u1", "session": ["1", "2", "3", "4", "5"]})
+    assert r.status_code == 413 and "session: 5 items (at most 4)" in r.json()["error"]
+
+
+def test_good_requests_and_docs(svc: TestClient) -> None:
+    eng: Engine = svc.app.state.service.engine  # type: ignore[attr-defined]
+    r = svc.post("/v1/events", json={"events": [{"user": 7000, "item": "no-such-item"},
+                                                {"user": 7000, "item": eng.item_ids[2]}]})
+    assert r.status_code == 200 and r.json()["unknown_items"] == ["no-such-item"]
+    u = svc.get("/v1/users/7000").json()  # numeric ids name the same user as their string
+    assert u["online_events"] == 2 and u["session_items"] == [eng.item_ids[2]] and not u["known_to_model"]
+    r = svc.post("/v1/recommend", json={"user": "7000", "session": ["zz", eng.item_ids[3]], "k": 3}).json()
+    assert r["unknown_items"] == ["zz"] and r["session_length"] == 2 and r["cold_start"]
+    assert svc.get("/v1/users/7000").json()["session_items"] == [eng.item_ids[2]]  # request items not stored
+    assert svc.get("/docs").status_code == 200
+    paths = svc.get("/openapi.json").json()["paths"]
+    assert {"/v1/events", "/v1/recommend", "/v1/users/{user_id}", "/v1/health"} <= set(paths)
+
+
+# ---- a real server process -------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(run_dir: Path, db: Path, port: int) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen([sys.executable, "-m", "hnvm", "serve", str(run_dir), "--port", str(port), "--db", str(db)],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        if p.poll() is not None:
+            raise AssertionError(f"hnvm serve exited: {p.stderr.read().decode() if p.stderr else ''}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/v1/health", timeout=1).status_code == 200:
+                return p
+        except httpx.TransportError:
+            time.sleep(0.2)
+    p.kill()
+    raise AssertionError("hnvm serve did not come up in 90 s")
+
+
+def test_kill_9_and_restart_give_the_same_recommendations(run_dir: Path, tmp_path: Path) -> None:
+    db, port = tmp_path / "events.sqlite", _free_port()
+    url = f"http://127.0.0.1:{port}"
+    eng = Engine.from_run(run_dir)
+    users = [*list(eng.user_index)[:2], "walk-in"]
+    queries = [{"user": u, "k": 10, "ts": 5e9} for u in users]
+    p = _start(run_dir, db, port)
+    try:
+        with httpx.Client(base_url=url, timeout=10) as c:
+            for b in range(5):
+                ev = [{"user": users[(b + i) % 3], "item": eng.item_ids[1 + (7 * b + i) % eng.n_items],
+                       "ts": 5e9 - 5000 + 900 * b + i} for i in range(8)]
+                assert c.post("/v1/events", json={"events": ev}).status_code == 200
+            # the real server refuses bad input too
+            bad = c.post("/v1/events", content=b'{"events": [', headers={"content-type": "application/json"})
+            assert bad.status_code == 400 and "malformed JSON" in bad.json()["error"]
+            assert c.post("/v1/recommend", json={"user": "x", "k": 0}).status_code == 422
+            before = [c.post("/v1/recommend", json=q).json() for q in queries]
+    finally:
+        p.send_signal(signal.SIGKILL)  # no shutdown handler runs
+        p.wait(10)
+    with sqlite3.connect(db) as con:  # every acknowledged event is on disk
+        assert con.execute("SELECT count(*) FROM events").fetchone()[0] == 40
+    p = _start(run_dir, db, port)
+    try:
+        with httpx.Client(base_url=url, timeout=10) as c:
+            assert c.get("/v1/health").json()["replayed_at_start"] == 40
+            after = [c.post("/v1/recommend", json=q).json() for q in queries]
+    finally:
+        p.terminate()
+        p.wait(10)
+    assert before == after
+    assert any(r["session_length"] > 0 for r in before)
