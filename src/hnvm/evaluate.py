@@ -1,7 +1,9 @@
 """Honest evaluation: full ranking over every train item, conservative ties (DESIGN §7).
 
 Evaluation only calls `model.score` / `model.score_sessions` and ranks; it never sees model
-internals. Memory is bounded by the batch size in targets (scores are [K, n_items + 1]).
+internals. Memory is bounded: a batch holds at most MAX_SCORES scores ([K, n_items + 1]),
+whatever the catalogue size. Under torchrun the batches are sharded over the ranks and the
+ranks gathered, so every process gets the same metrics (early stopping agrees).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import numpy as np
 import polars as pl
 import torch
 
+from hnvm import distributed
 from hnvm.data.batches import Sequences, next_item_batches, next_session_batches
 from hnvm.metrics import (
     DEFAULT_KS,
@@ -46,6 +49,32 @@ class EvalResult:
                 "seconds": round(self.seconds, 3), "metrics": self.metrics, **self.extra}
 
 
+# scores are [targets, n_items + 1] floats: a batch holds at most this many of them (128 MiB),
+# so that evaluation memory stays bounded whatever the catalogue size
+MAX_SCORES = 1 << 25
+
+
+def _device(model: Recommender) -> torch.device:
+    d = getattr(model, "device", None)
+    return d if isinstance(d, torch.device) else torch.device("cpu")
+
+
+def _rows_cap(model: Recommender, seq: Sequences, wanted: int) -> int:
+    """At most `wanted` rows per batch, fewer when the catalogue is large (MAX_SCORES)."""
+    n_items = getattr(model, "n_items", 0) or int(seq.items.max(initial=0))
+    return max(1, min(wanted, MAX_SCORES // (n_items + 1)))
+
+
+def _in_order(ctx: distributed.DistContext, key: torch.Tensor, *cols: torch.Tensor) -> list[torch.Tensor]:
+    """Gather per-row columns from all ranks and put the rows back in single-process order
+    (`key` = global batch number of each row; ranks hold interleaved batches)."""
+    if not ctx.distributed:
+        return list(cols)
+    key, *cols = ctx.gather_rows([key, *cols])  # type: ignore[assignment]
+    order = torch.sort(key, stable=True).indices
+    return [c[order] for c in cols]
+
+
 @torch.no_grad()
 def evaluate_next_item(
     model: Recommender,
@@ -59,14 +88,21 @@ def evaluate_next_item(
     progress: Callable[[int], None] | None = None,
 ) -> EvalResult:
     """Rank each target item of `split` sessions among all items given the user's earlier
-    sessions and the session prefix."""
+    sessions and the session prefix. Under torchrun every rank scores its shard of the
+    batches and all ranks get the same, complete result."""
     t0 = time.perf_counter()
+    ctx, dev = distributed.current(), _device(model)
     all_ranks: list[torch.Tensor] = []
+    keys: list[torch.Tensor] = []
     meta: list[np.ndarray] = []
-    for batch in next_item_batches(seq, split, include_first=include_first, max_targets=max_targets):
-        scores = model.score(batch)
-        ranks = conservative_ranks(scores, batch.targets)
+    batches = next_item_batches(seq, split, include_first=include_first,
+                                max_targets=_rows_cap(model, seq, max_targets),
+                                rank=ctx.rank, world_size=ctx.world_size)
+    for i, batch in enumerate(batches):
+        scores = model.score(batch.to(dev) if dev.type != "cpu" else batch)
+        ranks = conservative_ranks(scores, batch.targets.to(dev)).cpu()
         all_ranks.append(ranks)
+        keys.append(torch.full((len(ranks),), i * ctx.world_size + ctx.rank, dtype=torch.long))
         if keep_ranks:
             assert batch.session_ids is not None
             meta.append(np.stack([
@@ -78,10 +114,16 @@ def evaluate_next_item(
         if progress:
             progress(batch.n_targets)
     ranks = torch.cat(all_ranks) if all_ranks else torch.zeros(0, dtype=torch.long)
+    key = torch.cat(keys) if keys else torch.zeros(0, dtype=torch.long)
+    if keep_ranks:
+        m_t = torch.from_numpy(np.concatenate(meta)) if meta else torch.zeros((0, 4), dtype=torch.long)
+        ranks, m_t = _in_order(ctx, key, ranks, m_t)
+    else:
+        (ranks,) = _in_order(ctx, key, ranks)
     metrics = item_metrics(ranks, ks) if len(ranks) else {}
     frame = None
-    if keep_ranks and meta:
-        m = np.concatenate(meta)
+    if keep_ranks and len(m_t):
+        m = m_t.numpy()
         frame = pl.DataFrame({"user": m[:, 0], "session": m[:, 1], "position": m[:, 2], "item": m[:, 3],
                               "rank": ranks.numpy()})
     return EvalResult("next-item", split, metrics, len(ranks), time.perf_counter() - t0, frame)
@@ -98,31 +140,50 @@ def evaluate_next_session(
     keep_ranks: bool = False,
     progress: Callable[[int], None] | None = None,
 ) -> EvalResult:
-    """Predict the whole held-out session of each user from earlier sessions only."""
+    """Predict the whole held-out session of each user from earlier sessions only (sharded
+    over ranks under torchrun, like evaluate_next_item)."""
     t0 = time.perf_counter()
+    ctx, dev = distributed.current(), _device(model)
     kmax = max(ks)
-    tops, sets, users, sids, first = [], [], [], [], []
-    for batch, target_sets in next_session_batches(seq, split, max_users=max_users):
-        scores = model.score_sessions(batch)
-        tops.append(topk_items(scores, kmax))
+    tops, sets, users, sids, first, keys = [], [], [], [], [], []
+    batches = next_session_batches(seq, split, max_users=_rows_cap(model, seq, max_users),
+                                   rank=ctx.rank, world_size=ctx.world_size)
+    for i, (batch, target_sets) in enumerate(batches):
+        scores = model.score_sessions(batch.to(dev) if dev.type != "cpu" else batch)
+        tops.append(topk_items(scores, kmax).cpu())
         tsets = [torch.from_numpy(s) for s in target_sets]
         sets.extend(tsets)
-        users.append(batch.users.numpy())
+        users.append(batch.users)
         assert batch.session_ids is not None
-        sids.append(batch.session_ids.numpy())
+        sids.append(batch.session_ids)
+        keys.append(torch.full((len(target_sets),), i * ctx.world_size + ctx.rank, dtype=torch.long))
         if keep_ranks:
-            first.append(session_first_hit_ranks(scores, tsets))
+            first.append(session_first_hit_ranks(scores, [t.to(scores.device) for t in tsets]).cpu())
         if progress:
             progress(len(target_sets))
-    if not tops:
+    if ctx.distributed:
+        def cat(xs: list[torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+            return torch.cat(xs) if xs else torch.zeros(shape, dtype=torch.long)
+
+        key = cat(keys, (0,))
+        # the target sets travel flat (items + lengths) and are put back in order like the rows
+        g_key, g_len, flat = ctx.gather_rows(
+            [key, torch.tensor([len(s) for s in sets], dtype=torch.long), cat(sets, (0,))])
+        gathered = flat.split(g_len.tolist())
+        sets = [gathered[j] for j in torch.sort(g_key, stable=True).indices.tolist()]
+        topk, users_t, sids_t, first_t = _in_order(
+            ctx, key, cat(tops, (0, kmax)), cat(users, (0,)), cat(sids, (0,)),
+            cat(first, (0,)) if keep_ranks else torch.zeros_like(key))
+        tops, users, sids, first = [topk], [users_t], [sids_t], [first_t]
+    if not tops or not len(tops[0]):
         return EvalResult("next-session", split, {}, 0, time.perf_counter() - t0)
     topk = torch.cat(tops)
     metrics = session_metrics(topk, sets, ks)
     frame = None
     if keep_ranks:
         frame = pl.DataFrame({
-            "user": np.concatenate(users),
-            "session": np.concatenate(sids),
+            "user": torch.cat(users).numpy(),
+            "session": torch.cat(sids).numpy(),
             "n_targets": [len(s) for s in sets],
             "first_hit_rank": torch.cat(first).numpy(),
             "topk": topk.numpy().tolist(),

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hnvm import distributed
 from hnvm.config import apply_overrides, as_dict, build, load_toml
 from hnvm.data.batches import Sequences
 from hnvm.data.store import Dataset, write_json
@@ -88,15 +89,16 @@ def train_run(
     force: bool = False,
     show_progress: bool = False,
 ) -> tuple[Recommender, Path]:
-    """Train `model` on a prepared dataset; write the run directory."""
+    """Train `model` on a prepared dataset; write the run directory. Under torchrun every
+    process runs this; rank 0 alone writes the run directory (see hnvm.distributed)."""
     out = Path(out)
     rc = resolve_config(model, config_path, overrides or [])
+    ctx = distributed.context(rc.train.device)  # joins torchrun's process group, if any
     ds = Dataset.load(dataset)
+    # every rank checks before rank 0 writes anything, so all ranks agree
     if out.exists() and not (resume or force):
         raise HnvmError(f"{out}: run directory exists (use --resume to continue or --force to replace)")
-    if force and out.exists() and not resume:
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    ctx.barrier()
     cfg_json = {
         "format": RUN_FORMAT, "format_version": RUN_VERSION, "model": model,
         "model_config": as_dict(rc.model_config) if rc.model_config is not None else {},
@@ -104,20 +106,31 @@ def train_run(
         "dataset": {"path": str(Path(dataset).resolve()), "vocab_sha256": vocab_digest(ds),
                     "stats": ds.meta.get("stats", {})},
     }
-    if resume and (out / "config.json").exists():
-        prev = json.loads((out / "config.json").read_text())
-        if prev.get("dataset", {}).get("vocab_sha256") != cfg_json["dataset"]["vocab_sha256"]:
-            raise HnvmError(f"{out}: --resume with a different dataset than the run was trained on")
-    write_json(out / "config.json", cfg_json)
-    ds.items.write_parquet(out / "items.parquet")
-    ds.users.write_parquet(out / "users.parquet")
+
+    def setup() -> None:
+        if force and out.exists() and not resume:
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        if resume and (out / "config.json").exists():
+            prev = json.loads((out / "config.json").read_text())
+            if prev.get("dataset", {}).get("vocab_sha256") != cfg_json["dataset"]["vocab_sha256"]:
+                raise HnvmError(f"{out}: --resume with a different dataset than the run was trained on")
+        write_json(out / "config.json", cfg_json)
+        ds.items.write_parquet(out / "items.parquet")
+        ds.users.write_parquet(out / "users.parquet")
+
+    ctx.main_first(setup)
     rec = make_model(rc)
     rec.fit(ds, ds, train_cfg=rc.train, run_dir=out, resume=resume, show_progress=show_progress)
-    tmp = out / ".model.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    rec.save(tmp)
-    shutil.rmtree(out / "model", ignore_errors=True)
-    tmp.rename(out / "model")
+
+    def save() -> None:
+        tmp = out / ".model.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        rec.save(tmp)
+        shutil.rmtree(out / "model", ignore_errors=True)
+        tmp.rename(out / "model")
+
+    ctx.main_first(save)
     return rec, out
 
 
@@ -144,10 +157,15 @@ def evaluate_run(
     split: str = "test",
     export: Path | None = None,
     include_first: bool = False,
+    device: str = "auto",
 ) -> EvalResult:
-    """Evaluate a trained run on its dataset (or `data`, whose vocabulary must match)."""
+    """Evaluate a trained run on its dataset (or `data`, whose vocabulary must match) on
+    `device`. Under torchrun the targets are sharded over the processes; rank 0 writes."""
     run = Path(run)
+    ctx = distributed.context(device)
     model, cfg = load_run(run)
+    if ctx.device.type != "cpu" and callable(getattr(model, "to", None)):
+        model.to(ctx.device)  # type: ignore[attr-defined]
     ds = Dataset.load(data or cfg["dataset"]["path"])
     if vocab_digest(ds) != cfg["dataset"]["vocab_sha256"]:
         raise HnvmError(f"{data or cfg['dataset']['path']}: item/user vocabulary does not match the "
@@ -160,10 +178,14 @@ def evaluate_run(
                                  include_first=include_first)
     else:
         res = evaluate_next_session(model, seq, split, keep_ranks=export is not None)
-    if export is not None:
-        export_ranks(res, Path(export))
-    mpath = run / "metrics.json"
-    allm = json.loads(mpath.read_text()) if mpath.exists() else {}
-    allm[f"{task}/{split}"] = res.to_json()
-    write_json(mpath, allm)
+
+    def write() -> None:
+        if export is not None:
+            export_ranks(res, Path(export))
+        mpath = run / "metrics.json"
+        allm = json.loads(mpath.read_text()) if mpath.exists() else {}
+        allm[f"{task}/{split}"] = res.to_json()
+        write_json(mpath, allm)
+
+    ctx.main_first(write)
     return res

@@ -4,10 +4,19 @@
 Checkpoints (safetensors + JSON, written atomically) go to RUN/last every epoch and RUN/best
 at the best validation score; RUN/train_log.jsonl gets one JSON line per epoch (and per
 `log_every` steps). `resume=True` continues from RUN/last.
+
+Under torchrun (WORLD_SIZE > 1) the same loop runs in every process with the loss wrapped in
+DistributedDataParallel: each rank takes its own shard of the batches (the same number of
+steps on every rank), gradients are averaged, rank 0 alone writes checkpoints and logs, and
+validation is sharded and gathered so that every rank sees the same score and stops together.
+`model.batch_size` is per process: the global batch is world_size times it. See
+`hnvm.distributed` and the README ("Training across processes and machines").
 """
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import json
 import logging
 import math
@@ -23,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from hnvm import distributed
 from hnvm.config import choices, rng
 from hnvm.errors import HnvmError
 
@@ -48,9 +58,17 @@ class TrainConfig:
         "mrr@5", "recall@5", "ndcg@5", "mrr@10", "recall@10", "mrr@20", "recall@20"))
     seed: int = field(default=0, metadata=rng(0, 2**31 - 1))
     log_every: int = field(default=50, metadata=rng(1, 10**9))
+    device: str = field(default="auto", metadata=choices(
+        "auto", "cpu", "cuda", doc="auto = CUDA when available (one GPU per process under torchrun)"))
+    bf16: bool = True  # bf16 autocast of the training forward pass on CUDA (evaluation stays fp32)
 
 
 class Trainable(Protocol):
+    """What a model hands the Trainer. Optional extras: `train_batches` may take keyword
+    arguments `rank` and `world_size` and return only that rank's shard (the same number of
+    batches on every rank); otherwise the Trainer strides over the full sequence. A method
+    `to(device)` moves the trainable's own tensors (sampling tables, ...) to the device."""
+
     module: nn.Module
 
     def train_batches(self, epoch: int, rng: np.random.Generator) -> Iterable[Any]: ...
@@ -106,24 +124,113 @@ class AdagradMomentum(torch.optim.Optimizer):
     def _sparse_step(p: torch.Tensor, g: torch.Tensor, st: dict[str, Any],
                      group: dict[str, Any]) -> None:
         """The update above restricted to the rows of a coalesced sparse gradient."""
-        idx, val = g.indices()[0], g.values()
+        idx, val = g.indices()[0], g.values()  # index_select: much faster than t[idx] on CPU
         if group["weight_decay"]:
-            val = val.add(p[idx], alpha=group["weight_decay"])
-        acc = st["sum"][idx].addcmul_(val, val)
+            val = val.add(p.index_select(0, idx), alpha=group["weight_decay"])
+        acc = st["sum"].index_select(0, idx).addcmul_(val, val)
         st["sum"].index_copy_(0, idx, acc)
         upd = val / (acc + group["eps"]).sqrt()
         if group["momentum"]:
-            v = st["velocity"][idx].mul_(group["momentum"]).add_(upd, alpha=-group["lr"])
+            v = st["velocity"].index_select(0, idx).mul_(group["momentum"]).add_(upd, alpha=-group["lr"])
             st["velocity"].index_copy_(0, idx, v)
             p.index_add_(0, idx, v)
         else:
             p.index_add_(0, idx, upd, alpha=-group["lr"])
 
 
-def make_optimizer(params: Iterable[Any], cfg: TrainConfig) -> torch.optim.Optimizer:
+class LazyAdam(torch.optim.Optimizer):
+    """Adam (L2 weight decay as torch.optim.Adam) that also takes sparse gradients: a sparse
+    gradient updates only the rows it holds, moments included (torch.optim.SparseAdam's
+    semantics, with weight decay on those rows). An item table then costs O(rows used) per
+    step instead of O(catalogue). Dense gradients get the plain Adam update."""
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0) -> None:
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state[p]
+                if not st:
+                    st["step"] = torch.tensor(0.0)
+                    st["exp_avg"] = torch.zeros_like(p)
+                    st["exp_avg_sq"] = torch.zeros_like(p)
+                st["step"] += 1
+                t = float(st["step"])
+                c1, c2 = 1 - b1 ** t, math.sqrt(1 - b2 ** t)
+                m, v, g = st["exp_avg"], st["exp_avg_sq"], p.grad
+                if g.is_sparse:
+                    g = g.coalesce()
+                    idx, val = g.indices()[0], g.values()
+                    if wd:
+                        val = val.add(p[idx], alpha=wd)
+                    m_rows = m[idx].mul_(b1).add_(val, alpha=1 - b1)
+                    v_rows = v[idx].mul_(b2).addcmul_(val, val, value=1 - b2)
+                    m.index_copy_(0, idx, m_rows)
+                    v.index_copy_(0, idx, v_rows)
+                    p.index_add_(0, idx, m_rows / (v_rows.sqrt() / c2 + eps), alpha=-lr / c1)
+                    continue
+                if wd:
+                    g = g.add(p, alpha=wd)
+                m.mul_(b1).add_(g, alpha=1 - b1)
+                v.mul_(b2).addcmul_(g, g, value=1 - b2)
+                p.addcdiv_(m, v.sqrt().div_(c2).add_(eps), value=-lr / c1)
+        return None
+
+
+def sparse_parameters(module: nn.Module) -> set[nn.Parameter]:
+    """Parameters whose gradients are sparse: those of embedding modules built with
+    sparse=True (which is how DDP decides it too)."""
+    return {p for m in module.modules() if isinstance(m, nn.Embedding | nn.EmbeddingBag) and m.sparse
+            for p in m.parameters(recurse=False)}
+
+
+def dense_gradients(module: nn.Module) -> None:
+    """Make every sparse embedding produce dense gradients (NCCL cannot all-reduce sparse
+    tensors); the numbers are the same, only the cost differs."""
+    for m in module.modules():
+        if isinstance(m, nn.Embedding | nn.EmbeddingBag) and m.sparse:
+            m.sparse = False
+
+
+def make_optimizer(params: Iterable[Any] | nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The optimizer of `cfg` over a module's parameters (or an iterable of parameters, taken as
+    dense). Adam over a module with sparse embeddings is LazyAdam; Adagrad handles both."""
+    sparse = False
+    if isinstance(params, nn.Module):
+        sparse = bool(sparse_parameters(params))
+        params = params.parameters()
     if cfg.optimizer == "adam":
+        if sparse:
+            return LazyAdam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return AdagradMomentum(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def clip_grad_norm(params: Iterable[nn.Parameter], max_norm: float) -> None:
+    """nn.utils.clip_grad_norm_ that also takes sparse gradients (coalesced first, so that a
+    row used twice in a batch counts once)."""
+    params = [p for p in params if p.grad is not None]
+    if not any(p.grad.is_sparse for p in params):
+        nn.utils.clip_grad_norm_(params, max_norm)
+        return
+    grads = []
+    for p in params:
+        if p.grad.is_sparse:
+            p.grad = p.grad.coalesce()
+            grads.append(p.grad.values())
+        else:
+            grads.append(p.grad)
+    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(coef.to(g.device, g.dtype))
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -202,8 +309,28 @@ class TrainResult:
     history: list[dict[str, Any]]
 
 
+class _LossModule(nn.Module):
+    """The trainable's loss as a module, so that DistributedDataParallel sees the whole step:
+    a trainable computes its loss by calling any methods of its network (not only forward),
+    and DDP only synchronises gradients of work done inside its own forward."""
+
+    def __init__(self, trainable: Trainable) -> None:
+        super().__init__()
+        self.net = trainable.module
+        self._trainable = (trainable,)  # a tuple, so it is not registered as a submodule
+
+    def forward(self, batch: Any, step: int) -> dict[str, torch.Tensor]:
+        return self._trainable[0].loss(batch, step)
+
+
+def _takes_shard(trainable: Trainable) -> bool:
+    params = inspect.signature(trainable.train_batches).parameters
+    return "rank" in params and "world_size" in params
+
+
 class Trainer:
-    """Fits a Trainable: optimizer, early stopping on a validation metric, checkpoints."""
+    """Fits a Trainable: optimizer, early stopping on a validation metric, checkpoints; on one
+    device or, under torchrun, with DistributedDataParallel over all processes."""
 
     def __init__(self, cfg: TrainConfig, run_dir: Path | None = None, *,
                  show_progress: bool = False, resume: bool = False) -> None:
@@ -211,34 +338,56 @@ class Trainer:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.show_progress = show_progress
         self.resume = resume
+        self.ctx = distributed.DistContext()
 
     def _log(self, record: dict[str, Any]) -> None:
-        if self.run_dir is None:
+        if self.run_dir is None or not self.ctx.is_main:
             return
         with open(self.run_dir / "train_log.jsonl", "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
 
+    def _batches(self, model: Trainable, epoch: int, gen: np.random.Generator) -> Iterable[Any]:
+        ctx = self.ctx
+        if not ctx.distributed:
+            return model.train_batches(epoch, gen)
+        if _takes_shard(model):
+            return model.train_batches(epoch, gen, rank=ctx.rank, world_size=ctx.world_size)  # type: ignore[call-arg]
+        # a trainable that does not shard itself: every rank walks the same sequence and keeps
+        # every world_size-th batch (the step loop stops all ranks when the first runs out)
+        return (b for i, b in enumerate(model.train_batches(epoch, gen))
+                if i % ctx.world_size == ctx.rank)
+
     def fit(self, model: Trainable, validate: Callable[[], dict[str, float]] | None) -> TrainResult:
         cfg = self.cfg
+        ctx = self.ctx = distributed.context(cfg.device)
+        dev = ctx.device
         torch.manual_seed(cfg.seed)
         module = model.module
-        opt = make_optimizer(module.parameters(), cfg)
+        if not ctx.sparse_grads_ok:
+            dense_gradients(module)
+        has_sparse = bool(sparse_parameters(module))
+        module.to(dev)
+        if callable(getattr(model, "to", None)):
+            model.to(dev)  # type: ignore[attr-defined]
+        opt = make_optimizer(module, cfg)
         start_epoch, step = 0, 0
         best, best_epoch, bad_epochs = -math.inf, -1, 0
         history: list[dict[str, Any]] = []
         best_state: dict[str, torch.Tensor] | None = None
-        if self.run_dir is not None:
+        if self.run_dir is not None and ctx.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         last = self.run_dir / "last" if self.run_dir else None
         if self.resume:
+            # every rank reads RUN/last (on several machines: a shared filesystem)
             if last is None or not (last / "state.json").exists():
                 raise HnvmError(f"{self.run_dir}: nothing to resume (no checkpoint in last/)")
             st = json.loads((last / "state.json").read_text())
             module.load_state_dict(read_weights(last))
             from safetensors.torch import load_file
 
+            # load_state_dict moves the moments to each parameter's device
             _restore_optimizer(opt, load_file(str(last / "optimizer.safetensors")),
                                json.loads((last / "optimizer.json").read_text()))
             torch.set_rng_state(load_file(str(last / "rng.safetensors"))["torch"])
@@ -246,6 +395,21 @@ class Trainer:
             best, best_epoch, bad_epochs = st["best"], st["best_epoch"], st["bad_epochs"]
             history = st.get("history", [])
             log.info("resuming at epoch %d (step %d)", start_epoch, step)
+        if ctx.distributed:
+            # sampled negatives, dropout and reparameterisation noise differ between ranks
+            # (rank 0 keeps the single-process stream); the initial weights come from rank 0
+            torch.manual_seed(cfg.seed + 1_000_003 * ctx.rank + 7919 * start_epoch)
+        compute: Callable[[Any, int], dict[str, torch.Tensor]] = model.loss
+        if ctx.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            compute = DistributedDataParallel(
+                _LossModule(model), device_ids=[dev.index] if dev.type == "cuda" else None)
+        amp = (torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" and cfg.bf16
+               else contextlib.nullcontext())
+        if ctx.is_main:
+            log.info("training on %s, %d process(es)%s", dev, ctx.world_size,
+                     ", sparse item/user updates" if has_sparse else "")
 
         for epoch in range(start_epoch, cfg.epochs):
             if cfg.patience and bad_epochs >= cfg.patience:
@@ -256,17 +420,27 @@ class Trainer:
             sums: dict[str, float] = {}
             n_batches = n_targets = 0
             bar = self._bar(epoch)
-            for batch in model.train_batches(epoch, gen):
-                parts = model.loss(batch, step)
+            it = iter(self._batches(model, epoch, gen))
+            batch = next(it, None)
+            # the next batch is fetched before each update so that all ranks agree, in the one
+            # small all-reduce per step that also carries the loss check, whether to go on
+            (stop,) = ctx.any(batch is None)
+            while not stop:
+                with amp:
+                    parts = compute(distributed.to_device(batch, dev), step)
                 loss = parts["loss"]
-                if not torch.isfinite(loss):
+                following = next(it, None)
+                bad, stop = ctx.any(not bool(torch.isfinite(loss)), following is None)
+                if bad:
+                    where = (f"loss is {loss.item()}" if not torch.isfinite(loss)
+                             else "the loss of another process is not finite")
                     raise TrainingDiverged(
-                        f"loss is {loss.item()} at epoch {epoch + 1}, step {step}; the last good "
-                        f"checkpoint is kept in {last or 'memory'} (try a lower train.lr)")
+                        f"{where} at epoch {epoch + 1}, step {step}; the last good checkpoint is "
+                        f"kept in {last or 'memory'} (try a lower train.lr)")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.grad_clip:
-                    nn.utils.clip_grad_norm_(module.parameters(), cfg.grad_clip)
+                    clip_grad_norm(module.parameters(), cfg.grad_clip)
                 opt.step()
                 step += 1
                 n_batches += 1
@@ -282,23 +456,31 @@ class Trainer:
                 if step % cfg.log_every == 0:
                     self._log({"type": "step", "epoch": epoch + 1, "step": step,
                                **{n: float(v.detach()) for n, v in parts.items()}})
+                batch = following
             if bar is not None:
                 bar.close()
             secs = time.perf_counter() - t0
+            if ctx.distributed:  # the epoch's figures over all ranks (step logs are rank 0's)
+                names = sorted(sums)
+                tot = ctx.sum([n_batches, n_targets, *(sums[n] for n in names)])
+                n_batches, n_targets = int(tot[0]), int(tot[1])
+                sums = dict(zip(names, tot[2:], strict=True))
             record: dict[str, Any] = {
                 "type": "epoch", "epoch": epoch + 1, "step": step, "seconds": round(secs, 3),
                 "targets_per_s": round(n_targets / max(secs, 1e-9), 1),
                 **{n: v / max(n_batches, 1) for n, v in sums.items()},
             }
+            if ctx.distributed:
+                record["processes"] = ctx.world_size
             if validate is not None:
                 module.eval()
-                metrics = validate()
+                metrics = validate()  # sharded over ranks and gathered: the same on every rank
                 score = metrics.get(cfg.metric, float("nan"))
                 record["valid"] = metrics
                 if score > best:
                     best, best_epoch, bad_epochs = score, epoch + 1, 0
                     best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
-                    if self.run_dir is not None:
+                    if self.run_dir is not None and ctx.is_main:
                         write_checkpoint(self.run_dir / "best", module, None,
                                          {"epoch": epoch, "score": score, "metric": cfg.metric})
                 else:
@@ -307,8 +489,9 @@ class Trainer:
                 best_epoch = epoch + 1
             history.append(record)
             self._log(record)
-            log.info("epoch %d: %s", epoch + 1, record)
-            if self.run_dir is not None:
+            if ctx.is_main:
+                log.info("epoch %d: %s", epoch + 1, record)
+            if self.run_dir is not None and ctx.is_main:
                 write_checkpoint(last, module, opt, {  # type: ignore[arg-type]
                     "epoch": epoch, "step": step, "best": best, "best_epoch": best_epoch,
                     "bad_epochs": bad_epochs, "history": history})
@@ -316,10 +499,11 @@ class Trainer:
             module.load_state_dict(best_state)
         elif validate is not None and self.run_dir is not None and (self.run_dir / "best").exists():
             module.load_state_dict(read_weights(self.run_dir / "best"))  # resumed after the best
+        ctx.barrier()  # no rank leaves (and, say, saves the model) before rank 0's checkpoint
         return TrainResult(best_epoch, best, len(history), history)
 
     def _bar(self, epoch: int) -> Any:
-        if not self.show_progress:
+        if not self.show_progress or not self.ctx.is_main:
             return None
         from tqdm.auto import tqdm
 

@@ -102,11 +102,15 @@ def next_item_batches(
     include_first: bool = False,
     max_targets: int = 512,
     max_history: int | None = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> Iterator[Batch]:
     """Evaluation batches for next-item prediction: each row is one session of `split` (last
     in the session axis) with the user's earlier sessions before it; targets are positions
-    >= 1 (>= 0 with include_first), at most about `max_targets` per batch."""
+    >= 1 (>= 0 with include_first), at most about `max_targets` per batch. With world_size > 1
+    only batches number rank, rank + world_size, ... are built (an evaluation shard)."""
     start = 0 if include_first else 1
+    n_batches = 0
     rows: list[list[int]] = []
     users: list[int] = []
     t_rows: list[int] = []
@@ -121,9 +125,11 @@ def next_item_batches(
         t_rows.extend([len(rows) - 1] * (n - start))
         t_pos.extend(range(start, n))
         if len(t_rows) >= max_targets:
-            yield _batch(seq, users, rows, t_rows, t_pos)
+            if n_batches % world_size == rank:
+                yield _batch(seq, users, rows, t_rows, t_pos)
+            n_batches += 1
             rows, users, t_rows, t_pos = [], [], [], []
-    if rows:
+    if rows and n_batches % world_size == rank:
         yield _batch(seq, users, rows, t_rows, t_pos)
 
 
@@ -140,10 +146,12 @@ def _batch(seq: Sequences, users: list[int], rows: list[list[int]], t_rows: list
 
 
 def next_session_batches(
-    seq: Sequences, split: str = "test", *, max_users: int = 256, max_history: int | None = None
+    seq: Sequences, split: str = "test", *, max_users: int = 256, max_history: int | None = None,
+    rank: int = 0, world_size: int = 1,
 ) -> Iterator[tuple[Batch, list[np.ndarray]]]:
     """Batches of history-only rows for next-session prediction, with each row's target set
-    (the unique items of the held-out session)."""
+    (the unique items of the held-out session); rank's shard of them as in next_item_batches."""
+    n_batches = 0
     rows: list[list[int]] = []
     users: list[int] = []
     sets: list[np.ndarray] = []
@@ -156,9 +164,11 @@ def next_session_batches(
         sets.append(np.unique(seq.session(s)))
         held_out.append(s)
         if len(rows) >= max_users:
-            yield _batch(seq, users, rows, [], [], held_out), sets
+            if n_batches % world_size == rank:
+                yield _batch(seq, users, rows, [], [], held_out), sets
+            n_batches += 1
             rows, users, sets, held_out = [], [], [], []
-    if rows:
+    if rows and n_batches % world_size == rank:
         yield _batch(seq, users, rows, [], [], held_out), sets
 
 
@@ -205,11 +215,13 @@ def window_batches(
     rank: int = 0,
     world_size: int = 1,
 ) -> Iterator[WindowBatch]:
-    """Shuffled training batches of windows (rank r of world_size takes every world_size-th
-    batch, so distributed ranks see disjoint data)."""
+    """Shuffled training batches of windows. Under torchrun rank r of world_size takes its
+    shard of the batches (`shard_indices`: disjoint, the same count on every rank)."""
+    from hnvm.distributed import shard_indices
+
     order = rng.permutation(len(windows)) if rng is not None else np.arange(len(windows))
     n_batches = (len(order) + batch_size - 1) // batch_size
-    for i in range(rank, n_batches, world_size):
+    for i in shard_indices(n_batches, rank, world_size):
         sel = windows[order[i * batch_size:(i + 1) * batch_size]]
         prefixes, wins = [], []
         for u, lo, hi in sel:

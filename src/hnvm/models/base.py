@@ -162,6 +162,22 @@ class NetPersistence:
         save_model_files(Path(path), self.name, as_dict(self.config),  # type: ignore[attr-defined]
                          {**net.state_dict(), **extra}, {d: getattr(self, d) for d in self.dims})
 
+    @property
+    def device(self) -> torch.device:
+        """Where the network lives (evaluation moves its batches there)."""
+        net = getattr(self, "net", None)
+        p = next(net.parameters(), None) if net is not None else None
+        return p.device if p is not None else torch.device("cpu")
+
+    def to(self, device: torch.device | str) -> Any:
+        """Move the network and the extra tensors to `device`; returns self."""
+        net = self._require()  # type: ignore[attr-defined]
+        net.to(device)
+        for a in self.extra_tensors:
+            if getattr(self, a, None) is not None:
+                setattr(self, a, getattr(self, a).to(device))
+        return self
+
     @classmethod
     def load(cls, path: Path) -> Any:
         meta, tensors = load_model_files(Path(path))

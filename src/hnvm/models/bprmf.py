@@ -73,12 +73,15 @@ class InteractionPairs:
         neg = r + 1 + below - lo[:, None]
         return np.where(n_free > 0, neg, r % (self.n_rows - 1) + 1)
 
-    def batches(self, batch_size: int, n_neg: int, rng: np.random.Generator
-                ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
-        """Shuffled (users Long[b], positives Long[b], negatives Long[b, n_neg]) batches."""
+    def batches(self, batch_size: int, n_neg: int, rng: np.random.Generator, rank: int = 0,
+                world_size: int = 1) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        """Shuffled (users Long[b], positives Long[b], negatives Long[b, n_neg]) batches; under
+        torchrun, rank's shard of them (`shard_indices`)."""
+        from hnvm.distributed import shard_indices
+
         order = rng.permutation(len(self))
-        for lo in range(0, len(order), batch_size):
-            sel = order[lo:lo + batch_size]
+        for i in shard_indices(-(-len(order) // batch_size), rank, world_size):
+            sel = order[i * batch_size:(i + 1) * batch_size]
             u = self.users[sel]
             yield (torch.from_numpy(u), torch.from_numpy(self.items[sel]),
                    torch.from_numpy(self.negatives(u, n_neg, rng)))
@@ -184,8 +187,9 @@ class _BPRTrainable:
     def __init__(self, net: BPRMFNet, pairs: InteractionPairs, cfg: BPRMFConfig) -> None:
         self.module, self.pairs, self.cfg = net, pairs, cfg
 
-    def train_batches(self, epoch: int, rng: np.random.Generator) -> Any:
-        return self.pairs.batches(self.cfg.batch_size, self.cfg.n_neg, rng)
+    def train_batches(self, epoch: int, rng: np.random.Generator, *, rank: int = 0,
+                      world_size: int = 1) -> Any:
+        return self.pairs.batches(self.cfg.batch_size, self.cfg.n_neg, rng, rank, world_size)
 
     def batch_targets(self, batch: Any) -> int:
         return len(batch[0])

@@ -182,7 +182,7 @@ class Caser(NetPersistence):
         B, _, T = batch.sessions.shape
         history = batch.sessions[:, :-1].reshape(B, -1)[batch.target_rows]  # [K, (N-1)·T]
         current = batch.sessions[batch.target_rows, -1]  # [K, T]
-        before = torch.arange(T).unsqueeze(0) < batch.target_pos.unsqueeze(1)  # [K, T]
+        before = torch.arange(T, device=current.device).unsqueeze(0) < batch.target_pos.unsqueeze(1)  # [K, T]
         items = torch.cat([history, current * before], 1)  # nothing at or after the target
         x = net.features(last_items(items, net.L), self._users(batch.users[batch.target_rows]))
         return net.score_all(x)
@@ -240,9 +240,16 @@ class _CaserTrainable:
         probs[0] = 0
         self.neg_probs = probs / probs.sum()
 
-    def train_batches(self, epoch: int, rng: np.random.Generator) -> Any:
-        order = torch.from_numpy(rng.permutation(len(self.users)))
-        for idx in order.split(self.cfg.batch_size):
+    def to(self, device: torch.device) -> None:
+        self.seen, self.neg_probs = self.seen.to(device), self.neg_probs.to(device)
+
+    def train_batches(self, epoch: int, rng: np.random.Generator, *, rank: int = 0,
+                      world_size: int = 1) -> Any:
+        from hnvm.distributed import shard_indices
+
+        chunks = torch.from_numpy(rng.permutation(len(self.users))).split(self.cfg.batch_size)
+        for i in shard_indices(len(chunks), rank, world_size):
+            idx = chunks[i]
             yield self.users[idx], self.inputs[idx], self.targets[idx]
 
     def batch_targets(self, batch: Any) -> int:

@@ -142,16 +142,50 @@ def training_order(seq: Sequences, events: pl.DataFrame, splits: tuple[str, ...]
 def bpr_max_loss(scores: Tensor, bpreg: float, elu_p: float) -> Tensor:
     """The reference's BPR-max, summed over rows: the final activation ELU(·, elu_p) (off at 0)
     is applied to every score; s = softmax over the row without its diagonal (the target);
-    loss = -log(Σ_j s_j σ(r_target - r_j) + 1e-24) + bpreg · Σ_j s_j r_j²."""
-    if elu_p > 0:
-        scores = F.elu(scores, elu_p)
-    off = 1.0 - torch.eye(*scores.shape, dtype=scores.dtype, device=scores.device)  # [b, m]
-    masked = scores * off
-    e = torch.exp(masked - masked.max(dim=1, keepdim=True).values) * off
-    s = e / e.sum(dim=1, keepdim=True)  # [b, m] softmax over the negatives
-    target = scores.diagonal().unsqueeze(1)  # [b, 1]
-    rank = torch.log((torch.sigmoid(target - scores) * s).sum(1) + _LOG_EPS)
-    return torch.sum(-rank + bpreg * (scores.pow(2) * s).sum(1))
+    loss = -log(Σ_j s_j σ(r_target - r_j) + 1e-24) + bpreg · Σ_j s_j r_j².
+
+    The value is computed with the reference's operations (bit for bit); the gradient is the
+    closed form (_BprMax), which takes a third of the passes over the [b, m] scores that autograd
+    through those operations takes."""
+    return _BprMax.apply(scores, bpreg, elu_p)
+
+
+class _BprMax(torch.autograd.Function):
+    """BPR-max with its gradient in closed form. With r = ELU(scores), s_j the softmax weights
+    over the negatives, σ_j = σ(t - r_j), A = Σ_j s_j σ_j and B = Σ_j s_j r_j² (per row):
+    dA/dr_j = s_j (σ_j² - A), dB/dr_j = s_j (r_j² + 2 r_j - B), dA/dt = Σ_j s_j σ_j (1 - σ_j)
+    = A - Σ_j s_j σ_j², and the loss is Σ_rows -log(A + 1e-24) + bpreg · B."""
+
+    @staticmethod
+    def forward(ctx: Any, scores: Tensor, bpreg: float, elu_p: float) -> Tensor:
+        r = F.elu(scores, elu_p) if elu_p > 0 else scores.clone()  # [b, m]; r is ours to modify
+        t = r.diagonal().clone()  # [b] the targets' scores
+        r.diagonal().zero_()  # the reference's r * (1 - I): the shift below includes these zeros
+        e = (r - r.amax(dim=1, keepdim=True)).exp_()
+        e.diagonal().zero_()
+        s = e.div_(e.sum(dim=1, keepdim=True))  # [b, m] softmax over the negatives
+        r.diagonal().copy_(t)
+        sig = torch.sigmoid(t.unsqueeze(1) - r)  # [b, m]
+        s_sig = sig * s
+        a = s_sig.sum(1)  # [b]
+        b = (r.pow(2) * s).sum(1)  # [b]
+        ctx.save_for_backward(r, s, sig, s_sig, a, b)
+        ctx.bpreg, ctx.elu_p = bpreg, elu_p
+        return torch.sum(-torch.log(a + _LOG_EPS) + bpreg * b)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        r, s, sig, s_sig, a, b = ctx.saved_tensors
+        d_a = (-grad / (a + _LOG_EPS)).unsqueeze(1)  # [b, 1] dL/dA
+        d_b = grad * ctx.bpreg  # dL/dB
+        g = s_sig * sig  # s σ²
+        d_t = (a - g.sum(1)) * d_a.squeeze(1)  # [b]
+        g.sub_(s * a.unsqueeze(1)).mul_(d_a)  # dL/dA · s (σ² - A)
+        g.add_((r + 2.0).mul_(r).sub_(b.unsqueeze(1)).mul_(s).mul_(d_b))  # + dL/dB · s (r² + 2r - B)
+        g.diagonal().add_(d_t)
+        if ctx.elu_p > 0:
+            g = torch.ops.aten.elu_backward(g, ctx.elu_p, 1, 1, True, r)
+        return g, None, None
 
 
 def cross_entropy_loss(scores: Tensor, logq_cols: Tensor | None = None,
@@ -176,13 +210,13 @@ class PopularitySampleCache:
         self.cdf = cdf.float()  # Float[n_items + 1]
         self.n_sample = n_sample
         self.rows = max(1, cache_size // max(n_sample, 1))
-        self.cache = torch.zeros(0, n_sample, dtype=torch.long)
+        self.cache = torch.zeros(0, n_sample, dtype=torch.long)  # on cdf's device once drawn
         self.pointer = 0
 
     def get(self) -> Tensor:
         """Long[n_sample]."""
         if self.pointer >= len(self.cache):
-            u = torch.rand(self.rows * self.n_sample)
+            u = torch.rand(self.rows * self.n_sample, device=self.cdf.device)
             self.cache = torch.searchsorted(self.cdf, u, right=True).clamp_(max=len(self.cdf) - 1)
             self.cache = self.cache.view(self.rows, self.n_sample)
             self.pointer = 0
@@ -191,6 +225,40 @@ class PopularitySampleCache:
 
 
 # ---- the network ------------------------------------------------------------------------------
+
+
+def lookup(table: nn.Embedding, ids: Tensor) -> Tensor:
+    """table(ids); when the table has sparse gradients, through _CoalescedRows."""
+    if table.sparse and table.weight.requires_grad and torch.is_grad_enabled():
+        return _CoalescedRows.apply(table.weight, ids)
+    return table(ids)
+
+
+class _CoalescedRows(torch.autograd.Function):
+    """weight[ids] (as nn.Embedding(sparse=True)) with its sparse gradient already coalesced: one
+    entry per distinct row, sorted, summed over the row's occurrences by embedding_bag. The
+    optimizer's coalesce is then free; nn.Embedding hands over one entry per occurrence (here
+    len(ids) = b + n_sample per step), which AdagradMomentum must sort and sum every step."""
+
+    @staticmethod
+    def forward(ctx: Any, weight: Tensor, ids: Tensor) -> Tensor:
+        ctx.save_for_backward(ids)
+        ctx.n_rows = weight.shape[0]
+        return F.embedding(ids, weight)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        (ids,) = ctx.saved_tensors
+        sorted_ids, perm = torch.sort(ids, stable=True)
+        rows, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
+        values = F.embedding_bag(perm, grad, counts.cumsum(0) - counts, mode="sum")  # [rows, H]
+        out = torch.sparse_coo_tensor(rows.unsqueeze(0), values, (ctx.n_rows, *grad.shape[1:]),
+                                      is_coalesced=True, check_invariants=False)
+        # Autograd stores a sparse gradient it alone references as a new tensor around the same
+        # indices and values, which drops the coalesced flag; one it does not alone reference it
+        # clones, which keeps it: hold a reference until the gradient is stored.
+        ctx.grad_ref = out
+        return out, None
 
 
 class OneHotGRUCell(nn.Module):
@@ -266,12 +334,16 @@ class GRU4RecNet(nn.Module):
         """Zero hidden state of every layer: [b, H_i] each."""
         return [torch.zeros(b, h, device=self.Wy.weight.device) for h in self.layers]
 
-    def advance(self, items: Tensor, state: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+    def advance(self, items: Tensor, state: list[Tensor],
+                x: Tensor | None = None) -> tuple[Tensor, list[Tensor]]:
         """Read one item per row. items: Long[b]; state: [b, H_i] per layer. Returns the final
         layer's output Float[b, H_last] and the new state. Dropout acts in training mode only;
-        as in the reference, the dropped-out outputs are also the carried state."""
+        as in the reference, the dropped-out outputs are also the carried state. x: the items'
+        input rows when the caller looked them up (constrained mode: W_y[items])."""
         state = list(state)
-        if self.mode == "constrained":
+        if x is not None:
+            pass
+        elif self.mode == "constrained":
             x = self.Wy(items)  # input weights = output weights
         elif self.mode == "embedding":
             x = self.E(items)
@@ -291,6 +363,19 @@ class GRU4RecNet(nn.Module):
         if items is None:
             return h @ self.Wy.weight.T + self.By.weight.squeeze(1)
         return h @ self.Wy(items).T + self.By(items).squeeze(1)
+
+    def train_step(self, items: Tensor, state: list[Tensor], cols: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """One training step: read items Long[b], score items cols Long[m] -> (scores Float[b, m],
+        new state); what `advance` then `score_items(h, cols)` give, with the item tables read
+        through `lookup` (in constrained mode W_y[items] and W_y[cols] in one lookup, so that W_y
+        gets one already-summed sparse gradient, as the reference's single W_y(cat(X, Y)))."""
+        x = None
+        if self.mode == "constrained":
+            x, w = lookup(self.Wy, torch.cat([items, cols])).split([len(items), len(cols)])
+        else:
+            w = lookup(self.Wy, cols)
+        h, state = self.advance(items, state, x=x)
+        return h @ w.T + lookup(self.By, cols).squeeze(1), state
 
     def run(self, items: Tensor) -> Tensor:
         """Final-layer output after each item of padded sessions: items Long[B, T] ->
@@ -450,9 +535,19 @@ class _GRU4RecTrainable:
         # data (count), extra negatives from count^alpha (unnormalised, as the reference)
         self.log_count = counts.clamp(min=1e-12).log()  # Float[n_items + 1]
 
-    def train_batches(self, epoch: int, rng: np.random.Generator) -> Iterator[ParallelStep]:
+    def to(self, device: torch.device) -> None:
+        self.log_count = self.log_count.to(device)
+        if self.sampler is not None:
+            self.sampler.cdf = self.sampler.cdf.to(device)
+
+    def train_batches(self, epoch: int, rng: np.random.Generator, *, rank: int = 0,
+                      world_size: int = 1) -> Iterator[ParallelStep]:
         self.state = None  # every epoch starts from zero states
-        steps = session_parallel_steps(self.seq.items, self.seq.offsets, self.order,
+        # session-parallel steps carry state from step to step, so a rank takes every
+        # world_size-th session and runs its own slots (the ranks' step counts differ by a few;
+        # the Trainer stops every rank at the first one's end)
+        order = self.order if world_size <= 1 else self.order[rank::world_size]
+        steps = session_parallel_steps(self.seq.items, self.seq.offsets, order,
                                        self.cfg.batch_size)
         for step in steps:
             if self.cfg.n_sample == 0 and len(step.inputs) < 2:
@@ -471,11 +566,10 @@ class _GRU4RecTrainable:
             state = [h[batch.keep] for h in state]
         if batch.reset is not None:
             state = [h.masked_fill(batch.reset.unsqueeze(1), 0.0) for h in state]
-        h, self.state = net.advance(batch.inputs, state)  # [b, H]
         cols = batch.targets  # [m] targets of every slot, then the extra negatives
         if self.sampler is not None:
             cols = torch.cat([batch.targets, self.sampler.get()])
-        scores = net.score_items(h, cols)  # [b, m]; column k < b is row k's target
+        scores, self.state = net.train_step(batch.inputs, state, cols)  # [b, m]; column k < b: row k's target
         if c.loss == "bpr-max":
             total = bpr_max_loss(scores, c.bpreg, c.elu_p)
         else:

@@ -47,6 +47,7 @@ from hnvm.config import choices, rng
 from hnvm.models.base import Batch, NetPersistence, register
 from hnvm.models.layers import (
     GaussianHead,
+    ItemOutput,
     bpr_loss,
     bpr_max_loss,
     full_softmax_loss,
@@ -88,6 +89,7 @@ class HNVMNet(nn.Module):
         use_e: bool = True,
         use_z: bool = True,
         length_buckets: int = 8,
+        sparse: bool = False,
     ) -> None:
         super().__init__()
         if n_items < 1 or n_users < 0:
@@ -100,21 +102,23 @@ class HNVMNet(nn.Module):
         self.log_var_scale = math.log(var_scale)
         H = hidden
 
-        self.item_emb = nn.Embedding(n_items + 2, emb_dim, padding_idx=0)  # + padding + BOS
+        # sparse: the item and user tables get sparse gradients, so that a training step costs
+        # O(rows it used), not O(catalogue + users) (the Trainer's optimizers update those rows)
+        self.item_emb = nn.Embedding(n_items + 2, emb_dim, padding_idx=0, sparse=sparse)  # + padding + BOS
         self.encoder = nn.GRU(emb_dim, H, batch_first=True)
         self.context = nn.GRUCell(H, H)
         if use_e:  # one-hot profile -> per-user rows; row 0 = the shared unknown user
-            self.e_prior_mu = nn.Embedding(n_users + 1, d_e)
-            self.e_prior_logvar = nn.Embedding(n_users + 1, d_e)
-            self.e_post_mu = nn.Embedding(n_users + 1, d_e)
-            self.e_post_logvar = nn.Embedding(n_users + 1, d_e)
+            self.e_prior_mu = nn.Embedding(n_users + 1, d_e, sparse=sparse)
+            self.e_prior_logvar = nn.Embedding(n_users + 1, d_e, sparse=sparse)
+            self.e_post_mu = nn.Embedding(n_users + 1, d_e, sparse=sparse)
+            self.e_post_logvar = nn.Embedding(n_users + 1, d_e, sparse=sparse)
         if use_z:
             self.z_prior = GaussianHead(H + (d_e if use_e else 0), mlp_hidden, d_z, var_scale)
             self.z_post = GaussianHead(2 * H, mlp_hidden, d_z, var_scale)
         cond_dim = H + (d_z if use_z else d_e if use_e else 0)  # what the decoder reads per session
         self.decoder = nn.GRU(emb_dim + cond_dim, H, batch_first=True)
         self.drop = nn.Dropout(dropout)
-        self.out = nn.Linear(H, n_items + 1)  # column 0 = padding, callers mask it
+        self.out = ItemOutput(H, n_items + 1, sparse)  # column 0 = padding, callers mask it
         init_uniform_(self, math.sqrt(init_var))
 
     # ---- building blocks ------------------------------------------------------------------
@@ -215,7 +219,8 @@ class HNVMNet(nn.Module):
         seqs, seq_len = items.reshape(B * W, T)[real, :t_max], lengths.reshape(-1)[real]
         h_enc = items.new_zeros(B * W, self.hidden, dtype=torch.float)
         if real.numel():
-            h_enc = h_enc.index_copy(0, real, self.drop(self._encode(seqs, seq_len)))
+            # .to: under bf16 autocast the GRU output is bf16; the buffers stay fp32
+            h_enc = h_enc.index_copy(0, real, self.drop(self._encode(seqs, seq_len)).to(h_enc.dtype))
         return h_enc.view(B, W, -1), item_mask, session_mask, real, seqs, seq_len
 
     # ---- training / scoring forward ---------------------------------------------------------
@@ -268,7 +273,7 @@ class HNVMNet(nn.Module):
         if real.numel():
             out = self._decode(seqs.repeat(S, 1), seq_len.repeat(S), cond)  # [S*N, T', H]
             out = out.view(S, -1, *out.shape[1:]).mean(0)  # [N, T', H]
-            dec[real, : out.shape[1]] = out
+            dec[real, : out.shape[1]] = out.to(dec.dtype)
         dec_hidden = self.drop(dec.view(B, W, T, H) * item_mask.unsqueeze(-1))
         return HNVMOutput(dec_hidden, kl_z, kl_e, h_con, item_mask, session_mask)
 
@@ -280,7 +285,7 @@ class HNVMNet(nn.Module):
         """Scores of selected items without building the full matrix.
         hidden: Float[..., H]. item_ids: Long[..., K] (same leading dims: per-row candidates)
         -> Float[..., K]; or Long[M] with hidden of >= 2 dims (shared candidates) -> [..., M]."""
-        w, b = self.out.weight[item_ids], self.out.bias[item_ids]  # [..., K, H], [..., K]
+        w, b = self.out.rows(item_ids)  # [..., K, H], [..., K]
         if item_ids.dim() == 1 and hidden.dim() > 1:
             return hidden @ w.T + b
         return torch.einsum("...h,...kh->...k", hidden, w) + b
@@ -371,6 +376,7 @@ class HNVMConfig:
     max_len: int = field(default=0, metadata=rng(0, 100_000, "keep the last max_len items of longer sessions; 0 = all"))
     kl_anneal_steps: int = field(default=300, metadata=rng(0, 10**9, "steps for beta 0 -> 1"))
     mc_samples: int = field(default=1, metadata=rng(1, 1000, "prior samples averaged at inference"))
+    sparse: bool = True  # sparse item/user-table updates (sampled losses); False = dense as before
 
 
 @register("hnvm")
@@ -395,7 +401,8 @@ class HNVM(NetPersistence):
         self.n_items, self.n_users = n_items, n_users
         return HNVMNet(n_items=n_items, n_users=n_users, hidden=c.hidden, emb_dim=c.emb_dim,
                        d_e=c.d_e, d_z=c.d_z, mlp_hidden=c.mlp_hidden, dropout=c.dropout,
-                       var_scale=c.var_scale, init_var=c.init_var, use_e=c.use_e, use_z=c.use_z)
+                       var_scale=c.var_scale, init_var=c.init_var, use_e=c.use_e, use_z=c.use_z,
+                       sparse=c.sparse and c.loss != "full-softmax")  # full softmax scores every row
 
     def fit(self, train: Dataset, valid: Dataset | None = None, *, train_cfg: TrainConfig | None = None,
             run_dir: Path | None = None, resume: bool = False, show_progress: bool = False,
@@ -448,8 +455,9 @@ class HNVM(NetPersistence):
         if not L or items.shape[-1] <= L:
             return items
         lengths = (items > 0).sum(-1, keepdim=True)
-        idx = (lengths - L).clamp(min=0) + torch.arange(L)
-        return items.gather(-1, idx.clamp(max=items.shape[-1] - 1)) * (torch.arange(L) < lengths)
+        ar = torch.arange(L, device=items.device)
+        idx = (lengths - L).clamp(min=0) + ar
+        return items.gather(-1, idx.clamp(max=items.shape[-1] - 1)) * (ar < lengths)
 
     @torch.no_grad()
     def score(self, batch: Batch) -> Tensor:
@@ -487,12 +495,18 @@ class _HNVMTrainable:
         probs[0] = 0
         self.neg_probs = probs / probs.sum()
 
-    def train_batches(self, epoch: int, rng: np.random.Generator) -> Any:
+    def to(self, device: torch.device) -> None:
+        self.neg_probs = self.neg_probs.to(device)
+        self.sessions_per_user = self.sessions_per_user.to(device)
+
+    def train_batches(self, epoch: int, rng: np.random.Generator, *, rank: int = 0,
+                      world_size: int = 1) -> Any:
         from hnvm.data.batches import window_batches
 
         return window_batches(self.seq, self.windows, self.cfg.batch_size, rng,
                               max_len=self.cfg.max_len or None,
-                              max_prefix=None if self.cfg.use_history else 0)
+                              max_prefix=None if self.cfg.use_history else 0,
+                              rank=rank, world_size=world_size)
 
     def batch_targets(self, batch: Any) -> int:
         return batch.n_targets
@@ -509,7 +523,7 @@ class _HNVMTrainable:
         targets = batch.window[mask]  # [K]
         if c.loss == "full-softmax":
             logits = net.score(hidden)
-            valid = torch.ones(logits.shape[1], dtype=torch.bool)
+            valid = torch.ones(logits.shape[1], dtype=torch.bool, device=logits.device)
             valid[0] = False
             rec = full_softmax_loss(logits, targets, valid, reduction="sum")
         else:

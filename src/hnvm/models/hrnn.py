@@ -104,10 +104,11 @@ class HRNNNet(nn.Module):
                 continue
             t = int(lengths[rows, w].max())
             states = self.run_session(items[rows, w, :t], user[rows])  # [n, t + 1, S]
-            pred.append(empty.index_copy(0, rows, F.pad(states[:, :t], (0, 0, 0, T - t))))
-            last = states[torch.arange(len(rows)), lengths[rows, w]]  # s_{m,N_m}: [n, S]
+            # .to: bf16 under autocast, the buffers stay fp32
+            pred.append(empty.index_copy(0, rows, F.pad(states[:, :t], (0, 0, 0, T - t)).to(empty.dtype)))
+            last = states[torch.arange(len(rows), device=states.device), lengths[rows, w]]  # s_{m,N_m}: [n, S]
             new = self.drop_user(self.user_gru(last, user[rows]))  # c_m only at the session end
-            user = user.index_copy(0, rows, new)
+            user = user.index_copy(0, rows, new.to(user.dtype))
         return HRNNOutput(torch.stack(pred, 1), torch.stack(user_in, 1), user)
 
     @torch.no_grad()
@@ -208,8 +209,9 @@ class HRNN(NetPersistence):
         if not L or items.shape[-1] <= L:
             return items
         lengths = (items > 0).sum(-1, keepdim=True)
-        idx = (lengths - L).clamp(min=0) + torch.arange(L)
-        return items.gather(-1, idx.clamp(max=items.shape[-1] - 1)) * (torch.arange(L) < lengths)
+        ar = torch.arange(L, device=items.device)
+        idx = (lengths - L).clamp(min=0) + ar
+        return items.gather(-1, idx.clamp(max=items.shape[-1] - 1)) * (ar < lengths)
 
     @torch.no_grad()
     def score(self, batch: Batch) -> Tensor:
@@ -240,11 +242,15 @@ class _HRNNTrainable:
         probs[0] = 0
         self.neg_probs = probs / probs.sum()
 
-    def train_batches(self, epoch: int, rng: np.random.Generator) -> Any:
+    def to(self, device: torch.device) -> None:
+        self.neg_probs = self.neg_probs.to(device)
+
+    def train_batches(self, epoch: int, rng: np.random.Generator, *, rank: int = 0,
+                      world_size: int = 1) -> Any:
         from hnvm.data.batches import window_batches
 
         return window_batches(self.seq, self.windows, self.cfg.batch_size, rng,
-                              max_len=self.cfg.max_len or None)
+                              max_len=self.cfg.max_len or None, rank=rank, world_size=world_size)
 
     def batch_targets(self, batch: Any) -> int:
         return batch.n_targets
@@ -261,7 +267,7 @@ class _HRNNTrainable:
             mask[..., 0] = False
         hidden, targets = out.pred_states[mask], batch.window[mask]  # [K, S], [K]
         if c.loss == "full-softmax":
-            valid = torch.ones(net.n_items + 1, dtype=torch.bool)
+            valid = torch.ones(net.n_items + 1, dtype=torch.bool, device=hidden.device)
             valid[0] = False
             rec = full_softmax_loss(net.out(hidden), targets, valid, reduction="sum")
         else:

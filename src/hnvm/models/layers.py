@@ -166,3 +166,46 @@ def init_uniform_(module: nn.Module, std: float) -> None:
         for m in module.modules():
             if isinstance(m, nn.Embedding) and m.padding_idx is not None:
                 m.weight[m.padding_idx].zero_()
+
+
+class _GatherRows(torch.autograd.Function):
+    """table[ids] for a 1-D table with a sparse gradient (F.embedding needs a 2-D weight, and a
+    view of the table would turn the gradient dense)."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, table: Tensor, ids: Tensor) -> Tensor:
+        ctx.save_for_backward(ids)
+        ctx.n_rows = table.shape[0]  # type: ignore[attr-defined]
+        return table[ids]
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor, None]:
+        (ids,) = ctx.saved_tensors  # type: ignore[attr-defined]
+        return torch.sparse_coo_tensor(ids.reshape(1, -1), grad.reshape(-1), (ctx.n_rows,),  # type: ignore[attr-defined]
+                                       check_invariants=False), None
+
+
+class ItemOutput(nn.Embedding):
+    """The output layer over the catalogue, score_j = W[j]·h + b_j, as nn.Linear(H, n_rows)
+    (same parameters `weight` [n_rows, H] and `bias` [n_rows], same init), plus `rows(ids)` for
+    sampled losses. With sparse=True the rows a step scores get a sparse gradient, so that
+    training cost and gradient memory do not grow with the catalogue. It is an nn.Embedding so
+    that DistributedDataParallel (and `sparse_parameters`) know its gradients are sparse."""
+
+    def __init__(self, in_features: int, n_rows: int, sparse: bool = False) -> None:
+        super().__init__(n_rows, in_features, sparse=sparse, _weight=torch.empty(n_rows, in_features))
+        self.bias = nn.Parameter(torch.empty(n_rows))
+        # nn.Linear's init, so a dense model starts from the same weights as before
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        bound = 1 / math.sqrt(in_features) if in_features > 0 else 0.0
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, hidden: Tensor) -> Tensor:  # type: ignore[override]
+        """Float[..., H] -> Float[..., n_rows]: every row's score (full ranking)."""
+        return F.linear(hidden, self.weight, self.bias)
+
+    def rows(self, ids: Tensor) -> tuple[Tensor, Tensor]:
+        """(W[ids] Float[..., H], b[ids] Float[...]) with sparse gradients if sparse=True."""
+        if not self.sparse:
+            return self.weight[ids], self.bias[ids]
+        return F.embedding(ids, self.weight, sparse=True), _GatherRows.apply(self.bias, ids)

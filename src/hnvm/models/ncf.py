@@ -96,7 +96,7 @@ class NeuMFNet(nn.Module):
         chunk = max(1, _SCORE_CHUNK // max(1, len(users) * hu.shape[1]))
         out = []
         for lo in range(0, n_items, chunk):
-            idx = torch.arange(lo, min(lo + chunk, n_items))
+            idx = torch.arange(lo, min(lo + chunk, n_items), device=users.device)
             gmf = pu_g.unsqueeze(1) * self.item_gmf(idx).unsqueeze(0)  # [B, c, f]
             first = hu.unsqueeze(1) + self.first_item(self.item_mlp(idx)).unsqueeze(0)
             out.append(self._fuse(gmf, first))
@@ -159,8 +159,9 @@ class _NCFTrainable:
     def __init__(self, net: NeuMFNet, pairs: InteractionPairs, cfg: NCFConfig) -> None:
         self.module, self.pairs, self.cfg = net, pairs, cfg
 
-    def train_batches(self, epoch: int, rng: np.random.Generator) -> Any:
-        return self.pairs.batches(self.cfg.batch_size, self.cfg.n_neg, rng)
+    def train_batches(self, epoch: int, rng: np.random.Generator, *, rank: int = 0,
+                      world_size: int = 1) -> Any:
+        return self.pairs.batches(self.cfg.batch_size, self.cfg.n_neg, rng, rank, world_size)
 
     def batch_targets(self, batch: Any) -> int:
         return len(batch[0])

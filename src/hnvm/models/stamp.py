@@ -70,14 +70,14 @@ class STAMPNet(nn.Module):
         """prefix: Long[B, T] right-padded, at least one item per row -> h_s ⊙ h_t: [B, d].
         max_len > 0: read only the last max_len items of each prefix."""
         lengths = (prefix > 0).sum(1, keepdim=True).clamp(min=1)  # [B, 1]
-        t = torch.arange(prefix.shape[1]).unsqueeze(0)  # [1, T]
+        t = torch.arange(prefix.shape[1], device=prefix.device).unsqueeze(0)  # [1, T]
         keep = t < lengths
         if max_len:
             keep &= t >= lengths - max_len
         mask = keep.unsqueeze(-1).float()  # [B, T, 1]
         x = self.item_emb(prefix) * mask  # [B, T, d]
         m_s = x.sum(1) / mask.sum(1)  # [B, d]
-        x_t = x[torch.arange(len(prefix)), lengths.squeeze(1) - 1]  # [B, d]
+        x_t = x[torch.arange(len(prefix), device=x.device), lengths.squeeze(1) - 1]  # [B, d]
         act = torch.sigmoid(self.W1(x) + (self.W2(x_t) + self.W3(m_s) + self.b_a).unsqueeze(1))
         alpha = self.w0(act) * mask  # [B, T, 1]
         m_a = (alpha * x).sum(1)  # [B, d]
@@ -167,7 +167,7 @@ class STAMP(NetPersistence):
         an empty row gets training popularity."""
         net = self._require()
         assert self.pop_ is not None
-        out = self.pop_.expand(len(prefix), -1).clone()
+        out = self.pop_.to(prefix.device).expand(len(prefix), -1).clone()
         rows = (prefix > 0).any(1).nonzero().squeeze(1)
         if rows.numel():
             out[rows] = net.score_all(net(prefix[rows], self.config.max_len))
@@ -177,7 +177,7 @@ class STAMP(NetPersistence):
     def score(self, batch: Batch) -> Tensor:
         current = batch.sessions[batch.target_rows, -1]  # [K, T]
         T = current.shape[1]
-        before = torch.arange(T).unsqueeze(0) < batch.target_pos.unsqueeze(1)  # [K, T]
+        before = torch.arange(T, device=current.device).unsqueeze(0) < batch.target_pos.unsqueeze(1)  # [K, T]
         prefix = current * before  # nothing at or after the target
         empty = batch.target_pos == 0  # first position: read the previous session instead
         if empty.any() and batch.sessions.shape[1] > 1:
@@ -203,7 +203,7 @@ def _last_sessions(sessions: Tensor) -> Tensor:
         return sessions.new_zeros(B, 1)
     nonempty = (sessions > 0).any(-1)  # [B, N]
     idx = torch.where(nonempty.any(1), N - 1 - nonempty.flip(1).int().argmax(1), 0)  # [B]
-    out = sessions[torch.arange(B), idx]  # [B, T]
+    out = sessions[torch.arange(B, device=sessions.device), idx]  # [B, T]
     return out * nonempty.any(1, keepdim=True)
 
 
@@ -236,9 +236,16 @@ class _STAMPTrainable:
         probs[0] = 0
         self.neg_probs = probs / probs.sum()
 
-    def train_batches(self, epoch: int, rng: np.random.Generator) -> Any:
-        order = torch.from_numpy(rng.permutation(len(self.starts)))
-        for idx in order.split(self.cfg.batch_size):
+    def to(self, device: torch.device) -> None:
+        self.neg_probs = self.neg_probs.to(device)
+
+    def train_batches(self, epoch: int, rng: np.random.Generator, *, rank: int = 0,
+                      world_size: int = 1) -> Any:
+        from hnvm.distributed import shard_indices
+
+        chunks = torch.from_numpy(rng.permutation(len(self.starts))).split(self.cfg.batch_size)
+        for i in shard_indices(len(chunks), rank, world_size):
+            idx = chunks[i]
             s, e = self.starts[idx], self.ends[idx]
             T = int((e - s).max())
             pos = s.unsqueeze(1) + torch.arange(T)  # [B, T]
@@ -253,7 +260,7 @@ class _STAMPTrainable:
         prefix, targets = batch
         h = net(prefix)  # [B, d]
         if c.loss == "full-softmax":
-            valid = torch.ones(net.n_items + 1, dtype=torch.bool)
+            valid = torch.ones(net.n_items + 1, dtype=torch.bool, device=h.device)
             valid[0] = False
             return {"loss": full_softmax_loss(net.score_all(h), targets, valid)}
         neg_ids = torch.multinomial(self.neg_probs, c.n_negatives, replacement=True)  # [M]
