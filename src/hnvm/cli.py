@@ -148,17 +148,27 @@ def train(
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override: model.KEY=V or train.KEY=V.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from RUN/last.")] = False,
     force: Annotated[bool, typer.Option(help="Replace an existing run directory.")] = False,
+    device: Annotated[str | None, typer.Option(help="auto|cpu|cuda (default: train.device, auto = "
+                                               "CUDA when available).")] = None,
 ) -> None:
-    """Train a model; writes checkpoints, a JSON-lines log and the final model to --out."""
+    """Train a model; writes checkpoints, a JSON-lines log and the final model to --out.
+    Under `torchrun --nproc_per_node N -m hnvm train ...` it trains with DistributedDataParallel
+    over N processes (and several machines with torchrun's rendezvous options)."""
+    from hnvm import distributed
     from hnvm.runs import train_run
 
+    overrides = [*(set_ or []), *([f"train.device={device}"] if device is not None else [])]
     try:
         t0 = time.perf_counter()
-        train_run(dataset, model, out_dir, config_path=config, overrides=set_ or [], resume=resume,
+        train_run(dataset, model, out_dir, config_path=config, overrides=overrides, resume=resume,
                   force=force, show_progress=True)
     except HnvmError as exc:
         _fail(exc)
-    err.print(f"trained {model} -> {out_dir} in {time.perf_counter() - t0:.1f}s")
+    finally:
+        main_rank = distributed.current().is_main
+        distributed.shutdown()
+    if main_rank:
+        err.print(f"trained {model} -> {out_dir} in {time.perf_counter() - t0:.1f}s")
 
 
 @app.command()
@@ -169,16 +179,24 @@ def evaluate(
     split: Annotated[str, typer.Option(help="test or valid.")] = "test",
     export_ranks: Annotated[Path | None, typer.Option(help="Write per-target ranks (parquet).")] = None,
     include_first: Annotated[bool, typer.Option(help="Also score each session's first item.")] = False,
+    device: Annotated[str, typer.Option(help="auto|cpu|cuda (auto = CUDA when available).")] = "auto",
 ) -> None:
-    """Full-ranking evaluation (conservative ties) of a trained run."""
+    """Full-ranking evaluation (conservative ties) of a trained run (sharded over processes
+    under torchrun)."""
+    from hnvm import distributed
     from hnvm.runs import evaluate_run
 
     try:
         with err.status(f"evaluating {run} ({task}, {split}) ..."):
             res = evaluate_run(run, data=data, task=task, split=split, export=export_ranks,
-                               include_first=include_first)
+                               include_first=include_first, device=device)
     except HnvmError as exc:
         _fail(exc)
+    finally:
+        main_rank = distributed.current().is_main
+        distributed.shutdown()
+    if not main_rank:
+        return
     out.print(_by_k_table(res.metrics, f"{run.name}: {task}, {split}, {res.n_targets:,} targets "
                                        f"(full ranking), {res.seconds:.1f}s"))
     if export_ranks:
