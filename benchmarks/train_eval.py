@@ -14,6 +14,8 @@ model's evaluation pays. Evaluation is reported as a ratio to it. Peak RSS at th
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import resource
 import sys
 import tempfile
@@ -29,6 +31,7 @@ from hnvm.data.batches import Sequences, next_item_batches
 from hnvm.data.prepare import prepare
 from hnvm.data.samples import instacart_sample_path, synthetic_dataset
 from hnvm.data.store import Dataset
+from hnvm.distributed import resolve_device, to_device
 from hnvm.metrics import conservative_ranks
 from hnvm.models.base import get_model_class
 from hnvm.train import TrainConfig, make_optimizer
@@ -55,7 +58,7 @@ def load_data(name: str, workdir: Path) -> Dataset:
     raise SystemExit(f"unknown dataset {name} (instacart, synthetic60k, dir:PATH)")
 
 
-def model_for(name: str, paper: bool) -> object:
+def model_for(name: str, paper: bool, dense: bool = False) -> object:
     cls = get_model_class(name)
     cfg_cls = getattr(cls, "config_class", None)
     if cfg_cls is None:
@@ -63,25 +66,45 @@ def model_for(name: str, paper: bool) -> object:
     values = {}
     if paper and name == "hnvm":
         values = load_toml(ROOT / "configs" / "paper.toml")["model"]
-    return cls(build(cfg_cls, values, "model"))
+    cfg = build(cfg_cls, values, "model")
+    if dense and hasattr(cfg, "sparse"):
+        cfg = dataclasses.replace(cfg, sparse=False)
+    return cls(cfg)
 
 
-def train_throughput(model: object, ds: Dataset, steps: int) -> tuple[float, int, object] | None:
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_throughput(model: object, ds: Dataset, steps: int, device: torch.device | None = None,
+                     optimizer: str = "adagrad") -> tuple[float, int, object] | None:
     """Target items per second of forward + backward + optimizer step (None: not trained by SGD).
-    Models trained by the generic Trainer expose `_trainable(dataset)`."""
+    Models trained by the generic Trainer expose `_trainable(dataset)`. On CUDA the forward
+    pass runs under bf16 autocast, as the Trainer does."""
     make = getattr(model, "_trainable", None)
     if make is None:
         return None
+    device = device or torch.device("cpu")
     trainable = make(ds)
-    opt = make_optimizer(trainable.module.parameters(), TrainConfig(optimizer="adagrad", lr=0.05))
+    trainable.module.to(device)
+    if callable(getattr(trainable, "to", None)):
+        trainable.to(device)
+    lr = 0.05 if optimizer == "adagrad" else 0.002
+    opt = make_optimizer(trainable.module, TrainConfig(optimizer=optimizer, lr=lr))
+    amp = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+           else contextlib.nullcontext())
     it = iter(trainable.train_batches(0, np.random.default_rng(0)))
     n_targets, elapsed = 0, 0.0
     for i, batch in enumerate(islice(it, steps + 1)):
+        _sync(device)
         t0 = time.perf_counter()
-        loss = trainable.loss(batch, i)["loss"]
+        with amp:
+            loss = trainable.loss(to_device(batch, device), i)["loss"]
         opt.zero_grad()
         loss.backward()
         opt.step()
+        _sync(device)
         if i > 0:  # the first step pays one-off allocation costs
             elapsed += time.perf_counter() - t0
             n_targets += trainable.batch_targets(batch)
@@ -89,15 +112,19 @@ def train_throughput(model: object, ds: Dataset, steps: int) -> tuple[float, int
     return n_targets / max(elapsed, 1e-9), n_targets, trainable
 
 
-def bare_scoring(ds: Dataset, hidden: int, n_targets: int, chunk: int = 512) -> float:
+def bare_scoring(ds: Dataset, hidden: int, n_targets: int, chunk: int = 512,
+                 device: torch.device | None = None) -> float:
     """Targets/s of the floor: scores = h W^T + b over all items, then the conservative rank."""
-    w = torch.randn(ds.n_items + 1, hidden) * 0.1
-    b = torch.zeros(ds.n_items + 1)
-    targets = torch.randint(1, ds.n_items + 1, (n_targets,))
+    device = device or torch.device("cpu")
+    w = torch.randn(ds.n_items + 1, hidden, device=device) * 0.1
+    b = torch.zeros(ds.n_items + 1, device=device)
+    targets = torch.randint(1, ds.n_items + 1, (n_targets,), device=device)
+    _sync(device)
     t0 = time.perf_counter()
     for lo in range(0, n_targets, chunk):
-        h = torch.randn(min(chunk, n_targets - lo), hidden)
+        h = torch.randn(min(chunk, n_targets - lo), hidden, device=device)
         conservative_ranks(torch.addmm(b, h, w.T), targets[lo:lo + chunk])
+    _sync(device)
     return n_targets / (time.perf_counter() - t0)
 
 
@@ -113,7 +140,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--default-config", action="store_true",
                     help="HNVM with its defaults instead of the paper's sizes (configs/paper.toml)")
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "hnvm-bench")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    ap.add_argument("--optimizer", default="adagrad", help="of the timed steps: adagrad (paper) or adam")
+    ap.add_argument("--dense", action="store_true",
+                    help="HNVM with dense item/user-table updates (model.sparse = false), as before sparse updates")
+    ap.add_argument("--no-fit", action="store_true", help="skip the 1-epoch fit (steps and evaluation only)")
     args = ap.parse_args(argv)
+    device = resolve_device(args.device)
     if args.models == "all":
         from hnvm.models.base import REGISTRY
 
@@ -121,25 +154,29 @@ def main(argv: list[str] | None = None) -> None:
         args.models = ",".join(sorted(REGISTRY))
     args.workdir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {device}"
+          f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}")
     for dname in args.datasets.split(","):
         ds = load_data(dname, args.workdir)
         seq = Sequences.from_events(ds.events, ds.n_users)
         print(f"\n== {dname}: {ds.n_users:,} users, {ds.n_items:,} items, "
               f"{ds.meta['stats']['train_events']:,} train events")
         for mname in args.models.split(","):
-            model = model_for(mname, paper=not args.default_config)
+            model = model_for(mname, paper=not args.default_config, dense=args.dense)
             n_train = ds.meta["stats"]["train_events"]
-            tr = train_throughput(model, ds, args.steps) if mname == "hnvm" else None
+            tr = (train_throughput(model, ds, args.steps, device, args.optimizer) if mname == "hnvm"
+                  else None)
             if tr is not None:
                 print(f"{mname:>10}: train steps {tr[0]:>9,.0f} targets/s ({tr[1]:,} targets in {args.steps} steps)")
-            if tr is None or n_train <= args.max_fit_events:
+            if (tr is None or n_train <= args.max_fit_events) and not args.no_fit:
                 # one epoch of the model's own fit (setup included), no validation
-                model = model_for(mname, paper=not args.default_config)
+                model = model_for(mname, paper=not args.default_config, dense=args.dense)
                 t0 = time.perf_counter()
-                model.fit(ds, None, train_cfg=TrainConfig(epochs=1, patience=0))  # type: ignore[attr-defined]
+                model.fit(ds, None, train_cfg=TrainConfig(epochs=1, patience=0, device=str(device.type)))  # type: ignore[attr-defined]
                 fit_s = time.perf_counter() - t0
                 print(f"{mname:>10}: 1-epoch fit {fit_s:7.2f}s = {n_train / fit_s:>9,.0f} train events/s")
+            if device.type != "cpu" and getattr(model, "net", None) is not None:
+                model.to(device)  # type: ignore[attr-defined]
             # evaluation speed on the first --eval-targets test targets
             kept, n = [], 0
             for b in next_item_batches(seq, "test", max_targets=512):
@@ -147,12 +184,17 @@ def main(argv: list[str] | None = None) -> None:
                 n += b.n_targets
                 if n >= args.eval_targets:
                     break
+            if device.type != "cpu" and getattr(model, "net", None) is not None:
+                kept = [b.to(device) for b in kept]
+            _sync(device)
             t0 = time.perf_counter()
-            for b in kept:
-                conservative_ranks(model.score(b), b.targets)  # type: ignore[attr-defined]
+            with torch.no_grad():
+                for b in kept:
+                    conservative_ranks(model.score(b), b.targets)  # type: ignore[attr-defined]
+            _sync(device)
             ev = n / (time.perf_counter() - t0)
             hidden = getattr(getattr(model, "config", None), "hidden", 100)
-            floor = bare_scoring(ds, hidden, n)
+            floor = bare_scoring(ds, hidden, n, device=device)
             print(f"{'':>10}  eval  {ev:>9,.0f} targets/s (full ranking, {n:,} targets); "
                   f"bare matmul+rank {floor:,.0f} targets/s (H={hidden}); ratio {ev / floor:.2f}")
         del ds, seq
