@@ -360,3 +360,17 @@ def test_kill_9_and_restart_give_the_same_recommendations(run_dir: Path, tmp_pat
         p.wait(10)
     assert before == after
     assert any(r["session_length"] > 0 for r in before)
+
+
+def test_fast_top_k_agrees_with_topk_items() -> None:
+    from hnvm.metrics import topk_items
+    from hnvm.serve.state import top_k
+
+    g = torch.Generator().manual_seed(0)
+    for scores in (torch.randn(6, 50, generator=g), torch.randint(0, 4, (6, 50), generator=g).float()):  # ties
+        exclude = [[], [1, 2, 3], list(range(1, 48)), list(range(1, 50)), [7], []]
+        want = topk_items(scores.clone(), 10, exclude=[torch.tensor(e, dtype=torch.long) for e in exclude])
+        ids, vals = top_k(scores.clone(), 10, exclude)
+        for r in range(6):
+            w = [i for i in want[r].tolist() if i]
+            assert ids[r] == w and vals[r] == scores[r, w].tolist()

@@ -376,8 +376,10 @@ def recommend(
         r = recommend_user(run, user, parse_items(session), k=k, exclude_seen=exclude_seen, data=data)
     except HnvmError as exc:
         _fail(exc)
-    t = Table(title=f"user {r.user}: top {len(r.items)}" + (" (cold start: unknown user)" if r.cold_start else "")
-              + (f" after {r.session_length} item(s) of the session" if r.session_length else " for the next session"))
+    out.print(f"user {r.user}: top {len(r.items)}" + (" (cold start: unknown user)" if r.cold_start else "")
+              + (f" after {r.session_length} item(s) of the session" if r.session_length else " for the next session"),
+              highlight=False)
+    t = Table()
     t.add_column("rank", justify="right")
     t.add_column("item")
     t.add_column("score", justify="right")

@@ -1,0 +1,288 @@
+"""Latency and throughput of `hnvm serve` on loopback: a real server process and a load generator.
+
+    python benchmarks/serve.py                                   # Instacart sample + synthetic 60K items
+    python benchmarks/serve.py --datasets instacart --recommend 20000 --seconds 30
+    python benchmarks/serve.py --datasets dir:PATH --run RUN      # an existing run
+
+Per data set it starts `hnvm serve` (fresh SQLite event log, synchronous=FULL, one torch thread)
+and runs, each phase bounded by a request count and a time limit:
+
+  events, batch 100    POST /v1/events with 100 events each, 4 concurrent clients (durable:
+                       the server answers after the fsync'd commit)
+  events, batch 1      one event per POST, 50 concurrent clients (group commit at work)
+  recommend, first     POST /v1/recommend, 50 concurrent, each user's first request (the history
+                       is encoded lazily on first use)
+  recommend            POST /v1/recommend, 50 concurrent, k = 10, users with open sessions
+  recommend + session  the same with 3 extra session items in the request (3 more decoder steps)
+
+The load generator is a minimal HTTP/1.1 keep-alive client on asyncio (uvloop when present),
+so that the client, which shares the machine's cores with the server, costs little CPU.
+Latency = from writing a request to reading its whole response, at the client. The Instacart
+model is trained for --epochs (default 1); the synthetic 60K-item model is initialised but
+untrained (latency does not depend on the weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+# ---- data and runs --------------------------------------------------------------------------------
+
+
+def make_run(name: str, workdir: Path, epochs: int) -> Path:
+    """A run directory for `name` (instacart | synthetic60k | dir:PATH), made once in workdir."""
+    from train_eval import load_data  # the same data sets as the train/eval benchmark
+
+    from hnvm.data.store import Dataset
+    from hnvm.runs import train_run
+
+    run = workdir / f"run-{name.replace(':', '_').replace('/', '_')}"
+    if (run / "model" / "model.json").exists():
+        return run
+    data = workdir / f"data-{name.replace(':', '_').replace('/', '_')}"
+    if name.startswith("dir:"):
+        data = Path(name[4:])
+    elif not data.exists():
+        ds = load_data(name, workdir)
+        if ds.path is None:
+            ds.save(data)
+        else:
+            data = ds.path
+    if epochs > 0:
+        train_run(data, "hnvm", run, overrides=[f"train.epochs={epochs}"], force=True)
+    else:
+        untrained_run(Dataset.load(data), data, run)
+    return run
+
+
+def untrained_run(ds: object, data: Path, run: Path) -> None:
+    """A run directory with an initialised, untrained HNVM (default config)."""
+    import torch
+
+    from hnvm.config import as_dict
+    from hnvm.data.store import write_json
+    from hnvm.models.hnvm import HNVM
+    from hnvm.runs import RUN_FORMAT, RUN_VERSION, vocab_digest
+    from hnvm.train import TrainConfig
+
+    torch.manual_seed(0)
+    m = HNVM()
+    m.net = m._build(ds.n_items, ds.n_users)  # type: ignore[attr-defined]
+    m.counts_ = torch.zeros(ds.n_items + 1)  # type: ignore[attr-defined]
+    run.mkdir(parents=True, exist_ok=True)
+    write_json(run / "config.json", {
+        "format": RUN_FORMAT, "format_version": RUN_VERSION, "model": "hnvm", "model_config": as_dict(m.config),
+        "train": as_dict(TrainConfig(epochs=1)), "untrained": True,
+        "dataset": {"path": str(data.resolve()), "vocab_sha256": vocab_digest(ds), "stats": {}}})
+    ds.items.write_parquet(run / "items.parquet")  # type: ignore[attr-defined]
+    ds.users.write_parquet(run / "users.parquet")  # type: ignore[attr-defined]
+    m.save(run / "model")
+
+
+# ---- a small HTTP/1.1 client ----------------------------------------------------------------------
+
+
+class Conn:
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.r: asyncio.StreamReader | None = None
+        self.w: asyncio.StreamWriter | None = None
+
+    async def open(self) -> Conn:
+        self.r, self.w = await asyncio.open_connection(self.host, self.port)
+        sock = self.w.get_extra_info("socket")
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return self
+
+    async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
+        assert self.r is not None and self.w is not None
+        self.w.write(b"POST %s HTTP/1.1\r\nhost: %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n"
+                     % (path.encode(), self.host.encode(), len(body)) + body)
+        status = int((await self.r.readline()).split()[1])
+        length = 0
+        while (line := await self.r.readline()) not in (b"\r\n", b""):
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        return status, await self.r.readexactly(length)
+
+    def close(self) -> None:
+        if self.w is not None:
+            self.w.close()
+
+
+async def load(host: str, port: int, path: str, bodies: list[bytes], concurrency: int,
+               seconds: float) -> dict[str, float]:
+    """Send `bodies` over `concurrency` keep-alive connections (closed loop: each connection
+    sends its next request when the previous answer is in), stop early after `seconds`."""
+    conns = [await Conn(host, port).open() for _ in range(concurrency)]
+    lat: list[float] = []
+    errors = 0
+    queue = list(reversed(bodies))  # per-connection order is preserved: requests are popped in turn
+    deadline = time.perf_counter() + seconds
+
+    async def worker(c: Conn, mine: list[bytes]) -> None:
+        nonlocal errors
+        for body in mine:
+            if time.perf_counter() > deadline:
+                return
+            t0 = time.perf_counter()
+            status, resp = await c.post(path, body)
+            lat.append(time.perf_counter() - t0)
+            if status != 200:
+                errors += 1
+                if errors <= 3:
+                    print(f"  {path}: HTTP {status}: {resp[:200]!r}", file=sys.stderr)
+
+    # connection i gets requests i, i + C, ...: bodies of one user can be pinned to one connection
+    shares = [queue[::-1][i::concurrency] for i in range(concurrency)]
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker(c, s) for c, s in zip(conns, shares, strict=True)))
+    wall = time.perf_counter() - t0
+    for c in conns:
+        c.close()
+    ms = np.array(lat) * 1000
+    return {"n": len(lat), "errors": errors, "seconds": wall, "rps": len(lat) / wall,
+            "p50": float(np.percentile(ms, 50)), "p95": float(np.percentile(ms, 95)),
+            "p99": float(np.percentile(ms, 99)), "max": float(ms.max())}
+
+
+# ---- the benchmark --------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(run: Path, db: Path, port: int) -> subprocess.Popen:
+    import httpx
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen([sys.executable, "-m", "hnvm", "serve", str(run), "--port", str(port), "--db", str(db)],
+                         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    for _ in range(600):
+        if p.poll() is not None:
+            raise SystemExit(f"hnvm serve exited: {p.stderr.read().decode() if p.stderr else ''}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/v1/health", timeout=1).status_code == 200:
+                return p
+        except httpx.TransportError:
+            time.sleep(0.2)
+    p.kill()
+    raise SystemExit("server did not start in 2 min")
+
+
+def bench(name: str, run: Path, args: argparse.Namespace) -> list[tuple[str, int, dict[str, float], float]]:
+    import polars as pl
+
+    users = pl.read_parquet(run / "users.parquet").get_column("id").to_list()
+    items = pl.read_parquet(run / "items.parquet").get_column("id").to_list()
+    rng = random.Random(0)
+    pool = rng.sample(users, min(len(users), args.users))
+    with tempfile.TemporaryDirectory() as tmp:
+        port = free_port()
+        server = start_server(run, Path(tmp) / "events.sqlite", port)
+        proc = psutil.Process(server.pid)
+        host = "127.0.0.1"
+        rows = []
+
+        def phase(label: str, path: str, bodies: list[bytes], conc: int, per_request: int = 1) -> None:
+            cpu0 = sum(proc.cpu_times()[:2])
+            r = asyncio.run(load(host, port, path, bodies, conc, args.seconds))
+            cpu = sum(proc.cpu_times()[:2]) - cpu0
+            r["per"] = per_request
+            rows.append((label, conc, r, cpu))
+            print(f"  {label:<24} {r['n']:>6} req  {r['rps'] * per_request:>9,.0f}/s  p50 {r['p50']:6.2f}  "
+                  f"p95 {r['p95']:6.2f}  p99 {r['p99']:6.2f} ms  server CPU {cpu / max(r['seconds'], 1e-9):.0%}"
+                  f"  errors {r['errors']}", flush=True)
+
+        try:
+            t = time.time()
+            # events: each connection owns a slice of the users, so that per-user time order holds
+            n_batches, conc = args.events // 100, 4
+            bodies = []
+            for b in range(n_batches):
+                c = b % conc
+                owned = pool[c::conc]
+                ev = [{"user": rng.choice(owned), "item": rng.choice(items), "ts": t + b * 1e-3 + i * 1e-6}
+                      for i in range(100)]
+                bodies.append(json.dumps({"events": ev}).encode())
+            phase("events, batch 100", "/v1/events", bodies, conc, per_request=100)
+            t = time.time()
+            conc = 50
+            bodies = [json.dumps({"events": [{"user": pool[i % len(pool)] if len(pool) >= conc else f"e{i % conc}",
+                                              "item": rng.choice(items), "ts": t + i * 1e-6}]}).encode()
+                      for i in range(args.single_events)]
+            phase("events, batch 1", "/v1/events", bodies, conc)
+            first = [json.dumps({"user": u, "k": 10}).encode() for u in pool]
+            phase("recommend, first", "/v1/recommend", first, 50)
+            bodies = [json.dumps({"user": rng.choice(pool), "k": 10}).encode() for _ in range(args.recommend)]
+            phase("recommend", "/v1/recommend", bodies, 50)
+            bodies = [json.dumps({"user": rng.choice(pool), "k": 10, "session": rng.sample(items, 3)}).encode()
+                      for _ in range(args.recommend // 2)]
+            phase("recommend + session", "/v1/recommend", bodies, 50)
+        finally:
+            server.terminate()
+            server.wait(30)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--datasets", default="instacart,synthetic60k")
+    ap.add_argument("--run", type=Path, help="serve this run (with one data set) instead of making one")
+    ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "hnvm-bench-serve")
+    ap.add_argument("--epochs", type=int, default=None, help="training epochs (default: 1 for instacart, "
+                    "0 = untrained for the others)")
+    ap.add_argument("--users", type=int, default=2000, help="distinct users in the load")
+    ap.add_argument("--events", type=int, default=100_000, help="events in batches of 100")
+    ap.add_argument("--single-events", type=int, default=5000, help="one-event POSTs")
+    ap.add_argument("--recommend", type=int, default=10_000, help="recommend requests")
+    ap.add_argument("--seconds", type=float, default=30.0, help="time limit per phase")
+    args = ap.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; server: 1 process, "
+          f"1 torch thread; client: asyncio{' + uvloop' if _uvloop() else ''}, same machine", flush=True)
+    for name in args.datasets.split(","):
+        t0 = time.perf_counter()
+        epochs = args.epochs if args.epochs is not None else (1 if name == "instacart" else 0)
+        run = args.run or make_run(name, args.workdir, epochs)
+        import polars as pl
+
+        n_items = pl.read_parquet(run / "items.parquet").height
+        print(f"\n{name}: {n_items:,} items, run {run} ({'trained' if epochs else 'untrained'}; ready in "
+              f"{time.perf_counter() - t0:.0f}s)", flush=True)
+        bench(name, run, args)
+
+
+def _uvloop() -> bool:
+    try:
+        import uvloop
+
+        uvloop.install()
+        return True
+    except ImportError:
+        return False
+
+
+if __name__ == "__main__":
+    main()
