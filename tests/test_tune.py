@@ -152,3 +152,43 @@ def test_one_tiny_hnvm_trial(data: Path, tmp_path: Path) -> None:
     rc = resolve_config("hnvm", out / "best.toml", [])
     assert rc.model_config.hidden == 16 and rc.train.epochs == 1
     assert rc.model_config.window == 4 and rc.train.optimizer == rows[0]["train.optimizer"]
+
+
+def test_first_trial_is_the_defaults(data: Path, tmp_path: Path) -> None:
+    from hnvm.tune import default_params
+
+    space = search_space("itemknn")
+    defaults = default_params("itemknn", space)
+    cfg = get_model_class("itemknn").config_class()
+    assert defaults and all(getattr(cfg, k.split(".", 1)[1]) == v for k, v in defaults.items())
+    tune(data, "itemknn", tmp_path / "t", trials=2)
+    study = optuna.load_study(study_name="itemknn", storage=f"sqlite:///{tmp_path / 't' / 'optuna.db'}")
+    assert study.trials[0].params == defaults
+
+
+def test_default_params_clip_into_narrowed_ranges() -> None:
+    from hnvm.tune import default_params
+
+    space = [Param("model.hidden", "int", 16, 64), Param("train.lr", "float", 0.01, 0.1, True),
+             Param("train.optimizer", "categorical", choices=("adagrad", "adam"))]
+    got = default_params("hnvm", space)
+    assert got["model.hidden"] == 64  # default 100, clipped to the searched range
+    assert got["train.lr"] == 0.01  # default 0.002, clipped
+    assert got["train.optimizer"] == "adam"
+
+
+def test_epoch_observer_stops_training_and_trial_timeout(data: Path, tmp_path: Path) -> None:
+    from hnvm.runs import make_model
+    from hnvm.train import observe_epochs
+
+    rc = resolve_config("hnvm", None, [*TINY_HNVM, "train.epochs=5", "train.patience=5"])
+    seen: list[int] = []
+    with observe_epochs(lambda epoch, record: seen.append(epoch) or epoch == 2):
+        make_model(rc).fit(synthetic_dataset(n_users=60, n_items=40, n_topics=4, seed=5), None,
+                           train_cfg=rc.train, run_dir=None)
+    assert seen == [1, 2]  # stopped after epoch 2 of 5
+    # a trial timeout of 0 s: every trial ends after its first epoch, and still completes
+    res = tune(data, "hnvm", tmp_path / "t", trials=2, base_overrides=[*TINY_HNVM[:-1], "train.epochs=4"],
+               trial_timeout=0.0)
+    rows = _rows(Path(res["trials_csv"]))
+    assert [r["state"] for r in rows] == ["COMPLETE", "COMPLETE"]

@@ -251,6 +251,8 @@ def tune(
     model: Annotated[str, typer.Option(help="Model name (hnvm, itemknn, gru4rec, ...).")],
     trials: Annotated[int, typer.Option(help="Total trials wanted (a re-run resumes --out).")],
     timeout: Annotated[float | None, typer.Option(help="Stop starting trials after S seconds.")] = None,
+    trial_timeout: Annotated[float | None, typer.Option(help="End a trial after the epoch that crosses "
+                                                        "S seconds (scored on its best epoch).")] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Study directory "
                                                  "(default runs/tune/MODEL).")] = None,
     config: Annotated[Path | None, typer.Option(help="Base TOML config; its keys are not searched.")] = None,
@@ -264,7 +266,8 @@ def tune(
     out_dir = out_dir or Path("runs/tune") / model
     t0 = time.perf_counter()
     try:
-        res = run_tune(dataset, model, out_dir, trials, timeout=timeout, base_overrides=set_ or [],
+        res = run_tune(dataset, model, out_dir, trials, timeout=timeout, trial_timeout=trial_timeout,
+                       base_overrides=set_ or [],
                        seed=seed, show_progress=True, config_path=config)
         if res["best_value"] is None:
             raise HnvmError(f"no trial of {model} completed; see {res['trials_csv']}")

@@ -23,7 +23,8 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -37,6 +38,21 @@ from hnvm.config import choices, rng
 from hnvm.errors import HnvmError
 
 log = logging.getLogger(__name__)
+
+# Sees each epoch's record after it is logged and checkpointed; returning True ends training there
+# (the best epoch so far is kept). `hnvm tune` prunes trials and caps their time through it.
+EpochObserver = Callable[[int, dict[str, Any]], bool]
+_EPOCH_OBSERVER: ContextVar[EpochObserver | None] = ContextVar("hnvm_epoch_observer", default=None)
+
+
+@contextlib.contextmanager
+def observe_epochs(observer: EpochObserver) -> Iterator[None]:
+    """Within the block, every Trainer.fit calls `observer(epoch, record)` after each epoch."""
+    token = _EPOCH_OBSERVER.set(observer)
+    try:
+        yield
+    finally:
+        _EPOCH_OBSERVER.reset(token)
 
 
 class TrainingDiverged(HnvmError):
@@ -495,6 +511,10 @@ class Trainer:
                 write_checkpoint(last, module, opt, {  # type: ignore[arg-type]
                     "epoch": epoch, "step": step, "best": best, "best_epoch": best_epoch,
                     "bad_epochs": bad_epochs, "history": history})
+            observer = _EPOCH_OBSERVER.get()
+            if observer is not None and observer(epoch + 1, record):
+                log.info("training stopped by the epoch observer after epoch %d", epoch + 1)
+                break
         if best_state is not None:
             module.load_state_dict(best_state)
         elif validate is not None and self.run_dir is not None and (self.run_dir / "best").exists():

@@ -9,6 +9,11 @@ Keys fixed by the base config (`--config`, `--set`) are never searched.
     OUT/optuna.db    the study (sqlite; study name = model); a rerun resumes it
     OUT/best.toml    [model] and [train]: the base settings merged with the best trial's
     OUT/trials.csv   one row per trial: number, state, value, then one column per parameter
+
+Trial 0 of a new study is the model's defaults (so tuning never reports less than the defaults
+on validation). Trials of Trainer-fitted models report validation MRR@5 after every epoch: a
+median pruner stops the clearly bad ones after their second epoch, and `trial_timeout` ends a
+trial after the epoch that crosses it (scored on its best epoch so far).
 """
 
 from __future__ import annotations
@@ -147,6 +152,25 @@ def search_space(model: str, fixed: frozenset[str] = frozenset()) -> list[Param]
     return space
 
 
+def default_params(model: str, space: list[Param]) -> dict[str, Any]:
+    """The model's (and TrainConfig's) defaults for the searched keys, clipped into their ranges."""
+    from hnvm.models.base import get_model_class
+    from hnvm.train import TrainConfig
+
+    defaults = {"model": get_model_class(model).config_class(), "train": TrainConfig()}
+    out: dict[str, Any] = {}
+    for p in space:
+        section, key = p.name.split(".", 1)
+        v = getattr(defaults[section], key)
+        if p.kind == "categorical":
+            if v in p.choices:
+                out[p.name] = v
+        elif v is not None:
+            v = min(max(v, p.lo), p.hi)
+            out[p.name] = int(v) if p.kind == "int" else float(v)
+    return out
+
+
 def base_settings(model: str, config_path: Path | None, overrides: list[str]) -> dict[str, dict[str, Any]]:
     """{'model': {...}, 'train': {...}}: what the config file and --set fix for `model`."""
     tree: dict[str, Any] = load_toml(config_path) if config_path else {}
@@ -210,16 +234,21 @@ def tune(
     show_progress: bool = False,
     *,
     config_path: Path | None = None,
+    trial_timeout: float | None = None,
 ) -> dict[str, Any]:
     """Search `model`'s hyper-parameters for validation MRR@5; `trials` is the total number of
-    finished (complete or pruned) trials wanted, counting those of an earlier run in `out`."""
+    finished (complete or pruned) trials wanted, counting those of an earlier run in `out`.
+    `timeout` stops starting trials after that many seconds; `trial_timeout` ends a trial after
+    the epoch that crosses it."""
+    import time
+
     import optuna
 
     from hnvm.data.batches import Sequences
     from hnvm.data.store import Dataset
     from hnvm.evaluate import evaluate_next_item
     from hnvm.runs import make_model, resolve_config, vocab_digest
-    from hnvm.train import TrainingDiverged
+    from hnvm.train import TrainingDiverged, observe_epochs
 
     overrides = list(base_overrides or [])
     if trials < 1:
@@ -240,7 +269,8 @@ def tune(
         optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(
         storage=f"sqlite:///{out.resolve() / 'optuna.db'}", study_name=model, direction="maximize",
-        sampler=optuna.samplers.TPESampler(seed=seed), load_if_exists=True)
+        sampler=optuna.samplers.TPESampler(seed=seed), load_if_exists=True,
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2))
     if study.trials:  # resuming: a fresh seed, or the startup trials would repeat earlier ones
         study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials))
     # a study only resumes with the same data, base settings and search space
@@ -254,13 +284,26 @@ def tune(
         diff = ", ".join(k for k in setup if prev.get(k) != setup[k])
         raise HnvmError(f"{out}: the study there was run with a different {diff}; "
                         "tune into another --out directory")
+    if not study.trials:
+        study.enqueue_trial(default_params(model, space))
 
     def objective(trial: optuna.Trial) -> float:
         params = {p.name: p.suggest(trial) for p in space}
         rc = resolve_config(model, config_path, overrides + [f"{k}={v}" for k, v in params.items()])
         rec = make_model(rc)
+        t0 = time.monotonic()
+
+        def observe(epoch: int, record: dict[str, Any]) -> bool:
+            score = record.get("valid", {}).get(OBJECTIVE)
+            if score is not None and not math.isnan(score):
+                trial.report(score, epoch)
+                if trial.should_prune():
+                    raise optuna.TrialPruned(f"{OBJECTIVE} {score:.5f} after epoch {epoch}: below the median")
+            return trial_timeout is not None and time.monotonic() - t0 > trial_timeout
+
         try:
-            rec.fit(ds, ds, train_cfg=rc.train, run_dir=None, show_progress=False)
+            with observe_epochs(observe):
+                rec.fit(ds, ds, train_cfg=rc.train, run_dir=None, show_progress=False)
         except TrainingDiverged as exc:  # a bad lr: counts as a (pruned) trial, the study goes on
             trial.set_user_attr("error", str(exc))
             raise optuna.TrialPruned(str(exc)) from exc
