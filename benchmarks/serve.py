@@ -192,6 +192,7 @@ def start_server(run: Path, db: Path, port: int) -> subprocess.Popen:
 
 
 def bench(name: str, run: Path, args: argparse.Namespace) -> list[tuple[str, int, dict[str, float], float]]:
+    import httpx
     import polars as pl
 
     users = pl.read_parquet(run / "users.parquet").get_column("id").to_list()
@@ -205,15 +206,25 @@ def bench(name: str, run: Path, args: argparse.Namespace) -> list[tuple[str, int
         host = "127.0.0.1"
         rows = []
 
+        def counters() -> dict[str, int]:
+            return httpx.get(f"http://{host}:{port}/v1/health", timeout=10).json()
+
         def phase(label: str, path: str, bodies: list[bytes], conc: int, per_request: int = 1) -> None:
-            cpu0 = sum(proc.cpu_times()[:2])
+            cpu0, c0 = sum(proc.cpu_times()[:2]), counters()
             r = asyncio.run(load(host, port, path, bodies, conc, args.seconds))
-            cpu = sum(proc.cpu_times()[:2]) - cpu0
+            cpu, c1 = sum(proc.cpu_times()[:2]) - cpu0, counters()
             r["per"] = per_request
             rows.append((label, conc, r, cpu))
-            print(f"  {label:<24} {r['n']:>6} req  {r['rps'] * per_request:>9,.0f}/s  p50 {r['p50']:6.2f}  "
-                  f"p95 {r['p95']:6.2f}  p99 {r['p99']:6.2f} ms  server CPU {cpu / max(r['seconds'], 1e-9):.0%}"
-                  f"  errors {r['errors']}", flush=True)
+            if path.endswith("events"):
+                group = (c1["event_posts"] - c0["event_posts"]) / max(c1["event_commits"] - c0["event_commits"], 1)
+                extra = f"{group:.1f} POSTs/commit"
+            else:
+                group = (c1["recommend_requests"] - c0["recommend_requests"]) / max(
+                    c1["recommend_passes"] - c0["recommend_passes"], 1)
+                extra = f"{group:.1f} requests/pass"
+            print(f"  {label:<20} {r['n']:>6} req  {r['rps'] * per_request:>8,.0f}/s  p50 {r['p50']:6.2f}  "
+                  f"p95 {r['p95']:6.2f}  p99 {r['p99']:6.2f} ms  server CPU {cpu / max(r['seconds'], 1e-9):.0%} "
+                  f"({cpu / max(r['n'], 1) * 1000:.2f} ms/req)  {extra}  errors {r['errors']}", flush=True)
 
         try:
             t = time.time()

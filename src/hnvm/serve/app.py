@@ -124,6 +124,7 @@ class Service:
         self._wake: asyncio.Event | None = None
         self._writer: asyncio.Task[None] | None = None
         self._pending: list[tuple[Query, asyncio.Future[Recommendation]]] = []
+        self.stats = {"recommend_requests": 0, "recommend_passes": 0, "event_posts": 0, "event_commits": 0}
 
     @classmethod
     def open(cls, run: str | Path, db: str | Path, *, data: str | Path | None = None,
@@ -197,6 +198,8 @@ class Service:
         if not accepted:
             return
         flat = [e for events, _, _ in accepted for e in events]
+        self.stats["event_commits"] += 1
+        self.stats["event_posts"] += len(accepted)
         try:  # one transaction for the whole group (group commit)
             first, _ = await loop.run_in_executor(self._pool, self.log.append, flat)
         except Exception as exc:  # nothing was applied; the clients may retry
@@ -225,6 +228,8 @@ class Service:
 
     def _flush(self) -> None:
         batch, self._pending = self._pending, []
+        self.stats["recommend_passes"] += 1
+        self.stats["recommend_requests"] += len(batch)
         try:
             results = self.engine.recommend_many([q for q, _ in batch])
         except Exception:  # isolate the failing request
@@ -262,7 +267,7 @@ class Service:
                 "items": e.n_items, "known_users": len(e.user_index), "active_users": len(e.users),
                 "events": e.n_events, "replayed_at_start": self.replayed, "session_gap_s": e.gap_s,
                 "event_log": str(self.log.path), "durability": f"sqlite WAL, synchronous={SYNCHRONOUS}",
-                "uptime_s": round(time.time() - self.started, 1)}
+                "uptime_s": round(time.time() - self.started, 1), **self.stats}
 
 
 class _BodyLimit:
