@@ -374,3 +374,36 @@ def test_fast_top_k_agrees_with_topk_items() -> None:
         for r in range(6):
             w = [i for i in want[r].tolist() if i]
             assert ids[r] == w and vals[r] == scores[r, w].tolist()
+
+
+def test_chunked_oversized_body_and_unknown_paths(svc: TestClient) -> None:
+    before = _snapshot(svc)
+
+    def chunks():
+        yield b'{"events": ['
+        for _ in range(200):
+            yield b'{"user": "u1", "item": "1", "ts": 300},'
+        yield b'{"user": "u1", "item": "1", "ts": 300}]}'
+
+    r = svc.post("/v1/events", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "body over 4096 bytes" in r.json()["error"]
+    assert svc.get("/v1/nowhere").json() == {"error": "Not Found"}
+    assert svc.get("/v1/events").status_code == 405
+    assert _snapshot(svc) == before
+
+
+def test_serve_cli_errors(run_dir: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from hnvm.cli import app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = CliRunner().invoke(app, ["serve", str(run_dir), "--port", str(port), "--db", str(tmp_path / "e.sqlite")])
+    assert r.exit_code == 2 and f"cannot listen on 127.0.0.1:{port}" in r.output
+    r = CliRunner().invoke(app, ["serve", str(run_dir), "--port", str(_free_port()), "--db", str(tmp_path)])
+    assert r.exit_code == 2 and "is a directory" in r.output
+    r = CliRunner().invoke(app, ["serve", str(tmp_path), "--port", str(_free_port())])
+    assert r.exit_code == 2 and "not a run directory" in r.output

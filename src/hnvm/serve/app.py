@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -31,7 +32,9 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from hnvm.errors import HnvmError
 from hnvm.serve.state import Engine, Event, Query, Recommendation
 from hnvm.serve.store import SYNCHRONOUS, EventLog
 
@@ -281,19 +284,32 @@ class _BodyLimit:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         size = dict(scope["headers"]).get(b"content-length")
-        if size is not None and (not size.isdigit() or int(size) > self.max_bytes):
-            return await self._refuse(send)
-        seen = 0
-
-        async def limited() -> dict[str, Any]:
-            nonlocal seen
+        if size is not None:
+            if not size.isdigit() or int(size) > self.max_bytes:
+                return await self._refuse(send)
+            return await self.app(scope, receive, send)
+        # no declared length (chunked): read up to the limit here, then hand the body on
+        chunks, seen, more = [], 0, True
+        while more:
             msg = await receive()
-            seen += len(msg.get("body", b""))
+            if msg["type"] != "http.request":
+                return await self.app(scope, receive, send)  # (a disconnect: let the app see it)
+            chunks.append(msg.get("body", b""))
+            seen += len(chunks[-1])
+            more = msg.get("more_body", False)
             if seen > self.max_bytes:
-                raise ServiceError(413, f"request body over {self.max_bytes} bytes")
-            return msg
+                return await self._refuse(send)
+        body = b"".join(chunks)
+        sent = False
 
-        return await self.app(scope, limited, send)
+        async def replay() -> dict[str, Any]:
+            nonlocal sent
+            if sent:
+                return await receive()
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        return await self.app(scope, replay, send)
 
     async def _refuse(self, send: Callable[..., Any]) -> None:
         body = json.dumps({"error": f"request body over {self.max_bytes} bytes"}).encode()
@@ -335,6 +351,10 @@ def create_app(service: Service) -> FastAPI:
         more = f" (and {len(msgs) - 5} more)" if len(msgs) > 5 else ""
         detail = [{"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")} for e in errs[:50]]
         return JSONResponse({"error": "; ".join(msgs[:5]) + more, "detail": detail}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(ServiceError)
     async def service_error(_: Request, exc: ServiceError) -> JSONResponse:
@@ -381,6 +401,12 @@ def serve(run: str | Path, *, host: str = "127.0.0.1", port: int = 8000, db: str
     import uvicorn
 
     torch.set_num_threads(threads)
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:  # fail before loading
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise HnvmError(f"cannot listen on {host}:{port} ({exc.strerror or exc})") from None
     service = Service.open(run, db, data=data, gap_s=gap_s)
     if on_ready is not None:
         on_ready(service)

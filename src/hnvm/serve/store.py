@@ -47,8 +47,14 @@ class EventLog:
 
     def __init__(self, path: str | Path, *, synchronous: str = SYNCHRONOUS) -> None:
         self.path = Path(path)
+        self.synchronous = synchronous
+        if self.path.is_dir():
+            raise HnvmError(f"{self.path}: is a directory; --db names the SQLite file")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = open(self.path.with_name(self.path.name + ".lock"), "a+")  # noqa: SIM115
+        try:
+            self._lock = open(self.path.with_name(self.path.name + ".lock"), "a+")  # noqa: SIM115
+        except OSError as exc:
+            raise HnvmError(f"{self.path}: cannot create the event log ({exc})") from exc
         try:
             fcntl.flock(self._lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -113,4 +119,4 @@ class EventLog:
             self._lock.close()
 
     def __repr__(self) -> str:
-        return f"EventLog({os.fspath(self.path)!r}, synchronous={SYNCHRONOUS})"
+        return f"EventLog({os.fspath(self.path)!r}, synchronous={self.synchronous})"
