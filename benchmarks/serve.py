@@ -12,6 +12,7 @@ and runs, each phase bounded by a request count and a time limit:
   events, batch 1      one event per POST, 50 concurrent clients (group commit at work)
   recommend, first     POST /v1/recommend, 50 concurrent, each user's first request (the history
                        is encoded lazily on first use)
+  recommend, 1 client  POST /v1/recommend one at a time (the latency of a request alone)
   recommend            POST /v1/recommend, 50 concurrent, k = 10, users with open sessions
   recommend + session  the same with 3 extra session items in the request (3 more decoder steps)
 
@@ -247,6 +248,7 @@ def bench(name: str, run: Path, args: argparse.Namespace) -> list[tuple[str, int
             first = [json.dumps({"user": u, "k": 10}).encode() for u in pool]
             phase("recommend, first", "/v1/recommend", first, 50)
             bodies = [json.dumps({"user": rng.choice(pool), "k": 10}).encode() for _ in range(args.recommend)]
+            phase("recommend, 1 client", "/v1/recommend", bodies[: args.recommend // 5], 1)
             phase("recommend", "/v1/recommend", bodies, 50)
             bodies = [json.dumps({"user": rng.choice(pool), "k": 10, "session": rng.sample(items, 3)}).encode()
                       for _ in range(args.recommend // 2)]
