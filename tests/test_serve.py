@@ -204,10 +204,13 @@ def test_restart_replays_to_identical_recommendations(run_dir: Path, tmp_path: P
                  "ts": 1e9 + 600 * b + i} for i in range(20)] for b in range(6)]  # some gaps close sessions
     queries = [{"user": u, "k": 10, "ts": 1e9 + 10_000} for u in users]
     with client(run_dir, db) as c:
-        for b in batches:
+        for b in batches:  # recommending between batches makes the service advance state eagerly
+            assert all(c.post("/v1/recommend", json=q).status_code == 200 for q in queries)
             assert c.post("/v1/events", json={"events": b}).status_code == 200
+        served = c.app.state.service.engine.users  # type: ignore[attr-defined]
+        assert all(st.cache.n_dec == len(st.open_items) for st in served.values() if st.cache is not None)
         before = [c.post("/v1/recommend", json=q).json() for q in queries]
-    with client(run_dir, db) as c:
+    with client(run_dir, db) as c:  # replayed lazily: no model code until the first recommendation
         assert c.get("/v1/health").json()["replayed_at_start"] == 120
         after = [c.post("/v1/recommend", json=q).json() for q in queries]
     assert before == after

@@ -218,6 +218,12 @@ class Service:
                 fut.set_result(EventsOut(accepted=len(events), first_seq=first,
                                          last_seq=first + len(events) - 1, unknown_items=unknown))
             first += len(events)
+        # after the answers: keep the decoder state of users being served current (one step per
+        # event), so that their next recommendation is one scoring pass
+        try:
+            self.engine.advance(dict.fromkeys(e.user for e in flat))
+        except Exception:  # state is derived data: the next recommendation recomputes it
+            log.exception("advancing user state failed")
 
     # recommendations ---------------------------------------------------------------------------
     async def recommend(self, q: Query) -> Recommendation:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -223,6 +223,17 @@ class Engine:
             st.seen.add(iid)
         return iid > 0
 
+    @torch.no_grad()
+    def advance(self, users: Iterable[str]) -> None:
+        """Bring the model state of users already scored up to date with their events (a
+        closed session: encoder + context step; each event: one decoder step), so that their
+        next recommendation costs only the scoring pass. Users never scored stay lazy: after a
+        restart the replay runs no model code."""
+        for u in users:
+            st = self.users.get(u)
+            if st is not None and st.cache is not None:
+                self.scorer.advance(st)
+
     # ---- recommendations -----------------------------------------------------------------------
     def recommend(self, q: Query) -> Recommendation:
         return self.recommend_many([q])[0]
@@ -311,6 +322,9 @@ class _Scorer:
     def scores(self, views: Sequence[View]) -> Tensor:
         """Float[len(views), n_items + 1]; column 0 is ignored."""
         raise NotImplementedError
+
+    def advance(self, st: UserState) -> None:
+        """Update the user's cached model state to the applied events (if the scorer keeps one)."""
 
 
 class _GenericScorer(_Scorer):
@@ -427,6 +441,9 @@ class _HNVMScorer(_Scorer):
             c.n_folded += 1
             c.open_id = -1
         return c
+
+    def advance(self, st: UserState) -> None:
+        self._hidden(st, [], False)
 
     def _hidden(self, st: UserState, extra: list[int], expired: bool) -> Tensor:
         c = self._cache(st)
