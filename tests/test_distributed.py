@@ -216,3 +216,33 @@ def test_torchrun_command_line(tmp_path: Path) -> None:
 
     res2 = evaluate_run(tmp_path / "run", device="cpu")
     assert res2.n_targets > 0 and np.isfinite(res2.metrics["mrr@5"])
+
+
+def test_trainer_strides_over_a_trainable_that_does_not_shard_itself() -> None:
+    from hnvm.distributed import DistContext
+    from hnvm.train import Trainer, _takes_shard
+
+    class Plain:
+        module = torch.nn.Linear(1, 1)
+
+        def train_batches(self, epoch, rng):
+            return iter(range(7))
+
+    class Sharding(Plain):
+        def train_batches(self, epoch, rng, *, rank=0, world_size=1):
+            return iter(shard_indices(7, rank, world_size))
+
+    assert not _takes_shard(Plain()) and _takes_shard(Sharding())
+    t = Trainer(TrainConfig())
+
+    def shards(trainable) -> list[list[int]]:
+        out = []
+        for r in range(WORLD):
+            t.ctx = DistContext(rank=r, world_size=WORLD)
+            out.append(list(t._batches(trainable, 0, np.random.default_rng(0))))
+        return out
+
+    # strided: disjoint, counts may differ by one (the step loop stops all ranks at the shortest)
+    assert shards(Plain()) == [[0, 2, 4, 6], [1, 3, 5]]
+    # self-sharded: equal counts, the last round wraps to the start
+    assert shards(Sharding()) == [[0, 2, 4, 6], [1, 3, 5, 0]]
