@@ -291,7 +291,10 @@ def write_checkpoint(directory: Path, module: nn.Module, opt: torch.optim.Optimi
         tensors, meta = _flatten_optimizer(opt)
         save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp / "optimizer.safetensors"))
         (tmp / "optimizer.json").write_text(json.dumps(meta))
-        save_file({"torch": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+        rng_state = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            rng_state["cuda"] = torch.cuda.get_rng_state()  # the current device's generator
+        save_file(rng_state, str(tmp / "rng.safetensors"))
     (tmp / "state.json").write_text(json.dumps(state, indent=2))
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
@@ -406,7 +409,10 @@ class Trainer:
             # load_state_dict moves the moments to each parameter's device
             _restore_optimizer(opt, load_file(str(last / "optimizer.safetensors")),
                                json.loads((last / "optimizer.json").read_text()))
-            torch.set_rng_state(load_file(str(last / "rng.safetensors"))["torch"])
+            rng_state = load_file(str(last / "rng.safetensors"))
+            torch.set_rng_state(rng_state["torch"])
+            if "cuda" in rng_state and dev.type == "cuda":
+                torch.cuda.set_rng_state(rng_state["cuda"])
             start_epoch, step = st["epoch"] + 1, st["step"]
             best, best_epoch, bad_epochs = st["best"], st["best_epoch"], st["bad_epochs"]
             history = st.get("history", [])
