@@ -24,6 +24,7 @@ from hnvm.models.gru4rec import (
     _GRU4RecTrainable,
     bpr_max_loss,
     cross_entropy_loss,
+    lookup,
     session_parallel_steps,
     training_order,
 )
@@ -147,6 +148,35 @@ def test_bpr_max_matches_the_shared_definition() -> None:
     torch.testing.assert_close(bpr_max_loss(scores, 1.95, 0.5), want)
 
 
+def _bpr_max_autograd(scores: torch.Tensor, bpreg: float, elu_p: float) -> torch.Tensor:
+    """The reference's bpr_max_loss_with_elu, operation for operation (gradient by autograd)."""
+    if elu_p > 0:
+        scores = F.elu(scores, elu_p)
+    hm = 1.0 - torch.eye(*scores.shape, dtype=scores.dtype)
+    x = scores * hm
+    e = torch.exp(x - x.max(dim=1, keepdim=True)[0]) * hm
+    s = e / e.sum(dim=1, keepdim=True)
+    target = torch.diag(scores).reshape(scores.shape[0], -1)
+    return torch.sum(-torch.log(torch.sum(torch.sigmoid(target - scores) * s, dim=1) + 1e-24)
+                     + bpreg * torch.sum(scores**2 * s, dim=1))
+
+
+@pytest.mark.parametrize("shape", [(6, 15), (4, 4), (1, 3), (64, 2112)])
+@pytest.mark.parametrize("elu_p", [0.0, 0.5])
+def test_bpr_max_value_is_the_reference_s_and_its_closed_form_gradient_autograd_s(
+        shape: tuple[int, int], elu_p: float) -> None:
+    g = torch.Generator().manual_seed(shape[1])
+    scores = torch.randn(*shape, generator=g) * 3
+    a, b = scores.clone().requires_grad_(), scores.clone().requires_grad_()
+    want, got = _bpr_max_autograd(a, 1.95, elu_p), bpr_max_loss(b, 1.95, elu_p)
+    assert torch.equal(got, want)  # the same operations: the same bits
+    (want * 0.3).backward()
+    (got * 0.3).backward()
+    torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5)
+    x = (torch.randn(3, 7, generator=g, dtype=torch.float64) * 2).requires_grad_()
+    assert torch.autograd.gradcheck(lambda z: bpr_max_loss(z, 0.7, elu_p), (x,))
+
+
 def test_cross_entropy_with_logq_matches_the_shared_sampled_softmax() -> None:
     g = torch.Generator().manual_seed(1)
     scores = torch.randn(5, 5 + 7, generator=g)
@@ -209,6 +239,55 @@ def test_adagrad_momentum_sparse_rows_only_as_the_reference() -> None:
     v1 = -0.1 * torch.tensor([1.0, 0.0, 2.0]) / (a + 1e-6).sqrt()
     v2 = 0.5 * v1 - 0.1 * torch.tensor([1.0, 0.0, 2.0]) / (2 * a + 1e-6).sqrt()
     torch.testing.assert_close(w.detach(), 1 + v1 + v2)
+
+
+def test_sparse_lookup_gives_the_embedding_gradient_already_coalesced() -> None:
+    """lookup(table, ids): nn.Embedding's values and (summed) sparse gradient, with one sorted
+    entry per row and marked coalesced, so that the optimizer's update is the same without the
+    coalesce; tables with dense gradients and no-grad calls take nn.Embedding's own path."""
+    torch.manual_seed(0)
+    ids = torch.tensor([5, 1, 5, 7, 1, 1, 9, 0])
+    for width in (3, 1):
+        ours, plain = (torch.nn.Embedding(10, width, sparse=True) for _ in range(2))
+        plain.load_state_dict(ours.state_dict())
+        up = torch.randn(len(ids), width)
+        (lookup(ours, ids) * up).sum().backward()
+        (plain(ids) * up).sum().backward()
+        g = ours.weight.grad
+        assert g.is_sparse and g.is_coalesced() and g.indices()[0].tolist() == [0, 1, 5, 7, 9]
+        torch.testing.assert_close(g.to_dense(), plain.weight.grad.to_dense())
+        steps = [AdagradMomentum(t.parameters(), lr=0.1, momentum=0.4) for t in (ours, plain)]
+        for opt in steps:
+            opt.step()
+        torch.testing.assert_close(ours.weight, plain.weight)
+    dense = torch.nn.Embedding(10, 3)
+    lookup(dense, ids).sum().backward()
+    assert not dense.weight.grad.is_sparse
+    with torch.no_grad():
+        assert torch.equal(lookup(ours, ids), ours(ids))
+
+
+@pytest.mark.parametrize("mode", [dict(constrained_embedding=True),
+                                  dict(constrained_embedding=False, embedding=12)])
+def test_train_step_is_advance_then_score_items(mode: dict) -> None:
+    """The training step's single item-table lookup gives the scores, state and gradients of
+    advance + score_items (nn.Embedding's lookups)."""
+    c = GRU4RecConfig(**{**SMALL, "layers": (16,), **mode})
+    nets = [GRU4RecNet(50, c.layers, c.embedding, c.constrained_embedding, 0.0, 0.0,
+                       sparse=True, seed=3) for _ in range(2)]
+    items, cols = torch.tensor([1, 2, 3, 2]), torch.tensor([4, 2, 9, 1, 4, 4, 30])
+    state = [torch.randn(4, 16)]
+    scores, new = nets[0].train_step(items, state, cols)
+    h, want_state = nets[1].advance(items, state)
+    want = nets[1].score_items(h, cols)
+    torch.testing.assert_close(scores, want)
+    torch.testing.assert_close(new[0], want_state[0])
+    up = torch.randn(scores.shape)
+    (scores * up).sum().backward()
+    (want * up).sum().backward()
+    for (name, p), q in zip(nets[0].named_parameters(), nets[1].parameters(), strict=True):
+        a, b = (t.grad.to_dense() if t.grad.is_sparse else t.grad for t in (p, q))
+        torch.testing.assert_close(a, b, msg=name)
 
 
 # ---- the network and scoring ------------------------------------------------------------------

@@ -28,7 +28,10 @@ uses the user's most recent history session as the prefix (the state at its end)
 
 Differences from the reference that do not change the model: item ids are 1..n_items with row 0
 unused (padding), the initial weights come from torch seeded with `train.seed` rather than numpy
-seeded with 42, and ties in session start time are ordered by session id.
+seeded with 42, and ties in session start time are ordered by session id. For speed, bpr-max's
+gradient is taken in closed form (_BprMax) and the item tables' sparse gradients arrive summed
+per row (_CoalescedRows): the same numbers up to float rounding, in fewer passes
+(benchmarks/gru4rec_reference.py compares the two implementations' speed side by side).
 """
 
 from __future__ import annotations
@@ -250,8 +253,8 @@ class _CoalescedRows(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
         (ids,) = ctx.saved_tensors
         sorted_ids, perm = torch.sort(ids, stable=True)
-        rows, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
-        values = F.embedding_bag(perm, grad, counts.cumsum(0) - counts, mode="sum")  # [rows, H]
+        rows, _, counts = torch.ops.aten.unique_consecutive(sorted_ids, False, True)
+        values = torch.embedding_bag(grad, perm, counts.cumsum(0) - counts)[0]  # [rows, H] sums
         out = torch.sparse_coo_tensor(rows.unsqueeze(0), values, (ctx.n_rows, *grad.shape[1:]),
                                       is_coalesced=True, check_invariants=False)
         # Autograd stores a sparse gradient it alone references as a new tensor around the same
@@ -573,7 +576,9 @@ class _GRU4RecTrainable:
         if c.loss == "bpr-max":
             total = bpr_max_loss(scores, c.bpreg, c.elu_p)
         else:
-            logq_cols = self.log_count[cols].clone()
-            logq_cols[b:] *= c.sample_alpha
+            logq_cols = None
+            if c.logq > 0:
+                logq_cols = self.log_count.index_select(0, cols)
+                logq_cols[b:] *= c.sample_alpha
             total = cross_entropy_loss(scores, logq_cols, c.logq)
         return {"loss": total / c.batch_size}  # the reference divides by the nominal batch size
