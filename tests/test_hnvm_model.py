@@ -187,3 +187,23 @@ def test_run_of_another_format_version_is_refused(tmp_path: Path) -> None:
     (tmp_path / "run" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(HnvmError, match="version 99 is not supported"):
         evaluate_run(tmp_path / "run")
+
+
+def test_nan_parameters_with_a_finite_loss_stop_training(tmp_path: Path, synth) -> None:
+    """Validation scores that are NaN (parameters diverged, loss still finite) end training with
+    TrainingDiverged, which `hnvm tune` counts as a pruned trial instead of aborting the study."""
+    from hnvm.metrics import conservative_ranks
+    from hnvm.models.hnvm import _HNVMTrainable
+
+    ds, _ = synth
+    m = HNVM(HNVMConfig(**SMALL))
+    m.net = m._build(ds.n_items, ds.n_users)
+    t = _HNVMTrainable(m, Sequences.from_events(ds.events, ds.n_users), torch.ones(ds.n_items + 1))
+
+    def validate() -> dict[str, float]:
+        scores = torch.tensor([[0.0, float("nan"), 1.0]])
+        conservative_ranks(scores, torch.tensor([1]))
+        return {}
+
+    with pytest.raises(TrainingDiverged, match="epoch 1: validation scores are NaN"):
+        Trainer(TrainConfig(epochs=2, patience=0), tmp_path / "run").fit(t, validate)

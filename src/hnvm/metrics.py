@@ -50,7 +50,11 @@ def _check_scores(scores: Tensor) -> None:
     # NaN compares False with everything, which would silently rank it last (or the target
     # first); a NaN score is a model bug, so refuse it. Column 0 is ignored anyway.
     if scores.is_floating_point() and torch.isnan(scores[:, 1:]).any():
-        raise ValueError("scores contain NaN")
+        raise NonFiniteScores("scores contain NaN")
+
+
+class NonFiniteScores(ValueError):
+    """A model produced NaN scores (during training: its parameters diverged)."""
 
 
 def _check_ids(ids: Tensor, n_items: int, what: str, *, allow_padding: bool) -> None:

@@ -36,6 +36,7 @@ from torch import nn
 from hnvm import distributed
 from hnvm.config import choices, rng
 from hnvm.errors import HnvmError
+from hnvm.metrics import NonFiniteScores
 
 log = logging.getLogger(__name__)
 
@@ -496,7 +497,11 @@ class Trainer:
                 record["processes"] = ctx.world_size
             if validate is not None:
                 module.eval()
-                metrics = validate()  # sharded over ranks and gathered: the same on every rank
+                try:
+                    metrics = validate()  # sharded over ranks and gathered: the same on every rank
+                except NonFiniteScores as exc:  # a finite loss can hide non-finite parameters
+                    raise TrainingDiverged(f"epoch {epoch + 1}: validation scores are NaN; the parameters "
+                                           "diverged (try a lower train.lr or train.grad_clip)") from exc
                 score = metrics.get(cfg.metric, float("nan"))
                 record["valid"] = metrics
                 if score > best:
