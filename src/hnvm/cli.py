@@ -303,8 +303,10 @@ def _benchmark_table(res: dict, title: str, cols: tuple[str, ...]) -> Table:
         for c in cols:
             b = base[c]
             ours, theirs = res["models"]["hnvm"]["metrics"].get(c), res["models"][b]["metrics"][c] if b else None
-            cells.append(f"{(ours / theirs - 1) * 100:+.1f}% vs {b}" if ours is not None and theirs else "-")
+            cells.append(f"{(ours / theirs - 1) * 100:+.1f}%" if ours is not None and theirs else "-")
         t.add_row("Improv.", *cells, "")
+        t.caption = "Improv.: hnvm relative to the best baseline of each column (" + ", ".join(
+            f"{c}: {b}" for c, b in base.items()) + ")"
     return t
 
 
@@ -335,6 +337,11 @@ def demo(
         if "baseline" in sig:
             out.print(f"{r['task']}: hnvm vs {sig['baseline']}, MRR@5 per {sig['unit']} (n = {sig['n']}): "
                       f"mean difference {sig['mean_diff']:+.4f}, Wilcoxon p = {sig['p']:.3g}", highlight=False)
+    from hnvm.demo import DEMO_EPOCHS
+
+    out.print("Short schedules for a demo of a few minutes (epochs: " + ", ".join(
+        f"{m} {n}" for m, n in DEMO_EPOCHS.items()) + "); the full-schedule benchmark (20 epochs, early "
+        "stopping) is in the README: hnvm benchmark DATA --models all --task both --out DIR", highlight=False)
     out.print(f"tables: {out_dir}/next-item/table.md, {out_dir}/next-session/table.md; figures: "
               f"{item['files'].get('position')}, {item['files'].get('history')}; runs: {out_dir}/runs/ "
               f"(hnvm evaluate {out_dir}/runs/hnvm); total {time.perf_counter() - t0:.0f}s",

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 # Epoch caps that keep the demo short (early stopping on validation MRR@5 still applies).
 # The slow-per-epoch sequence models get fewer epochs; HNVM, the paper's model, gets the most.
 DEMO_EPOCHS: dict[str, int] = {
-    "bprmf": 10, "ncf": 6, "gru4rec": 4, "hrnn": 3, "caser": 4, "stamp": 3, "hnvm": 10,
+    "bprmf": 3, "ncf": 1, "gru4rec": 2, "hrnn": 1, "caser": 1, "stamp": 2, "hnvm": 6,
 }
 
 
