@@ -192,6 +192,7 @@ def test_single_process_context_is_inert() -> None:
     assert ctx.gather_rows([t])[0] is t
     assert ctx.main_first(lambda: 7) == 7
     assert not DistContext(world_size=2, device=torch.device("cuda", 0)).sparse_grads_ok
+    assert not DistContext(world_size=2, device=torch.device("cpu")).sparse_grads_ok  # dense under DDP
 
 
 def test_torchrun_command_line(tmp_path: Path) -> None:

@@ -48,8 +48,11 @@ class DistContext:
 
     @property
     def sparse_grads_ok(self) -> bool:
-        """NCCL cannot all-reduce sparse tensors; gloo (CPU) can, and DDP handles them there."""
-        return not (self.distributed and self.device.type == "cuda")
+        """Sparse gradients only in one process. NCCL cannot all-reduce sparse tensors; gloo can,
+        but its sparse all-reduce under DDP crashed a 2-process CPU run now and then (heap
+        corruption, SIGABRT, about 1 run in 3 on a loaded machine), so several processes all-reduce
+        dense gradients, DDP's well-trodden path."""
+        return not self.distributed
 
     # ---- collectives (no-ops in one process) -------------------------------------------------
 
