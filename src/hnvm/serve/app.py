@@ -17,6 +17,7 @@ them to the in-memory state and answers. A rejected batch writes nothing and cha
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import socket
@@ -416,5 +417,10 @@ def serve(run: str | Path, *, host: str = "127.0.0.1", port: int = 8000, db: str
     service = Service.open(run, db, data=data, gap_s=gap_s)
     if on_ready is not None:
         on_ready(service)
+    # The model, the dataset and the replayed state are long-lived: move them out of the cyclic
+    # collector's reach, or each full collection rescans them and stalls every request in flight.
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)  # requests allocate many short-lived objects: collect less often
     uvicorn.run(create_app(service), host=host, port=port, log_level="warning", access_log=False,
                 timeout_graceful_shutdown=5)
