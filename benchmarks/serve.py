@@ -174,11 +174,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(run: Path, db: Path, port: int) -> subprocess.Popen:
+def start_server(run: Path, db: Path, port: int, threads: int = 1) -> subprocess.Popen:
     import httpx
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.Popen([sys.executable, "-m", "hnvm", "serve", str(run), "--port", str(port), "--db", str(db)],
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    p = subprocess.Popen([sys.executable, "-m", "hnvm", "serve", str(run), "--port", str(port), "--db", str(db),
+                          "--threads", str(threads)],
                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     for _ in range(600):
         if p.poll() is not None:
@@ -202,7 +203,7 @@ def bench(name: str, run: Path, args: argparse.Namespace) -> list[tuple[str, int
     pool = rng.sample(users, min(len(users), args.users))
     with tempfile.TemporaryDirectory() as tmp:
         port = free_port()
-        server = start_server(run, Path(tmp) / "events.sqlite", port)
+        server = start_server(run, Path(tmp) / "events.sqlite", port, args.threads)
         proc = psutil.Process(server.pid)
         host = "127.0.0.1"
         rows = []
@@ -271,10 +272,12 @@ def main() -> None:
     ap.add_argument("--single-events", type=int, default=5000, help="one-event POSTs")
     ap.add_argument("--recommend", type=int, default=10_000, help="recommend requests")
     ap.add_argument("--seconds", type=float, default=30.0, help="time limit per phase")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of the server (scoring)")
     args = ap.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; server: 1 process, "
-          f"1 torch thread; client: asyncio{' + uvloop' if _uvloop() else ''}, same machine", flush=True)
+          f"{args.threads} torch thread(s); client: asyncio{' + uvloop' if _uvloop() else ''}, same machine",
+          flush=True)
     for name in args.datasets.split(","):
         t0 = time.perf_counter()
         epochs = args.epochs if args.epochs is not None else (1 if name == "instacart" else 0)
