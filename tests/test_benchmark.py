@@ -15,6 +15,7 @@ from hnvm import report
 from hnvm.benchmark import run_benchmark
 from hnvm.cli import app
 from hnvm.data.samples import synthetic_dataset
+from hnvm.errors import HnvmError
 
 TINY_HNVM = ("[model]\nhidden = 16\nemb_dim = 16\nmlp_hidden = 16\nd_e = 8\nd_z = 8\n"
              "n_negatives = 16\n")
@@ -177,3 +178,13 @@ def test_benchmark_rejects_bad_task(data: Path, tmp_path: Path) -> None:
     r = CliRunner().invoke(app, ["benchmark", str(data), "--models", "pop", "--task", "next-basket",
                                  "--out", str(tmp_path / "o")])
     assert r.exit_code == 2 and "--task must be one of" in r.output
+
+
+def test_parse_models_expands_all_inside_a_list() -> None:
+    from hnvm.benchmark import all_models, parse_models
+
+    assert parse_models("all") == all_models()
+    assert parse_models("all,hnvm-no-e,hnvm") == [*all_models(), "hnvm-no-e"]  # duplicates dropped, order kept
+    assert parse_models(" pop , hnvm-no-z ") == ["pop", "hnvm-no-z"]
+    with pytest.raises(HnvmError, match="unknown model"):
+        parse_models("all,nope")

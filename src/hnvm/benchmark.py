@@ -53,10 +53,12 @@ def all_models() -> list[str]:
 
 
 def parse_models(spec: str) -> list[str]:
-    """`all` or a comma-separated list (registered names or ablations)."""
-    if spec.strip() == "all":
-        return all_models()
-    names = [s.strip() for s in spec.split(",") if s.strip()]
+    """A comma-separated list of registered names, ablations and `all` (every registered model):
+    `all`, `pop,hnvm`, `all,hnvm-no-e,hnvm-no-z`."""
+    names = []
+    for s in (s.strip() for s in spec.split(",")):
+        if s:
+            names += all_models() if s == "all" else [s]
     known = set(all_models()) | set(ABLATIONS)
     bad = [n for n in names if n not in known]
     if bad or not names:

@@ -207,7 +207,7 @@ def evaluate(
 def benchmark(
     dataset: Annotated[Path, typer.Argument(help="Dataset directory made by `hnvm prepare`.")],
     out_dir: Annotated[Path, typer.Option("--out", help="Benchmark directory (re-run to resume).")],
-    models: Annotated[str, typer.Option(help="all, or a,b,c (also hnvm-no-e, hnvm-no-z, "
+    models: Annotated[str, typer.Option(help="all, or a,b,c, or all,hnvm-no-e (ablations: hnvm-no-e, hnvm-no-z, "
                                         "hnvm-no-history).")] = "all",
     task: Annotated[str, typer.Option(help="next-item, next-session, or both (OUT/next-item, "
                                       "OUT/next-session; one training per model).")] = "next-item",
