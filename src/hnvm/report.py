@@ -45,7 +45,8 @@ def best_baseline(results: Mapping[str, Mapping[str, Any]], metric: str) -> str 
     return max(cands)[1] if cands else None
 
 
-def _improvement(results: Mapping[str, Mapping[str, Any]], metric: str, target: str) -> str:
+def improvement(results: Mapping[str, Mapping[str, Any]], metric: str, target: str = "hnvm") -> str:
+    """`target`'s relative improvement over the best baseline by `metric`, as '+12.3%' ('-' if none)."""
     base = best_baseline(results, metric)
     if target not in results or base is None:
         return "-"
@@ -63,7 +64,7 @@ def _table(results: Mapping[str, Mapping[str, Any]], ks: tuple[int, ...], target
         label = name + (DAGGER if r.get("untuned") else "")
         vals = [f"{r['metrics'][m]:.4f}" if m in r["metrics"] else "-" for _, m in cols]
         lines.append(f"| {label} | " + " | ".join(vals) + " |")
-    lines.append("| Improv. | " + " | ".join(_improvement(results, m, target) for _, m in cols) + " |")
+    lines.append("| Improv. | " + " | ".join(improvement(results, m, target) for _, m in cols) + " |")
     return "\n".join(lines)
 
 

@@ -25,6 +25,7 @@ import io
 import logging
 import math
 import os
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -240,8 +241,6 @@ def tune(
     finished (complete or pruned) trials wanted, counting those of an earlier run in `out`.
     `timeout` stops starting trials after that many seconds; `trial_timeout` ends a trial after
     the epoch that crosses it."""
-    import time
-
     import optuna
 
     from hnvm.data.batches import Sequences
