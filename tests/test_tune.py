@@ -192,3 +192,5 @@ def test_epoch_observer_stops_training_and_trial_timeout(data: Path, tmp_path: P
                trial_timeout=0.0)
     rows = _rows(Path(res["trials_csv"]))
     assert [r["state"] for r in rows] == ["COMPLETE", "COMPLETE"]
+    study = optuna.load_study(study_name="hnvm", storage=f"sqlite:///{tmp_path / 't' / 'optuna.db'}")
+    assert [t.user_attrs["epochs"] for t in study.trials] == [1, 1]  # 1 of 4 epochs each

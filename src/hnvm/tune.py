@@ -293,6 +293,7 @@ def tune(
         t0 = time.monotonic()
 
         def observe(epoch: int, record: dict[str, Any]) -> bool:
+            trial.set_user_attr("epochs", epoch)  # how far the trial got (pruned or cut by the timeout)
             score = record.get("valid", {}).get(OBJECTIVE)
             if score is not None and not math.isnan(score):
                 trial.report(score, epoch)
