@@ -174,12 +174,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(run: Path, db: Path, port: int, threads: int = 1) -> subprocess.Popen:
+def start_server(run: Path, db: Path, port: int, threads: int = 1, scoring: str = "auto") -> subprocess.Popen:
     import httpx
 
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     p = subprocess.Popen([sys.executable, "-m", "hnvm", "serve", str(run), "--port", str(port), "--db", str(db),
-                          "--threads", str(threads)],
+                          "--threads", str(threads), "--scoring", scoring],
                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     for _ in range(600):
         if p.poll() is not None:
@@ -193,7 +193,8 @@ def start_server(run: Path, db: Path, port: int, threads: int = 1) -> subprocess
     raise SystemExit("server did not start in 2 min")
 
 
-def bench(name: str, run: Path, args: argparse.Namespace) -> list[tuple[str, int, dict[str, float], float]]:
+def bench(name: str, run: Path, args: argparse.Namespace, scoring: str = "auto"
+          ) -> list[tuple[str, int, dict[str, float], float]]:
     import httpx
     import polars as pl
 
@@ -203,18 +204,22 @@ def bench(name: str, run: Path, args: argparse.Namespace) -> list[tuple[str, int
     pool = rng.sample(users, min(len(users), args.users))
     with tempfile.TemporaryDirectory() as tmp:
         port = free_port()
-        server = start_server(run, Path(tmp) / "events.sqlite", port, args.threads)
+        server = start_server(run, Path(tmp) / "events.sqlite", port, args.threads, scoring)
         proc = psutil.Process(server.pid)
         host = "127.0.0.1"
         rows = []
+        print(f"  scoring: {httpx.get(f'http://{host}:{port}/v1/health', timeout=10).json()['scoring']} "
+              f"(--scoring {scoring})", flush=True)
 
         def counters() -> dict[str, int]:
             return httpx.get(f"http://{host}:{port}/v1/health", timeout=10).json()
 
         def phase(label: str, path: str, bodies: list[bytes], conc: int, per_request: int = 1) -> None:
-            cpu0, c0 = sum(proc.cpu_times()[:2]), counters()
+            me = psutil.Process()
+            cpu0, mine0, c0 = sum(proc.cpu_times()[:2]), sum(me.cpu_times()[:2]), counters()
             r = asyncio.run(load(host, port, path, bodies, conc, args.seconds))
             cpu, c1 = sum(proc.cpu_times()[:2]) - cpu0, counters()
+            mine = sum(me.cpu_times()[:2]) - mine0
             r["per"] = per_request
             rows.append((label, conc, r, cpu))
             if path.endswith("events"):
@@ -226,7 +231,8 @@ def bench(name: str, run: Path, args: argparse.Namespace) -> list[tuple[str, int
                 extra = f"{group:.1f} requests/pass"
             print(f"  {label:<20} {r['n']:>6} req  {r['rps'] * per_request:>8,.0f}/s  p50 {r['p50']:6.2f}  "
                   f"p95 {r['p95']:6.2f}  p99 {r['p99']:6.2f} ms  server CPU {cpu / max(r['seconds'], 1e-9):.0%} "
-                  f"({cpu / max(r['n'], 1) * 1000:.2f} ms/req)  {extra}  errors {r['errors']}", flush=True)
+                  f"({cpu / max(r['n'], 1) * 1000:.2f} ms/req), client {mine / max(r['seconds'], 1e-9):.0%}  {extra}  "
+                  f"errors {r['errors']}", flush=True)
 
         try:
             t = time.time()
@@ -273,6 +279,8 @@ def main() -> None:
     ap.add_argument("--recommend", type=int, default=10_000, help="recommend requests")
     ap.add_argument("--seconds", type=float, default=30.0, help="time limit per phase")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the server (scoring)")
+    ap.add_argument("--scoring", default="auto", help="hnvm serve --scoring; a list (e.g. exact,bf16) "
+                    "benchmarks each in turn on the same run and prints the ratios")
     args = ap.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; server: 1 process, "
@@ -287,7 +295,14 @@ def main() -> None:
         n_items = pl.read_parquet(run / "items.parquet").height
         print(f"\n{name}: {n_items:,} items, run {run} ({'trained' if epochs else 'untrained'}; ready in "
               f"{time.perf_counter() - t0:.0f}s)", flush=True)
-        bench(name, run, args)
+        results = {sc: bench(name, run, args, sc) for sc in args.scoring.split(",")}
+        if len(results) > 1:
+            (ref, ref_rows), *others = results.items()
+            for sc, rows in others:
+                for (label, _, r, _), (_, _, r0, _) in zip(rows, ref_rows, strict=True):
+                    if label.startswith("recommend"):
+                        print(f"  {sc} vs {ref}, {label:<20} throughput x{r['rps'] / r0['rps']:.2f}  "
+                              f"p99 {r['p99']:.2f} vs {r0['p99']:.2f} ms", flush=True)
 
 
 def _uvloop() -> bool:

@@ -405,6 +405,9 @@ def serve(
     gap: Annotated[str | None, typer.Option(help="Idle gap that closes a session (default: the "
                                             "dataset's, e.g. 30m).")] = None,
     threads: Annotated[int, typer.Option(help="torch threads for scoring.")] = 1,
+    scoring: Annotated[str, typer.Option(help="HNVM scoring: exact (every item in fp32), bf16 (a bf16 pass "
+                                         "shortlists, fp32 ranks the shortlist; the same top-k, certified by "
+                                         "a rounding-error bound) or auto (bf16 from 20,000 items on).")] = "auto",
 ) -> None:
     """HTTP service: POST /v1/events, POST /v1/recommend, GET /v1/users/{id}, GET /v1/health;
     OpenAPI docs at /docs. Events are durable (SQLite WAL, synchronous=FULL) and replayed at start."""
@@ -413,12 +416,13 @@ def serve(
 
     def ready(svc: object) -> None:
         h = svc.health()  # type: ignore[attr-defined]
-        err.print(f"serving {run} ({h['model']}, {h['items']:,} items) on http://{host}:{port} "
+        err.print(f"serving {run} ({h['model']}, {h['items']:,} items, {h['scoring']} scoring) on http://{host}:{port} "
                   f"(docs: /docs); event log {db}: {h['replayed_at_start']:,} events replayed", highlight=False)
 
     try:
         gap_s = parse_duration(gap) if gap is not None else None
-        run_serve(run, host=host, port=port, db=db, data=data, gap_s=gap_s, threads=threads, on_ready=ready)
+        run_serve(run, host=host, port=port, db=db, data=data, gap_s=gap_s, threads=threads, scoring=scoring,
+                  on_ready=ready)
     except (HnvmError, ValueError) as exc:
         _fail(exc)
 

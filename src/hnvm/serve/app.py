@@ -6,9 +6,12 @@
     GET  /v1/health      liveness, model, counts, durability setting
     GET  /docs           OpenAPI UI (schema at /openapi.json)
 
-Concurrency: one process, one asyncio loop, which owns all state. Recommendations are computed
-on the loop (they take well under a millisecond of CPU each); requests that arrive together
-are scored in one pass (`_Batcher`). Events go through one writer task: it validates each
+Concurrency: one process, one asyncio loop, which owns all state. Requests for recommendations
+that arrive while a scoring pass runs wait for the next one and are scored together. A pass
+has two halves: the per-user model steps (`Engine.prepare`) run on the loop, which owns the
+states; the scoring product and top-k (`Engine.rank`, which reads only the prepared tensors and
+the weights) run on a scoring thread, so that the loop parses, validates and answers other
+requests meanwhile (torch releases the GIL). Events go through one writer task: it validates each
 batch against the state plus the batches accepted before it, commits the accepted ones in one
 SQLite transaction on a worker thread (the loop keeps serving meanwhile), and only then applies
 them to the in-memory state and answers. A rejected batch writes nothing and changes nothing.
@@ -21,6 +24,7 @@ import gc
 import json
 import logging
 import socket
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -36,7 +40,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hnvm.errors import HnvmError
-from hnvm.serve.state import Engine, Event, Query, Recommendation
+from hnvm.serve.state import SCORING, Engine, Event, Job, Query, Recommendation
 from hnvm.serve.store import SYNCHRONOUS, EventLog
 
 log = logging.getLogger(__name__)
@@ -124,6 +128,8 @@ class Service:
         self.started = time.time()
         self.replayed = 0
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hnvm-log")
+        self._scoring = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hnvm-score")
+        self._busy = False  # a scoring pass is running on the scoring thread
         self._queue: list[tuple[list[Event], list[str], asyncio.Future[EventsOut]]] = []
         self._wake: asyncio.Event | None = None
         self._writer: asyncio.Task[None] | None = None
@@ -132,8 +138,9 @@ class Service:
 
     @classmethod
     def open(cls, run: str | Path, db: str | Path, *, data: str | Path | None = None,
-             gap_s: float | None = None, limits: Limits = LIMITS) -> Service:
-        engine = Engine.from_run(run, data=data, gap_s=gap_s, max_session_length=limits.max_session_length)
+             gap_s: float | None = None, limits: Limits = LIMITS, scoring: str = "auto") -> Service:
+        engine = Engine.from_run(run, data=data, gap_s=gap_s, max_session_length=limits.max_session_length,
+                                 scoring=scoring)
         svc = cls(engine, EventLog(db), run=str(run), limits=limits)
         svc.replay()
         return svc
@@ -231,27 +238,55 @@ class Service:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Recommendation] = loop.create_future()
         self._pending.append((q, fut))
-        if len(self._pending) == 1:
+        if len(self._pending) == 1 and not self._busy:
             # runs after the requests already read in this loop iteration: they share one pass
             loop.call_soon(self._flush)
         return await fut
 
     def _flush(self) -> None:
+        """Start a scoring pass over the pending requests (on the loop)."""
+        if self._busy or not self._pending:
+            return
         batch, self._pending = self._pending, []
         self.stats["recommend_passes"] += 1
         self.stats["recommend_requests"] += len(batch)
         try:
-            results = self.engine.recommend_many([q for q, _ in batch])
-        except Exception:  # isolate the failing request
-            results = []
-            for q, _ in batch:
-                try:
-                    results.append(self.engine.recommend(q))
-                except Exception as exc:
-                    log.exception("recommend failed for user %r", q.user)
-                    results.append(exc)  # type: ignore[arg-type]
+            job = self.engine.prepare([q for q, _ in batch])
+        except Exception:
+            self._isolate(batch)
+            return
+        self._busy = True
+        loop = asyncio.get_running_loop()
+        loop.run_in_executor(self._scoring, self.engine.rank, job).add_done_callback(
+            lambda f: self._finish(batch, job, f))
+
+    def _finish(self, batch: list[tuple[Query, asyncio.Future[Recommendation]]], job: Job,
+                ranked: asyncio.Future[Any]) -> None:
+        """The pass is done (on the loop): answer its requests, start the next pass."""
+        self._busy = False
+        try:
+            results: list[Any] = self.engine.finish(job, ranked.result())
+        except Exception:
+            self._isolate(batch)
+        else:
+            self._answer(batch, results)
+        self._flush()
+
+    def _isolate(self, batch: list[tuple[Query, asyncio.Future[Recommendation]]]) -> None:
+        """A pass failed: score its requests one by one, so that only the failing one fails."""
+        results: list[Any] = []
+        for q, _ in batch:
+            try:
+                results.append(self.engine.recommend(q))
+            except Exception as exc:
+                log.exception("recommend failed for user %r", q.user)
+                results.append(exc)
+        self._answer(batch, results)
+
+    @staticmethod
+    def _answer(batch: list[tuple[Query, asyncio.Future[Recommendation]]], results: list[Any]) -> None:
         for (_, fut), r in zip(batch, results, strict=True):
-            if fut.done():
+            if fut.done():  # (a client that went away cancels its future)
                 continue
             if isinstance(r, Exception):
                 fut.set_exception(r)
@@ -269,11 +304,13 @@ class Service:
             with suppress(asyncio.CancelledError):
                 await self._writer
         self._pool.shutdown(wait=True)
+        self._scoring.shutdown(wait=True)
         self.log.close()
 
     def health(self) -> dict[str, Any]:
         e = self.engine
         return {"status": "ok", "run": self.run, "model": e.model.name, "incremental_state": e.scorer.incremental,
+                "scoring": e.scorer.scoring,
                 "items": e.n_items, "known_users": len(e.user_index), "active_users": len(e.users),
                 "events": e.n_events, "replayed_at_start": self.replayed, "session_gap_s": e.gap_s,
                 "event_log": str(self.log.path), "durability": f"sqlite WAL, synchronous={SYNCHRONOUS}",
@@ -402,11 +439,13 @@ def create_app(service: Service) -> FastAPI:
 
 def serve(run: str | Path, *, host: str = "127.0.0.1", port: int = 8000, db: str | Path = "events.sqlite",
           data: str | Path | None = None, gap_s: float | None = None, threads: int = 1,
-          on_ready: Callable[[Service], None] | None = None) -> None:
+          scoring: str = "auto", on_ready: Callable[[Service], None] | None = None) -> None:
     """Load the run, replay the log and serve until interrupted."""
     import torch
     import uvicorn
 
+    if scoring not in SCORING:
+        raise HnvmError(f"--scoring must be one of {', '.join(SCORING)}, got {scoring!r}")
     torch.set_num_threads(threads)
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:  # fail before loading
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -414,7 +453,7 @@ def serve(run: str | Path, *, host: str = "127.0.0.1", port: int = 8000, db: str
             s.bind((host, port))
         except OSError as exc:
             raise HnvmError(f"cannot listen on {host}:{port} ({exc.strerror or exc})") from None
-    service = Service.open(run, db, data=data, gap_s=gap_s)
+    service = Service.open(run, db, data=data, gap_s=gap_s, scoring=scoring)
     if on_ready is not None:
         on_ready(service)
     # The model, the dataset and the replayed state are long-lived: move them out of the cyclic
@@ -422,5 +461,6 @@ def serve(run: str | Path, *, host: str = "127.0.0.1", port: int = 8000, db: str
     gc.collect()
     gc.freeze()
     gc.set_threshold(50_000, 20, 20)  # requests allocate many short-lived objects: collect less often
+    sys.setswitchinterval(0.0002)
     uvicorn.run(create_app(service), host=host, port=port, log_level="warning", access_log=False,
                 timeout_graceful_shutdown=5)

@@ -25,7 +25,6 @@ after a restart therefore gives bit-identical states and recommendations.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,12 +36,14 @@ from torch import Tensor
 
 from hnvm.data.batches import Sequences
 from hnvm.errors import HnvmError
-from hnvm.metrics import topk_items
 from hnvm.models.base import Batch, Recommender
+from hnvm.serve.ranking import LinearRanker, top_k
 
 log = logging.getLogger(__name__)
 
 DEFAULT_GAP_S = 1800.0
+SCORING = ("auto", "exact", "bf16")
+AUTO_BF16_ITEMS = 20_000  # from here on the bf16 shortlist pays for itself (benchmarks/serve.py)
 
 
 @dataclass
@@ -117,12 +118,23 @@ class Recommendation:
     new_session: bool  # no open session (or it timed out): next-session recommendations
 
 
+@dataclass
+class Job:
+    """Queries between `Engine.prepare` and `Engine.finish`."""
+
+    ks: list[int]
+    k: int  # the largest k (capped at the catalogue)
+    exclude: list[list[int]]
+    prepared: Tensor  # the scorer's `prepare` output
+    out: list[Recommendation]  # everything but items and scores
+
+
 class Engine:
     """A trained model served from an event stream (see the module docstring)."""
 
     def __init__(self, model: Recommender, item_ids: Sequence[str], user_ids: Sequence[str],
                  history: Sequences | None = None, *, gap_s: float = DEFAULT_GAP_S,
-                 max_session_length: int = 1000) -> None:
+                 max_session_length: int = 1000, scoring: str = "auto") -> None:
         self.model = model
         self.item_ids = ["", *item_ids]  # index = internal id; 0 = padding
         self.item_index = {s: i for i, s in enumerate(item_ids, start=1)}
@@ -135,14 +147,20 @@ class Engine:
         self.n_events = 0
         from hnvm.models.hnvm import HNVM
 
-        self.scorer: _Scorer = _HNVMScorer(model) if isinstance(model, HNVM) else _GenericScorer(model)
+        if scoring not in SCORING:
+            raise HnvmError(f"scoring must be one of {', '.join(SCORING)}, got {scoring!r}")
+        self.scorer: _Scorer = (_HNVMScorer(model, scoring) if isinstance(model, HNVM)
+                                else _GenericScorer(model))
 
     # ---- construction --------------------------------------------------------------------------
     @classmethod
     def from_run(cls, run: str | Path, *, data: str | Path | None = None, gap_s: float | None = None,
-                 max_session_length: int = 1000) -> Engine:
+                 max_session_length: int = 1000, scoring: str = "auto") -> Engine:
         """Load a run; the users' histories and the idle gap come from its dataset (or `data`).
-        Without a readable dataset users start from no history and the gap is 30 min."""
+        Without a readable dataset users start from no history and the gap is 30 min.
+        `scoring` (HNVM): "exact" scores every item in fp32; "bf16" shortlists candidates with
+        a bf16 pass and ranks them in fp32 (the same top-k, certified: `serve.ranking`);
+        "auto" = bf16 from AUTO_BF16_ITEMS items on."""
         import polars as pl
 
         from hnvm.data.sessions import parse_duration
@@ -164,7 +182,8 @@ class Engine:
         else:
             log.warning("%s: dataset %s not found; users start without history", run, path)
         g = gap_s if gap_s is not None else gap if gap is not None else DEFAULT_GAP_S
-        return cls(model, items, users, history, gap_s=g, max_session_length=max_session_length)
+        return cls(model, items, users, history, gap_s=g, max_session_length=max_session_length,
+                   scoring=scoring)
 
     # ---- state ---------------------------------------------------------------------------------
     def peek(self, user: str) -> UserState | None:
@@ -238,9 +257,16 @@ class Engine:
     def recommend(self, q: Query) -> Recommendation:
         return self.recommend_many([q])[0]
 
-    @torch.no_grad()
     def recommend_many(self, queries: Sequence[Query]) -> list[Recommendation]:
         """Top-k for several queries with one scoring pass where the model allows it."""
+        job = self.prepare(queries)
+        return self.finish(job, self.rank(job))
+
+    @torch.no_grad()
+    def prepare(self, queries: Sequence[Query]) -> Job:
+        """The state-dependent part of `recommend_many`: per query the user's view and the
+        scorer's per-user steps (they update the users' caches: run it where the events are
+        applied). The job holds everything `rank` needs."""
         views = []
         for q in queries:
             st = self.users.get(q.user) or self._transient(q.user)
@@ -250,17 +276,27 @@ class Engine:
             expired = (bool(st.track.has_open) and st.track.key is None and q.now is not None
                        and st.track.last_ts is not None and q.now - st.track.last_ts > self.gap_s)
             views.append((q, st, extra, unknown, expired))
-        scores = self.scorer.scores([(st, extra, expired) for _, st, extra, _, expired in views])
-        out = []
         kmax = min(max(q.k for q in queries), self.n_items)
         excl = [sorted(st.seen | set(extra)) if q.exclude_seen else [] for q, st, extra, _, _ in views]
-        top, vals = top_k(scores, kmax, excl)
-        for r, (q, st, extra, unknown, expired) in enumerate(views):
+        prepared = self.scorer.prepare([(st, extra, expired) for _, st, extra, _, expired in views])
+        out = []
+        for q, st, extra, unknown, expired in views:
             cur = 0 if expired else len(st.open_items) + len(extra)
-            out.append(Recommendation(
-                q.user, [self.item_ids[i] for i in top[r][: q.k]], vals[r][: q.k],
-                unknown, st.uid == 0, cur, cur == 0 and (expired or not st.track.has_open)))
-        return out
+            out.append(Recommendation(q.user, [], [], unknown, st.uid == 0, cur,
+                                      cur == 0 and (expired or not st.track.has_open)))
+        return Job([q.k for q in queries], kmax, excl, prepared, out)
+
+    @torch.no_grad()
+    def rank(self, job: Job) -> tuple[list[list[int]], list[list[float]]]:
+        """Top-k ids and scores of a prepared job. Reads only the job and the model's weights,
+        so it may run on another thread while events are applied (torch releases the GIL)."""
+        return self.scorer.rank(job.prepared, job.k, job.exclude)
+
+    def finish(self, job: Job, ranked: tuple[list[list[int]], list[list[float]]]) -> list[Recommendation]:
+        for r, (rec, k) in enumerate(zip(job.out, job.ks, strict=True)):
+            rec.items = [self.item_ids[i] for i in ranked[0][r][:k]]
+            rec.scores = ranked[1][r][:k]
+        return job.out
 
     def _transient(self, user: str) -> UserState:
         """A state for a user with no online events: not stored, so reads never grow memory.
@@ -277,38 +313,8 @@ class Engine:
             "session_open": t.has_open, "session_key": t.key, "session_events": t.open_n if t.has_open else 0,
             "session_items": [self.item_ids[i] for i in st.open_items], "last_event_ts": t.last_ts,
             "seen_items": len(st.seen), "model": self.model.name, "incremental": self.scorer.incremental,
+            "scoring": self.scorer.scoring,
         }
-
-
-def top_k(scores: Tensor, k: int, exclude: Sequence[Sequence[int]]) -> tuple[list[list[int]], list[list[float]]]:
-    """`metrics.topk_items` (column 0 and `exclude` never returned, ties to the lower id) with
-    a fast path for the service: `scores` is scratch (masked in place), the order inside the
-    top-k is fixed in Python, and the full tie-safe sort runs only for rows where items outside
-    the top-k tie with the k-th score or that run out of items.
-    -> per row, up to k (ids, scores), best first."""
-    scores[:, 0] = -math.inf
-    rows = [r for r, ex in enumerate(exclude) for _ in ex]
-    if rows:
-        scores[torch.tensor(rows), torch.tensor([i for ex in exclude for i in ex])] = -math.inf
-    # one more than asked: an item outside the top-k ties with the k-th iff the (k+1)-th does
-    extra = int(k < scores.shape[1] - 1)
-    vals, idx = scores.topk(k + extra, dim=1)
-    s, v = scores.detach().numpy(), vals.detach().numpy()
-    slow = v[:, k - 1] == -math.inf
-    if extra:
-        slow |= v[:, k - 1] == v[:, k]
-    ids_out, vals_out = [], []
-    for r, (ids, vs) in enumerate(zip(idx[:, :k].tolist(), v[:, :k].tolist(), strict=True)):
-        if slow[r]:
-            ids = topk_items(scores[r: r + 1], k)[0].tolist()
-            ids = ids[: ids.index(0)] if 0 in ids else ids
-            vs = [float(x) for x in s[r, ids]]
-        else:  # equal scores inside the top-k: the lower id first
-            pairs = sorted(zip(ids, vs, strict=True), key=lambda p: (-p[1], p[0]))
-            ids, vs = [p[0] for p in pairs], [p[1] for p in pairs]
-        ids_out.append(ids)
-        vals_out.append(vs)
-    return ids_out, vals_out
 
 
 # ---- scorers ---------------------------------------------------------------------------------
@@ -318,10 +324,20 @@ View = tuple[UserState, list[int], bool]  # (state, extra items of the request, 
 
 class _Scorer:
     incremental = False
+    scoring = "exact"
 
     def scores(self, views: Sequence[View]) -> Tensor:
         """Float[len(views), n_items + 1]; column 0 is ignored."""
         raise NotImplementedError
+
+    def prepare(self, views: Sequence[View]) -> Tensor:
+        """What `rank` needs from the users' states (here: their scores)."""
+        return self.scores(views)
+
+    def rank(self, prepared: Tensor, k: int, exclude: Sequence[Sequence[int]]
+             ) -> tuple[list[list[int]], list[list[float]]]:
+        """`top_k` of the prepared rows; touches no user state."""
+        return top_k(prepared, k, exclude)
 
     def advance(self, st: UserState) -> None:
         """Update the user's cached model state to the applied events (if the scorer keeps one)."""
@@ -380,7 +396,7 @@ class _HNVMScorer(_Scorer):
 
     incremental = True
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, scoring: str = "exact") -> None:
         self.model = model
         self.net = model._require()
         self.use_history = model.config.use_history
@@ -388,15 +404,23 @@ class _HNVMScorer(_Scorer):
         # the output layer as [H, n_items + 1]: h @ W^T with W^T contiguous is about twice as fast
         # as nn.Linear's layout for one row (MKL, measured on this project's CPUs); a served model's
         # weights do not change
-        self._w_t = self.net.out.weight.detach().t().contiguous()
-        self._bias = self.net.out.bias.detach()
+        n_items = self.net.out.weight.shape[0] - 1
+        self.ranker = LinearRanker(self.net.out.weight.detach(), self.net.out.bias.detach(),
+                                   bf16=scoring == "bf16" or (scoring == "auto" and n_items >= AUTO_BF16_ITEMS))
+        self.scoring = self.ranker.scoring
         if model.config.mc_samples > 1:
             log.warning("serving HNVM with the prior mean of z (mc_samples=%d is for evaluation)",
                         model.config.mc_samples)
 
     def scores(self, views: Sequence[View]) -> Tensor:
-        hidden = torch.cat([self._hidden(*v) for v in views])  # [B, H]
-        return torch.addmm(self._bias, hidden, self._w_t)
+        return self.ranker.scores(self.prepare(views))
+
+    def prepare(self, views: Sequence[View]) -> Tensor:
+        return torch.cat([self._hidden(*v) for v in views])  # [B, H]
+
+    def rank(self, hidden: Tensor, k: int, exclude: Sequence[Sequence[int]]
+             ) -> tuple[list[list[int]], list[list[float]]]:
+        return self.ranker.rank(hidden, k, exclude)
 
     # the per-user steps -------------------------------------------------------------------------
     def _e(self, uid: int) -> Tensor | None:
