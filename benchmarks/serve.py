@@ -175,11 +175,15 @@ def free_port() -> int:
 
 
 def start_server(run: Path, db: Path, port: int, threads: int = 1, scoring: str = "auto") -> subprocess.Popen:
+    """`scoring`: an `hnvm serve --scoring` value, optionally with ":process" or ":inline"
+    (--rank-process / --no-rank-process; default: the server's choice)."""
     import httpx
 
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     p = subprocess.Popen([sys.executable, "-m", "hnvm", "serve", str(run), "--port", str(port), "--db", str(db),
-                          "--threads", str(threads), "--scoring", scoring],
+                          "--threads", str(threads), "--scoring", scoring.split(":")[0],
+                          *{"process": ["--rank-process"], "inline": ["--no-rank-process"]}.get(
+                              scoring.partition(":")[2], [])],
                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     for _ in range(600):
         if p.poll() is not None:
@@ -208,7 +212,8 @@ def bench(name: str, run: Path, args: argparse.Namespace, scoring: str = "auto"
         proc = psutil.Process(server.pid)
         host = "127.0.0.1"
         rows = []
-        print(f"  scoring: {httpx.get(f'http://{host}:{port}/v1/health', timeout=10).json()['scoring']} "
+        health = httpx.get(f"http://{host}:{port}/v1/health", timeout=10).json()
+        print(f"  scoring: {health['scoring']}, ranking {'in a process' if health['rank_process'] else 'in-process'} "
               f"(--scoring {scoring})", flush=True)
 
         def counters() -> dict[str, int]:
@@ -216,10 +221,15 @@ def bench(name: str, run: Path, args: argparse.Namespace, scoring: str = "auto"
 
         def phase(label: str, path: str, bodies: list[bytes], conc: int, per_request: int = 1) -> None:
             me = psutil.Process()
-            cpu0, mine0, c0 = sum(proc.cpu_times()[:2]), sum(me.cpu_times()[:2]), counters()
+            kids = proc.children()  # the ranking process, if any
+
+            def kid_cpu() -> float:
+                return sum(sum(k.cpu_times()[:2]) for k in kids)
+
+            cpu0, mine0, kid0, c0 = sum(proc.cpu_times()[:2]), sum(me.cpu_times()[:2]), kid_cpu(), counters()
             r = asyncio.run(load(host, port, path, bodies, conc, args.seconds))
             cpu, c1 = sum(proc.cpu_times()[:2]) - cpu0, counters()
-            mine = sum(me.cpu_times()[:2]) - mine0
+            mine, kid = sum(me.cpu_times()[:2]) - mine0, kid_cpu() - kid0
             r["per"] = per_request
             rows.append((label, conc, r, cpu))
             if path.endswith("events"):
@@ -229,10 +239,11 @@ def bench(name: str, run: Path, args: argparse.Namespace, scoring: str = "auto"
                 group = (c1["recommend_requests"] - c0["recommend_requests"]) / max(
                     c1["recommend_passes"] - c0["recommend_passes"], 1)
                 extra = f"{group:.1f} requests/pass"
+            ranking = f" + ranking process {kid / max(r['seconds'], 1e-9):.0%}" if kids else ""
             print(f"  {label:<20} {r['n']:>6} req  {r['rps'] * per_request:>8,.0f}/s  p50 {r['p50']:6.2f}  "
                   f"p95 {r['p95']:6.2f}  p99 {r['p99']:6.2f} ms  server CPU {cpu / max(r['seconds'], 1e-9):.0%} "
-                  f"({cpu / max(r['n'], 1) * 1000:.2f} ms/req), client {mine / max(r['seconds'], 1e-9):.0%}  {extra}  "
-                  f"errors {r['errors']}", flush=True)
+                  f"({cpu / max(r['n'], 1) * 1000:.2f} ms/req){ranking}, client {mine / max(r['seconds'], 1e-9):.0%}  "
+                  f"{extra}  errors {r['errors']}", flush=True)
 
         try:
             t = time.time()
@@ -279,8 +290,9 @@ def main() -> None:
     ap.add_argument("--recommend", type=int, default=10_000, help="recommend requests")
     ap.add_argument("--seconds", type=float, default=30.0, help="time limit per phase")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the server (scoring)")
-    ap.add_argument("--scoring", default="auto", help="hnvm serve --scoring; a list (e.g. exact,bf16) "
-                    "benchmarks each in turn on the same run and prints the ratios")
+    ap.add_argument("--scoring", default="auto", help="hnvm serve --scoring, optionally with :process or "
+                    ":inline (--rank-process / --no-rank-process); a list (e.g. exact:inline,bf16:process) "
+                    "benchmarks each in turn on the same run and prints the ratios against the first")
     args = ap.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; server: 1 process, "

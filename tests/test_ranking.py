@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from hnvm.errors import HnvmError
-from hnvm.serve.ranking import _U, Bf16Shortlist
+from hnvm.serve.ranking import _U, Bf16Shortlist, LinearRanker
 from hnvm.serve.state import Engine, Event, Query, top_k
 
 
@@ -140,3 +140,24 @@ def test_engine_bf16_recommends_what_exact_does() -> None:
         assert ra.scores == pytest.approx(rb.scores, rel=1e-5, abs=1e-6)
     with pytest.raises(HnvmError, match="scoring must be one of"):
         _engine("fp8")
+
+
+def test_rank_process_ranks_what_the_parent_would() -> None:
+    from hnvm.serve.worker import RankWorker
+
+    w, b = _weights(3000, 24, seed=11)
+    for bf16 in (False, True):
+        ranker = LinearRanker(w, b, bf16=bf16)
+        worker = RankWorker(ranker)
+        try:
+            h = _states(10, 24, seed=12)
+            exclude = [[], [1, 2, 3], list(range(1, 2996)), *[[]] * 7]  # row 2: only 4 items left
+            got = worker.rank(h, 7, exclude)
+            assert got == ranker.rank(h, 7, exclude)  # ids and float scores, bit for bit
+            assert len(got[0][2]) == 4
+            worker.proc.kill()  # a dead child: the parent ranks in-process, same answers
+            worker.proc.wait()
+            assert worker.rank(h, 7, exclude) == ranker.rank(h, 7, exclude)
+            assert not worker.alive
+        finally:
+            worker.close()

@@ -57,8 +57,8 @@ def engine(run_dir: Path) -> Engine:
     return Engine.from_run(run_dir)
 
 
-def client(run_dir: Path, db: Path, **limits: int) -> TestClient:
-    return TestClient(create_app(Service.open(run_dir, db, limits=Limits(**limits))))
+def client(run_dir: Path, db: Path, rank_process: bool = False, **limits: int) -> TestClient:
+    return TestClient(create_app(Service.open(run_dir, db, limits=Limits(**limits), rank_process=rank_process)))
 
 
 def items_of(engine: Engine, n: int, start: int = 1) -> list[str]:
@@ -210,10 +210,15 @@ def test_restart_replays_to_identical_recommendations(run_dir: Path, tmp_path: P
         served = c.app.state.service.engine.users  # type: ignore[attr-defined]
         assert all(st.cache.n_dec == len(st.open_items) for st in served.values() if st.cache is not None)
         before = [c.post("/v1/recommend", json=q).json() for q in queries]
-    with client(run_dir, db) as c:  # replayed lazily: no model code until the first recommendation
-        assert c.get("/v1/health").json()["replayed_at_start"] == 120
+    # replayed lazily: no model code until the first recommendation; ranked in a child process
+    # this time (`--rank-process`), which must not change a thing
+    with client(run_dir, db, rank_process=True) as c:
+        health = c.get("/v1/health").json()
+        assert health["replayed_at_start"] == 120 and health["rank_process"]
         after = [c.post("/v1/recommend", json=q).json() for q in queries]
+        proc = c.app.state.service.engine.rank_worker.proc  # type: ignore[attr-defined]
     assert before == after
+    assert proc.wait(10) == 0  # the service's shutdown ended the child
 
 
 # ---- bad input ----------------------------------------------------------------------------------

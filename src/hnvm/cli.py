@@ -408,6 +408,9 @@ def serve(
     scoring: Annotated[str, typer.Option(help="HNVM scoring: exact (every item in fp32), bf16 (a bf16 pass "
                                          "shortlists, fp32 ranks the shortlist; the same top-k, certified by "
                                          "a rounding-error bound) or auto (bf16 from 20,000 items on).")] = "auto",
+    rank_process: Annotated[bool | None, typer.Option(
+        "--rank-process/--no-rank-process", help="Rank HNVM's passes in a child process, in parallel with the "
+        "HTTP loop (default: on from 20,000 items with 2+ cores).")] = None,
 ) -> None:
     """HTTP service: POST /v1/events, POST /v1/recommend, GET /v1/users/{id}, GET /v1/health;
     OpenAPI docs at /docs. Events are durable (SQLite WAL, synchronous=FULL) and replayed at start."""
@@ -416,13 +419,14 @@ def serve(
 
     def ready(svc: object) -> None:
         h = svc.health()  # type: ignore[attr-defined]
-        err.print(f"serving {run} ({h['model']}, {h['items']:,} items, {h['scoring']} scoring) on http://{host}:{port} "
+        how = f"{h['scoring']} scoring" + (", ranking process" if h["rank_process"] else "")
+        err.print(f"serving {run} ({h['model']}, {h['items']:,} items, {how}) on http://{host}:{port} "
                   f"(docs: /docs); event log {db}: {h['replayed_at_start']:,} events replayed", highlight=False)
 
     try:
         gap_s = parse_duration(gap) if gap is not None else None
         run_serve(run, host=host, port=port, db=db, data=data, gap_s=gap_s, threads=threads, scoring=scoring,
-                  on_ready=ready)
+                  rank_process=rank_process, on_ready=ready)
     except (HnvmError, ValueError) as exc:
         _fail(exc)
 

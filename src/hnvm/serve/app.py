@@ -23,6 +23,7 @@ import asyncio
 import gc
 import json
 import logging
+import os
 import socket
 import sys
 import time
@@ -40,7 +41,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hnvm.errors import HnvmError
-from hnvm.serve.state import SCORING, Engine, Event, Job, Query, Recommendation
+from hnvm.serve.state import AUTO_BF16_ITEMS, SCORING, Engine, Event, Job, Query, Recommendation
 from hnvm.serve.store import SYNCHRONOUS, EventLog
 
 log = logging.getLogger(__name__)
@@ -128,8 +129,10 @@ class Service:
         self.started = time.time()
         self.replayed = 0
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hnvm-log")
+        # one pass in flight: requests that come meanwhile make the next pass (with a ranking
+        # process, two in flight measured slower: smaller passes cost more per request)
         self._scoring = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hnvm-score")
-        self._busy = False  # a scoring pass is running on the scoring thread
+        self._busy = False
         self._queue: list[tuple[list[Event], list[str], asyncio.Future[EventsOut]]] = []
         self._wake: asyncio.Event | None = None
         self._writer: asyncio.Task[None] | None = None
@@ -138,11 +141,18 @@ class Service:
 
     @classmethod
     def open(cls, run: str | Path, db: str | Path, *, data: str | Path | None = None,
-             gap_s: float | None = None, limits: Limits = LIMITS, scoring: str = "auto") -> Service:
+             gap_s: float | None = None, limits: Limits = LIMITS, scoring: str = "auto",
+             rank_process: bool | None = False) -> Service:
+        """`rank_process`: rank in a child process (None = auto: HNVM with AUTO_BF16_ITEMS items or
+        more on a machine with 2+ cores, where ranking is the larger half of a request's CPU)."""
         engine = Engine.from_run(run, data=data, gap_s=gap_s, max_session_length=limits.max_session_length,
                                  scoring=scoring)
         svc = cls(engine, EventLog(db), run=str(run), limits=limits)
         svc.replay()
+        if rank_process is None:
+            rank_process = engine.n_items >= AUTO_BF16_ITEMS and (os.cpu_count() or 1) >= 2
+        if rank_process and not engine.start_rank_process():
+            log.info("%s: ranking stays in-process (only HNVM hands its passes to a process)", engine.model.name)
         return svc
 
     def replay(self) -> int:
@@ -268,9 +278,10 @@ class Service:
             results: list[Any] = self.engine.finish(job, ranked.result())
         except Exception:
             self._isolate(batch)
-        else:
-            self._answer(batch, results)
-        self._flush()
+            self._flush()
+            return
+        self._flush()  # the next pass first: the ranking runs while this one's answers are written
+        self._answer(batch, results)
 
     def _isolate(self, batch: list[tuple[Query, asyncio.Future[Recommendation]]]) -> None:
         """A pass failed: score its requests one by one, so that only the failing one fails."""
@@ -305,12 +316,14 @@ class Service:
                 await self._writer
         self._pool.shutdown(wait=True)
         self._scoring.shutdown(wait=True)
+        self.engine.close()
         self.log.close()
 
     def health(self) -> dict[str, Any]:
         e = self.engine
         return {"status": "ok", "run": self.run, "model": e.model.name, "incremental_state": e.scorer.incremental,
                 "scoring": e.scorer.scoring,
+                "rank_process": e.rank_worker is not None and e.rank_worker.alive,
                 "items": e.n_items, "known_users": len(e.user_index), "active_users": len(e.users),
                 "events": e.n_events, "replayed_at_start": self.replayed, "session_gap_s": e.gap_s,
                 "event_log": str(self.log.path), "durability": f"sqlite WAL, synchronous={SYNCHRONOUS}",
@@ -439,7 +452,8 @@ def create_app(service: Service) -> FastAPI:
 
 def serve(run: str | Path, *, host: str = "127.0.0.1", port: int = 8000, db: str | Path = "events.sqlite",
           data: str | Path | None = None, gap_s: float | None = None, threads: int = 1,
-          scoring: str = "auto", on_ready: Callable[[Service], None] | None = None) -> None:
+          scoring: str = "auto", rank_process: bool | None = None,
+          on_ready: Callable[[Service], None] | None = None) -> None:
     """Load the run, replay the log and serve until interrupted."""
     import torch
     import uvicorn
@@ -453,7 +467,7 @@ def serve(run: str | Path, *, host: str = "127.0.0.1", port: int = 8000, db: str
             s.bind((host, port))
         except OSError as exc:
             raise HnvmError(f"cannot listen on {host}:{port} ({exc.strerror or exc})") from None
-    service = Service.open(run, db, data=data, gap_s=gap_s, scoring=scoring)
+    service = Service.open(run, db, data=data, gap_s=gap_s, scoring=scoring, rank_process=rank_process)
     if on_ready is not None:
         on_ready(service)
     # The model, the dataset and the replayed state are long-lived: move them out of the cyclic

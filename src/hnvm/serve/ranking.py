@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from collections.abc import Sequence
 
 import torch
@@ -76,17 +77,28 @@ class Bf16Shortlist:
         gamma = (hidden + 1) * 2.0**-24 / (1 - (hidden + 1) * 2.0**-24)
         self.c = 1.25 * (2 * _U + _U * _U + 3 * gamma * (1 + _U) ** 2)
         self.enabled = True
+        self._buf_bf16 = torch.empty(0, self.wb.shape[1], dtype=torch.bfloat16)
+        self._buf_f32 = torch.empty(0, self.wb.shape[1])
         self.stats = {"batches": 0, "rows": 0, "full_rows": 0, "candidates": 0}
         if check:
             self._self_check()
 
     # ---- the bound ---------------------------------------------------------------------------------
-    def _approx(self, h: Tensor) -> Tensor:
+    def _buffers(self, rows: int) -> tuple[Tensor, Tensor]:
+        """Reused [rows, n_pad] bf16 and fp32 scratch: fresh multi-MB tensors each pass cost page
+        faults (the allocator maps them anew) that took as long as the conversion itself."""
+        if self._buf_bf16.shape[0] < rows:
+            cap = -(-rows // 16) * 16
+            self._buf_bf16 = torch.empty(cap, self.wb.shape[1], dtype=torch.bfloat16)
+            self._buf_f32 = torch.empty(cap, self.wb.shape[1])
+        return self._buf_bf16[:rows], self._buf_f32[:rows]
+
+    def _approx(self, h: Tensor, out: Tensor | None = None) -> Tensor:
         """[B, H] fp32 -> [B, n_pad] bf16 approximate scores (bias included)."""
         h1 = torch.zeros(h.shape[0], self.k_pad, dtype=torch.bfloat16)
         h1[:, : h.shape[1]] = h
         h1[:, h.shape[1]] = 1.0
-        return h1 @ self.wb
+        return torch.mm(h1, self.wb, out=out) if out is not None else h1 @ self.wb
 
     def _slack(self, h: Tensor) -> Tensor:
         """A per row (float64 [B])."""
@@ -117,13 +129,14 @@ class Bf16Shortlist:
             return none, list(none)  # type: ignore[arg-type]
         self.stats["batches"] += 1
         self.stats["rows"] += n_rows
-        approx = self._approx(h)  # [B, n_pad] bf16
+        buf, buf32 = self._buffers(n_rows)
+        approx = self._approx(h, out=buf)  # [B, n_pad] bf16
         approx[:, 0] = -math.inf
         rows = [r for r, ex in enumerate(exclude) for _ in ex]
         if rows:
             approx[torch.tensor(rows), torch.tensor([i for ex in exclude for i in ex])] = -math.inf
         # fp32 from here: reductions over bf16 run 3x slower than the conversion plus fp32 ones
-        blocks = approx.float().view(n_rows, self.n_blocks, BLOCK)
+        blocks = buf32.copy_(approx).view(n_rows, self.n_blocks, BLOCK)
         block_max = blocks.amax(2)  # [B, n_blocks]
         v_k = block_max.topk(k, dim=1).values[:, -1].double()  # [B]
         slack = self._slack(h)
@@ -142,7 +155,11 @@ class Bf16Shortlist:
         counts = torch.bincount(cand_row, minlength=n_rows).tolist()
         self.stats["candidates"] += len(cand_item)
         # exact fp32 scores of the candidates
-        exact = (h[cand_row] * self.weight[cand_item]).sum(1) + self.bias[cand_item]
+        # every row against every candidate is one small GEMM ([B, H] x [H, m]), cheaper than
+        # gathering a state per candidate; each candidate then reads its own row's entry
+        cand_w = self.weight.index_select(0, cand_item)  # [m, H]
+        exact = (torch.mm(h, cand_w.t())[cand_row, torch.arange(len(cand_item))]
+                 + self.bias.index_select(0, cand_item))
         ids_out: list[list[int] | None] = []
         vals_out: list[list[float] | None] = []
         start = 0
@@ -176,18 +193,32 @@ class LinearRanker:
         if self.shortlist is not None and not self.shortlist.enabled:
             self.shortlist = None
         self.scoring = "bf16" if self.shortlist is not None else "exact"
+        self._buf = torch.empty(0, self.w_t.shape[1])
+        self._lock = threading.Lock()  # the scratch buffers are shared
 
     def scores(self, hidden: Tensor) -> Tensor:
         return torch.addmm(self.bias, hidden, self.w_t)  # [B, n]
 
+    def _scratch_scores(self, hidden: Tensor) -> Tensor:
+        """`scores` into a reused buffer (see `Bf16Shortlist._buffers`); valid until the next call."""
+        rows = hidden.shape[0]
+        if self._buf.shape[0] < rows:
+            self._buf = torch.empty(-(-rows // 16) * 16, self.w_t.shape[1])
+        return torch.addmm(self.bias, hidden, self.w_t, out=self._buf[:rows])
+
     def rank(self, hidden: Tensor, k: int, exclude: Sequence[Sequence[int]]
              ) -> tuple[list[list[int]], list[list[float]]]:
+        with self._lock:
+            return self._rank(hidden, k, exclude)
+
+    def _rank(self, hidden: Tensor, k: int, exclude: Sequence[Sequence[int]]
+              ) -> tuple[list[list[int]], list[list[float]]]:
         if self.shortlist is None:
-            return top_k(self.scores(hidden), k, exclude)
+            return top_k(self._scratch_scores(hidden), k, exclude)
         ids, vals = self.shortlist.top_k(hidden, k, exclude)
         full = [r for r, row in enumerate(ids) if row is None]
         if full:  # rows the shortlist leaves to the full fp32 pass
-            f_ids, f_vals = top_k(self.scores(hidden[full]), k, [exclude[r] for r in full])
+            f_ids, f_vals = top_k(self._scratch_scores(hidden[full]), k, [exclude[r] for r in full])
             for r, i, v in zip(full, f_ids, f_vals, strict=True):
                 ids[r], vals[r] = i, v
         return ids, vals  # type: ignore[return-value]

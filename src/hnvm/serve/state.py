@@ -151,6 +151,22 @@ class Engine:
             raise HnvmError(f"scoring must be one of {', '.join(SCORING)}, got {scoring!r}")
         self.scorer: _Scorer = (_HNVMScorer(model, scoring) if isinstance(model, HNVM)
                                 else _GenericScorer(model))
+        self.rank_worker: Any = None  # serve.worker.RankWorker, when ranking runs in a process
+
+    def start_rank_process(self) -> bool:
+        """Rank in a child process from now on (HNVM only: its passes ship [B, H] states);
+        False where the scorer has nothing to hand over."""
+        if not isinstance(self.scorer, _HNVMScorer) or self.rank_worker is not None:
+            return self.rank_worker is not None
+        from hnvm.serve.worker import RankWorker
+
+        self.rank_worker = RankWorker(self.scorer.ranker)
+        return True
+
+    def close(self) -> None:
+        if self.rank_worker is not None:
+            self.rank_worker.close()
+            self.rank_worker = None
 
     # ---- construction --------------------------------------------------------------------------
     @classmethod
@@ -290,6 +306,8 @@ class Engine:
     def rank(self, job: Job) -> tuple[list[list[int]], list[list[float]]]:
         """Top-k ids and scores of a prepared job. Reads only the job and the model's weights,
         so it may run on another thread while events are applied (torch releases the GIL)."""
+        if self.rank_worker is not None:
+            return self.rank_worker.rank(job.prepared, job.k, job.exclude)
         return self.scorer.rank(job.prepared, job.k, job.exclude)
 
     def finish(self, job: Job, ranked: tuple[list[list[int]], list[list[float]]]) -> list[Recommendation]:
