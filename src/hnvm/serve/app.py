@@ -375,6 +375,64 @@ class _BodyLimit:
         await send({"type": "http.response.body", "body": body})
 
 
+class _FastRecommend:
+    """POST /v1/recommend without FastAPI's per-request machinery (routing, dependency solving,
+    the exception middlewares), which cost about as much CPU as the rest of a request. Only a
+    well-formed request goes this way, validated by the same `RecommendIn` in the same (Python,
+    strict) mode as the route; anything else is handed to the FastAPI route, which answers it
+    exactly as documented."""
+
+    def __init__(self, app: Any, service: Service) -> None:
+        self.app, self.service = app, service
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
+        if scope["type"] != "http" or scope["path"] != "/v1/recommend" or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        messages, more = [], True
+        while more:
+            msg = await receive()
+            messages.append(msg)
+            if msg["type"] != "http.request":
+                break
+            more = msg.get("more_body", False)
+        query = None if more else self._query(scope, b"".join(m.get("body", b"") for m in messages))
+        if query is None:  # the route answers (errors included)
+            pending = iter(messages)
+
+            async def replay() -> dict[str, Any]:
+                return next(pending, None) or await receive()
+
+            return await self.app(scope, replay, send)
+        try:
+            r = await self.service.recommend(query)
+        except ServiceError as exc:
+            response = JSONResponse({"error": exc.message}, status_code=exc.status)
+        else:
+            response = recommend_response(self.service, r)
+        await response(scope, receive, send)
+
+    def _query(self, scope: dict[str, Any], body: bytes) -> Query | None:
+        ctype = dict(scope["headers"]).get(b"content-type", b"application/json").split(b";")[0].strip().lower()
+        if ctype != b"application/json":
+            return None
+        try:
+            req = RecommendIn.model_validate(json.loads(body))
+        except (ValueError, TypeError):  # (pydantic's ValidationError is a ValueError)
+            return None
+        if len(req.session) > self.service.limits.max_session_length:
+            return None
+        return Query(req.user, req.session, req.k, req.exclude_seen, req.ts if req.ts is not None else time.time())
+
+
+def recommend_response(service: Service, r: Recommendation) -> JSONResponse:
+    """A ready Response: it skips FastAPI's re-validation of the response model (the hot path);
+    the dict has RecommendOut's shape, which stays the documented schema."""
+    return JSONResponse({
+        "user": r.user, "items": [{"item": i, "score": s} for i, s in zip(r.items, r.scores, strict=True)],
+        "unknown_items": r.unknown_items, "cold_start": r.cold_start, "session_length": r.session_length,
+        "new_session": r.new_session, "model": service.engine.model.name})
+
+
 def _message(err: dict[str, Any]) -> str:
     where = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
     return f"{where}: {err.get('msg')}" if where else str(err.get("msg"))
@@ -395,7 +453,8 @@ def create_app(service: Service) -> FastAPI:
                   description="Personalized sequential recommendation (HNVM and baselines) with a durable "
                               "event log and online user state.")
     app.state.service = service
-    app.add_middleware(_BodyLimit, max_bytes=lim.max_body_bytes)
+    app.add_middleware(_FastRecommend, service=service)
+    app.add_middleware(_BodyLimit, max_bytes=lim.max_body_bytes)  # added last: the outer one
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -429,12 +488,7 @@ def create_app(service: Service) -> FastAPI:
             raise ServiceError(413, f"session: {len(body.session)} items (at most {lim.max_session_length})")
         now = body.ts if body.ts is not None else time.time()
         r = await service.recommend(Query(body.user, body.session, body.k, body.exclude_seen, now))
-        # a ready Response skips FastAPI's re-validation of the response model (the hot path);
-        # the dict has RecommendOut's shape, which stays the documented schema
-        return JSONResponse({
-            "user": r.user, "items": [{"item": i, "score": s} for i, s in zip(r.items, r.scores, strict=True)],
-            "unknown_items": r.unknown_items, "cold_start": r.cold_start, "session_length": r.session_length,
-            "new_session": r.new_session, "model": service.engine.model.name})
+        return recommend_response(service, r)
 
     @app.get("/v1/users/{user_id}")
     async def get_user(user_id: str) -> dict[str, Any]:

@@ -71,14 +71,18 @@ class Bf16Shortlist:
         wb[:hidden, :n] = weight.t()
         wb[hidden, :n] = bias
         wb[hidden, n:] = -math.inf  # padding columns: -inf (their weights are 0)
-        self.wb = wb
+        self.n_pad = wb.shape[1]
+        self.wb: Tensor | None = wb
+        self._packed = self._pack(wb)
+        if self._packed is not None:
+            self.wb = None  # the packed copy replaces it
         norms = (weight.double().square().sum(1) + bias.double().square()).sqrt()
         self.w_norm = float(norms.max())
         gamma = (hidden + 1) * 2.0**-24 / (1 - (hidden + 1) * 2.0**-24)
         self.c = 1.25 * (2 * _U + _U * _U + 3 * gamma * (1 + _U) ** 2)
         self.enabled = True
-        self._buf_bf16 = torch.empty(0, self.wb.shape[1], dtype=torch.bfloat16)
-        self._buf_f32 = torch.empty(0, self.wb.shape[1])
+        self._buf_bf16 = torch.empty(0, self.n_pad, dtype=torch.bfloat16)
+        self._buf_f32 = torch.empty(0, self.n_pad)
         self.stats = {"batches": 0, "rows": 0, "full_rows": 0, "candidates": 0}
         if check:
             self._self_check()
@@ -89,8 +93,8 @@ class Bf16Shortlist:
         faults (the allocator maps them anew) that took as long as the conversion itself."""
         if self._buf_bf16.shape[0] < rows:
             cap = -(-rows // 16) * 16
-            self._buf_bf16 = torch.empty(cap, self.wb.shape[1], dtype=torch.bfloat16)
-            self._buf_f32 = torch.empty(cap, self.wb.shape[1])
+            self._buf_bf16 = torch.empty(cap, self.n_pad, dtype=torch.bfloat16)
+            self._buf_f32 = torch.empty(cap, self.n_pad)
         return self._buf_bf16[:rows], self._buf_f32[:rows]
 
     def _approx(self, h: Tensor, out: Tensor | None = None) -> Tensor:
@@ -98,7 +102,25 @@ class Bf16Shortlist:
         h1 = torch.zeros(h.shape[0], self.k_pad, dtype=torch.bfloat16)
         h1[:, : h.shape[1]] = h
         h1[:, h.shape[1]] = 1.0
+        if self._packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(h1, self._packed, None, "none", [], "")
+        assert self.wb is not None
         return torch.mm(h1, self.wb, out=out) if out is not None else h1 @ self.wb
+
+    @staticmethod
+    def _pack(wb: Tensor) -> Tensor | None:
+        """The weights in oneDNN's blocked layout (20-50% faster passes here), if this torch build
+        has the op and its results equal torch.mm's bit for bit; None otherwise."""
+        try:
+            packed = torch.ops.mkldnn._reorder_linear_weight(wb.t().contiguous(), 32)
+            g = torch.Generator().manual_seed(0)
+            for rows in (1, 5, 32, 70):
+                x = torch.randn(rows, wb.shape[0], generator=g).to(torch.bfloat16)
+                if not torch.equal(torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""), x @ wb):
+                    return None
+            return packed
+        except (RuntimeError, AttributeError, NotImplementedError):
+            return None
 
     def _slack(self, h: Tensor) -> Tensor:
         """A per row (float64 [B])."""
