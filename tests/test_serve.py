@@ -309,6 +309,27 @@ def test_good_requests_and_docs(svc: TestClient) -> None:
     assert {"/v1/events", "/v1/recommend", "/v1/users/{user_id}", "/v1/health"} <= set(paths)
 
 
+def test_recommend_fast_path_answers_as_the_route(svc: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    from hnvm.serve.app import _FastRecommend
+
+    eng: Engine = svc.app.state.service.engine  # type: ignore[attr-defined]
+    seen: list[object] = []
+    parse = _FastRecommend._query
+    monkeypatch.setattr(_FastRecommend, "_query", lambda self, scope, body: seen.append(parse(self, scope, body))
+                        or seen[-1])
+    bodies = [{"user": "u1", "k": 4, "ts": 500.0}, {"user": 42, "session": [eng.item_ids[3], "zz"], "k": 2,
+                                                    "exclude_seen": True, "ts": 500.0}]
+    fast = [svc.post("/v1/recommend", json=b) for b in bodies]
+    assert all(q is not None for q in seen) and len(seen) == 2  # both went the fast way
+    assert svc.post("/v1/recommend", json={"user": "u1", "k": 0}).status_code == 422  # errors: the route's
+    assert seen[-1] is None
+    monkeypatch.setattr(_FastRecommend, "_query", lambda self, scope, body: None)  # everything via the route
+    slow = [svc.post("/v1/recommend", json=b) for b in bodies]
+    assert [r.status_code for r in fast] == [r.status_code for r in slow] == [200, 200]
+    assert [r.json() for r in fast] == [r.json() for r in slow]
+    assert [r.headers["content-type"] for r in fast] == [r.headers["content-type"] for r in slow]
+
+
 # ---- a real server process -------------------------------------------------------------------------
 
 
@@ -415,3 +436,5 @@ def test_serve_cli_errors(run_dir: Path, tmp_path: Path) -> None:
     assert r.exit_code == 2 and "is a directory" in r.output
     r = CliRunner().invoke(app, ["serve", str(tmp_path), "--port", str(_free_port())])
     assert r.exit_code == 2 and "not a run directory" in r.output
+    r = CliRunner().invoke(app, ["serve", str(run_dir), "--port", str(_free_port()), "--scoring", "fp8"])
+    assert r.exit_code == 2 and "--scoring must be one of auto, exact, bf16" in r.output

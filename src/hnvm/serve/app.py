@@ -6,12 +6,14 @@
     GET  /v1/health      liveness, model, counts, durability setting
     GET  /docs           OpenAPI UI (schema at /openapi.json)
 
-Concurrency: one process, one asyncio loop, which owns all state. Requests for recommendations
-that arrive while a scoring pass runs wait for the next one and are scored together. A pass
-has two halves: the per-user model steps (`Engine.prepare`) run on the loop, which owns the
-states; the scoring product and top-k (`Engine.rank`, which reads only the prepared tensors and
-the weights) run on a scoring thread, so that the loop parses, validates and answers other
-requests meanwhile (torch releases the GIL). Events go through one writer task: it validates each
+Concurrency: one asyncio loop, which owns all state. Requests for recommendations that arrive
+while a scoring pass runs wait for the next one and are scored together. A pass has two
+halves: the per-user model steps (`Engine.prepare`) run on the loop, which owns the states; the
+scoring product and top-k (`Engine.rank`, which reads only the prepared tensors and the
+weights) run on a scoring thread, so that the loop parses, validates and answers other requests
+meanwhile (torch releases the GIL), or, with `rank_process`, in a child process that the
+scoring thread hands the pass to (`serve.worker`). Valid recommend requests skip FastAPI's
+per-request machinery (`_FastRecommend`). Events go through one writer task: it validates each
 batch against the state plus the batches accepted before it, commits the accepted ones in one
 SQLite transaction on a worker thread (the loop keeps serving meanwhile), and only then applies
 them to the in-memory state and answers. A rejected batch writes nothing and changes nothing.

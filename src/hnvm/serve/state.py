@@ -13,8 +13,10 @@ counts as closed sessions before any online event.
 HNVM is served incrementally (`_HNVMScorer`): per user the context state h_con after the closed
 sessions and the decoder state of the open session are kept, so a closed session costs one
 encoder pass + one context step, an event one decoder step, and a recommendation one scoring
-pass. Every other model goes through `_GenericScorer`, which builds the user's history as a
-`Batch` and calls the model's own `score` / `score_sessions`.
+pass (`serve.ranking.LinearRanker`: exact fp32, or a certified bf16 shortlist). Every other
+model goes through `_GenericScorer`, which builds the user's history as a `Batch` and calls
+the model's own `score` / `score_sessions`. A recommendation is `prepare` (state-dependent,
+on the thread that applies events) then `rank` (pure; may run elsewhere) then `finish`.
 
 Determinism (the crash test relies on it): the state is a pure function of the applied events
 and every per-user tensor is computed by the same per-user operations, in the same order,
