@@ -61,9 +61,13 @@ def test_self_check_disables_a_bound_that_fails() -> None:
 
 @pytest.mark.parametrize("k", [1, 10, 40])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_top_k_equals_exact_fp32(k: int, seed: int) -> None:
+@pytest.mark.parametrize("packed", [True, False])
+def test_top_k_equals_exact_fp32(k: int, seed: int, packed: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    if not packed:  # torch.mm's bf16 path, as on builds without oneDNN's packed linear
+        monkeypatch.setattr(Bf16Shortlist, "_pack", staticmethod(lambda wb: None))
     w, b = _weights(6000, 32, seed=seed)
-    sl = Bf16Shortlist(w, b)
+    sl = Bf16Shortlist(w, b, min_batch=1)
+    assert packed or sl._packed is None
     h = _states(24, 32, seed=seed + 10)
     g = torch.Generator().manual_seed(seed)
     exclude = [torch.randperm(6000, generator=g)[: int(r) * 50].add(0).tolist() if r % 3 else [] for r in range(24)]

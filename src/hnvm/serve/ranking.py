@@ -55,16 +55,16 @@ _U = 2.0**-8  # bf16 unit roundoff (8 significant bits)
 class Bf16Shortlist:
     """Exact top-k of `h @ weight.T + bias` (item 0 and excluded items never returned).
 
-    weight: [n, H] fp32 (row = item, nn.Linear's layout), bias: [n]. `min_batch`: below it a batch goes to the
-    fp32 pass (bf16 GEMM is no faster for one or two rows). `max_candidates`: per row, beyond
-    it the row is scored in full (flat scores, e.g. an untrained model)."""
+    weight: [n, H] fp32 (row = item, nn.Linear's layout), bias: [n]. `min_batch`: below it a
+    batch goes to the fp32 pass (default: 1 with oneDNN-packed weights, else 4). `max_candidates`:
+    per row, beyond it the row is scored in full (flat scores, e.g. an untrained model)."""
 
-    def __init__(self, weight: Tensor, bias: Tensor, *, min_batch: int = 4, max_candidates: int = 4096,
-                 check: bool = True) -> None:
+    def __init__(self, weight: Tensor, bias: Tensor, *, min_batch: int | None = None,
+                 max_candidates: int = 4096, check: bool = True) -> None:
         self.weight, self.bias = weight, bias  # row gathers for the exact pass read whole rows
         n, hidden = weight.shape
         self.n = n
-        self.min_batch, self.max_candidates = min_batch, max_candidates
+        self.max_candidates = max_candidates
         self.n_blocks = -(-n // BLOCK)
         self.k_pad = hidden + 1 + (hidden + 1) % 2  # AVX512-BF16 multiplies pairs: an even depth
         wb = torch.zeros(self.k_pad, self.n_blocks * BLOCK, dtype=torch.bfloat16)
@@ -76,6 +76,9 @@ class Bf16Shortlist:
         self._packed = self._pack(wb)
         if self._packed is not None:
             self.wb = None  # the packed copy replaces it
+        # packed, bf16 pays from one row on (0.91 against 1.02 ms at 60K items, 1.66 against
+        # 2.95 ms for 3 rows); torch.mm's bf16 path is slower than fp32 below 4 rows
+        self.min_batch = min_batch if min_batch is not None else 1 if self._packed is not None else 4
         norms = (weight.double().square().sum(1) + bias.double().square()).sqrt()
         self.w_norm = float(norms.max())
         gamma = (hidden + 1) * 2.0**-24 / (1 - (hidden + 1) * 2.0**-24)
