@@ -56,7 +56,7 @@ class Bf16Shortlist:
     """Exact top-k of `h @ weight.T + bias` (item 0 and excluded items never returned).
 
     weight: [n, H] fp32 (row = item, nn.Linear's layout), bias: [n]. `min_batch`: below it a
-    batch goes to the fp32 pass (default: 1 with oneDNN-packed weights, else 4). `max_candidates`:
+    batch goes to the fp32 pass (default 4). `max_candidates`:
     per row, beyond it the row is scored in full (flat scores, e.g. an untrained model)."""
 
     def __init__(self, weight: Tensor, bias: Tensor, *, min_batch: int | None = None,
@@ -76,9 +76,10 @@ class Bf16Shortlist:
         self._packed = self._pack(wb)
         if self._packed is not None:
             self.wb = None  # the packed copy replaces it
-        # packed, bf16 pays from one row on (0.91 against 1.02 ms at 60K items, 1.66 against
-        # 2.95 ms for 3 rows); torch.mm's bf16 path is slower than fp32 below 4 rows
-        self.min_batch = min_batch if min_batch is not None else 1 if self._packed is not None else 4
+        # below 4 rows the fp32 pass: torch.mm's bf16 path is slower there, and the packed one,
+        # though faster in isolation (0.91 against 1.02 ms for one row at 60K items), measured
+        # slower inside the service (one client: p50 3.1-3.3 against 2.3-2.6 ms)
+        self.min_batch = min_batch if min_batch is not None else 4
         norms = (weight.double().square().sum(1) + bias.double().square()).sqrt()
         self.w_norm = float(norms.max())
         gamma = (hidden + 1) * 2.0**-24 / (1 - (hidden + 1) * 2.0**-24)
