@@ -17,6 +17,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import psutil
 import pytest
 import torch
 
@@ -339,10 +340,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start(run_dir: Path, db: Path, port: int) -> subprocess.Popen:
+def _start(run_dir: Path, db: Path, port: int, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.Popen([sys.executable, "-m", "hnvm", "serve", str(run_dir), "--port", str(port), "--db", str(db)],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    p = subprocess.Popen([sys.executable, "-m", "hnvm", "serve", str(run_dir), "--port", str(port), "--db", str(db),
+                          *extra], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     deadline = time.time() + 90
     while time.time() < deadline:
         if p.poll() is not None:
@@ -379,16 +380,23 @@ def test_kill_9_and_restart_give_the_same_recommendations(run_dir: Path, tmp_pat
         p.wait(10)
     with sqlite3.connect(db) as con:  # every acknowledged event is on disk
         assert con.execute("SELECT count(*) FROM events").fetchone()[0] == 40
-    p = _start(run_dir, db, port)
+    # the restarted server ranks in a child process: same answers; and a SIGKILL of the server
+    # ends the child too (its pipe closes)
+    p = _start(run_dir, db, port, "--rank-process", "--scoring", "bf16")
     try:
         with httpx.Client(base_url=url, timeout=10) as c:
-            assert c.get("/v1/health").json()["replayed_at_start"] == 40
+            health = c.get("/v1/health").json()
+            assert health["replayed_at_start"] == 40 and health["rank_process"]
             after = [c.post("/v1/recommend", json=q).json() for q in queries]
+        children = psutil.Process(p.pid).children()
+        assert len(children) == 1
     finally:
-        p.terminate()
+        p.send_signal(signal.SIGKILL)
         p.wait(10)
     assert before == after
     assert any(r["session_length"] > 0 for r in before)
+    _gone, alive = psutil.wait_procs(children, timeout=10)
+    assert not alive
 
 
 def test_fast_top_k_agrees_with_topk_items() -> None:
