@@ -85,31 +85,26 @@ class Bf16Shortlist:
         gamma = (hidden + 1) * 2.0**-24 / (1 - (hidden + 1) * 2.0**-24)
         self.c = 1.25 * (2 * _U + _U * _U + 3 * gamma * (1 + _U) ** 2)
         self.enabled = True
-        self._buf_bf16 = torch.empty(0, self.n_pad, dtype=torch.bfloat16)
+        self._buf_bf16 = torch.empty(0, self.n_pad, dtype=torch.bfloat16)  # (unpacked path only)
         self._buf_f32 = torch.empty(0, self.n_pad)
-        self.stats = {"batches": 0, "rows": 0, "full_rows": 0, "candidates": 0}
+        self.stats = {"rows": 0, "full_rows": 0, "candidates": 0}
         if check:
             self._self_check()
 
     # ---- the bound ---------------------------------------------------------------------------------
-    def _buffers(self, rows: int) -> tuple[Tensor, Tensor]:
-        """Reused [rows, n_pad] bf16 and fp32 scratch: fresh multi-MB tensors each pass cost page
-        faults (the allocator maps them anew) that took as long as the conversion itself."""
-        if self._buf_bf16.shape[0] < rows:
-            cap = -(-rows // 16) * 16
-            self._buf_bf16 = torch.empty(cap, self.n_pad, dtype=torch.bfloat16)
-            self._buf_f32 = torch.empty(cap, self.n_pad)
-        return self._buf_bf16[:rows], self._buf_f32[:rows]
-
-    def _approx(self, h: Tensor, out: Tensor | None = None) -> Tensor:
-        """[B, H] fp32 -> [B, n_pad] bf16 approximate scores (bias included)."""
+    def _approx(self, h: Tensor, scratch: bool = False) -> Tensor:
+        """[B, H] fp32 -> [B, n_pad] bf16 approximate scores (bias included); `scratch`: into a
+        reused buffer (valid until the next call) where the kernel takes one."""
         h1 = torch.zeros(h.shape[0], self.k_pad, dtype=torch.bfloat16)
         h1[:, : h.shape[1]] = h
         h1[:, h.shape[1]] = 1.0
         if self._packed is not None:
             return torch.ops.mkldnn._linear_pointwise(h1, self._packed, None, "none", [], "")
         assert self.wb is not None
-        return torch.mm(h1, self.wb, out=out) if out is not None else h1 @ self.wb
+        if not scratch:
+            return h1 @ self.wb
+        self._buf_bf16 = _scratch(self._buf_bf16, h.shape[0])
+        return torch.mm(h1, self.wb, out=self._buf_bf16[: h.shape[0]])
 
     @staticmethod
     def _pack(wb: Tensor) -> Tensor | None:
@@ -153,16 +148,11 @@ class Bf16Shortlist:
         none: list[list[int] | None] = [None] * n_rows
         if not self.enabled or n_rows < self.min_batch or k > self.n_blocks:
             return none, list(none)  # type: ignore[arg-type]
-        self.stats["batches"] += 1
         self.stats["rows"] += n_rows
-        buf, buf32 = self._buffers(n_rows)
-        approx = self._approx(h, out=buf)  # [B, n_pad] bf16
-        approx[:, 0] = -math.inf
-        rows = [r for r, ex in enumerate(exclude) for _ in ex]
-        if rows:
-            approx[torch.tensor(rows), torch.tensor([i for ex in exclude for i in ex])] = -math.inf
+        approx = _mask(self._approx(h, scratch=True), exclude)  # [B, n_pad] bf16
         # fp32 from here: reductions over bf16 run 3x slower than the conversion plus fp32 ones
-        blocks = buf32.copy_(approx).view(n_rows, self.n_blocks, BLOCK)
+        self._buf_f32 = _scratch(self._buf_f32, n_rows)
+        blocks = self._buf_f32[:n_rows].copy_(approx).view(n_rows, self.n_blocks, BLOCK)
         block_max = blocks.amax(2)  # [B, n_blocks]
         v_k = block_max.topk(k, dim=1).values[:, -1].double()  # [B]
         slack = self._slack(h)
@@ -226,11 +216,9 @@ class LinearRanker:
         return torch.addmm(self.bias, hidden, self.w_t)  # [B, n]
 
     def _scratch_scores(self, hidden: Tensor) -> Tensor:
-        """`scores` into a reused buffer (see `Bf16Shortlist._buffers`); valid until the next call."""
-        rows = hidden.shape[0]
-        if self._buf.shape[0] < rows:
-            self._buf = torch.empty(-(-rows // 16) * 16, self.w_t.shape[1])
-        return torch.addmm(self.bias, hidden, self.w_t, out=self._buf[:rows])
+        """`scores` into a reused buffer (see `_scratch`); valid until the next call."""
+        self._buf = _scratch(self._buf, hidden.shape[0])
+        return torch.addmm(self.bias, hidden, self.w_t, out=self._buf[: hidden.shape[0]])
 
     def rank(self, hidden: Tensor, k: int, exclude: Sequence[Sequence[int]]
              ) -> tuple[list[list[int]], list[list[float]]]:
@@ -256,10 +244,7 @@ def top_k(scores: Tensor, k: int, exclude: Sequence[Sequence[int]]) -> tuple[lis
     top-k is fixed in Python, and the full tie-safe sort runs only for rows where items outside
     the top-k tie with the k-th score or that run out of items.
     -> per row, up to k (ids, scores), best first."""
-    scores[:, 0] = -math.inf
-    rows = [r for r, ex in enumerate(exclude) for _ in ex]
-    if rows:
-        scores[torch.tensor(rows), torch.tensor([i for ex in exclude for i in ex])] = -math.inf
+    _mask(scores, exclude)
     # one more than asked: an item outside the top-k ties with the k-th iff the (k+1)-th does
     extra = int(k < scores.shape[1] - 1)
     vals, idx = scores.topk(k + extra, dim=1)
@@ -279,3 +264,21 @@ def top_k(scores: Tensor, k: int, exclude: Sequence[Sequence[int]]) -> tuple[lis
         ids_out.append(ids)
         vals_out.append(vs)
     return ids_out, vals_out
+
+
+def _mask(scores: Tensor, exclude: Sequence[Sequence[int]]) -> Tensor:
+    """Column 0 and, per row, the `exclude` ids set to -inf (in place)."""
+    scores[:, 0] = -math.inf
+    rows = [r for r, ex in enumerate(exclude) for _ in ex]
+    if rows:
+        scores[torch.tensor(rows), torch.tensor([i for ex in exclude for i in ex])] = -math.inf
+    return scores
+
+
+def _scratch(buf: Tensor, rows: int) -> Tensor:
+    """`buf`, or a larger one if it has fewer than `rows` rows. Scratch score matrices are reused
+    across passes: fresh multi-MB tensors each pass cost page faults (the allocator maps them
+    anew) that took as long as the bf16 -> fp32 conversion itself."""
+    if buf.shape[0] >= rows:
+        return buf
+    return torch.empty(-(-rows // 16) * 16, *buf.shape[1:], dtype=buf.dtype)

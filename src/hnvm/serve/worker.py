@@ -160,7 +160,10 @@ def main(argv: list[str]) -> int:
     weights, scoring = argv
     t = load_file(weights)
     ranker = LinearRanker(t["weight"], t["bias"], bf16=scoring == "bf16")
-    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    # frames get the pipe to themselves: anything printed (Python or native) goes to stderr
+    stdin, stdout = sys.stdin.buffer, os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
     stdout.write(_READY)
     stdout.flush()
     with torch.no_grad():
