@@ -212,12 +212,13 @@ def bench(name: str, run: Path, args: argparse.Namespace, scoring: str = "auto"
         proc = psutil.Process(server.pid)
         host = "127.0.0.1"
         rows = []
-        health = httpx.get(f"http://{host}:{port}/v1/health", timeout=10).json()
-        print(f"  scoring: {health['scoring']}, ranking {'in a process' if health['rank_process'] else 'in-process'} "
-              f"(--scoring {scoring})", flush=True)
 
         def counters() -> dict[str, int]:
             return httpx.get(f"http://{host}:{port}/v1/health", timeout=10).json()
+
+        health = counters()
+        print(f"  scoring: {health['scoring']}, ranking {'in a process' if health['rank_process'] else 'in-process'} "
+              f"(--scoring {scoring})", flush=True)
 
         def phase(label: str, path: str, bodies: list[bytes], conc: int, per_request: int = 1) -> None:
             me = psutil.Process()
