@@ -12,7 +12,7 @@ from typing import Any
 import polars as pl
 
 from hnvm import __version__
-from hnvm.data.readers import read_events
+from hnvm.data.readers import PRESETS, read_events_info
 from hnvm.data.sessions import filter_fixed_point, parse_duration, run_starts, sessionize
 from hnvm.data.splits import (
     SPLIT_DTYPE,
@@ -37,6 +37,10 @@ class PrepareConfig:
     split: str = "user-last"  # user-last | time
     valid_fraction: float = 0.1  # time split only
     test_fraction: float = 0.1  # time split only
+    # Exact duplicate rows (same user, item, timestamp to its finest unit, seq and session) are
+    # logging artefacts far more often than real repeats, and each would become a target that
+    # is trivially "predicted" by its twin: they are dropped (and counted in meta.json).
+    keep_duplicates: bool = False
 
     def validate(self) -> None:
         parse_duration(self.gap)
@@ -56,6 +60,15 @@ class PrepareConfig:
             )
 
 
+def preset_config(preset: str | None, **given: Any) -> PrepareConfig:
+    """A PrepareConfig from a preset's own defaults (e.g. yoochoose: a time split and one
+    session per user, since every session is its own user) overridden by the options `given`
+    explicitly (None values count as not given)."""
+    base = dict(PRESETS[preset].defaults) if preset in PRESETS else {}
+    base.update({k: v for k, v in given.items() if v is not None})
+    return PrepareConfig(**base)  # type: ignore[arg-type]
+
+
 def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -70,17 +83,32 @@ def build_dataset(
     """Sessionize, filter to a fixed point, split and index a canonical frame (see readers)."""
     cfg.validate()
     t0 = time.perf_counter()
+    where = f"{source.get('path')}: " if source and source.get("path") else ""
+    if cfg.split == "time" and source and source.get("time_unit", "?") is None:
+        raise HnvmError(f"{where}--split time needs a time column (this log has none); use --split user-last")
+    n_dup = 0
+    if not cfg.keep_duplicates:
+        key = [c for c in ("user", "item", "ts", "seq", "session") if c in raw.columns]
+        deduped = raw.unique(subset=key, keep="first", maintain_order=True)
+        n_dup = raw.height - deduped.height
+        if n_dup:
+            log.warning("%sdropped %d exact duplicate rows (same %s; --keep-duplicates keeps them)",
+                        where, n_dup, ", ".join(key))
+            raw = deduped
     df = sessionize(raw, parse_duration(cfg.gap))
+    # (by design for yoochoose, where every session is its own user)
+    one_each = _one_session_per_user(df) if not (source and source.get("preset") == "yoochoose") else ""
+    if one_each:
+        log.warning("%s%s", where, one_each)
     df, steps = filter_fixed_point(
         df,
         min_item_support=cfg.min_item_support,
         min_session_length=cfg.min_session_length,
         min_sessions=cfg.min_sessions,
     )
-    where = f"{source.get('path')}: " if source and source.get("path") else ""
     if df.height == 0:
         trail = "; ".join(s.describe() for s in steps)
-        raise HnvmError(f"{where}the filters leave no data ({trail})")
+        raise HnvmError(f"{where}the filters leave no data ({one_each + '; ' if one_each else ''}{trail})")
     df = split_user_last(df) if cfg.split == "user-last" else split_time(
         df, cfg.valid_fraction, cfg.test_fraction
     )
@@ -124,11 +152,25 @@ def build_dataset(
         "source": source or {},
         "prepare": asdict(cfg),
         "filter_steps": [asdict(s) for s in steps],
+        "duplicates_removed": n_dup,
     }
     ds = Dataset(events=events, items=item_table, users=user_table, meta=meta)
     meta["stats"] = dataset_stats(ds)
     log.info("built dataset in %.1fs: %s", time.perf_counter() - t0, meta["stats"])
     return ds
+
+
+def _one_session_per_user(df: pl.DataFrame) -> str:
+    """A warning when sessionization gave every user exactly one session (e.g. a basket
+    number read as seconds, all inside the gap), else ''."""
+    if df.height == 0:
+        return ""
+    users, sessions = df.select(run_starts("user").sum(), run_starts("sess").sum()).row(0)
+    if users != sessions or users < 2:
+        return ""
+    return (f"sessionization gave every user exactly one session ({users:,} users): check the time "
+            "column and its unit (--time-unit), the --gap, or give session=COLUMN; a log where each "
+            "session is its own user needs --split time --min-sessions 1")
 
 
 def prepare(
@@ -139,14 +181,18 @@ def prepare(
     columns: dict[str, str] | None = None,
     config: PrepareConfig | None = None,
     force: bool = False,
+    time_unit: str = "auto",
 ) -> Dataset:
-    """Read a raw log, build the dataset and write it atomically to `out`."""
-    cfg = config or PrepareConfig()
+    """Read a raw log, build the dataset and write it atomically to `out`.
+
+    `config` defaults to the preset's defaults (`preset_config`); `time_unit` states the unit
+    of a numeric time column (auto: decided per row by magnitude; mixed units are refused)."""
+    cfg = config or preset_config(preset)
     cfg.validate()
     input_path, out = Path(input_path), Path(out)
     if out.exists() and not force:
         raise HnvmError(f"{out}: output directory exists (use --force to replace it)")
-    raw = read_events(input_path, preset=preset, columns=columns)
+    raw, info = read_events_info(input_path, preset=preset, columns=columns, time_format=time_unit)
     source = {
         "path": str(input_path),
         "preset": preset,
@@ -154,6 +200,8 @@ def prepare(
         "bytes": input_path.stat().st_size,
         "sha256": file_sha256(input_path),
         "rows": raw.height,
+        "time_unit": info.time_unit,
+        "session_order": info.session_order,
     }
     ds = build_dataset(raw, cfg, source=source)
     try:

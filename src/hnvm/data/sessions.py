@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import polars as pl
@@ -10,18 +11,28 @@ import polars as pl
 log = logging.getLogger(__name__)
 
 
+# Longest accepted gap: a century. Anything longer is a typo, and an unbounded value overflows
+# the Int64 clock arithmetic.
+MAX_GAP_S = 100 * 365 * 86400
+
+
 def parse_duration(text: str | int | float) -> int:
-    """'30m' -> 1800; '45s', '2h', '1d' and plain seconds are accepted."""
-    if isinstance(text, int | float):
-        return int(text)
-    t = text.strip().lower()
+    """'30m' -> 1800; '45s', '2h', '1d' and plain seconds are accepted.
+
+    Raises ValueError (naming --gap) for text that is not a duration and for a negative,
+    infinite, NaN or absurdly long one (over a century)."""
+    t = str(text).strip().lower()
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    hint = "a duration such as 30m, 1800s, 2h or 1d"
     try:
-        if t and t[-1] in units:
-            return int(float(t[:-1]) * units[t[-1]])
-        return int(float(t))
+        value = float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
     except ValueError:
-        raise ValueError(f"cannot parse duration '{text}' (examples: 30m, 1800s, 2h)") from None
+        raise ValueError(f"--gap: cannot parse duration '{text}' ({hint})") from None
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"--gap: '{text}' is not a finite, non-negative duration ({hint})")
+    if value > MAX_GAP_S:
+        raise ValueError(f"--gap: '{text}' is longer than a century ({hint})")
+    return int(value)
 
 
 def run_starts(key: str) -> pl.Expr:
@@ -65,7 +76,8 @@ def sessionize(events: pl.DataFrame, gap_s: int) -> pl.DataFrame:
     """Assign each event to a session and order events inside it.
 
     With an explicit `session` column that key is used (sessions are ordered by their first
-    event); otherwise a new session starts when the idle time since the user's previous event
+    event; in a log without time, by the numeric key `sorder` where the reader gave one, else by
+    first appearance in the file); otherwise a new session starts when the idle time since the user's previous event
     exceeds `gap_s` (an idle time of exactly `gap_s` stays in the session).
 
     Returns columns user, item, ts, sess (Int64, global, ordered by user then time), pos
@@ -77,8 +89,9 @@ def sessionize(events: pl.DataFrame, gap_s: int) -> pl.DataFrame:
         first = (
             df.group_by("user", "session", maintain_order=True)
             .agg(pl.col("ts").first().alias("_t0"), pl.col("seq").first().alias("_s0"),
-                 pl.col("line").first().alias("_l0"))
-            .sort("user", "_t0", "_s0", "_l0")
+                 pl.col("line").first().alias("_l0"),
+                 (pl.col("sorder") if "sorder" in events.columns else pl.lit(0)).first().alias("_o0"))
+            .sort("user", "_t0", "_o0", "_s0", "_l0")
             .with_row_index("sess")
             .select("user", "session", pl.col("sess").cast(pl.Int64))
         )

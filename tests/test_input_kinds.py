@@ -1,0 +1,273 @@
+"""Issue #12, data side: ids kept as written, timestamp units, durations, compressed files, presets
+that work with their defaults, logs without time, duplicate rows, help at 80 columns.
+
+Every test states the right value for one member of a fault kind and, where it is cheap, another
+member of the same kind."""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import json
+from pathlib import Path
+
+import polars as pl
+import pytest
+from typer.testing import CliRunner
+
+from hnvm.cli import app
+from hnvm.data.prepare import PrepareConfig, prepare
+from hnvm.data.readers import read_events, read_events_info
+from hnvm.errors import InputError
+
+runner = CliRunner()
+COLS = "user=user,item=item,time=ts"
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def _ok(args: list[str]) -> str:
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    return r.output
+
+
+def _fails(args: list[str], *needles: str, out: Path | None = None) -> str:
+    r = runner.invoke(app, args)
+    assert r.exit_code == 2, r.output
+    msg = r.output.strip()
+    assert "Traceback" not in msg and len(msg.splitlines()) == 1, msg
+    for n in needles:
+        assert n in msg, msg
+    if out is not None:
+        assert not out.exists()
+    return msg
+
+
+# --------------------------------------------------------------------------- 1. ids as written
+
+def _zero_padded_log(tmp_path: Path) -> Path:
+    # one user, three sessions a day apart, each holding the items 007, 7 and 07
+    rows = [f"u1,{item},{1_600_000_000 + s * 86400 + k * 60}"
+            for s in range(3) for k, item in enumerate(("007", "7", "07"))]
+    return _write(tmp_path / "log.csv", "user,item,ts\n" + "\n".join(rows) + "\n")
+
+
+def test_ids_are_opaque_text_end_to_end(tmp_path: Path) -> None:
+    src = _zero_padded_log(tmp_path)
+    _ok(["prepare", str(src), "--columns", COLS, "--min-item-support", "1", "--out", str(tmp_path / "d")])
+    items = pl.read_parquet(tmp_path / "d" / "items.parquet")
+    assert sorted(items.get_column("id").to_list()) == ["007", "07", "7"]
+    assert items.get_column("train_count").to_list() == [1, 1, 1]
+    _ok(["train", str(tmp_path / "d"), "--model", "pop", "--out", str(tmp_path / "run")])
+    out = _ok(["recommend", str(tmp_path / "run"), "--user", "u1", "--session", "007", "-k", "3"])
+    assert "unknown" not in out and "after 1 item(s) of the session" in out
+    cells = {c.strip() for line in out.splitlines() for c in line.split("│")}
+    assert {"007", "07", "7"} <= cells
+
+
+def test_id_column_numeric_then_text_loads_with_every_id_kept(tmp_path: Path) -> None:
+    rows = [f"{u},{1000 + u % 50},{1_600_000_000 + u}" for u in range(10_050)]
+    rows.append("5,SKU-1,1600000001")
+    raw = read_events(_write(tmp_path / "a.csv", "user,item,ts\n" + "\n".join(rows) + "\n"),
+                      columns={"user": "user", "item": "item", "time": "ts"})
+    assert raw.height == 10_051
+    assert raw.get_column("item").dtype == pl.Utf8
+    assert "SKU-1" in raw.get_column("item").to_list()
+
+
+def test_canonical_integers_are_read_as_integers_and_written_back_exactly(tmp_path: Path) -> None:
+    raw = read_events(_write(tmp_path / "a.csv", "user,item,ts\n1,-3,5\n2,10,6\n"),
+                      columns={"user": "user", "item": "item", "time": "ts"})
+    assert raw.get_column("item").dtype == pl.Int64  # every value is its own canonical text
+    raw = read_events(_write(tmp_path / "b.csv", "user,item,ts\n1,+3,5\n2, 10,6\n1,3,7\n"),
+                      columns={"user": "user", "item": "item", "time": "ts"})
+    assert raw.get_column("item").to_list() == ["+3", "10", "3"]  # '+3' is not '3'
+
+
+# --------------------------------------------------------------------------- 2. timestamp units
+
+def _seconds_log_with_one_ms_row(tmp_path: Path) -> Path:
+    rows, t = [], 1_600_000_000
+    for s in range(6):  # six sessions of two events, 1 and 30 days apart
+        rows += [f"1,a,{t}", f"1,b,{t + 60}"]
+        t += 86400 if s % 2 == 0 else 30 * 86400
+    rows.append("2,a,1600000000000")
+    return _write(tmp_path / "mixed.csv", "user,item,ts\n" + "\n".join(rows) + "\n")
+
+
+def test_mixed_timestamp_units_are_refused_naming_the_row(tmp_path: Path) -> None:
+    src = _seconds_log_with_one_ms_row(tmp_path)
+    _fails(["prepare", str(src), "--columns", COLS, "--min-item-support", "1", "--out", str(tmp_path / "d")],
+           "mixed.csv", "row 14", "'ts'", "mix units", "--time-unit", out=tmp_path / "d")
+
+
+def test_stated_time_unit_keeps_six_sessions_and_is_recorded(tmp_path: Path) -> None:
+    src = _seconds_log_with_one_ms_row(tmp_path)
+    ds = prepare(src, tmp_path / "d", columns={"user": "user", "item": "item", "time": "ts"},
+                 config=PrepareConfig(min_item_support=1), time_unit="s")
+    assert ds.events.filter(pl.col("user") == 1).get_column("session").n_unique() == 6
+    meta = json.loads((tmp_path / "d" / "meta.json").read_text())
+    assert meta["source"]["time_unit"] == "s"
+
+
+@pytest.mark.parametrize(("scale", "unit"), [(1, "s"), (1000, "ms"), (10**6, "us"), (10**9, "ns")])
+def test_time_unit_detected_per_row_and_recorded(tmp_path: Path, scale: int, unit: str) -> None:
+    rows = [f"1,{i % 3},{(1_600_000_000 + i * 60) * scale}" for i in range(6)]
+    _, info = read_events_info(_write(tmp_path / "a.csv", "user,item,ts\n" + "\n".join(rows) + "\n"),
+                               columns={"user": "user", "item": "item", "time": "ts"})
+    assert info.time_unit == unit
+
+
+def test_time_unit_flag_is_validated(tmp_path: Path) -> None:
+    src = _zero_padded_log(tmp_path)
+    _fails(["prepare", str(src), "--columns", COLS, "--time-unit", "minutes", "--out", str(tmp_path / "d")],
+           "--time-unit", out=tmp_path / "d")
+    _fails(["prepare", str(src), "--columns", COLS, "--time-unit", "iso", "--out", str(tmp_path / "d")],
+           "ISO-8601", out=tmp_path / "d")
+
+
+# --------------------------------------------------------------------------- 9. durations, compression
+
+@pytest.mark.parametrize("gap", ["inf", "-5m", "nan", "1e30", "-1", "soon"])
+def test_bad_gap_is_one_line_error(tmp_path: Path, gap: str) -> None:
+    src = _zero_padded_log(tmp_path)
+    _fails(["prepare", str(src), "--columns", COLS, f"--gap={gap}", "--out", str(tmp_path / "d")],
+           "--gap", out=tmp_path / "d")
+
+
+def test_gzip_without_suffix_is_read(tmp_path: Path) -> None:
+    body = _zero_padded_log(tmp_path).read_bytes()
+    src = tmp_path / "log.csv"
+    src.write_bytes(gzip.compress(body))
+    ds = prepare(src, tmp_path / "d", columns={"user": "user", "item": "item", "time": "ts"},
+                 config=PrepareConfig(min_item_support=1))
+    assert ds.n_items == 3
+
+
+def test_other_compression_is_named(tmp_path: Path) -> None:
+    src = tmp_path / "log.csv"
+    src.write_bytes(bz2.compress(_zero_padded_log(tmp_path).read_bytes()))
+    _fails(["prepare", str(src), "--columns", COLS, "--out", str(tmp_path / "d")],
+           "log.csv", "bzip2-compressed", out=tmp_path / "d")
+
+
+# --------------------------------------------------------------------------- 12. presets' defaults
+
+def test_yoochoose_preset_works_with_its_defaults(tmp_path: Path) -> None:
+    lines = [f"{s}\t{100 + (s + k) % 4}\t{1_400_000_000 + s * 10_000 + k * 30}.5"
+             for s in range(1, 41) for k in range(3)]
+    src = _write(tmp_path / "clicks.tsv", "SessionId\tItemId\tTime\n" + "\n".join(lines) + "\n")
+    _ok(["prepare", str(src), "--preset", "yoochoose", "--out", str(tmp_path / "d")])
+    meta = json.loads((tmp_path / "d" / "meta.json").read_text())
+    assert meta["prepare"]["split"] == "time" and meta["prepare"]["min_sessions"] == 1
+    assert meta["stats"]["test_sessions"] > 0
+
+
+def test_real_yoochoose_with_defaults(shared_data: Path, tmp_path: Path) -> None:
+    src = shared_data / "yoochoose-100k" / "yoochoose-clicks-100k_train_full.txt"
+    ds = prepare(src, tmp_path / "y", preset="yoochoose")
+    assert ds.meta["stats"]["test_next_item_targets"] > 0
+
+
+def test_explicit_options_override_preset_defaults(tmp_path: Path) -> None:
+    lines = [f"{s}\t{100 + (s + k) % 4}\t{1_400_000_000 + s * 10_000 + k * 30}"
+             for s in range(1, 41) for k in range(3)]
+    src = _write(tmp_path / "clicks.tsv", "SessionId\tItemId\tTime\n" + "\n".join(lines) + "\n")
+    _fails(["prepare", str(src), "--preset", "yoochoose", "--split", "user-last", "--out", str(tmp_path / "d")],
+           "--min-sessions >= 3", out=tmp_path / "d")
+
+
+# --------------------------------------------------------------------------- 15. logs without time
+
+def _basket_log(tmp_path: Path, keys: tuple[str, ...] = ("1", "2", "10")) -> Path:
+    # the file lists basket 10 first: with numeric keys the sessions follow the key, not the file
+    rows = []
+    for u in ("a", "b"):
+        for key in reversed(keys):
+            rows += [f"{u},x{key},{key}", f"{u},y,{key}"]
+    return _write(tmp_path / "baskets.csv", "user,item,basket\n" + "\n".join(rows) + "\n")
+
+
+def test_basket_log_without_time_prepares(tmp_path: Path) -> None:
+    src = _basket_log(tmp_path)
+    raw, info = read_events_info(src, columns={"user": "user", "item": "item", "session": "basket"})
+    assert info.time_unit is None and info.session_order == "key"
+    from hnvm.data.sessions import sessionize
+
+    s = sessionize(raw, 1800).filter(pl.col("user") == "a")
+    assert s["item"].to_list() == ["x1", "y", "x2", "y", "x10", "y"]  # by key, then file order
+    # end to end through the CLI (the y items are known to train)
+    rows = [f"{u},{item},{key}" for u in ("a", "b", "c") for key in (3, 1, 2) for item in ("y", "z")]
+    src = _write(tmp_path / "b2.csv", "user,item,basket\n" + "\n".join(rows) + "\n")
+    _ok(["prepare", str(src), "--columns", "user=user,item=item,session=basket", "--min-item-support", "1",
+         "--out", str(tmp_path / "d")])
+    meta = json.loads((tmp_path / "d" / "meta.json").read_text())
+    assert meta["source"]["session_order"] == "key"
+    assert (meta["stats"]["train_sessions"], meta["stats"]["test_sessions"]) == (3, 3)
+
+
+def test_text_session_keys_follow_first_appearance(tmp_path: Path) -> None:
+    src = _basket_log(tmp_path, keys=("c", "b", "a"))  # file order: a, b, c
+    raw, info = read_events_info(src, columns={"user": "user", "item": "item", "session": "basket"})
+    assert info.session_order == "first appearance"
+    from hnvm.data.sessions import sessionize
+
+    s = sessionize(raw, 1800).filter(pl.col("user") == "a")
+    assert s["item"].to_list()[::2] == ["xa", "xb", "xc"]
+
+
+def test_time_split_without_time_is_refused(tmp_path: Path) -> None:
+    _fails(["prepare", str(_basket_log(tmp_path)), "--columns", "user=user,item=item,session=basket",
+            "--split", "time", "--min-sessions", "1", "--out", str(tmp_path / "d")],
+           "needs a time column", out=tmp_path / "d")
+
+
+def test_one_session_per_user_is_named_as_the_cause(tmp_path: Path) -> None:
+    # basket numbers mapped as the time: all within the 30-minute gap, one session per user
+    _fails(["prepare", str(_basket_log(tmp_path)), "--columns", "user=user,item=item,time=basket",
+            "--min-item-support", "1", "--out", str(tmp_path / "d")],
+           "leave no data", "exactly one session", out=tmp_path / "d")
+
+
+def test_columns_need_time_or_session() -> None:
+    from hnvm.data.readers import parse_columns
+
+    with pytest.raises(InputError, match="session=COLUMN"):
+        parse_columns("user=u,item=i")
+    assert parse_columns("user=u,item=i,session=b") == {"user": "u", "item": "i", "session": "b"}
+
+
+# --------------------------------------------------------------------------- duplicates
+
+def test_exact_duplicate_rows_are_dropped_and_counted(tmp_path: Path) -> None:
+    body = _zero_padded_log(tmp_path).read_text().splitlines()
+    src = _write(tmp_path / "dup.csv", "\n".join([*body, body[1], body[2]]) + "\n")
+    cols = {"user": "user", "item": "item", "time": "ts"}
+    ds = prepare(src, tmp_path / "d", columns=cols, config=PrepareConfig(min_item_support=1))
+    assert ds.events.height == 9 and ds.meta["duplicates_removed"] == 2
+    kept = prepare(src, tmp_path / "k", columns=cols, config=PrepareConfig(min_item_support=1, keep_duplicates=True))
+    assert kept.events.height == 11 and kept.meta["duplicates_removed"] == 0
+
+
+# --------------------------------------------------------------------------- 17. help at 80 columns
+
+def _commands() -> list[str]:
+    import typer.main
+
+    return sorted(typer.main.get_command(app).commands)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("command", _commands())
+def test_help_fits_80_columns(command: str) -> None:
+    r = runner.invoke(app, [command, "--help"], env={"COLUMNS": "80"}, terminal_width=80)
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    assert max(len(x) for x in lines) <= 80, [x for x in lines if len(x) > 80]
+    assert "…" not in r.output
+    if command == "prepare":
+        for word in ("session", "seq", "--time-unit", "[default: 30m]"):
+            assert word in r.output
