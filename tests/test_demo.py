@@ -30,7 +30,10 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     assert set(item["models"]) == set(sess["models"]) == {"pop", "ptopfreq", "bprmf"}
     # the reference figures of the sample (shared/data/README.md): POP next item and P-TopFreq next session
     assert item["models"]["pop"]["metrics"]["recall@5"] == pytest.approx(0.0466, abs=5e-5)
-    assert sess["models"]["ptopfreq"]["metrics"]["recall@5"] == pytest.approx(0.2735, abs=2e-4)
+    # the reference's .2735 orders items still tied after popularity (equal own count and equal
+    # train count) by id; the conservative rule of both tasks ranks every tied item above a
+    # target, which costs P-TopFreq .0007 here (measured: .2728)
+    assert sess["models"]["ptopfreq"]["metrics"]["recall@5"] == pytest.approx(0.2728, abs=2e-4)
     cfg = json.loads((tmp_path / "demo" / "runs" / "bprmf" / "config.json").read_text())
     assert cfg["train"]["epochs"] == 1
     assert Path(item["files"]["position"]).exists() and Path(item["files"]["history"]).exists()

@@ -15,8 +15,10 @@ from hnvm.metrics import (
     pad_item_sets,
     per_target_item_metrics,
     per_user_session_metrics,
+    per_user_session_rank_metrics,
     session_first_hit_ranks,
     session_metrics,
+    session_rank_metrics,
     session_target_ranks,
     topk_items,
 )
@@ -134,9 +136,18 @@ def test_topk_rejects_nan_and_bad_k() -> None:
     with pytest.raises(ValueError, match="NaN"):
         topk_items(torch.tensor([[0.0, NAN, 1.0]]), 1)
     with pytest.raises(ValueError, match="k must be"):
-        topk_items(torch.rand(2, 4), 4)
-    with pytest.raises(ValueError, match="k must be"):
         topk_items(torch.rand(2, 4), 0)
+
+
+def test_topk_beyond_the_catalogue_is_the_whole_catalogue_padded() -> None:
+    # 3 real items, k = 20: the top-20 of a 3-item catalogue is the catalogue, then padding 0
+    scores = torch.tensor([[9.0, 0.2, 0.7, 0.2], [9.0, 0.1, 0.2, 0.3]])
+    got = topk_items(scores, 20)
+    assert got.shape == (2, 20)
+    assert got[:, :3].tolist() == [[2, 1, 3], [3, 2, 1]] and not got[:, 3:].any()
+    assert topk_items(scores, 5, exclude=[torch.tensor([2]), torch.tensor([], dtype=torch.long)]).tolist() == [
+        [1, 3, 0, 0, 0], [3, 2, 1, 0, 0]]
+    assert topk_items(scores, 3).tolist() == got[:, :3].tolist()
 
 
 @settings(max_examples=300, deadline=None)
@@ -300,3 +311,139 @@ def test_session_metrics_match_brute_force(
         ).item()
         if best <= k:
             assert first is not None
+
+
+# --- next-session metrics from conservative per-target ranks (issue #12, item 3) ----------
+
+
+def test_session_target_ranks_count_a_repeated_target_once() -> None:
+    scores = torch.tensor([[0.0, 0.5, 0.9, 0.5, 0.1]])
+    assert session_target_ranks(scores, [torch.tensor([3, 2, 3, 3])]).tolist() == [[3, 1, 0, 0]]
+    assert session_target_ranks(scores, torch.tensor([[2, 0, 2]])).tolist() == [[1, 0, 0]]
+
+
+def test_session_rank_metrics_hand_values() -> None:
+    # User 0: S = {a, b, c} with ranks 2, 5, 9; user 1: S = {d} with rank 1.
+    ranks = torch.tensor([[2, 5, 9], [1, 0, 0]])
+    u = per_user_session_rank_metrics(ranks, 5)
+    assert set(u) == {"recall@5", "precision@5", "mrr@5", "ndcg@5", "phr@5"}
+    assert u["recall@5"].tolist() == pytest.approx([2 / 3, 1.0])
+    assert u["precision@5"].tolist() == pytest.approx([2 / 5, 1 / 5])
+    assert u["mrr@5"].tolist() == pytest.approx([1 / 2, 1.0])
+    dcg0 = 1 / math.log2(3) + 1 / math.log2(6)
+    idcg0 = 1 + 1 / math.log2(3) + 1 / math.log2(4)  # min(|S|, k) = 3 ideal slots
+    assert u["ndcg@5"].tolist() == pytest.approx([dcg0 / idcg0, 1.0])
+    assert u["phr@5"].tolist() == [1.0, 1.0]
+    u1 = per_user_session_rank_metrics(ranks, 1)
+    assert u1["recall@1"].tolist() == [0.0, 1.0] and u1["phr@1"].tolist() == [0.0, 1.0]
+    assert u1["mrr@1"].tolist() == [0.0, 1.0] and u1["ndcg@1"].tolist() == [0.0, 1.0]
+    m = session_rank_metrics(ranks, ks=(1, 5))
+    assert m["mrr@5"] == approx(0.75) and m["phr@1"] == approx(0.5)
+    assert m["ndcg@5"] == approx((dcg0 / idcg0 + 1) / 2)
+
+
+def test_session_rank_metrics_reject_bad_input() -> None:
+    with pytest.raises(ValueError, match="non-empty"):
+        session_rank_metrics(torch.tensor([[1, 0], [0, 0]]), (5,))
+    with pytest.raises(ValueError, match="integers"):
+        session_rank_metrics(torch.tensor([[1.0]]), (5,))
+    with pytest.raises(ValueError, match="2-D"):
+        session_rank_metrics(torch.tensor([1, 2]), (5,))
+    with pytest.raises(ValueError, match="no users"):
+        session_rank_metrics(torch.zeros((0, 1), dtype=torch.long), (5,))
+
+
+def test_all_tied_scores_give_no_hit_whatever_the_ids() -> None:
+    # POP with every train count equal: every score ties, so every target ranks last-equal
+    # (n_items - 1 = 30) whether the targets have the lowest ids or the highest.
+    scores = torch.ones(4, 31)
+    for ids in ([1, 2, 3], [28, 29, 30]):
+        ranks = session_target_ranks(scores, [torch.tensor(ids)] * 4)
+        assert ranks.tolist() == [[30, 30, 30]] * 4
+        m = session_rank_metrics(ranks, (5, 10, 20, 30))
+        assert all(v == 0.0 for k, v in m.items() if not k.endswith("@30")), m
+        assert m["recall@30"] == approx(1.0) and m["mrr@30"] == approx(1 / 30)
+    # the id-ordered list would have "hit" the low ids: the shown list is not the metric
+    topk = topk_items(scores, 5)
+    assert session_metrics(topk, [torch.tensor([1, 2, 3])] * 4, (5,))["recall@5"] == 1.0
+
+
+def test_ties_among_targets_count_against_each_other() -> None:
+    # items 1 and 2 (both targets) tie at the top: each has the other above it -> rank 2
+    scores = torch.tensor([[0.0, 1.0, 1.0, 0.5, 0.2]])
+    ranks = session_target_ranks(scores, [torch.tensor([1, 2])])
+    assert ranks.tolist() == [[2, 2]]
+    u = per_user_session_rank_metrics(ranks, 1)
+    assert u["recall@1"].item() == 0.0 and u["mrr@1"].item() == 0.0
+    u = per_user_session_rank_metrics(ranks, 2)
+    assert u["recall@2"].item() == 1.0 and u["mrr@2"].item() == approx(0.5)
+    assert u["ndcg@2"].item() == approx((2 / math.log2(3)) / (1 + 1 / math.log2(3)))
+
+
+def test_cutoff_beyond_the_catalogue_is_well_defined() -> None:
+    # 3 real items, k = 20: every target is within the top 20
+    scores = torch.tensor([[0.0, 0.1, 0.9, 0.5]])
+    ranks = session_target_ranks(scores, [torch.tensor([1, 3])])
+    m = session_rank_metrics(ranks, (1, 5, 20))
+    assert ranks.tolist() == [[3, 2]]
+    assert m["recall@20"] == m["phr@20"] == approx(1.0) and m["precision@20"] == approx(2 / 20)
+    assert m["ndcg@20"] == approx((1 / math.log2(4) + 1 / math.log2(3)) / (1 + 1 / math.log2(3)))
+    assert m["mrr@20"] == approx(1 / 2) and m["recall@1"] == 0.0
+
+
+@settings(max_examples=300, deadline=None)
+@given(int_scores_and_targets(), st.data())
+def test_session_rank_metrics_match_brute_force(
+    case: tuple[list[list[int]], list[int]], data: st.DataObject
+) -> None:
+    """Brute force over the definition: each target's rank = 1 + #(items above) + #(other items
+    tied, other targets included); metrics from those ranks. NDCG and precision stay <= 1."""
+    scores, _ = case
+    n_items = len(scores[0])
+    ids = st.integers(1, n_items - 1)
+    sets = [data.draw(st.lists(ids, min_size=1, max_size=5)) for _ in scores]
+    k = data.draw(st.integers(1, n_items + 2))  # k may exceed the catalogue
+    ranks = session_target_ranks(torch.tensor(scores, dtype=torch.float32), [torch.tensor(s) for s in sets])
+    got = per_user_session_rank_metrics(ranks, k)
+    for u, (row, s) in enumerate(zip(scores, sets, strict=True)):
+        target = sorted(set(s))
+        rk = [1 + sum(1 for j in range(1, n_items) if row[j] > row[t])
+              + sum(1 for j in range(1, n_items) if j != t and row[j] == row[t]) for t in target]
+        assert sorted(r for r in ranks[u].tolist() if r) == sorted(rk)
+        hits = [r for r in rk if r <= k]
+        idcg = sum(1 / math.log2(i + 2) for i in range(min(len(target), k)))
+        ndcg = sum(1 / math.log2(r + 1) for r in hits) / idcg
+        assert got[f"recall@{k}"][u].item() == approx(len(hits) / len(target))
+        assert got[f"precision@{k}"][u].item() == approx(len(hits) / k)
+        assert got[f"mrr@{k}"][u].item() == approx(1 / min(rk) if min(rk) <= k else 0.0)
+        assert got[f"ndcg@{k}"][u].item() == approx(ndcg)
+        assert got[f"phr@{k}"][u].item() == (1.0 if hits else 0.0)
+        assert 0.0 <= ndcg <= 1.0 + 1e-12 and len(hits) <= k
+        # the same ranks, one target at a time, are the next-item ranks
+        nxt = conservative_ranks(torch.tensor([row] * len(target), dtype=torch.float32), torch.tensor(target))
+        assert nxt.tolist() == rk
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_session_rank_metrics_equal_list_metrics_without_ties(data: st.DataObject) -> None:
+    """With distinct scores the conservative ranks and the shown top-k list agree exactly; with
+    ties the rank metrics are never above the list's (ties go against the targets)."""
+    n_items = data.draw(st.integers(2, 12))
+    n = data.draw(st.integers(1, 4))
+    distinct = data.draw(st.booleans())
+    ids = st.integers(1, n_items - 1)
+    if distinct:
+        scores = torch.stack([torch.randperm(n_items).to(torch.float32) for _ in range(n)])
+    else:
+        scores = torch.tensor([[data.draw(st.integers(0, 2)) for _ in range(n_items)] for _ in range(n)],
+                              dtype=torch.float32)
+    sets = [torch.tensor(data.draw(st.lists(ids, min_size=1, max_size=4))) for _ in range(n)]
+    k = data.draw(st.integers(1, n_items + 1))
+    by_rank = session_rank_metrics(session_target_ranks(scores, sets), (k,))
+    by_list = session_metrics(topk_items(scores, k), sets, (k,))
+    for name, v in by_rank.items():
+        if distinct:
+            assert v == approx(by_list[name]), name
+        elif not name.startswith("ndcg"):  # the list's DCG may place hits differently
+            assert v <= by_list[name] + 1e-12, name

@@ -7,9 +7,16 @@ Conventions (DESIGN.md §7):
 * Next-item ranks are full-catalogue and *conservative*: a target tied with other items is
   placed after all of them, so ``rank = 1 + #(score > s_t) + #(other items with score == s_t)``.
   A model that scores everything equally therefore gets the worst rank, not an average one.
-* Next-session metrics work on top-k lists from :func:`topk_items`, whose order is fully
-  deterministic (score descending, then lower item id first). Conservative ranks of each target
-  of a set are available from :func:`session_target_ranks` / :func:`session_first_hit_ranks`.
+* Next-session metrics use the same rule: for a set of targets, every other item with an equal
+  score (including the other targets) ranks above each of them, so each target's rank is its
+  next-item conservative rank (:func:`session_target_ranks`), and the metrics are computed from
+  these per-target ranks (:func:`session_rank_metrics`). Item ids never break a tie in a metric.
+* :func:`topk_items` gives the list a user would be shown, in a fully deterministic order
+  (score descending, then lower item id first); :func:`session_metrics` scores such a given
+  list. Evaluation does not use it for metrics: with ties at the cut-off a list favours
+  whichever ids are lower.
+* A cut-off ``k`` larger than the catalogue is well defined: the top-k of a catalogue of fewer
+  than ``k`` items is the whole catalogue (``topk_items`` pads the list with 0).
 * Target sets are given either as a sequence of 1-D id tensors or as a padded ``[n, m]``
   LongTensor with 0 as padding (see :func:`pad_item_sets`).
 """
@@ -29,8 +36,10 @@ __all__ = [
     "pad_item_sets",
     "per_target_item_metrics",
     "per_user_session_metrics",
+    "per_user_session_rank_metrics",
     "session_first_hit_ranks",
     "session_metrics",
+    "session_rank_metrics",
     "session_target_ranks",
     "topk_items",
 ]
@@ -123,14 +132,19 @@ def topk_items(scores: Tensor, k: int, exclude: ItemSets | None = None) -> Tenso
     score descending, ties broken by the lower item id, so results do not depend on the
     backend's ``topk`` implementation. Items scored ``-inf`` count as masked by the model and
     are never returned either; if a row has fewer than ``k`` eligible items, the remaining
-    slots are 0 (padding), which matches no target.
+    slots are 0 (padding), which matches no target. ``k`` may exceed the catalogue
+    (``n_items - 1`` real items): the whole catalogue is returned, padded with 0 to ``k``.
 
     Memory: one float copy of ``scores`` plus one bool of the same shape.
     """
     _check_scores(scores)
     n, n_items = scores.shape
-    if not 1 <= k <= n_items - 1:
-        raise ValueError(f"k must be in [1, {n_items - 1}], got {k}")
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    if k > n_items - 1:
+        # The top-k of a catalogue smaller than k is the whole catalogue, then padding.
+        top = topk_items(scores, n_items - 1, exclude)
+        return torch.cat([top, top.new_zeros((n, k - (n_items - 1)))], dim=1)
     # Integer scores go to float64 (exact up to 2**53) so that -inf can mask them.
     masked = scores.to(scores.dtype if scores.is_floating_point() else torch.float64, copy=True)
     masked[:, 0] = -math.inf
@@ -236,12 +250,14 @@ def _hits(topk: Tensor, target_sets: ItemSets) -> tuple[Tensor, Tensor]:
 
 
 def per_user_session_metrics(topk: Tensor, target_sets: ItemSets, k: int) -> dict[str, Tensor]:
-    """Per-user next-session metrics at ``k`` from top-k lists ``[n_users, K]`` (``K >= k``).
+    """Per-user next-session metrics at ``k`` of *given* top-k lists ``[n_users, K]`` (``K >= k``).
 
     ``recall@k`` = |top-k ∩ S| / |S|, ``precision@k`` = |top-k ∩ S| / k, ``mrr@k`` = 1 / (slot
     of the first hit) or 0, ``ndcg@k`` = DCG / IDCG with binary gains and the ideal DCG over
-    min(|S|, k) hits. The top-k order is taken as given (deterministic from
-    :func:`topk_items`); float64 tensors ``[n_users]``.
+    min(|S|, k) hits, ``phr@k`` = 1 if any hit; float64 tensors ``[n_users]``. The list's order
+    is taken as given, so the ids that won ties when the list was made count as hits: this
+    scores a list that was shown, not a model. Evaluation uses :func:`per_user_session_rank_metrics`
+    (conservative ties), which equals this for lists from :func:`topk_items` when no score ties.
     """
     (k,) = _check_ks((k,))
     if topk.dim() == 2 and topk.shape[1] < k:
@@ -265,14 +281,16 @@ def _session_at_k(hits: Tensor, size: Tensor, k: int) -> dict[str, Tensor]:
         f"precision@{k}": n_hit / k,
         f"mrr@{k}": rr,
         f"ndcg@{k}": (h * discount).sum(dim=1) / idcg,
+        f"phr@{k}": (n_hit > 0).to(torch.float64),
     }
 
 
 def session_metrics(
     topk: Tensor, target_sets: ItemSets, ks: Iterable[int] = DEFAULT_KS
 ) -> dict[str, float]:
-    """Mean next-session Recall/Precision/MRR/NDCG@k over users (see
-    :func:`per_user_session_metrics`); ``topk`` needs at least ``max(ks)`` columns."""
+    """Mean next-session Recall/Precision/MRR/NDCG/PHR@k over users of given top-k lists (see
+    :func:`per_user_session_metrics`; evaluation uses :func:`session_rank_metrics`); ``topk``
+    needs at least ``max(ks)`` columns."""
     ks = _check_ks(ks)
     if topk.dim() == 2 and topk.shape[1] < max(ks):
         raise ValueError(f"topk has {topk.shape[1]} columns, fewer than max(ks)={max(ks)}")
@@ -285,19 +303,34 @@ def session_metrics(
     return out
 
 
+def _first_occurrences(sets: Tensor) -> Tensor:
+    """``sets`` ``[n, m]`` with every repeat of an id earlier in its row set to 0 (order kept)."""
+    if sets.shape[1] < 2:
+        return sets
+    srt, order = sets.sort(dim=1, stable=True)
+    dup = torch.zeros_like(srt, dtype=torch.bool)
+    dup[:, 1:] = srt[:, 1:] == srt[:, :-1]
+    # the stable sort keeps the first occurrence of each id before its repeats
+    return sets.masked_fill(torch.zeros_like(dup).scatter_(1, order, dup), 0)
+
+
 def session_target_ranks(scores: Tensor, target_sets: ItemSets) -> Tensor:
     """Conservative full-catalogue rank of every target of every user's set.
 
-    Returns a LongTensor ``[n_users, m]`` aligned with ``pad_item_sets(target_sets)``: the
-    rank of that target (ties with any other item, including other targets, count against
-    it), 0 where the slot is padding. One ranking pass per set slot, not per item.
+    ``scores``: ``[n_users, n_items]`` (column 0 is padding); ``target_sets``: a sequence of 1-D
+    id tensors or a 0-padded ``[n_users, m]`` tensor. Returns a LongTensor ``[n_users, m]``
+    aligned with ``pad_item_sets(target_sets)``: the rank of that target,
+    ``1 + #(items scoring above it) + #(other items tied with it, other targets included)``,
+    i.e. its next-item conservative rank (DESIGN §7), and 0 where the slot is padding or
+    repeats an id seen earlier in the row (a set, not a multiset). One ``[n_users, n_items]``
+    pass per set slot, not per item.
     """
     _check_scores(scores)
     sets = pad_item_sets(target_sets, device=scores.device)
     if sets.shape[0] != scores.shape[0]:
         raise ValueError(f"{scores.shape[0]} score rows but {sets.shape[0]} target sets")
     _check_ids(sets, scores.shape[1], "target sets", allow_padding=True)
-    sets = sets.long()
+    sets = _first_occurrences(sets.long())
     out = torch.zeros_like(sets)
     for j in range(sets.shape[1]):
         col = sets[:, j]
@@ -320,3 +353,73 @@ def session_first_hit_ranks(scores: Tensor, target_sets: ItemSets) -> Tensor:
         raise ValueError("every user needs a non-empty target set")
     big = torch.iinfo(torch.long).max
     return ranks.masked_fill(ranks == 0, big).amin(dim=1)
+
+
+def _check_target_ranks(target_ranks: Tensor) -> tuple[Tensor, Tensor]:
+    """Validated ``[n, m]`` ranks (0 = padding) and the set sizes ``[n]`` (float64)."""
+    ranks = torch.as_tensor(target_ranks)
+    if ranks.dim() != 2:
+        raise ValueError(f"target ranks must be 2-D [n_users, m], got shape {tuple(ranks.shape)}")
+    if ranks.dtype.is_floating_point or ranks.dtype == torch.bool or ranks.is_complex():
+        raise ValueError(f"target ranks must be integers, got dtype {ranks.dtype}")
+    if ranks.numel() and int(ranks.min()) < 0:
+        raise ValueError("target ranks are 1-based (0 = padding); got a negative rank")
+    size = (ranks > 0).sum(dim=1)
+    if ranks.shape[0] and int(size.min()) == 0:
+        raise ValueError("every user needs a non-empty target set (recall is undefined)")
+    return ranks.long(), size.to(torch.float64)
+
+
+def _session_ranks_at_k(ranks: Tensor, size: Tensor, k: int) -> dict[str, Tensor]:
+    r = ranks.to(torch.float64)
+    hit = (ranks > 0) & (ranks <= k)
+    n_hit = hit.sum(dim=1).to(torch.float64)
+    zero = torch.zeros_like(r)
+    # the ideal list puts min(|S|, k) targets in the first slots
+    slots = torch.arange(1, k + 1, dtype=torch.float64, device=r.device)
+    ideal = torch.cat([slots.new_zeros(1), (1.0 / torch.log2(slots + 1.0)).cumsum(0)])
+    idcg = ideal[size.clamp(max=k).long()]
+    big = torch.iinfo(torch.long).max
+    best = ranks.masked_fill(ranks == 0, big).amin(dim=1).to(torch.float64)
+    return {
+        f"recall@{k}": n_hit / size,
+        f"precision@{k}": n_hit / k,
+        f"mrr@{k}": torch.where(best <= k, 1.0 / best, torch.zeros_like(best)),
+        f"ndcg@{k}": torch.where(hit, 1.0 / torch.log2(r + 1.0), zero).sum(dim=1) / idcg,
+        f"phr@{k}": (n_hit > 0).to(torch.float64),
+    }
+
+
+def per_user_session_rank_metrics(target_ranks: Tensor, k: int) -> dict[str, Tensor]:
+    """Per-user next-session metrics at ``k`` from conservative per-target ranks.
+
+    ``target_ranks``: integer ``[n_users, m]``, the rank of each distinct target of the user's
+    set ``S`` (from :func:`session_target_ranks`), 0 = padding. A target is a hit iff its rank
+    is at most ``k``. Keys (float64 tensors ``[n_users]``, aligned for paired tests):
+
+    * ``recall@k`` = #hits / |S|; ``precision@k`` = #hits / k;
+    * ``mrr@k`` = 1 / min rank if that is at most ``k``, else 0;
+    * ``ndcg@k`` = Σ over hit targets of 1 / log2(rank + 1), divided by the ideal DCG over
+      min(|S|, k) slots (binary gains, as in the next-basket literature). It is at most 1:
+      targets tied in a group of ``g`` items all take the group's last rank, which is no better
+      than distinct slots at the group's end would be;
+    * ``phr@k`` = 1 if the user has at least one hit (PHR: the share of users with a hit).
+
+    A cut-off beyond the catalogue is fine: every target then ranks within ``k``.
+    """
+    (k,) = _check_ks((k,))
+    ranks, size = _check_target_ranks(target_ranks)
+    return _session_ranks_at_k(ranks, size, k)
+
+
+def session_rank_metrics(target_ranks: Tensor, ks: Iterable[int] = DEFAULT_KS) -> dict[str, float]:
+    """Mean next-session Recall/Precision/MRR/NDCG/PHR@k over users from conservative
+    per-target ranks ``[n_users, m]`` (see :func:`per_user_session_rank_metrics`)."""
+    ks = _check_ks(ks)
+    ranks, size = _check_target_ranks(target_ranks)
+    if ranks.shape[0] == 0:
+        raise ValueError("no users to average")
+    out: dict[str, float] = {}
+    for k in ks:
+        out.update({name: float(v.mean()) for name, v in _session_ranks_at_k(ranks, size, k).items()})
+    return out

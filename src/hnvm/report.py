@@ -4,8 +4,11 @@
 
 Ranks frames are the per-target frames of `hnvm.evaluate` (`keep_ranks=True`):
 next-item rows = one target (user, session, position [0-based], item, rank); next-session
-rows = one user. The benchmark adds `session_len` and `n_history` (the user's sessions before
-this one) and, for next-session, per-user `recall@5`/`mrr@5`/`precision@5` columns.
+rows = one user (user, session, n_targets, targets, target_ranks = each target's conservative
+rank, first_hit_rank, topk). The benchmark adds `session_len` and `n_history` (the user's
+sessions before this one) and, for next-session, per-user `recall/precision/mrr/ndcg/phr@k`
+columns. Per-unit values for paired tests use the conservative ranks in both tasks
+(`per_target_item_metrics`, `per_user_session_rank_metrics`), as the reported means do.
 
 Position groups (paper Fig. 2) use 1-based positions within the session: Begin = 1–2,
 Middle = 3–4, End = 5+, i.e. our 0-based `position` 0–1, 2–3, 4+. Next-item targets start at
@@ -25,7 +28,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from hnvm.metrics import per_target_item_metrics
+from hnvm.metrics import pad_item_sets, per_target_item_metrics, per_user_session_rank_metrics
 
 PAPER_COLUMNS = (("Recall", "recall"), ("MRR", "mrr"), ("Pre", "precision"))
 POSITION_GROUPS = ("Begin", "Middle", "End")
@@ -120,11 +123,20 @@ def paired_test(a: np.ndarray | list[float], b: np.ndarray | list[float]) -> Pai
 
 def unit_values(ranks: pl.DataFrame, task: str, metric: str = "mrr@5") -> pl.DataFrame:
     """Per-target (next-item, keyed by session and position) or per-user (next-session, keyed
-    by user) values of `metric`, in a `value` column."""
+    by user) values of `metric`, in a `value` column. Both come from conservative ranks: the
+    `rank` column (next-item) or the `target_ranks` list column (next-session; a frame without
+    it falls back to a precomputed per-user `metric` column)."""
     if task == "next-item":
         k = int(metric.split("@")[1])
         vals = per_target_item_metrics(torch.as_tensor(ranks["rank"].to_numpy().copy()), k)[metric]
         return ranks.select("session", "position").with_columns(value=pl.Series(vals.numpy()))
+    if "target_ranks" in ranks.columns:
+        k = int(metric.split("@")[1])
+        tr = pad_item_sets([torch.tensor(r, dtype=torch.long) for r in ranks["target_ranks"].to_list()])
+        per_user = per_user_session_rank_metrics(tr, k)
+        if metric not in per_user:
+            raise ValueError(f"unknown next-session metric '{metric}' (known: {', '.join(per_user)})")
+        return ranks.select("user").with_columns(value=pl.Series(per_user[metric].numpy(), dtype=pl.Float64))
     if metric not in ranks.columns:
         raise ValueError(f"next-session ranks have no per-user '{metric}' column")
     return ranks.select("user", pl.col(metric).alias("value"))
