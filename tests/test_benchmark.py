@@ -188,3 +188,82 @@ def test_parse_models_expands_all_inside_a_list() -> None:
     assert parse_models(" pop , hnvm-no-z ") == ["pop", "hnvm-no-z"]
     with pytest.raises(HnvmError, match="unknown model"):
         parse_models("all,nope")
+
+
+# ---- next-session: one tie rule, reproducible export, small catalogues (issue #12, 3 and 7) ----
+
+def _session_metrics_from_export(ranks: pl.DataFrame, k: int) -> dict[str, np.ndarray]:
+    """Per-user next-session metrics by their definitions, from the exported conservative
+    per-target ranks (a hit at k: rank <= k)."""
+    out: dict[str, list[float]] = {n: [] for n in ("recall", "precision", "mrr", "ndcg", "phr")}
+    for rk in ranks["target_ranks"].to_list():
+        hits = [r for r in rk if r <= k]
+        idcg = sum(1 / math.log2(i + 2) for i in range(min(len(rk), k)))
+        out["recall"].append(len(hits) / len(rk))
+        out["precision"].append(len(hits) / k)
+        out["mrr"].append(1 / min(rk) if min(rk) <= k else 0.0)
+        out["ndcg"].append(sum(1 / math.log2(r + 1) for r in hits) / idcg)
+        out["phr"].append(1.0 if hits else 0.0)
+    return {f"{n}@{k}": np.asarray(v) for n, v in out.items()}
+
+
+def test_benchmark_next_session_export_reproduces_every_number(data: Path, tmp_path: Path) -> None:
+    """OUT/ranks/MODEL.parquet holds each target's conservative rank: every reported metric
+    (all k, all names) and the per-user values of the paired test come from it exactly."""
+    out = _out(tmp_path)
+    res = run_benchmark(data, ["pop", "itemknn", "hnvm"], "next-session", out, ["train.epochs=1"])
+    for name, r in res["models"].items():
+        ranks = pl.read_parquet(out / "ranks" / f"{name}.parquet")
+        assert {"targets", "target_ranks", "n_targets", "first_hit_rank", "topk"} <= set(ranks.columns)
+        assert set(r["metrics"]) == {f"{n}@{k}" for n in ("recall", "precision", "mrr", "ndcg", "phr")
+                                     for k in (5, 10, 20)}
+        for k in (5, 10, 20):
+            per_user = _session_metrics_from_export(ranks, k)
+            for metric, vals in per_user.items():
+                assert abs(float(vals.mean()) - r["metrics"][metric]) <= 1e-12, (name, metric)
+                assert np.allclose(ranks[metric].to_numpy(), vals, rtol=0, atol=1e-12), (name, metric)
+    # the paired test uses the same per-user values
+    sig = res["significance"]
+    a = _session_metrics_from_export(pl.read_parquet(out / "ranks" / "hnvm.parquet"), 5)["mrr@5"]
+    b = _session_metrics_from_export(pl.read_parquet(out / "ranks" / f"{sig['baseline']}.parquet"), 5)["mrr@5"]
+    assert sig["n"] == len(a) and sig["mean_diff"] == pytest.approx(float((a - b).mean()), abs=1e-12)
+
+
+def test_unit_values_use_conservative_target_ranks() -> None:
+    # user 1's two targets tie at the top (each ranks 2): MRR@5 = 1/2, never 1
+    ranks = pl.DataFrame({"user": [0, 1], "target_ranks": [[1, 7], [2, 2]], "mrr@5": [9.0, 9.0]})
+    assert report.unit_values(ranks, "next-session", "mrr@5")["value"].to_list() == [1.0, 0.5]
+    assert report.unit_values(ranks, "next-session", "recall@1")["value"].to_list() == [0.5, 0.0]
+    with pytest.raises(ValueError, match="unknown"):
+        report.unit_values(ranks, "next-session", "auc@5")
+
+
+def test_benchmark_both_on_a_catalogue_smaller_than_k(tmp_path: Path) -> None:
+    """4 items, k = 5/10/20: `--task both` completes both tasks (no `k must be in [1, 1]`)."""
+    from hnvm.benchmark import run_benchmarks
+
+    rows, t = ["user,item,ts"], 1_600_000_000
+    for u in range(6):
+        for s in range(4):
+            for j in range(3):
+                rows.append(f"u{u},{'abcd'[(u + s + j) % 4]},{t}")
+                t += 10
+            t += 7200
+    (tmp_path / "log.csv").write_text("\n".join(rows) + "\n")
+    data = tmp_path / "data"
+    r = CliRunner().invoke(app, ["prepare", str(tmp_path / "log.csv"), "--out", str(data), "--columns",
+                                 "user=user,item=item,time=ts", "--min-item-support", "1"])
+    assert r.exit_code == 0, r.output
+    out = _out(tmp_path)
+    res = run_benchmarks(data, ["pop", "itemknn", "hnvm"], "both", out, ["train.epochs=1"])
+    for task in ("next-item", "next-session"):
+        assert set(res[task]["models"]) == {"pop", "itemknn", "hnvm"}
+        assert (out / task / "table.md").exists() and (out / task / "significance.json").exists()
+        for r_ in res[task]["models"].values():
+            assert r_["metrics"]["recall@20"] == 1.0  # the whole catalogue is the top 20
+    ranks = pl.read_parquet(out / "next-session" / "ranks" / "pop.parquet")
+    assert all(len(row) == 20 and not any(row[4:]) for row in ranks["topk"].to_list())
+    # and through the command line
+    r = CliRunner().invoke(app, ["benchmark", str(data), "--models", "pop,ptopfreq", "--task", "both",
+                                 "--out", str(tmp_path / "cli"), "--set", "train.epochs=1"])
+    assert r.exit_code == 0 and r.exception is None, r.output

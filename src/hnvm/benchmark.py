@@ -28,8 +28,8 @@ from hnvm.config import as_dict
 from hnvm.data.batches import Sequences
 from hnvm.data.store import Dataset, write_json
 from hnvm.errors import HnvmError
-from hnvm.metrics import per_user_session_metrics
-from hnvm.runs import evaluate_run, train_run
+from hnvm.metrics import DEFAULT_KS, pad_item_sets, per_user_session_rank_metrics
+from hnvm.runs import data_digest, evaluate_run, train_digest, train_run
 
 log = logging.getLogger(__name__)
 
@@ -73,23 +73,31 @@ def _has_params(model: str) -> bool:
 
 
 def _augment(ranks: pl.DataFrame, seq: Sequences, task: str) -> pl.DataFrame:
-    """Add session_len and n_history; for next-session, per-user metrics @5 (for paired tests)."""
+    """Add session_len and n_history; for next-session, per-user metrics at every k of
+    DEFAULT_KS (recall/precision/mrr/ndcg/phr@k, for paired tests), computed from the exported
+    conservative per-target ranks (`target_ranks`) exactly as the reported means are."""
     s = ranks["session"].to_numpy().astype(np.int64)
     u = seq.session_user[s]
     ranks = ranks.with_columns(session_len=pl.Series((seq.offsets[s + 1] - seq.offsets[s]).astype(np.int64)),
                                n_history=pl.Series((s - seq.user_first[u]).astype(np.int64)))
-    if task == "next-session":
-        sets = [torch.from_numpy(np.unique(seq.session(int(x)))) for x in s]
-        topk = torch.tensor(ranks["topk"].to_list(), dtype=torch.long)
-        m = per_user_session_metrics(topk, sets, 5)
-        ranks = ranks.with_columns(**{name: pl.Series(v.numpy()) for name, v in m.items()})
+    if task == "next-session" and len(ranks):
+        tr = pad_item_sets([torch.tensor(r, dtype=torch.long) for r in ranks["target_ranks"].to_list()])
+        for k in DEFAULT_KS:
+            m = per_user_session_rank_metrics(tr, k)
+            ranks = ranks.with_columns(**{name: pl.Series(v.numpy()) for name, v in m.items()})
     return ranks
 
 
 def _load_results(path: Path, dataset: Path, task: str) -> dict[str, Any]:
     if not path.exists():
         return {"dataset": str(dataset), "task": task, "models": {}}
-    res = json.loads(path.read_text())
+    try:
+        res = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(res, dict) or not isinstance(res.get("models"), dict):
+            raise ValueError("not a results object")
+    except (OSError, ValueError) as exc:
+        raise HnvmError(f"{path}: damaged results file ({' '.join(str(exc).split())}); move it away to "
+                        "redo the benchmark in this --out") from exc
     if res.get("task") != task or res.get("dataset") != str(dataset):
         raise HnvmError(f"{path}: holds a benchmark of {res.get('dataset')} ({res.get('task')}); "
                         "use another --out for a different dataset or task")
@@ -130,19 +138,29 @@ def run_benchmark(
     results = _load_results(res_path, dataset, task)
     results["include_first"] = include_first
     extra = list(overrides or []) + ([f"train.epochs={epochs}"] if epochs is not None else [])
+    # what a result depends on besides the model's settings: the data (every event; the train
+    # events for the run) and, for next-item, whether first positions are scored
+    data_ref = {"path": str(dataset), "sha256": data_digest(ds), "train_sha256": train_digest(ds)}
+    first = include_first if task == "next-item" else False
     for i, name in enumerate(models, 1):
         base, ablation = ABLATIONS.get(name, (name, []))
         run_dir, ranks_path = runs / name, out / "ranks" / f"{name}.parquet"
-        if (name in results["models"] and (run_dir / "model" / "model.json").exists()
-                and ranks_path.exists()):
-            say(f"[{i}/{len(models)}] {name}: already done, skipped")
-            continue
         # OUT/tuned/MODEL.toml, or the best.toml that `hnvm tune --out OUT/tuned/MODEL` writes
         candidates = [tuned_root / f"{n}.toml" for n in (name, base)]
         candidates += [tuned_root / n / "best.toml" for n in (name, base)]
         tuned = next((p for p in candidates if p.exists()), None)
         settings = extra + list((model_overrides or {}).get(name, [])) + ablation
-        train_s = _reusable_run(run_dir, dataset, base, tuned, settings)
+        resolved = _resolved(base, tuned, settings)
+        train_s = _reusable_run(run_dir, resolved, data_ref)
+        prev = results["models"].get(name) or {}
+        # done = evaluated with exactly these settings on exactly this data, from the run now in
+        # run_dir; anything else (other epochs, a re-prepared data set, --include-first) redoes it
+        if (train_s is not None and ranks_path.exists() and prev.get("resolved") == resolved
+                and prev.get("data") == data_ref and prev.get("include_first", False) == first):
+            say(f"[{i}/{len(models)}] {name}: already done, skipped")
+            continue
+        if prev:
+            say(f"[{i}/{len(models)}] {name}: settings or data differ from the recorded result, redoing it")
         if train_s is not None:
             say(f"[{i}/{len(models)}] {name}: reusing the trained run in {run_dir}")
         else:
@@ -166,6 +184,7 @@ def run_benchmark(
             "untuned": tuned is None and _has_params(base),
             "overrides": settings, "metrics": ev.metrics, "n_targets": ev.n_targets,
             "train_s": round(train_s, 2), "eval_s": round(eval_s, 2),
+            "resolved": resolved, "data": data_ref, "include_first": first,
         }
         write_json(res_path, results)
         log.info("%s: %s", name, {k: round(v, 4) for k, v in ev.metrics.items() if k.endswith("@5")})
@@ -175,24 +194,32 @@ def run_benchmark(
     return {**results, "significance": json.loads((out / "significance.json").read_text()), "files": files}
 
 
-def _reusable_run(run_dir: Path, dataset: Path, model: str, config_path: Path | None,
-                  overrides: list[str]) -> float | None:
-    """The training time of a finished run in `run_dir` trained with exactly this resolved config on
-    this dataset, else None. Lets both tasks of `--task both` share one training per model."""
+def _resolved(model: str, config_path: Path | None, overrides: list[str]) -> dict[str, Any]:
+    """The resolved settings of a model as a run's config.json stores them (JSON types)."""
     from hnvm.runs import resolve_config
 
+    rc = resolve_config(model, config_path, overrides)
+    return json.loads(json.dumps({
+        "model": model, "model_config": as_dict(rc.model_config) if rc.model_config is not None else {},
+        "train": as_dict(rc.train)}))
+
+
+def _reusable_run(run_dir: Path, resolved: dict[str, Any], data_ref: dict[str, Any]) -> float | None:
+    """The training time of a finished run in `run_dir` trained with exactly the `resolved`
+    settings on this data (same path and train-event digest), else None (also for a damaged
+    run: it is retrained). Lets both tasks of `--task both` share one training per model."""
     cfg_path, time_path = run_dir / "config.json", run_dir / "train_time.json"
     if not ((run_dir / "model" / "model.json").exists() and cfg_path.exists() and time_path.exists()):
         return None
-    prev = json.loads(cfg_path.read_text())
-    rc = resolve_config(model, config_path, overrides)
-    want = {"model": model, "model_config": as_dict(rc.model_config) if rc.model_config is not None else {},
-            "train": as_dict(rc.train), "dataset": str(dataset)}
-    have = {"model": prev.get("model"), "model_config": prev.get("model_config"), "train": prev.get("train"),
-            "dataset": prev.get("dataset", {}).get("path")}
-    if json.loads(json.dumps(want)) != have:
+    try:
+        prev = json.loads(cfg_path.read_text())
+        train_s = float(json.loads(time_path.read_text())["train_s"])
+        ds = prev.get("dataset", {})
+        have = {k: prev.get(k) for k in ("model", "model_config", "train")}
+        same_data = ds.get("path") == data_ref["path"] and ds.get("train_sha256") == data_ref["train_sha256"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
-    return float(json.loads(time_path.read_text())["train_s"])
+    return train_s if have == resolved and same_data else None
 
 
 def run_benchmarks(

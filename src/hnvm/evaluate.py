@@ -25,8 +25,9 @@ from hnvm.metrics import (
     DEFAULT_KS,
     conservative_ranks,
     item_metrics,
-    session_first_hit_ranks,
-    session_metrics,
+    pad_item_sets,
+    session_rank_metrics,
+    session_target_ranks,
     topk_items,
 )
 from hnvm.models.base import Recommender
@@ -141,53 +142,79 @@ def evaluate_next_session(
     progress: Callable[[int], None] | None = None,
 ) -> EvalResult:
     """Predict the whole held-out session of each user from earlier sessions only (sharded
-    over ranks under torchrun, like evaluate_next_item)."""
+    over ranks under torchrun, like evaluate_next_item).
+
+    Every target of a user's set S (the session's distinct items) gets its conservative
+    full-catalogue rank, the next-item rule: every other item with an equal score, other
+    targets included, ranks above it (`metrics.session_target_ranks`). The metrics come from
+    these ranks alone (`metrics.session_rank_metrics`), so item ids never decide a tie.
+
+    With `keep_ranks`, `ranks` has one row per user: user, session, n_targets (|S|), targets
+    (the ids of S, ascending), target_ranks (each target's rank, aligned with targets),
+    first_hit_rank (the best of them) and topk (the max(ks) items a user would be shown, ties
+    to the lower id, 0-padded beyond the catalogue: informative, not used by the metrics).
+    Every reported metric can be recomputed from target_ranks with
+    `metrics.session_rank_metrics`."""
     t0 = time.perf_counter()
     ctx, dev = distributed.current(), _device(model)
     kmax = max(ks)
-    tops, sets, users, sids, first, keys = [], [], [], [], [], []
+    tops: list[torch.Tensor] = []
+    sets: list[torch.Tensor] = []  # per user: target ids [|S|]
+    tranks: list[torch.Tensor] = []  # per user: their conservative ranks [|S|]
+    users: list[torch.Tensor] = []
+    sids: list[torch.Tensor] = []
+    keys: list[torch.Tensor] = []
     batches = next_session_batches(seq, split, max_users=_rows_cap(model, seq, max_users),
                                    rank=ctx.rank, world_size=ctx.world_size)
     for i, (batch, target_sets) in enumerate(batches):
         scores = model.score_sessions(batch.to(dev) if dev.type != "cpu" else batch)
-        tops.append(topk_items(scores, kmax).cpu())
-        tsets = [torch.from_numpy(s) for s in target_sets]
+        tsets = [torch.from_numpy(np.unique(s)).long() for s in target_sets]
+        padded = pad_item_sets(tsets)
+        # [b, m]: one pass over `scores` per set slot; 0 in the padding slots
+        r = session_target_ranks(scores, padded.to(scores.device)).cpu()
+        tranks.extend(r[j, : len(t)] for j, t in enumerate(tsets))
         sets.extend(tsets)
+        if keep_ranks:
+            tops.append(topk_items(scores, kmax).cpu())
         users.append(batch.users)
         assert batch.session_ids is not None
         sids.append(batch.session_ids)
         keys.append(torch.full((len(target_sets),), i * ctx.world_size + ctx.rank, dtype=torch.long))
-        if keep_ranks:
-            first.append(session_first_hit_ranks(scores, [t.to(scores.device) for t in tsets]).cpu())
         if progress:
             progress(len(target_sets))
-    if ctx.distributed:
-        def cat(xs: list[torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
-            return torch.cat(xs) if xs else torch.zeros(shape, dtype=torch.long)
 
-        key = cat(keys, (0,))
-        # the target sets travel flat (items + lengths) and are put back in order like the rows
-        g_key, g_len, flat = ctx.gather_rows(
-            [key, torch.tensor([len(s) for s in sets], dtype=torch.long), cat(sets, (0,))])
-        gathered = flat.split(g_len.tolist())
-        sets = [gathered[j] for j in torch.sort(g_key, stable=True).indices.tolist()]
-        topk, users_t, sids_t, first_t = _in_order(
-            ctx, key, cat(tops, (0, kmax)), cat(users, (0,)), cat(sids, (0,)),
-            cat(first, (0,)) if keep_ranks else torch.zeros_like(key))
-        tops, users, sids, first = [topk], [users_t], [sids_t], [first_t]
-    if not tops or not len(tops[0]):
+    def cat(xs: list[torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.cat(xs) if xs else torch.zeros(shape, dtype=torch.long)
+
+    key = cat(keys, (0,))
+    topk, users_t, sids_t = cat(tops, (0, kmax)), cat(users, (0,)), cat(sids, (0,))
+    if ctx.distributed:
+        # the target sets and their ranks travel flat (+ lengths) and are put back in order
+        g_key, g_len, flat, flat_r = ctx.gather_rows(
+            [key, torch.tensor([len(s) for s in sets], dtype=torch.long), cat(sets, (0,)), cat(tranks, (0,))])
+        order = torch.sort(g_key, stable=True).indices.tolist()
+        lens = g_len.tolist()
+        g_sets, g_ranks = flat.split(lens), flat_r.split(lens)
+        sets, tranks = [g_sets[j] for j in order], [g_ranks[j] for j in order]
+        users_t, sids_t, *rest = _in_order(ctx, key, users_t, sids_t, *([topk] if keep_ranks else []))
+        topk = rest[0] if keep_ranks else topk
+    if not sets:
         return EvalResult("next-session", split, {}, 0, time.perf_counter() - t0)
-    topk = torch.cat(tops)
-    metrics = session_metrics(topk, sets, ks)
+    ranks = pad_item_sets(tranks)  # [n_users, max |S|], 0 = padding
+    metrics = session_rank_metrics(ranks, ks)
     frame = None
     if keep_ranks:
+        first = ranks.masked_fill(ranks == 0, torch.iinfo(torch.long).max).amin(dim=1)
         frame = pl.DataFrame({
-            "user": torch.cat(users).numpy(),
-            "session": torch.cat(sids).numpy(),
-            "n_targets": [len(s) for s in sets],
-            "first_hit_rank": torch.cat(first).numpy(),
+            "user": users_t.numpy(),
+            "session": sids_t.numpy(),
+            "n_targets": np.array([len(s) for s in sets], dtype=np.int64),
+            "targets": [s.tolist() for s in sets],
+            "target_ranks": [r.tolist() for r in tranks],
+            "first_hit_rank": first.numpy(),
             "topk": topk.numpy().tolist(),
-        })
+        }, schema_overrides={"targets": pl.List(pl.Int64), "target_ranks": pl.List(pl.Int64),
+                             "topk": pl.List(pl.Int64)})
     return EvalResult("next-session", split, metrics, len(sets), time.perf_counter() - t0, frame)
 
 

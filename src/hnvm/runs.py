@@ -1,12 +1,16 @@
 """Run directories: `hnvm train` and `hnvm evaluate` as library functions.
 
-    RUN/config.json        model name, model and train configs, dataset reference
+    RUN/config.json        model name, model and train configs, dataset reference (path, digests)
     RUN/model/             the final model (model.json + model.safetensors)
     RUN/items.parquet      the item vocabulary (internal id -> original id)
     RUN/users.parquet      the user vocabulary
     RUN/last/, RUN/best/   training checkpoints (neural models)
     RUN/train_log.jsonl    one JSON line per epoch / logged step
-    RUN/metrics.json       written by evaluate (one entry per task and split)
+    RUN/metrics.json       written by evaluate (one entry per task and split, with the data set used)
+
+A run records two digests of its data set: `vocab_sha256` (item and user vocabularies) and
+`train_sha256` (the training events). Evaluation refuses a data set whose train split differs:
+its valid/test targets could be events the model was trained on.
 """
 
 from __future__ import annotations
@@ -14,10 +18,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import polars as pl
 
 from hnvm import distributed
 from hnvm.config import apply_overrides, as_dict, build, load_toml
@@ -33,6 +40,11 @@ log = logging.getLogger(__name__)
 RUN_FORMAT = "hnvm-run"
 RUN_VERSION = 1
 
+# train settings that may differ on `--resume` (more epochs, other patience, logging, where it
+# runs); every other one (optimizer, lr, seed, metric, ...) and every model setting must equal
+# the run's, or the checkpoint would continue under settings it was not trained with
+RESUMABLE_TRAIN_KEYS = ("epochs", "patience", "log_every", "device", "bf16")
+
 
 def vocab_digest(ds: Dataset) -> str:
     """A checksum of the item and user vocabularies: a run only evaluates on matching data."""
@@ -41,6 +53,56 @@ def vocab_digest(ds: Dataset) -> str:
         h.update("\x1f".join(col.to_list()).encode())
         h.update(b"\x1e")
     return h.hexdigest()
+
+
+def _events_digest(ds: Dataset, events: pl.DataFrame, tag: bytes, columns: dict[str, pl.Expr]) -> str:
+    """sha256 of the vocabularies and fixed-width little-endian columns of `events` (sorted by
+    the caller): independent of file paths and parquet encoding."""
+    h = hashlib.sha256(tag)
+    h.update(vocab_digest(ds).encode())  # internal ids -> original ids, so equal digests = equal raw ids
+    frame = events.select(**columns)
+    for name in frame.columns:
+        arr = frame.get_column(name).to_numpy().astype("<i8")
+        h.update(f"{name}:{len(arr)}".encode())
+        h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+def train_digest(ds: Dataset) -> str:
+    """A checksum of the training events that identifies the training data exactly: for each
+    user, its train sessions in order (rank among the user's train sessions, not the global
+    session number, which valid/test sessions shift), each event's item, ts and position."""
+    ev = ds.events.filter(pl.col("split") == "train").sort("user", "session", "pos")
+    return _events_digest(ds, ev, b"hnvm-train-events-v1", {
+        "user": pl.col("user"), "session": pl.col("session").rank("dense").over("user"),
+        "item": pl.col("item"), "ts": pl.col("ts"), "pos": pl.col("pos")})
+
+
+def data_digest(ds: Dataset) -> str:
+    """A checksum of every event of a data set (all splits): what an evaluation scored."""
+    ev = ds.events.sort("session", "pos")
+    return _events_digest(ds, ev, b"hnvm-events-v1", {
+        "user": pl.col("user"), "session": pl.col("session"), "item": pl.col("item"), "ts": pl.col("ts"),
+        "pos": pl.col("pos"), "split": pl.col("split").cast(pl.Utf8).replace_strict(
+            {"train": 0, "valid": 1, "test": 2}, return_dtype=pl.Int8)})
+
+
+def check_dataset(run: str | Path, cfg: dict[str, Any], ds: Dataset, path: str | Path) -> None:
+    """Refuse a data set `run` cannot be evaluated on: another vocabulary, or another train split
+    (its targets could be training events of the run). A run made before train digests were
+    recorded is checked on the vocabulary alone, with a warning."""
+    ref = cfg.get("dataset") or {}
+    if vocab_digest(ds) != ref.get("vocab_sha256"):
+        raise HnvmError(f"{path}: item/user vocabulary does not match the one {run} was trained on; "
+                        "prepare the data with the same settings")
+    want = ref.get("train_sha256")
+    if want is None:
+        log.warning("%s: the run predates train-split digests; only the vocabulary of %s is checked "
+                    "(retrain the run to have its train split checked too)", run, path)
+    elif train_digest(ds) != want:
+        raise HnvmError(f"{path}: its train split differs from the one {run} was trained on (other events, "
+                        "sessions or split), so its targets could be training events of the run; evaluate "
+                        "on the run's own data set or prepare this one with the same settings")
 
 
 @dataclass
@@ -78,6 +140,106 @@ def make_model(rc: RunConfig) -> Recommender:
     return cls(rc.model_config) if rc.model_config is not None else cls()
 
 
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    """A run's JSON file as a dict, or a one-line error naming the file."""
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise HnvmError(f"{path}: damaged {what} ({' '.join(str(exc).split())})") from exc
+    if not isinstance(obj, dict):
+        raise HnvmError(f"{path}: damaged {what} (not a JSON object)")
+    return obj
+
+
+def read_run_config(run: str | Path) -> dict[str, Any]:
+    """RUN/config.json, checked for format, version and the keys every reader needs."""
+    run = Path(run)
+    cfg_path = run / "config.json"
+    if not cfg_path.is_file():
+        raise HnvmError(f"{run}: not a run directory (no config.json); train one with `hnvm train`")
+    cfg = _read_json(cfg_path, "run config")
+    if cfg.get("format") != RUN_FORMAT or cfg.get("format_version") != RUN_VERSION:
+        raise HnvmError(f"{run}: run format {cfg.get('format')!r} version {cfg.get('format_version')!r} "
+                        f"is not supported (expected {RUN_FORMAT} version {RUN_VERSION})")
+    ds = cfg.get("dataset")
+    if not isinstance(cfg.get("model"), str) or not isinstance(ds, dict) or not isinstance(ds.get("path"), str) \
+            or not isinstance(cfg.get("model_config", {}), dict) or not isinstance(cfg.get("train", {}), dict):
+        raise HnvmError(f"{cfg_path}: damaged run config (needs model, model_config, train and dataset.path)")
+    return cfg
+
+
+def _has_checkpoint(run: Path) -> bool:
+    return (run / "last" / "state.json").is_file()
+
+
+def _continue_hint(run: Path, cfg: dict[str, Any] | None) -> str:
+    """How to go on with an unfinished run: resume from its checkpoint, or train it again."""
+    cmd = (f"`hnvm train {cfg['dataset']['path']} --model {cfg['model']} --out {run}" if cfg
+           else f"`hnvm train DATA --model MODEL --out {run}")
+    if _has_checkpoint(run):
+        return f"continue it with {cmd} --resume` (same settings) or replace it with --force"
+    return f"it has no checkpoint to resume from; replace it with {cmd} --force`"
+
+
+def _replaceable(out: Path) -> bool:
+    """A directory --force may delete: a run (config.json), or one holding only the temporary
+    files of a run killed before its config.json was in place."""
+    return out.is_dir() and ((out / "config.json").exists()
+                             or all(p.name.startswith(".") and ".tmp" in p.name for p in out.iterdir()))
+
+
+def _existing_run_error(out: Path) -> HnvmError:
+    """The error for `train` into an existing directory: what is there and what to do."""
+    if not out.is_dir():
+        return HnvmError(f"{out}: exists and is not a directory; choose another --out")
+    if not (out / "config.json").exists():
+        if _replaceable(out):
+            return HnvmError(f"{out}: a run killed before it started exists there; replace it with --force")
+        return HnvmError(f"{out}: exists and is not a run directory (no config.json); choose another --out")
+    if (out / "model" / "model.json").exists():
+        extra = ", or --resume to train it further from last/" if _has_checkpoint(out) else ""
+        return HnvmError(f"{out}: a trained run exists there (use --force to replace it{extra})")
+    try:
+        cfg: dict[str, Any] | None = read_run_config(out)
+    except HnvmError:
+        cfg = None
+    return HnvmError(f"{out}: an unfinished run exists there (training did not complete); {_continue_hint(out, cfg)}")
+
+
+def _diff(prev: dict[str, Any], want: dict[str, Any], section: str, keys: set[str] | None = None) -> list[str]:
+    """'section.key: prev -> want' for each differing key (all keys, or only `keys`)."""
+    names = sorted((set(prev) | set(want)) if keys is None else keys)
+    return [f"{section}.{k}: {prev.get(k)!r} -> {want.get(k)!r}" for k in names if prev.get(k) != want.get(k)]
+
+
+def _check_resume(out: Path, cfg_json: dict[str, Any], ds: Dataset) -> None:
+    """--resume continues only the same model, with the same settings (less RESUMABLE_TRAIN_KEYS),
+    on the same training data, from an existing checkpoint; checked before anything is written."""
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        raise HnvmError(f"{out}: no run to resume; train it without --resume")
+    prev = read_run_config(out)
+    if not _has_checkpoint(out):
+        raise HnvmError(f"{out}: nothing to resume (no checkpoint in last/; model {prev['model']} "
+                        f"{'was trained without checkpoints' if (out / 'model').exists() else 'saved none'}); "
+                        f"train it again with --force")
+    if prev["model"] != cfg_json["model"]:
+        raise HnvmError(f"{out}: --resume of a {prev['model']} run with --model {cfg_json['model']}; "
+                        f"use --model {prev['model']} or another --out")
+    norm = json.loads(json.dumps(cfg_json))  # tuples -> lists, as stored
+    diffs = _diff(prev.get("model_config", {}), norm["model_config"], "model")
+    fixed = (set(prev.get("train", {})) | set(norm["train"])) - set(RESUMABLE_TRAIN_KEYS)
+    diffs += _diff(prev.get("train", {}), norm["train"], "train", fixed)
+    if diffs:
+        raise HnvmError(f"{out}: --resume with settings other than the run's ({'; '.join(diffs)}); resume with "
+                        f"the run's settings (only train.{', train.'.join(RESUMABLE_TRAIN_KEYS)} may change) "
+                        "or train into another --out")
+    ref, now = prev["dataset"], cfg_json["dataset"]
+    if ref.get("vocab_sha256") != now["vocab_sha256"] or (
+            ref.get("train_sha256") is not None and ref["train_sha256"] != now["train_sha256"]):
+        raise HnvmError(f"{out}: --resume with a different dataset (train split or vocabulary) than the run "
+                        f"was trained on ({ref.get('path')})")
+
+
 def train_run(
     dataset: str | Path,
     model: str,
@@ -90,34 +252,41 @@ def train_run(
     show_progress: bool = False,
 ) -> tuple[Recommender, Path]:
     """Train `model` on a prepared dataset; write the run directory. Under torchrun every
-    process runs this; rank 0 alone writes the run directory (see hnvm.distributed)."""
+    process runs this; rank 0 alone writes the run directory (see hnvm.distributed).
+
+    Every check (settings, dataset, the directory, --resume compatibility) runs on every rank
+    before anything is written; a failed check leaves the directory as it was."""
     out = Path(out)
+    if resume and force:
+        raise HnvmError("give --resume (continue the run) or --force (replace it), not both")
     rc = resolve_config(model, config_path, overrides or [])
     ctx = distributed.context(rc.train.device)  # joins torchrun's process group, if any
     ds = Dataset.load(dataset)
-    # every rank checks before rank 0 writes anything, so all ranks agree
-    if out.exists() and not (resume or force):
-        raise HnvmError(f"{out}: run directory exists (use --resume to continue or --force to replace)")
-    ctx.barrier()
     cfg_json = {
         "format": RUN_FORMAT, "format_version": RUN_VERSION, "model": model,
         "model_config": as_dict(rc.model_config) if rc.model_config is not None else {},
         "train": as_dict(rc.train),
         "dataset": {"path": str(Path(dataset).resolve()), "vocab_sha256": vocab_digest(ds),
-                    "stats": ds.meta.get("stats", {})},
+                    "train_sha256": train_digest(ds), "stats": ds.meta.get("stats", {})},
     }
+    empty_dir = out.is_dir() and not any(out.iterdir())
+    if resume:
+        _check_resume(out, cfg_json, ds)
+    elif out.exists() and not empty_dir:
+        err = _existing_run_error(out)
+        # --force replaces a run (finished or not), never some other directory or file
+        if not force or not _replaceable(out):
+            raise err
+    ctx.barrier()
 
     def setup() -> None:
-        if force and out.exists() and not resume:
+        if force and out.exists():
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
-        if resume and (out / "config.json").exists():
-            prev = json.loads((out / "config.json").read_text())
-            if prev.get("dataset", {}).get("vocab_sha256") != cfg_json["dataset"]["vocab_sha256"]:
-                raise HnvmError(f"{out}: --resume with a different dataset than the run was trained on")
-        write_json(out / "config.json", cfg_json)
-        ds.items.write_parquet(out / "items.parquet")
-        ds.users.write_parquet(out / "users.parquet")
+        if not resume:  # a resumed run keeps its config until the resumed training succeeds
+            write_json(out / "config.json", cfg_json)
+            _write_parquet(ds.items, out / "items.parquet")
+            _write_parquet(ds.users, out / "users.parquet")
 
     ctx.main_first(setup)
     rec = make_model(rc)
@@ -129,24 +298,52 @@ def train_run(
         rec.save(tmp)
         shutil.rmtree(out / "model", ignore_errors=True)
         tmp.rename(out / "model")
+        if resume:  # now the run's config: the resumable train settings may have changed
+            write_json(out / "config.json", cfg_json)
 
     ctx.main_first(save)
     return rec, out
 
 
+def _write_parquet(frame: pl.DataFrame, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    frame.write_parquet(tmp)
+    os.replace(tmp, path)
+
+
 def load_run(run: str | Path) -> tuple[Recommender, dict[str, Any]]:
+    """The final model of a run and its config.json; one-line errors for a missing, unfinished
+    or damaged run."""
     run = Path(run)
-    cfg_path = run / "config.json"
-    if not cfg_path.exists():
-        raise HnvmError(f"{run}: not a run directory (no config.json); train one with `hnvm train`")
-    cfg = json.loads(cfg_path.read_text())
-    if cfg.get("format") != RUN_FORMAT or cfg.get("format_version") != RUN_VERSION:
-        raise HnvmError(f"{run}: run format {cfg.get('format')!r} version {cfg.get('format_version')!r} "
-                        f"is not supported (expected {RUN_FORMAT} version {RUN_VERSION})")
+    cfg = read_run_config(run)
     if not (run / "model" / "model.json").exists():
-        raise HnvmError(f"{run}: the run has no finished model (training did not complete; "
-                        "continue it with `hnvm train ... --resume`)")
+        raise HnvmError(f"{run}: the run has no finished model (training did not complete); "
+                        f"{_continue_hint(run, cfg)}")
     return load_model(run / "model"), cfg
+
+
+def _check_export(path: Path) -> None:
+    """--export-ranks must be writable before the evaluation runs (missing parent folders are
+    created when it is written): not a directory, under an existing writable directory."""
+    if path.is_dir():
+        raise HnvmError(f"--export-ranks {path}: is a directory; give a file name (e.g. {path / 'ranks.parquet'})")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise HnvmError(f"--export-ranks {path}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise HnvmError(f"--export-ranks {path}: {parent} is not writable")
+
+
+def _read_metrics(run: Path) -> dict[str, Any]:
+    mpath = run / "metrics.json"
+    if not mpath.exists():
+        return {}
+    try:
+        return _read_json(mpath, "metrics file")
+    except HnvmError as exc:
+        raise HnvmError(f"{exc}; move it away to record new metrics") from exc
 
 
 def evaluate_run(
@@ -159,33 +356,53 @@ def evaluate_run(
     include_first: bool = False,
     device: str = "auto",
 ) -> EvalResult:
-    """Evaluate a trained run on its dataset (or `data`, whose vocabulary must match) on
-    `device`. Under torchrun the targets are sharded over the processes; rank 0 writes."""
+    """Evaluate a trained run on its dataset (or `data`, whose vocabulary and train split must
+    match the run's) on `device`. Under torchrun the targets are sharded over the processes;
+    rank 0 writes. Everything that could refuse (the run, the data, metrics.json, the export
+    destination, a split without targets) is checked before anything is written; metrics.json
+    is written before the ranks export, so a failed export never loses the metrics."""
     run = Path(run)
-    ctx = distributed.context(device)
-    model, cfg = load_run(run)
-    if ctx.device.type != "cpu" and callable(getattr(model, "to", None)):
-        model.to(ctx.device)  # type: ignore[attr-defined]
-    ds = Dataset.load(data or cfg["dataset"]["path"])
-    if vocab_digest(ds) != cfg["dataset"]["vocab_sha256"]:
-        raise HnvmError(f"{data or cfg['dataset']['path']}: item/user vocabulary does not match the "
-                        f"one {run} was trained on; prepare the data with the same settings")
     if task not in ("next-item", "next-session") or split not in ("valid", "test"):
         raise HnvmError("--task must be next-item|next-session and --split valid|test")
+    export = Path(export) if export is not None else None
+    if export is not None:
+        _check_export(export)
+    ctx = distributed.context(device)
+    model, cfg = load_run(run)
+    _read_metrics(run)  # a damaged metrics.json stops us before the evaluation, not after
+    data_path = Path(data) if data is not None else Path(cfg["dataset"]["path"])
+    ds = Dataset.load(data_path)
+    check_dataset(run, cfg, ds, data_path)
+    if ctx.device.type != "cpu" and callable(getattr(model, "to", None)):
+        model.to(ctx.device)  # type: ignore[attr-defined]
     seq = Sequences.from_events(ds.events, ds.n_users)
     if task == "next-item":
         res = evaluate_next_item(model, seq, split, keep_ranks=export is not None,
                                  include_first=include_first)
     else:
         res = evaluate_next_session(model, seq, split, keep_ranks=export is not None)
+    if res.n_targets == 0:  # metrics of nothing would be NaN / missing
+        first = " (positions >= 2; --include-first adds position 1)" if task == "next-item" and not \
+            include_first else ""
+        raise HnvmError(f"{data_path}: the {split} split has no {task} targets{first}; nothing to evaluate")
+    entry = res.to_json()
+    if task == "next-item":
+        entry["include_first"] = include_first
+    entry["dataset"] = {"path": str(data_path.resolve()), "sha256": data_digest(ds),
+                        "train_sha256": cfg["dataset"].get("train_sha256") or train_digest(ds)}
 
     def write() -> None:
-        if export is not None:
-            export_ranks(res, Path(export))
         mpath = run / "metrics.json"
-        allm = json.loads(mpath.read_text()) if mpath.exists() else {}
-        allm[f"{task}/{split}"] = res.to_json()
+        allm = _read_metrics(run)
+        allm[f"{task}/{split}"] = entry
         write_json(mpath, allm)
+        if export is not None:
+            try:
+                export.parent.mkdir(parents=True, exist_ok=True)
+                export_ranks(res, export)
+            except OSError as exc:
+                raise HnvmError(f"--export-ranks {export}: cannot write ({' '.join(str(exc).split())}); "
+                                f"the metrics were saved in {mpath}") from exc
 
     ctx.main_first(write)
     return res

@@ -116,10 +116,29 @@ def save_model_files(path: Path, name: str, config: dict[str, Any], tensors: dic
     os.replace(tmpj, path / "model.json")
 
 
-def load_model_files(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Inverse of save_model_files: (model.json contents, tensors)."""
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception as one line of at most `limit` characters (torch lists every key)."""
+    text = " ".join(f"{type(exc).__name__}: {exc}".split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _read_model_json(mj: Path) -> dict[str, Any]:
     import json
 
+    from hnvm.errors import HnvmError
+
+    try:
+        meta = json.loads(mj.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise HnvmError(f"{mj}: damaged model file ({_one_line(exc)}); retrain the run with --force") from exc
+    if not isinstance(meta, dict):
+        raise HnvmError(f"{mj}: damaged model file (not a JSON object); retrain the run with --force")
+    return meta
+
+
+def load_model_files(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Inverse of save_model_files: (model.json contents, tensors). A damaged file is a
+    one-line HnvmError naming it."""
     from safetensors.torch import load_file
 
     from hnvm.errors import HnvmError
@@ -127,21 +146,33 @@ def load_model_files(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor
     mj, st = path / "model.json", path / "model.safetensors"
     if not mj.exists() or not st.exists():
         raise HnvmError(f"{path}: no model.json / model.safetensors (not a saved model)")
-    return json.loads(mj.read_text()), load_file(str(st))
+    meta = _read_model_json(mj)
+    try:
+        tensors = load_file(str(st))
+    except Exception as exc:  # safetensors raises its own error types for truncated / garbled files
+        raise HnvmError(f"{st}: damaged model file ({_one_line(exc)}); retrain the run with --force") from exc
+    return meta, tensors
 
 
 def load_model(path: Path) -> Recommender:
-    """Load any registered model saved with `save`."""
-    import json
-
+    """Load any registered model saved with `save`; a damaged or mismatched model is a one-line
+    HnvmError naming the file, never a traceback."""
     from hnvm.errors import HnvmError
 
     mj = Path(path) / "model.json"
     if not mj.exists():
         raise HnvmError(f"{path}: no model.json (not a saved model)")
-    name = json.loads(mj.read_text()).get("model")
+    name = _read_model_json(mj).get("model")
+    if not isinstance(name, str):
+        raise HnvmError(f"{mj}: damaged model file (no model name); retrain the run with --force")
     cls = get_model_class(name)
-    return cls.load(Path(path))  # type: ignore[attr-defined]
+    try:
+        return cls.load(Path(path))  # type: ignore[attr-defined,no-any-return]
+    except HnvmError:
+        raise
+    except Exception as exc:  # missing/odd keys, shapes that do not fit the config: the files disagree
+        raise HnvmError(f"{path}: damaged model files (model.json and model.safetensors do not fit "
+                        f"together: {_one_line(exc)}); retrain the run with --force") from exc
 
 
 class NetPersistence:
