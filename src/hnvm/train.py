@@ -3,7 +3,8 @@
 
 Checkpoints (safetensors + JSON, written atomically) go to RUN/last every epoch and RUN/best
 at the best validation score; RUN/train_log.jsonl gets one JSON line per epoch (and per
-`log_every` steps). `resume=True` continues from RUN/last.
+`log_every` steps). `resume=True` continues from RUN/last. Progress (start, each step, each
+epoch) goes to the reporter installed with `report_progress`; the library never prints.
 
 Under torchrun (WORLD_SIZE > 1) the same loop runs in every process with the loss wrapped in
 DistributedDataParallel: each rank takes its own shard of the batches (the same number of
@@ -54,6 +55,72 @@ def observe_epochs(observer: EpochObserver) -> Iterator[None]:
         yield
     finally:
         _EPOCH_OBSERVER.reset(token)
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One progress report of Trainer.fit (on rank 0) to the reporter of `report_progress`:
+    kind "start" once, "step" after every optimizer step, "epoch" after each epoch is validated,
+    logged and checkpointed. The library never prints: the caller decides how to show these
+    (`hnvm` CLI: a live status line on a terminal, plain lines otherwise)."""
+
+    kind: str  # "start" | "step" | "epoch"
+    model: str  # the registered model name (type of the trained module if not registered)
+    epoch: int  # 1-based
+    epochs: int  # train.epochs (early stopping may end sooner)
+    step: int  # optimizer steps since training began
+    targets: int  # targets trained on in this epoch so far
+    epoch_s: float  # seconds since this epoch began
+    fit_s: float  # seconds since this fit began
+    losses: dict[str, float] = field(default_factory=dict)  # running means over the epoch
+    metric: str = ""  # train.metric (early stopping)
+    valid: dict[str, float] | None = None  # "epoch": validation metrics (None: not validated)
+    best: float | None = None  # "epoch": best validation score so far
+    best_epoch: int | None = None
+
+
+ProgressReporter = Callable[[Progress], None]
+_PROGRESS: ContextVar[ProgressReporter | None] = ContextVar("hnvm_progress", default=None)
+PROGRESS_LOG_S = 30.0  # show_progress without a reporter: one INFO log line per this many seconds
+
+
+@contextlib.contextmanager
+def report_progress(reporter: ProgressReporter) -> Iterator[None]:
+    """Within the block, every Trainer.fit reports its progress to `reporter` (rank 0 only)."""
+    token = _PROGRESS.set(reporter)
+    try:
+        yield
+    finally:
+        _PROGRESS.reset(token)
+
+
+def _model_name(trainable: Any) -> str:
+    """The registered name of the model a trainable fits: the model whose config class is the
+    trainable's `cfg` (every built-in trainable keeps its model's config there)."""
+    from hnvm.models.base import REGISTRY
+
+    cfg = getattr(trainable, "cfg", None)
+    for name, cls in REGISTRY.items():
+        if cfg is not None and getattr(cls, "config_class", None) is type(cfg):
+            return name
+    return type(trainable.module).__name__
+
+
+class _LogProgress:
+    """The reporter of `show_progress=True` when the caller installed none: within long epochs,
+    one INFO log line every PROGRESS_LOG_S seconds (each epoch is logged anyway)."""
+
+    def __init__(self) -> None:
+        self.last = time.perf_counter()
+
+    def __call__(self, p: Progress) -> None:
+        now = time.perf_counter()
+        if p.kind == "step" and now - self.last >= PROGRESS_LOG_S:
+            self.last = now
+            log.info("%s epoch %d/%d: %d targets, loss %.4g, %.0fs", p.model, p.epoch, p.epochs, p.targets,
+                     p.losses.get("loss", math.nan), p.epoch_s)
+        elif p.kind == "epoch":
+            self.last = now
 
 
 class TrainingDiverged(HnvmError):
@@ -319,6 +386,41 @@ def read_weights(directory: Path) -> dict[str, torch.Tensor]:
     return load_file(str(f))
 
 
+def _load_checkpoint(directory: Path, module: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
+    """Restore module and optimizer from a checkpoint written by write_checkpoint; returns its
+    state.json with the RNG states under "_rng". A missing, truncated or mismatched file is a
+    one-line HnvmError naming it (the run directory is left as it is)."""
+    from safetensors.torch import load_file
+
+    def fail(name: str, exc: BaseException) -> HnvmError:
+        msg = " ".join(f"{type(exc).__name__}: {exc}".split())
+        msg = msg if len(msg) <= 300 else msg[:297] + "..."  # torch lists every mismatched key
+        return HnvmError(f"{directory / name}: cannot resume from it ({msg}); the checkpoint is damaged or "
+                         "was written with other model settings (replace the run with --force)")
+
+    # each step names the file it reads; any failure of the libraries below means a bad file
+    name = "state.json"
+    try:
+        st = json.loads((directory / name).read_text(encoding="utf-8"))
+        for key in ("epoch", "step", "best", "best_epoch", "bad_epochs"):
+            if not isinstance(st.get(key), int | float):
+                raise ValueError(f"no numeric {key!r}")
+        name = "weights.safetensors"
+        module.load_state_dict(load_file(str(directory / name)))
+        name = "optimizer.json"
+        meta = json.loads((directory / name).read_text(encoding="utf-8"))
+        name = "optimizer.safetensors"
+        # load_state_dict moves the moments to each parameter's device
+        _restore_optimizer(opt, load_file(str(directory / name)), meta)
+        name = "rng.safetensors"
+        st["_rng"] = load_file(str(directory / name))
+        if "torch" not in st["_rng"]:
+            raise ValueError("no torch RNG state")
+    except Exception as exc:
+        raise fail(name, exc) from exc
+    return st
+
+
 # ----------------------------------------------------------------------------- the loop
 
 @dataclass
@@ -350,7 +452,8 @@ def _takes_shard(trainable: Trainable) -> bool:
 
 class Trainer:
     """Fits a Trainable: optimizer, early stopping on a validation metric, checkpoints; on one
-    device or, under torchrun, with DistributedDataParallel over all processes."""
+    device or, under torchrun, with DistributedDataParallel over all processes. Progress goes to
+    the reporter of `report_progress`; without one, `show_progress` logs it (INFO)."""
 
     def __init__(self, cfg: TrainConfig, run_dir: Path | None = None, *,
                  show_progress: bool = False, resume: bool = False) -> None:
@@ -367,6 +470,15 @@ class Trainer:
             fh.write(json.dumps(record) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
+
+    def _no_validation(self, reason: str) -> None:
+        """No validation score: say so (log and train log); the caller then trains every epoch
+        without early stopping and keeps the last epoch's weights."""
+        msg = (f"no validation: {reason}; training all {self.cfg.epochs} epochs without early stopping "
+               "and keeping the last epoch's weights")
+        if self.ctx.is_main:
+            log.warning(msg)
+        self._log({"type": "warning", "validation": "none", "message": msg})
 
     def _batches(self, model: Trainable, epoch: int, gen: np.random.Generator) -> Iterable[Any]:
         ctx = self.ctx
@@ -403,14 +515,8 @@ class Trainer:
             # every rank reads RUN/last (on several machines: a shared filesystem)
             if last is None or not (last / "state.json").exists():
                 raise HnvmError(f"{self.run_dir}: nothing to resume (no checkpoint in last/)")
-            st = json.loads((last / "state.json").read_text())
-            module.load_state_dict(read_weights(last))
-            from safetensors.torch import load_file
-
-            # load_state_dict moves the moments to each parameter's device
-            _restore_optimizer(opt, load_file(str(last / "optimizer.safetensors")),
-                               json.loads((last / "optimizer.json").read_text()))
-            rng_state = load_file(str(last / "rng.safetensors"))
+            st = _load_checkpoint(last, module, opt)
+            rng_state = st.pop("_rng")
             torch.set_rng_state(rng_state["torch"])
             if "cuda" in rng_state and dev.type == "cuda":
                 torch.cuda.set_rng_state(rng_state["cuda"])
@@ -418,6 +524,8 @@ class Trainer:
             best, best_epoch, bad_epochs = st["best"], st["best_epoch"], st["bad_epochs"]
             history = st.get("history", [])
             log.info("resuming at epoch %d (step %d)", start_epoch, step)
+        if validate is None:
+            self._no_validation("no validation sessions (an empty validation split, or none given)")
         if ctx.distributed:
             # sampled negatives, dropout and reparameterisation noise differ between ranks
             # (rank 0 keeps the single-process stream); the initial weights come from rank 0
@@ -433,6 +541,12 @@ class Trainer:
         if ctx.is_main:
             log.info("training on %s, %d process(es)%s", dev, ctx.world_size,
                      ", sparse item/user updates" if has_sparse else "")
+        report = _PROGRESS.get() or (_LogProgress() if self.show_progress else None)
+        if not ctx.is_main:
+            report = None
+        model_name, fit_t0 = _model_name(model), time.perf_counter()
+        if report is not None:
+            report(Progress("start", model_name, start_epoch + 1, cfg.epochs, step, 0, 0.0, 0.0, metric=cfg.metric))
 
         for epoch in range(start_epoch, cfg.epochs):
             if cfg.patience and bad_epochs >= cfg.patience:
@@ -442,7 +556,6 @@ class Trainer:
             t0 = time.perf_counter()
             sums: dict[str, float] = {}
             n_batches = n_targets = 0
-            bar = self._bar(epoch)
             it = iter(self._batches(model, epoch, gen))
             batch = next(it, None)
             # the next batch is fetched before each update so that all ranks agree, in the one
@@ -471,17 +584,14 @@ class Trainer:
                 n_targets += k
                 for name, v in parts.items():
                     sums[name] = sums.get(name, 0.0) + float(v.detach())
-                if bar is not None:
-                    rate = n_targets / max(time.perf_counter() - t0, 1e-9)
-                    bar.set_postfix({n: f"{v / n_batches:.4g}" for n, v in sums.items()}
-                                    | {"tgt/s": f"{rate:,.0f}"}, refresh=False)
-                    bar.update(k)
+                if report is not None:
+                    now = time.perf_counter()
+                    report(Progress("step", model_name, epoch + 1, cfg.epochs, step, n_targets, now - t0, now - fit_t0,
+                                    {n: v / n_batches for n, v in sums.items()}, cfg.metric))
                 if step % cfg.log_every == 0:
                     self._log({"type": "step", "epoch": epoch + 1, "step": step,
                                **{n: float(v.detach()) for n, v in parts.items()}})
                 batch = following
-            if bar is not None:
-                bar.close()
             secs = time.perf_counter() - t0
             if ctx.distributed:  # the epoch's figures over all ranks (step logs are rank 0's)
                 names = sorted(sums)
@@ -504,7 +614,11 @@ class Trainer:
                                            "diverged (try a lower train.lr or train.grad_clip)") from exc
                 score = metrics.get(cfg.metric, float("nan"))
                 record["valid"] = metrics
-                if score > best:
+                if math.isnan(score):  # no validation targets (e.g. only one-item sessions)
+                    self._no_validation(f"the validation split has no targets for {cfg.metric}")
+                    validate = None
+                    best_epoch = epoch + 1
+                elif score > best:
                     best, best_epoch, bad_epochs = score, epoch + 1, 0
                     best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
                     if self.run_dir is not None and ctx.is_main:
@@ -522,6 +636,12 @@ class Trainer:
                 write_checkpoint(last, module, opt, {  # type: ignore[arg-type]
                     "epoch": epoch, "step": step, "best": best, "best_epoch": best_epoch,
                     "bad_epochs": bad_epochs, "history": history})
+            if report is not None:
+                scored = "valid" in record and math.isfinite(best)
+                report(Progress("epoch", model_name, epoch + 1, cfg.epochs, step, n_targets, secs,
+                                time.perf_counter() - fit_t0, {n: v / max(n_batches, 1) for n, v in sums.items()},
+                                cfg.metric, record.get("valid"), best if scored else None,
+                                best_epoch if scored else None))
             observer = _EPOCH_OBSERVER.get()
             if observer is not None and observer(epoch + 1, record):
                 log.info("training stopped by the epoch observer after epoch %d", epoch + 1)
@@ -533,10 +653,3 @@ class Trainer:
         ctx.barrier()  # no rank leaves (and, say, saves the model) before rank 0's checkpoint
         return TrainResult(best_epoch, best, len(history), history)
 
-    def _bar(self, epoch: int) -> Any:
-        if not self.show_progress or not self.ctx.is_main:
-            return None
-        from tqdm.auto import tqdm
-
-        return tqdm(desc=f"epoch {epoch + 1}/{self.cfg.epochs}", unit="tgt", leave=False,
-                    dynamic_ncols=True)

@@ -22,11 +22,13 @@ import csv
 import dataclasses
 import inspect
 import io
+import itertools
 import logging
 import math
 import os
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -43,7 +45,8 @@ EXCLUDE_ALL = frozenset({"seed", "train_on", "use_valid", "mc_samples", "sample_
                          "session_order"})
 EXCLUDE: dict[str, frozenset[str]] = {
     "gru4rec": frozenset({"embedding"}),  # constrained_embedding (default) ignores it
-    "hnvm": frozenset({"max_len", "kl_anneal_steps"}),
+    # unknown_user_rate: validation users are all known, so the objective cannot judge cold start
+    "hnvm": frozenset({"max_len", "kl_anneal_steps", "unknown_user_rate"}),
     "hrnn": frozenset({"max_len"}),
     "stamp": frozenset({"max_len"}),
 }
@@ -236,11 +239,14 @@ def tune(
     *,
     config_path: Path | None = None,
     trial_timeout: float | None = None,
+    on_step: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Search `model`'s hyper-parameters for validation MRR@5; `trials` is the total number of
     finished (complete or pruned) trials wanted, counting those of an earlier run in `out`.
     `timeout` stops starting trials after that many seconds; `trial_timeout` ends a trial after
-    the epoch that crosses it."""
+    the epoch that crosses it. `on_step` gets a line when each trial starts and ends (epochs
+    reach a `hnvm.train.report_progress` reporter); `show_progress` is passed to the trials'
+    Trainer. Nothing is printed."""
     import optuna
 
     from hnvm.data.batches import Sequences
@@ -291,6 +297,8 @@ def tune(
         rc = resolve_config(model, config_path, overrides + [f"{k}={v}" for k, v in params.items()])
         rec = make_model(rc)
         t0 = time.monotonic()
+        say(f"trial {trial.number} ({next(started)} of {missing} to run): "
+            + ", ".join(f"{k}={_short(v)}" for k, v in params.items()))
 
         def observe(epoch: int, record: dict[str, Any]) -> bool:
             trial.set_user_attr("epochs", epoch)  # how far the trial got (pruned or cut by the timeout)
@@ -303,7 +311,7 @@ def tune(
 
         try:
             with observe_epochs(observe):
-                rec.fit(ds, ds, train_cfg=rc.train, run_dir=None, show_progress=False)
+                rec.fit(ds, ds, train_cfg=rc.train, run_dir=None, show_progress=show_progress)
         except TrainingDiverged as exc:  # a bad lr: counts as a (pruned) trial, the study goes on
             trial.set_user_attr("error", str(exc))
             raise optuna.TrialPruned(str(exc)) from exc
@@ -315,18 +323,39 @@ def tune(
     done_states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     n_done = len(study.get_trials(deepcopy=False, states=done_states))
     missing = trials - n_done
+    started = itertools.count(1)  # trials this run has started
+    say = on_step or (lambda _msg: None)
+    t_start = time.monotonic()
+
+    def trial_done(st: optuna.Study, t: optuna.trial.FrozenTrial) -> None:
+        secs = (t.duration.total_seconds() if t.duration else time.monotonic() - t_start)
+        if t.state == optuna.trial.TrialState.COMPLETE and t.value is not None:
+            result = f"{OBJECTIVE} {t.value:.5f}"
+        else:
+            result = t.state.name.lower() + (f" after epoch {t.user_attrs['epochs']}" if "epochs" in t.user_attrs
+                                             else "")
+        try:
+            best = f"best {st.best_value:.5f} (trial {st.best_trial.number})"
+        except ValueError:  # no complete trial yet
+            best = "no complete trial yet"
+        say(f"trial {t.number}: {result} in {secs:.1f}s; {best}")
+
     if n_done:
         log.info("%s: resuming study with %d finished trial(s); %d to run", out, n_done, max(missing, 0))
     try:
         if missing > 0:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                study.optimize(objective, n_trials=missing, timeout=timeout,
-                               show_progress_bar=show_progress)
+                # optuna's own bar would print from library code: trial_done reports instead
+                study.optimize(objective, n_trials=missing, timeout=timeout, callbacks=[trial_done])
     finally:  # also after an interrupt: what has finished is written
         _write_atomic(out / "trials.csv", trials_csv(study, names))
         result = _write_best(study, model, config_path, overrides, base, out)
     return result
+
+
+def _short(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 def _write_best(study: Any, model: str, config_path: Path | None, overrides: list[str],

@@ -12,7 +12,8 @@ A positive is a training *interaction*, so an item a user bought five times is a
 five times per epoch (with `unique_pairs` each (user, item) pair counts once, Rendle's S).
 The model is not sequential: scores depend on the user only, never on the session prefix or
 the history in the batch (both the next-item and the next-session tasks get p_u · q + b).
-A user unseen in training (id 0) gets the untrained row 0, i.e. scores close to b.
+A user unseen in training (id 0), or without training interactions, gets row 0 = the mean user
+row (`population_user_rows_`): the average user's scores.
 
 `InteractionPairs` (positives and negative sampling) is shared with NCF.
 """
@@ -32,6 +33,7 @@ from torch import Tensor, nn
 
 from hnvm.config import rng
 from hnvm.models.base import Batch, NetPersistence, register
+from hnvm.models.layers import population_user_rows_
 
 if TYPE_CHECKING:
     from hnvm.data.store import Dataset
@@ -162,6 +164,7 @@ class BPRMF(NetPersistence):
                                   self.config)
         self.result_ = fit_with_trainer(self, trainable, train, valid, train_cfg, run_dir, resume,
                                         show_progress)
+        population_user_rows_([self.net.user], torch.from_numpy(np.unique(trainable.pairs.users)))
         self.net.eval()
         return self
 

@@ -15,7 +15,9 @@ previous L items (left-padded with 0 where the sequence is shorter) and the next
 targets; loss = -mean log σ(y_target) - mean log(1 - σ(y_negative)) with `n_negatives`
 negatives per target (paper and reference code: 3, i.e. 3·T per example), drawn uniformly from
 the items the user has not interacted with in training (a sampled item the user has is left out
-of the loss instead of being redrawn). The user embedding row 0 is the shared "unknown user".
+of the loss instead of being redrawn). The user embedding row 0 is the shared "unknown user":
+no example reads it, so after training it becomes the mean user row (scores linear in P_u: the
+average user's), which users without training examples get too (`population_user_rows_`).
 
 Scoring reads only the last L items before the target: the history sessions and the
 current session's items before the target position, flattened in time order.
@@ -35,6 +37,7 @@ from torch import Tensor, nn
 
 from hnvm.config import choices, rng
 from hnvm.models.base import Batch, NetPersistence, register
+from hnvm.models.layers import population_user_rows_
 from hnvm.train import TrainConfig
 
 if TYPE_CHECKING:
@@ -163,6 +166,7 @@ class Caser(NetPersistence):
         has_valid = valid is not None and len(seq.sessions_of("valid")) > 0
         self.result_ = Trainer(cfg, run_dir, show_progress=show_progress, resume=resume).fit(
             trainable, validate if has_valid else None)
+        population_user_rows_([self.net.user_emb], torch.unique(trainable.users))
         self.net.eval()
         return self
 

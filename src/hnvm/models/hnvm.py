@@ -27,6 +27,9 @@ Interpretation choices (the paper leaves these open; see DESIGN.md §5):
   posterior mean of q(e|u) (it reads only the user id), z_n the PRIOR mean of p(z_n|h_con_{n-1},
   e). With mc_samples=S > 1, z_n ~ p(z_n|...) S times and the decoder states are averaged;
   because the output layer is affine this equals averaging the S score vectors (logits).
+* Cold start: row 0 of the user tables is the unknown user. A share `unknown_user_rate` of the
+  training windows is read as user 0 (KL weighted by the real user's share), so row 0 learns the
+  population's e; after training, users without training events get row 0 as their rows.
 """
 
 from __future__ import annotations
@@ -376,6 +379,11 @@ class HNVMConfig:
     max_len: int = field(default=0, metadata=rng(0, 100_000, "keep the last max_len items of longer sessions; 0 = all"))
     kl_anneal_steps: int = field(default=300, metadata=rng(0, 10**9, "steps for beta 0 -> 1"))
     mc_samples: int = field(default=1, metadata=rng(1, 1000, "prior samples averaged at inference"))
+    # Row 0 of the user tables is the unknown user (cold start). It sees data only if some training
+    # windows are relabelled as user 0; it then learns e of the whole population, which unknown users
+    # and users without training events get. 0 = row 0 keeps its random initial values.
+    unknown_user_rate: float = field(default=0.05, metadata=rng(
+        0.0, 0.5, "share of training windows read as the unknown user 0 (trains the cold-start e)"))
     sparse: bool = True  # sparse item/user-table updates (sampled losses); False = dense as before
 
 
@@ -421,8 +429,21 @@ class HNVM(NetPersistence):
         has_valid = valid is not None and len(seq.sessions_of("valid")) > 0
         self.result_ = Trainer(cfg, run_dir, show_progress=show_progress, resume=resume).fit(
             trainable, validate if has_valid else None)
+        if self.config.unknown_user_rate > 0:
+            self._unknown_row_to(trainable.untrained_users)
         self.net.eval()
         return self
+
+    @torch.no_grad()
+    def _unknown_row_to(self, users: Tensor) -> None:
+        """Give users without training events the trained unknown row (row 0) of every user table:
+        their own rows were never updated, so they are cold-start users everywhere (evaluate,
+        recommend, serve) without a lookup table in the saved model."""
+        net = self.net
+        if net is None or not net.use_e or not len(users):
+            return
+        for table in (net.e_prior_mu, net.e_prior_logvar, net.e_post_mu, net.e_post_logvar):
+            table.weight[users.to(table.weight.device)] = table.weight[0].clone()
 
     def _trainable(self, train: Dataset) -> _HNVMTrainable:
         """A fresh network and what the generic Trainer needs to fit it."""
@@ -491,6 +512,8 @@ class _HNVMTrainable:
         # epoch of session-level batches counts it once (the sequence-level bound, eq. 19/22)
         n_train = np.bincount(seq.session_user[seq.session_split == 0], minlength=len(seq.user_first))
         self.sessions_per_user = torch.from_numpy(np.maximum(n_train, 1).astype(np.float32))
+        # known users with no training session (possible with a time split): their rows stay untrained
+        self.untrained_users = torch.from_numpy(np.flatnonzero(n_train[1:] == 0) + 1)
         probs = counts.clamp(min=0) ** self.cfg.sample_alpha
         probs[0] = 0
         self.neg_probs = probs / probs.sum()
@@ -517,7 +540,13 @@ class _HNVMTrainable:
         if batch.prefix.shape[1] > 0:
             with torch.no_grad():  # the context entering the window, without gradient (§5.10)
                 h0 = net.encode_history(batch.users, batch.prefix)
-        out = net(batch.users, batch.window, h_con0=h0, sample=True)
+        users = batch.users
+        if c.use_e and c.unknown_user_rate > 0:
+            # these windows train row 0, the unknown user: cold start then reads a population e
+            # (torch's generator, seeded by the Trainer: a seed still gives the same run)
+            unknown = torch.rand(users.shape, device=users.device) < c.unknown_user_rate
+            users = users.masked_fill(unknown, 0)
+        out = net(users, batch.window, h_con0=h0, sample=True)
         mask = out.item_mask  # [B, W, T]
         hidden = out.dec_hidden[mask]  # [K, H]
         targets = batch.window[mask]  # [K]
@@ -541,7 +570,7 @@ class _HNVMTrainable:
                                            reduction="sum")
         beta = 1.0 if c.kl_anneal_steps == 0 else min(1.0, step / c.kl_anneal_steps)
         n_sess = out.session_mask.sum(1).float()  # [B] sessions of each window
-        w_u = n_sess / self.sessions_per_user[batch.users]
+        w_u = n_sess / self.sessions_per_user[batch.users]  # the real user's share, even for row 0
         kl_z, kl_e = out.kl_z.sum(), (w_u * out.kl_e).sum()
         k = max(int(mask.sum()), 1)
         loss = (rec + beta * (kl_z + kl_e)) / k  # the negative ELBO per target

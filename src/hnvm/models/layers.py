@@ -209,3 +209,20 @@ class ItemOutput(nn.Embedding):
         if not self.sparse:
             return self.weight[ids], self.bias[ids]
         return F.embedding(ids, self.weight, sparse=True), _GatherRows.apply(self.bias, ids)
+
+
+@torch.no_grad()
+def population_user_rows_(tables: list[nn.Embedding], trained: Tensor) -> None:
+    """Cold start for a user table whose row 0 (the unknown user) no training example reads:
+    row 0 becomes the mean row of the users with training examples (for a model linear in the
+    user vector: the average user's scores), and users without any (a time split) get row 0, as
+    they would as unknown users. trained: Long[K] ids (1..n_users) of users with examples."""
+    for table in tables:
+        w = table.weight
+        keep = torch.zeros(w.shape[0], dtype=torch.bool, device=w.device)
+        keep[trained.to(w.device)] = True
+        keep[0] = False
+        if not keep.any():
+            continue
+        w[0] = w[keep].mean(0)
+        w[~keep] = w[0].clone()

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from hnvm.config import choices, rng
 from hnvm.models.base import Batch, NetPersistence, register
 from hnvm.models.bprmf import InteractionPairs, fit_with_trainer
+from hnvm.models.layers import population_user_rows_
 
 if TYPE_CHECKING:
     from hnvm.data.store import Dataset
@@ -133,6 +134,9 @@ class NCF(NetPersistence):
                                   self.config)
         self.result_ = fit_with_trainer(self, trainable, train, valid, train_cfg, run_dir, resume,
                                         show_progress)
+        # cold start: row 0 (never trained) becomes the mean user; see population_user_rows_
+        population_user_rows_([self.net.user_gmf, self.net.user_mlp],
+                              torch.from_numpy(np.unique(trainable.pairs.users)))
         self.net.eval()
         return self
 
