@@ -194,3 +194,17 @@ def test_epoch_observer_stops_training_and_trial_timeout(data: Path, tmp_path: P
     assert [r["state"] for r in rows] == ["COMPLETE", "COMPLETE"]
     study = optuna.load_study(study_name="hnvm", storage=f"sqlite:///{tmp_path / 't' / 'optuna.db'}")
     assert [t.user_attrs["epochs"] for t in study.trials] == [1, 1]  # 1 of 4 epochs each
+
+
+def test_study_refuses_data_reprepared_with_another_split(tmp_path: Path) -> None:
+    # the same log (same vocabularies) split another way: the trials so far scored other targets
+    from hnvm.data.prepare import PrepareConfig
+
+    path = tmp_path / "ds"
+    synthetic_dataset(n_users=60, n_items=40, n_topics=4, seed=5).save(path)
+    tune(path, "itemknn", tmp_path / "knn", 1)
+    other = synthetic_dataset(PrepareConfig(split="time", min_sessions=3), n_users=60, n_items=40, n_topics=4,
+                              seed=5)
+    other.save(path, force=True)
+    with pytest.raises(HnvmError, match="different dataset_sha256"):
+        tune(path, "itemknn", tmp_path / "knn", 2)

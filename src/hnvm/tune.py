@@ -252,7 +252,7 @@ def tune(
     from hnvm.data.batches import Sequences
     from hnvm.data.store import Dataset
     from hnvm.evaluate import evaluate_next_item
-    from hnvm.runs import make_model, resolve_config, vocab_digest
+    from hnvm.runs import data_digest, make_model, resolve_config, vocab_digest
     from hnvm.train import TrainingDiverged, observe_epochs
 
     overrides = list(base_overrides or [])
@@ -279,14 +279,15 @@ def tune(
     if study.trials:  # resuming: a fresh seed, or the startup trials would repeat earlier ones
         study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials))
     # a study only resumes with the same data, base settings and search space
-    setup = {"dataset_vocab_sha256": vocab_digest(ds), "space": names,
+    # (the events digest covers the train and valid splits: re-prepared data is another study)
+    setup = {"dataset_vocab_sha256": vocab_digest(ds), "dataset_sha256": data_digest(ds), "space": names,
              "base": {s: {k: str(v) for k, v in vals.items()} for s, vals in base.items()},
              "objective": OBJECTIVE}
     prev = study.user_attrs.get("setup")
     if prev is None:
         study.set_user_attr("setup", setup)
-    elif prev != setup:
-        diff = ", ".join(k for k in setup if prev.get(k) != setup[k])
+    elif any(k in prev and prev[k] != v for k, v in setup.items()):  # studies of older versions lack keys
+        diff = ", ".join(k for k in setup if k in prev and prev[k] != setup[k])
         raise HnvmError(f"{out}: the study there was run with a different {diff}; "
                         "tune into another --out directory")
     if not study.trials:
