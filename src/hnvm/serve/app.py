@@ -2,7 +2,7 @@
 
     POST /v1/events      a batch of events -> appended to the log (one transaction), then applied
     POST /v1/recommend   top-k for a user and the current session
-    GET  /v1/users/{id}  the user's state (debugging)
+    GET  /v1/users/{id}  the user's state (debugging); the id may contain `/` (percent-encoded or not)
     GET  /v1/health      liveness, model, counts, durability setting
     GET  /docs           OpenAPI UI (schema at /openapi.json)
 
@@ -25,6 +25,7 @@ import asyncio
 import gc
 import json
 import logging
+import math
 import os
 import socket
 import sys
@@ -43,7 +44,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hnvm.errors import HnvmError
-from hnvm.serve.state import AUTO_BF16_ITEMS, SCORING, Engine, Event, Job, Query, Recommendation
+from hnvm.serve.state import AUTO_BF16_ITEMS, SCORING, Engine, Event, Job, Query, QueryError, Recommendation
 from hnvm.serve.store import SYNCHRONOUS, EventLog
 
 log = logging.getLogger(__name__)
@@ -59,10 +60,13 @@ class Limits:
 
 
 LIMITS = Limits()
+MAX_THREADS = 1024  # --threads
 
 
 def _int_to_str(v: Any) -> Any:
-    # JSON clients often send numeric ids; they name the same thing as their decimal string
+    # Ids are opaque text. JSON clients often send integer ids: an integer becomes its decimal
+    # text, which is exactly how JSON wrote it (JSON has no leading zeros), so 7 is "7" and never
+    # "007" or "7.0". Floats and booleans are refused (strict mode): their text is not the id.
     return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
 
 
@@ -75,8 +79,11 @@ class EventIn(BaseModel):
     user: Id
     item: Id
     ts: Timestamp | None = Field(None, description="event time; default: arrival time")
-    session: Id | None = Field(None, description="explicit session key (e.g. an order id); "
-                               "without one, sessions close after the idle gap")
+    session: Id | None = Field(None, description="explicit session key (e.g. an order id): the user's "
+                               "consecutive events with one key are one session, however far apart in "
+                               "time; a key whose session a later event closed cannot come back (409: "
+                               "keyed sessions must not interleave). Without keys, sessions close after "
+                               "the idle gap")
 
 
 class EventsIn(BaseModel):
@@ -95,7 +102,9 @@ class RecommendIn(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     user: Id
     session: list[Id] = Field(default_factory=list, description="items to add to the user's open session for "
-                              f"this request only (at most {LIMITS.max_session_length} with the stored ones)")
+                              f"this request only (at most {LIMITS.max_session_length} in the request: 413; "
+                              f"at most {LIMITS.max_session_length} together with the events of the open "
+                              "session: 422)")
     k: int = Field(10, ge=1, le=LIMITS.max_k)
     exclude_seen: bool = Field(False, description="leave out items the user has interacted with")
     ts: Timestamp | None = Field(None, description="request time (an open session idle for longer "
@@ -213,7 +222,7 @@ class Service:
             problems = self.engine.check(events, overlay)
             if problems:
                 more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-                status = 409 if any(code == "order" for code, _ in problems) else 422
+                status = 409 if any(code in ("order", "key") for code, _ in problems) else 422
                 if not fut.done():
                     fut.set_exception(ServiceError(status, "; ".join(m for _, m in problems[:3]) + more))
             else:
@@ -247,13 +256,21 @@ class Service:
 
     # recommendations ---------------------------------------------------------------------------
     async def recommend(self, q: Query) -> Recommendation:
+        """Top-k for `q`; ServiceError 422 when its session items plus the events of the user's
+        open session are over the session limit."""
+        problem = self.engine.session_problem(q)
+        if problem is not None:
+            raise ServiceError(422, problem)
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Recommendation] = loop.create_future()
         self._pending.append((q, fut))
         if len(self._pending) == 1 and not self._busy:
             # runs after the requests already read in this loop iteration: they share one pass
             loop.call_soon(self._flush)
-        return await fut
+        try:
+            return await fut
+        except QueryError as exc:  # events applied while it waited for its pass made it too long
+            raise ServiceError(422, str(exc)) from None
 
     def _flush(self) -> None:
         """Start a scoring pass over the pending requests (on the loop)."""
@@ -291,6 +308,8 @@ class Service:
         for q, _ in batch:
             try:
                 results.append(self.engine.recommend(q))
+            except QueryError as exc:  # the request's fault, not a bug: no traceback
+                results.append(exc)
             except Exception as exc:
                 log.exception("recommend failed for user %r", q.user)
                 results.append(exc)
@@ -478,9 +497,18 @@ def create_app(service: Service) -> FastAPI:
     async def service_error(_: Request, exc: ServiceError) -> JSONResponse:
         return JSONResponse({"error": exc.message}, status_code=exc.status)
 
-    @app.post("/v1/events", response_model=EventsOut, responses={409: {"description": "out-of-order timestamp"}})
+    @app.post("/v1/events", response_model=EventsOut,
+              responses={409: {"description": "out-of-order timestamp, or a session key that comes back"}})
     async def post_events(body: EventsIn) -> EventsOut:
-        """Append a batch of events (one transaction; all or nothing) and advance user states."""
+        """Append a batch of events (one transaction; all or nothing) and advance user states.
+
+        Sessions: a user has one open session. An event opens a new one when the user has none
+        open, when its `session` key differs from the open one's (keys win over time), or,
+        without keys, when it comes more than the idle gap (`hnvm serve --gap`, default the
+        dataset's) after the user's previous event. A keyed session is the run of a user's
+        consecutive events with its key: a key whose session a later event closed is refused
+        (409), where `hnvm prepare` would merge the interleaved events; keys are checked against
+        the user's online events. At most 1,000 events per session (422)."""
         return await service.add_events(body)
 
     @app.post("/v1/recommend", response_model=RecommendOut)
@@ -492,9 +520,12 @@ def create_app(service: Service) -> FastAPI:
         r = await service.recommend(Query(body.user, body.session, body.k, body.exclude_seen, now))
         return recommend_response(service, r)
 
-    @app.get("/v1/users/{user_id}")
+    # `:path`: an id may contain "/" (sent as is or percent-encoded as %2F; the server decodes
+    # the path before routing, so both reach here as the same id)
+    @app.get("/v1/users/{user_id:path}")
     async def get_user(user_id: str) -> dict[str, Any]:
-        """The user's state (for debugging)."""
+        """The user's state (for debugging). Percent-encode the id in the URL (`a b` as `a%20b`,
+        `?` as `%3F`); `/` may be sent as is or as `%2F`."""
         if not user_id or len(user_id) > lim.max_id_length:
             raise ServiceError(422, f"user id must have 1..{lim.max_id_length} characters")
         return service.engine.describe(user_id)
@@ -516,13 +547,21 @@ def serve(run: str | Path, *, host: str = "127.0.0.1", port: int = 8000, db: str
 
     if scoring not in SCORING:
         raise HnvmError(f"--scoring must be one of {', '.join(SCORING)}, got {scoring!r}")
+    # checked here: out-of-range values would reach the socket and torch as tracebacks
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise HnvmError(f"--port must be in 1..65535, got {port}")
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= MAX_THREADS:
+        raise HnvmError(f"--threads must be in 1..{MAX_THREADS}, got {threads}")
+    if gap_s is not None and not (math.isfinite(gap_s) and gap_s >= 0):
+        raise HnvmError(f"--gap must be a finite, non-negative duration, got {gap_s} s")
     torch.set_num_threads(threads)
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:  # fail before loading
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
-        except OSError as exc:
-            raise HnvmError(f"cannot listen on {host}:{port} ({exc.strerror or exc})") from None
+        except (OSError, ValueError, TypeError, OverflowError) as exc:  # (a NUL or a bad label in --host)
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise HnvmError(f"--host/--port: cannot listen on {host}:{port} ({why})") from None
     service = Service.open(run, db, data=data, gap_s=gap_s, scoring=scoring, rank_process=rank_process)
     if on_ready is not None:
         on_ready(service)

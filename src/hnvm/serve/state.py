@@ -8,7 +8,12 @@ Sessions: an event opens a new session when the user has none open, when its ses
 differs from the open one's (explicit keys, e.g. an order id, win over time), or, without
 keys, when it comes more than `gap_s` seconds after the user's previous event (the idle gap
 of `hnvm prepare`; exactly `gap_s` stays in the session). The dataset history of a known user
-counts as closed sessions before any online event.
+counts as closed sessions before any online event. A user has one open session: a keyed
+session is the run of that user's consecutive events with its key, and once another event has
+closed it its key cannot come back (`check` refuses it, kind "key"). `hnvm prepare` groups all
+events of a key into one session even when keys interleave in time; an online stream cannot
+reopen a session that later ones followed, so it must not interleave them, and serve refuses
+rather than silently split one key into two sessions.
 
 HNVM is served incrementally (`_HNVMScorer`): per user the context state h_con after the closed
 sessions and the decoder state of the open session are kept, so a closed session costs one
@@ -56,6 +61,7 @@ class Track:
     last_ts: float | None = None  # of the user's last online event
     key: str | None = None  # session key of the open session
     open_n: int = 0  # events (known items or not) in the open session
+    closed: tuple[str, ...] = ()  # keys closed by events checked but not yet applied (`Engine.check`)
 
     def starts_new(self, ts: float, key: str | None, gap_s: float) -> bool:
         if not self.has_open:
@@ -72,7 +78,7 @@ class Track:
         return new
 
     def copy(self) -> Track:
-        return Track(self.has_open, self.last_ts, self.key, self.open_n)
+        return Track(self.has_open, self.last_ts, self.key, self.open_n, self.closed)
 
 
 @dataclass
@@ -85,6 +91,7 @@ class UserState:
     open_id: int = 0  # counts sessions opened online; scorer caches key on it
     n_events: int = 0  # online events applied
     seen: set[int] = field(default_factory=set)
+    closed_keys: set[str] = field(default_factory=set)  # keys of the user's closed online sessions
     cache: Any = None  # the scorer's per-user tensors
 
 
@@ -107,6 +114,11 @@ class Query:
     k: int = 10
     exclude_seen: bool = False
     now: float | None = None
+
+
+class QueryError(HnvmError):
+    """A recommendation request that the user's current state makes invalid (its session items
+    plus the open session's events over the limit)."""
 
 
 @dataclass
@@ -187,8 +199,9 @@ class Engine:
 
         run = Path(run)
         model, cfg = load_run(run)
-        items = pl.read_parquet(run / "items.parquet").sort("item").get_column("id").to_list()
-        users = pl.read_parquet(run / "users.parquet").sort("user").get_column("id").to_list()
+        # ids are text, exactly as the vocabulary holds them (never re-typed: "007" is not "7")
+        items = pl.read_parquet(run / "items.parquet").sort("item").get_column("id").cast(pl.Utf8).to_list()
+        users = pl.read_parquet(run / "users.parquet").sort("user").get_column("id").cast(pl.Utf8).to_list()
         path = Path(data) if data is not None else Path(cfg.get("dataset", {}).get("path", ""))
         history, gap = None, None
         if data is not None or path.is_dir():
@@ -214,7 +227,10 @@ class Engine:
             hist: list[np.ndarray] = []
             if uid and self.history is not None and uid < len(self.history.user_end):
                 h = self.history
-                hist = [h.session(s) for s in range(int(h.user_first[uid]), int(h.user_end[uid]))]
+                span = range(int(h.user_first[uid]), int(h.user_end[uid]))
+                hist = [h.session(s) for s in span]
+                if not (h.session_split[span.start:span.stop] == 0).any():
+                    uid = 0  # no training events (time split): the model never learnt this user's row
             st = UserState(uid, hist, len(hist), seen={int(i) for s in hist for i in s})
             self.users[user] = st
         return st
@@ -224,9 +240,11 @@ class Engine:
         return st.track.copy() if st is not None else Track()
 
     def check(self, events: Sequence[Event], overlay: dict[str, Track]) -> list[tuple[str, str]]:
-        """Problems (kind "order" or "size", message) with appending `events` (in order) after
-        the current state and `overlay` (tracks of events accepted but not yet applied); on
-        success `overlay` is updated. Nothing else changes: a rejected batch leaves no trace."""
+        """Problems (kind "order", "key" or "size", message) with appending `events` (in order)
+        after the current state and `overlay` (tracks of events accepted but not yet applied); on
+        success `overlay` is updated. Nothing else changes: a rejected batch leaves no trace.
+        "key": the event's session key names a session of the user that an earlier event closed
+        (serve keeps one open session per user; see the module docstring)."""
         tracks: dict[str, Track] = {}
         problems: list[tuple[str, str]] = []
         for i, ev in enumerate(events):
@@ -236,7 +254,15 @@ class Engine:
                 problems.append(("order", f"events[{i}]: timestamp {ev.ts} is earlier than the previous event of "
                                  f"user {ev.user!r} ({t.last_ts}); a user's events must come in time order"))
                 continue
-            t.advance(ev.ts, ev.session, self.gap_s)
+            if ev.session is not None and t.has_open and ev.session != t.key and (
+                    ev.session in t.closed or ev.session in self._closed_keys(ev.user)):
+                problems.append(("key", f"events[{i}]: session {ev.session!r} of user {ev.user!r} was closed by a "
+                                 "later session; a user has one open session, so keyed sessions must not "
+                                 "interleave (give the event a new session key)"))
+                continue
+            prev = t.key if t.has_open else None
+            if t.advance(ev.ts, ev.session, self.gap_s) and prev is not None:
+                t.closed = (*t.closed, prev)
             if t.open_n > self.max_session_length:
                 problems.append(("size", f"events[{i}]: the session of user {ev.user!r} would exceed "
                                  f"{self.max_session_length} events"))
@@ -244,10 +270,18 @@ class Engine:
             overlay.update(tracks)
         return problems
 
+    def _closed_keys(self, user: str) -> set[str]:
+        st = self.users.get(user)
+        return st.closed_keys if st is not None else set()
+
     def apply(self, ev: Event) -> bool:
-        """Append one (validated, logged) event to its user's state; False if the item is unknown."""
+        """Append one (validated, logged) event to its user's state; False if the item is unknown.
+        (A log written before keys were checked may resume a closed key: that is a new session.)"""
         st = self.state(ev.user)
+        prev = st.track.key if st.track.has_open else None
         if st.track.advance(ev.ts, ev.session, self.gap_s):
+            if prev is not None:
+                st.closed_keys.add(prev)
             if st.open_items:
                 st.history.append(np.asarray(st.open_items, dtype=np.int64))
             st.open_items = []
@@ -280,26 +314,50 @@ class Engine:
         job = self.prepare(queries)
         return self.finish(job, self.rank(job))
 
+    def _expired(self, st: UserState, now: float | None) -> bool:
+        """The user's open session has no key and its last event is more than the gap before
+        `now`: a recommendation at `now` treats it as closed."""
+        t = st.track
+        return (t.has_open and t.key is None and now is not None and t.last_ts is not None
+                and now - t.last_ts > self.gap_s)
+
+    def session_problem(self, q: Query) -> str | None:
+        """Why `q` cannot be served, or None: its session items plus the events of the user's
+        open session (unless it timed out at `q.now`) must be at most `max_session_length`,
+        the limit that `check` enforces on stored sessions."""
+        st = self.users.get(q.user)
+        stored = st.track.open_n if st is not None and st.track.has_open and not self._expired(st, q.now) else 0
+        n, cap = len(q.session), self.max_session_length
+        if stored + n <= cap:
+            return None
+        if not stored:
+            return f"session: {n} items (at most {cap})"
+        return (f"session: {n} items plus the {stored} events of user {q.user!r}'s open session are "
+                f"{stored + n}, over the limit of {cap} per session (stored and request items together)")
+
     @torch.no_grad()
     def prepare(self, queries: Sequence[Query]) -> Job:
         """The state-dependent part of `recommend_many`: per query the user's view and the
         scorer's per-user steps (they update the users' caches: run it where the events are
-        applied). The job holds everything `rank` needs."""
+        applied). The job holds everything `rank` needs. Raises QueryError for a query that
+        `session_problem` refuses (before any model step)."""
         views = []
         for q in queries:
+            problem = self.session_problem(q)
+            if problem is not None:
+                raise QueryError(problem)
             st = self.users.get(q.user) or self._transient(q.user)
             extra = [self.item_index.get(s, 0) for s in q.session]
             unknown = list(dict.fromkeys(s for s, i in zip(q.session, extra, strict=True) if not i))
             extra = [i for i in extra if i]
-            expired = (bool(st.track.has_open) and st.track.key is None and q.now is not None
-                       and st.track.last_ts is not None and q.now - st.track.last_ts > self.gap_s)
-            views.append((q, st, extra, unknown, expired))
+            views.append((q, st, extra, unknown, self._expired(st, q.now)))
         kmax = min(max(q.k for q in queries), self.n_items)
         excl = [sorted(st.seen | set(extra)) if q.exclude_seen else [] for q, st, extra, _, _ in views]
         prepared = self.scorer.prepare([(st, extra, expired) for _, st, extra, _, expired in views])
         out = []
         for q, st, extra, unknown, expired in views:
-            cur = 0 if expired else len(st.open_items) + len(extra)
+            # a timed-out open session is history now; the request's items still start a new one
+            cur = len(extra) if expired else len(st.open_items) + len(extra)
             out.append(Recommendation(q.user, [], [], unknown, st.uid == 0, cur,
                                       cur == 0 and (expired or not st.track.has_open)))
         return Job([q.k for q in queries], kmax, excl, prepared, out)
@@ -448,8 +506,8 @@ class _HNVMScorer(_Scorer):
         if not net.use_e:
             return None
         u = torch.tensor([uid])
-        # known users: posterior mean of q(e|u) (what scoring uses); unknown: the prior's mean
-        return net.e_post_mu(u) if uid else net.e_prior_mu(u)
+        # posterior mean of q(e|u), as the model's own scoring; row 0 (unknown) is trained too
+        return net.e_post_mu(u)
 
     def _fold(self, h_con: Tensor, items: np.ndarray) -> Tensor:
         """Encoder over one closed session + one context step."""
