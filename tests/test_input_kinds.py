@@ -271,3 +271,24 @@ def test_help_fits_80_columns(command: str) -> None:
     if command == "prepare":
         for word in ("session", "seq", "--time-unit", "[default: 30m]"):
             assert word in r.output
+
+
+# --------------------------------------------------------------------------- flags through the entry point
+
+@pytest.mark.parametrize("args", [["serve", "run", "--port", "abc"], ["prepare", "x", "--out", "y", "--min-sessions",
+                                                                      "1.5"], ["prepare"], ["bogus"],
+                                  ["recommend", "run", "--user", "u", "-k", "x"]])
+def test_bad_flags_are_one_line_errors(args: list[str], tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "hnvm", *args], capture_output=True, text=True, cwd=tmp_path,
+                       timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert r.stdout == "" and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert r.stderr.startswith("error: ") and "Traceback" not in r.stderr
+
+
+def test_messages_are_text_not_console_markup(tmp_path: Path) -> None:
+    r = runner.invoke(app, ["stats", str(tmp_path / "[/x]")])
+    assert r.exit_code == 2 and "[/x]" in r.output and "Traceback" not in r.output

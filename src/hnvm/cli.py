@@ -10,6 +10,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from hnvm.errors import HnvmError
@@ -29,7 +30,8 @@ err = Console(stderr=True)
 
 
 def _fail(exc: Exception) -> None:
-    err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    # escaped: ids and paths in messages (`[/x]`) are text, not console markup
+    err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
     raise typer.Exit(getattr(exc, "exit_code", 2))
 
 
@@ -552,11 +554,24 @@ def serve(
 
 
 def main() -> None:
+    """The `hnvm` entry point. Bad flags and flag values (`--port abc`) get the same one-line
+    error and exit status 2 as every other bad input, instead of a usage block or a traceback."""
     try:
-        app()
-    except KeyboardInterrupt:
+        rc = app(standalone_mode=False)
+    except typer.TyperException as exc:  # typer's (vendored click's) usage and parameter errors
+        if type(exc).__name__ == "NoArgsIsHelpError":  # bare `hnvm`: the help, as click shows it
+            exc.show()  # type: ignore[attr-defined]
+            sys.exit(2)
+        ctx = getattr(exc, "ctx", None)
+        where = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+        msg = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        err.print(f"[bold red]error:[/] {escape(' '.join(msg.split()))}{escape(where)}", highlight=False,
+                  soft_wrap=True)
+        sys.exit(getattr(exc, "exit_code", 2))
+    except (KeyboardInterrupt, typer.Abort):
         err.print("interrupted")
         sys.exit(130)
+    sys.exit(rc if isinstance(rc, int) else 0)
 
 
 if __name__ == "__main__":
