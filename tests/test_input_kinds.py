@@ -292,3 +292,22 @@ def test_bad_flags_are_one_line_errors(args: list[str], tmp_path: Path) -> None:
 def test_messages_are_text_not_console_markup(tmp_path: Path) -> None:
     r = runner.invoke(app, ["stats", str(tmp_path / "[/x]")])
     assert r.exit_code == 2 and "[/x]" in r.output and "Traceback" not in r.output
+
+
+# --------------------------------------------------------------------------- text encodings
+
+def test_utf16_latin1_and_double_gzip_are_named(tmp_path: Path) -> None:
+    text = "user,item,ts\nu1,a,1600000000\nJosé,b,1600000060\n"
+    cases = {"utf16.csv": text.encode("utf-16"), "latin1.csv": text.encode("latin-1"),
+             "twice.csv": gzip.compress(gzip.compress(text.encode()))}
+    needles = {"utf16.csv": ("UTF-16",), "latin1.csv": ("row 3", "not UTF-8"), "twice.csv": ("compressed twice",)}
+    for name, raw in cases.items():
+        (tmp_path / name).write_bytes(raw)
+        _fails(["prepare", str(tmp_path / name), "--columns", COLS, "--out", str(tmp_path / "d")], name,
+               *needles[name], out=tmp_path / "d")
+
+
+def test_unix_times_mixed_with_iso_dates_are_named(tmp_path: Path) -> None:
+    src = _write(tmp_path / "a.csv", "user,item,ts\n1,a,2024-01-01T10:00:00\n1,b,1704103200\n")
+    _fails(["prepare", str(src), "--columns", COLS, "--out", str(tmp_path / "d")],
+           "row 3", "mix unix times and ISO-8601", "(row 2)", out=tmp_path / "d")

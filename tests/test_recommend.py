@@ -131,7 +131,7 @@ def test_parse_session_forms() -> None:
     assert parse_session("007,7 Dune", cat) == ["007", "7", "Dune"]
     assert parse_session(",007,,7", None) == ["007", "7"]  # no empty ids from stray commas
     for value, message in [("x,y", "ambiguous"), (["a", ""], "value 2 is empty"), ("[1, 2]", "strings only"),
-                           ('["a", " "]', "empty item id"), ("[oops", "not a JSON list")]:
+                           ('["a", " "]', "empty item id"), ("[oops", "neither a JSON list")]:
         with pytest.raises(HnvmError, match=message):
             parse_session(value, cat)
     with pytest.raises(HnvmError, match=r"--session: 1001 items in the session \(at most 1000\)"):
@@ -181,7 +181,9 @@ def test_a_session_of_unknown_items_is_never_silently_dropped(named_run: Path, t
     df = pl.read_parquet(out).filter(pl.col("rank") == 1)
     assert df.get_column("session_length").to_list() == [2, 1, 2, 0, 0]
     assert df.get_column("unknown_items").to_list() == [0, 0, 0, 2, 0]
-    res = recommend_batch(named_run, csv, out, k=2)
+    with pytest.raises(HnvmError, match="exists"):  # an existing output needs force
+        recommend_batch(named_run, csv, out, k=2)
+    res = recommend_batch(named_run, csv, out, k=2, force=True)
     assert res.unknown_sessions == 1
 
 
@@ -230,7 +232,7 @@ def test_batch_input_that_is_not_utf8_names_its_row(run_dir: Path, tmp_path: Pat
 def test_cli_numbers_and_markup_are_one_line_errors(run_dir: Path) -> None:
     for args, message in [(["-k", "99999999999999999999"], "-k must be in 1..1000"),
                           (["-k", "-1"], "-k must be in 1..1000"),
-                          (["--session", "[/x]"], "is not a JSON list of strings"),
+                          (["--session", "[/x]"], "is neither a JSON list of strings"),
                           ([a for i in range(1001) for a in ("--session", f"i{i}")],
                            "--session: 1001 items in the session (at most 1000)")]:
         r = runner.invoke(app, ["recommend", str(run_dir), "--user", "1", *args])
@@ -241,3 +243,24 @@ def test_cli_numbers_and_markup_are_one_line_errors(run_dir: Path) -> None:
     # a user id with rich markup in it is printed as written (it was a MarkupError traceback)
     r = runner.invoke(app, ["recommend", str(run_dir), "--user", "[/x]new", "-k", "2"])
     assert r.exit_code == 0 and "user [/x]new: top 2 (cold start" in r.output
+
+
+def test_a_catalogue_id_shaped_like_json_is_that_item() -> None:
+    cat = {"[1]", '["z"]', "a", "b", "[\"a\", \"b\"]"}
+    assert parse_session("[1]", cat) == ["[1]"]
+    assert parse_session('["z"]', cat) == ['["z"]']
+    with pytest.raises(HnvmError, match="ambiguous"):  # one id, and also the ids a and b
+        parse_session('["a", "b"]', cat)
+    assert parse_session('["[1]"]', {"x"}) == ["[1]"]  # not in the catalogue: the JSON list
+
+
+def test_batch_output_never_replaces_its_input_or_the_runs_files(run_dir: Path, tmp_path: Path) -> None:
+    csv = tmp_path / "in.csv"
+    csv.write_text("user\nnewbie\n")
+    before = {f: f.read_bytes() for f in run_dir.rglob("*") if f.is_file()}
+    for out, message in [(csv, "own input"), (run_dir / "items.parquet", "would replace a file of"),
+                         (run_dir / "config.json", "would replace a file of")]:
+        with pytest.raises(HnvmError, match=message):
+            recommend_batch(run_dir, csv, out, force=True)
+    assert csv.read_text() == "user\nnewbie\n"
+    assert {f: f.read_bytes() for f in run_dir.rglob("*") if f.is_file()} == before

@@ -389,3 +389,51 @@ def test_validation_without_targets_does_not_stop_training_early(data: Path, tmp
     saved = load_file(str(run / "model" / "model.safetensors"))
     for k in ("item.weight", "bias.weight"):  # (the user table's row 0 is set after training)
         assert (saved[k] == last[k]).all(), k
+
+
+def test_export_never_replaces_the_runs_or_datasets_files(data: Path, tmp_path: Path) -> None:
+    run = _train(data, "pop", tmp_path / "run")
+    runner.invoke(app, ["evaluate", str(run)])
+    before_run, before_data = _snapshot(run), _snapshot(data)
+    for dest in (data / "events.parquet", run / "metrics.json", run / "items.parquet"):
+        _fails(["evaluate", str(run), "--export-ranks", str(dest), "--force"], "--export-ranks",
+               "would replace a file of")
+    assert _snapshot(run) == before_run and _snapshot(data) == before_data
+    # another existing file: only with --force
+    other = tmp_path / "ranks.parquet"
+    other.write_text("mine")
+    _fails(["evaluate", str(run), "--export-ranks", str(other)], "exists", "--force")
+    assert other.read_text() == "mine"
+    r = runner.invoke(app, ["evaluate", str(run), "--export-ranks", str(other), "--force"])
+    assert r.exit_code == 0, r.output
+    exported = pl.read_parquet(other)
+    ds = Dataset.load(data)
+    # the raw ids beside the internal ones
+    assert exported["user_id"].to_list() == ds.user_ids(exported["user"].to_list())
+    assert exported["item_id"].to_list() == ds.item_ids(exported["item"].to_list())
+
+
+@pytest.mark.parametrize("name", ["items.parquet", "users.parquet"])
+def test_damaged_run_vocabulary_is_one_line(data: Path, tmp_path: Path, name: str) -> None:
+    run = _train(data, "pop", tmp_path / "run")
+    with open(run / name, "r+b") as fh:
+        fh.truncate(20)
+    _fails(["recommend", str(run), "--user", "u1"], name, "damaged")
+
+
+def test_dataset_table_without_its_columns_is_one_line(data: Path, tmp_path: Path) -> None:
+    import shutil
+
+    bad = tmp_path / "d"
+    shutil.copytree(data, bad)
+    pl.DataFrame({"x": [1]}).write_parquet(bad / "events.parquet")
+    _fails(["stats", str(bad)], "events.parquet", "missing column")
+
+
+def test_benchmark_checks_every_setting_before_training(data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "b"
+    _fails(["benchmark", str(data), "--out", str(out), "--models", "bprmf,pop", "--set", "model.dim=8"],
+           "pop", "no hyper-parameters")
+    _fails(["benchmark", str(data), "--out", str(out), "--models", "pop", "--epochs", "0"], "epochs")
+    _fails(["benchmark", str(tmp_path / "nope"), "--out", str(out), "--models", "pop"], "nope")
+    assert not out.exists()

@@ -130,27 +130,34 @@ def run_benchmark(
     dataset, out = Path(dataset).resolve(), Path(out)
     runs = Path(runs_dir) if runs_dir is not None else out / "runs"
     tuned_root = Path(tuned_dir) if tuned_dir is not None else out / "tuned"
-    runs.mkdir(parents=True, exist_ok=True)
-    (out / "ranks").mkdir(parents=True, exist_ok=True)
     ds = Dataset.load(dataset)
-    seq = Sequences.from_events(ds.events, ds.n_users)
     res_path = out / "results.json"
     results = _load_results(res_path, dataset, task)
-    results["include_first"] = include_first
     extra = list(overrides or []) + ([f"train.epochs={epochs}"] if epochs is not None else [])
-    # what a result depends on besides the model's settings: the data (every event; the train
-    # events for the run) and, for next-item, whether first positions are scored
-    data_ref = {"path": str(dataset), "sha256": data_digest(ds), "train_sha256": train_digest(ds)}
-    first = include_first if task == "next-item" else False
-    for i, name in enumerate(models, 1):
+    # every model's settings resolve (or refuse) before anything is trained or written
+    plan = []
+    for name in models:
         base, ablation = ABLATIONS.get(name, (name, []))
-        run_dir, ranks_path = runs / name, out / "ranks" / f"{name}.parquet"
         # OUT/tuned/MODEL.toml, or the best.toml that `hnvm tune --out OUT/tuned/MODEL` writes
         candidates = [tuned_root / f"{n}.toml" for n in (name, base)]
         candidates += [tuned_root / n / "best.toml" for n in (name, base)]
         tuned = next((p for p in candidates if p.exists()), None)
         settings = extra + list((model_overrides or {}).get(name, [])) + ablation
-        resolved = _resolved(base, tuned, settings)
+        try:
+            resolved = _resolved(base, tuned, settings)
+        except HnvmError as exc:
+            raise HnvmError(f"{name}: {exc}") from exc
+        plan.append((name, base, tuned, settings, resolved))
+    runs.mkdir(parents=True, exist_ok=True)
+    (out / "ranks").mkdir(parents=True, exist_ok=True)
+    seq = Sequences.from_events(ds.events, ds.n_users)
+    results["include_first"] = include_first
+    # what a result depends on besides the model's settings: the data (every event; the train
+    # events for the run) and, for next-item, whether first positions are scored
+    data_ref = {"path": str(dataset), "sha256": data_digest(ds), "train_sha256": train_digest(ds)}
+    first = include_first if task == "next-item" else False
+    for i, (name, base, tuned, settings, resolved) in enumerate(plan, 1):
+        run_dir, ranks_path = runs / name, out / "ranks" / f"{name}.parquet"
         train_s = _reusable_run(run_dir, resolved, data_ref)
         prev = results["models"].get(name) or {}
         # done = evaluated with exactly these settings on exactly this data, from the run now in
@@ -172,7 +179,7 @@ def run_benchmark(
             write_json(run_dir / "train_time.json", {"train_s": round(train_s, 2)})
         say(f"[{i}/{len(models)}] evaluating {name}")
         t0 = time.perf_counter()
-        ev = evaluate_run(run_dir, task=task, export=ranks_path, include_first=include_first)
+        ev = evaluate_run(run_dir, task=task, export=ranks_path, include_first=include_first, force=True)
         eval_s = time.perf_counter() - t0
         assert ev.ranks is not None
         ranks = _augment(ev.ranks, seq, task)

@@ -276,6 +276,7 @@ def evaluate(
     export_ranks: Annotated[Path | None, typer.Option(help="Write per-target ranks (parquet).")] = None,
     include_first: Annotated[bool, typer.Option(help="Also score each session's first item.")] = False,
     device: Annotated[str, typer.Option(help="auto|cpu|cuda (auto = CUDA when available).")] = "auto",
+    force: Annotated[bool, typer.Option(help="Replace an existing --export-ranks file.")] = False,
 ) -> None:
     """Full-ranking evaluation (conservative ties) of a trained run (sharded over processes
     under torchrun)."""
@@ -285,7 +286,7 @@ def evaluate(
     try:
         with err.status(f"evaluating {run} ({task}, {split}) ..."):
             res = evaluate_run(run, data=data, task=task, split=split, export=export_ranks,
-                               include_first=include_first, device=device)
+                               include_first=include_first, device=device, force=force)
     except HnvmError as exc:
         _fail(exc)
     finally:
@@ -458,12 +459,12 @@ def recommend(
                                                   "item, score, session_length, unknown_items).")] = None,
     data: Annotated[Path | None, typer.Option(help="Dataset with the users' histories (default: the "
                                               "one trained on).")] = None,
+    force: Annotated[bool, typer.Option(help="Batch mode: replace an existing --out file.")] = False,
 ) -> None:
     """Top-k items for one user (--user) or for every row of a CSV (--input ... --out ...).
     Ids are the raw log's, as text (007 is not 7); unknown users get cold-start recommendations,
     unknown items are ignored and reported. A session none of whose items is known is an error
     for --user and flagged (session_length 0) in batch output."""
-    from rich.markup import escape
     from rich.text import Text
 
     from hnvm.recommend import check_k, parse_session, recommend_batch, recommend_user
@@ -477,7 +478,7 @@ def recommend(
             if out_path is None or session:
                 raise HnvmError("batch mode takes --input CSV --out PARQUET (sessions go in the CSV)")
             t0 = time.perf_counter()
-            res = recommend_batch(run, input, out_path, k=k, exclude_seen=exclude_seen, data=data)
+            res = recommend_batch(run, input, out_path, k=k, exclude_seen=exclude_seen, data=data, force=force)
             flagged = (f"; {res.unknown_sessions:,} sessions with no known item got next-session "
                        "recommendations (session_length 0)" if res.unknown_sessions else "")
             err.print(f"wrote {res.rows:,} recommendations for {res.users:,} users to {res.out} in "
@@ -492,8 +493,7 @@ def recommend(
         r = recommend_user(engine, user, parse_session(session, engine.item_index), k=k,
                            exclude_seen=exclude_seen)
     except HnvmError as exc:
-        # ids are shown as written: rich must not read their brackets as markup
-        _fail(HnvmError(escape(str(exc))))
+        _fail(exc)
     out.print(f"user {r.user}: top {len(r.items)}" + (" (cold start: unknown user)" if r.cold_start else "")
               + (f" after {r.session_length} item(s) of the session" if r.session_length else " for the next session"),
               highlight=False, markup=False)
@@ -529,7 +529,6 @@ def serve(
 ) -> None:
     """HTTP service: POST /v1/events, POST /v1/recommend, GET /v1/users/{id}, GET /v1/health;
     OpenAPI docs at /docs. Events are durable (SQLite WAL, synchronous=FULL) and replayed at start."""
-    from rich.markup import escape
 
     from hnvm.data.sessions import parse_duration
     from hnvm.serve.app import serve as run_serve
@@ -550,7 +549,7 @@ def serve(
         run_serve(run, host=host, port=port, db=db, data=data, gap_s=gap_s, threads=threads, scoring=scoring,
                   rank_process=rank_process, on_ready=ready)
     except (HnvmError, ValueError) as exc:
-        _fail(HnvmError(escape(str(exc))))  # (user text in messages is not rich markup)
+        _fail(exc)
 
 
 def main() -> None:

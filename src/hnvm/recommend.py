@@ -32,6 +32,7 @@ from pathlib import Path
 
 import polars as pl
 
+from hnvm.data.store import check_output_file
 from hnvm.errors import HnvmError, InputError
 from hnvm.serve.state import Engine, Query, Recommendation
 
@@ -56,10 +57,11 @@ def parse_session(values: str | Sequence[str] | None, catalogue: Container[str] 
     * Several values (the flag repeated): one item each, exactly as written (surrounding blanks
       removed); an empty one is an error.
     * One value, blank: the empty session (recommend the next session).
+    * One value that is exactly an item id of `catalogue` (even `[1]`): that one item. If it also
+      reads as several catalogue items (split at commas/blanks, or as a JSON list), it is
+      ambiguous: an error.
     * One value that is a JSON list of strings, e.g. `["Dune, Part 1", "x"]`: one item per string.
-      A value that starts with `[` but is not such a list is an error.
-    * One value that is exactly an item id of `catalogue`: that one item. If it also splits
-      into several pieces that are all catalogue items, it is ambiguous: an error.
+      Another value that starts with `[` is an error.
     * Otherwise the short form: items separated by commas and/or blanks.
 
     At most `max_items` items. Errors are HnvmError messages starting with `where`."""
@@ -78,6 +80,19 @@ def parse_session(values: str | Sequence[str] | None, catalogue: Container[str] 
     text = values.strip()
     if not text:
         return []
+    if catalogue is not None and text in catalogue:
+        # exactly one catalogue id (even one shaped like a list, `[1]`), unless it also reads as
+        # several catalogue ids: then the user has to say which
+        try:
+            alt = json.loads(text) if text.startswith("[") else parse_items(text)
+        except ValueError:
+            alt = []
+        if isinstance(alt, list) and len(alt) > (0 if text.startswith("[") else 1) and all(
+                isinstance(a, str) and a.strip() in catalogue for a in alt):
+            shown = ", ".join(repr(a) for a in alt[:5])
+            raise HnvmError(f"{where}: {text!r} is ambiguous: it is one catalogue item and also the items "
+                            f"{shown}; give a JSON list (e.g. [{json.dumps(text)}]) or one item per {where}")
+        return [text]
     if text.startswith("["):
         try:
             parsed = json.loads(text)
@@ -91,24 +106,28 @@ def parse_session(values: str | Sequence[str] | None, catalogue: Container[str] 
             if not all(items):
                 raise HnvmError(f"{where}: the JSON list holds an empty item id ({text!r})")
             return _cap(items, where, max_items)
-        if catalogue is None or text not in catalogue:
-            why = parsed.args[0] if isinstance(parsed, ValueError) else "not a list"
-            raise HnvmError(f"{where}: {text!r} starts with '[' but is not a JSON list of strings ({why}); "
-                            'write e.g. ["a", "b, c"]')
-    pieces = parse_items(text)
-    if catalogue is not None and text in catalogue:
-        if len(pieces) > 1 and all(p in catalogue for p in pieces):
-            shown = ", ".join(repr(p) for p in pieces[:5])
-            raise HnvmError(f"{where}: {text!r} is ambiguous: it is one catalogue item and also the items "
-                            f"{shown}; give a JSON list (e.g. [{json.dumps(text)}]) or one item per {where}")
-        return [text]
-    return _cap(pieces, where, max_items)
+        why = parsed.args[0] if isinstance(parsed, ValueError) else "not a list"
+        raise HnvmError(f"{where}: {text!r} starts with '[' but is neither a JSON list of strings ({why}) nor "
+                        'a catalogue item id; write e.g. ["a", "b, c"]')
+    return _cap(parse_items(text), where, max_items)
 
 
 def _cap(items: list[str], where: str, max_items: int) -> list[str]:
     if len(items) > max_items:
         raise HnvmError(f"{where}: {len(items)} items in the session (at most {max_items})")
     return items
+
+
+def _run_dirs(run: str | Path, data: str | Path | None) -> tuple[Path, ...]:
+    """The run directory and the data set it reads (a missing or damaged config.json is left for
+    the run loader to report)."""
+    dirs = [Path(run)]
+    if data is not None:
+        dirs.append(Path(data))
+    else:
+        with suppress(OSError, ValueError, KeyError, TypeError, AttributeError):
+            dirs.append(Path(json.loads((Path(run) / "config.json").read_text())["dataset"]["path"]))
+    return tuple(dirs)
 
 
 def check_k(k: int) -> None:
@@ -235,7 +254,7 @@ def read_queries(path: Path, k: int, exclude_seen: bool, max_session: int = MAX_
 
 def recommend_batch(run: str | Path, input_csv: str | Path, out: str | Path, *, k: int = 10,
                     exclude_seen: bool = False, data: str | Path | None = None,
-                    chunk: int = 256) -> BatchResult:
+                    chunk: int = 256, force: bool = False) -> BatchResult:
     """Recommendations for every row of `input_csv`, written to `out` (parquet, long format:
     user, rank, item, score, session_length, unknown_items) atomically: a failed run leaves no
     output file. `session_length` is the number of the row's session items the scores condition
@@ -248,6 +267,8 @@ def recommend_batch(run: str | Path, input_csv: str | Path, out: str | Path, *, 
         raise InputError("no such file", path=input_csv)
     if out.is_dir():
         raise InputError("is a directory; --out names the parquet file to write", path=out)
+    # never the input, nor a file of the run or its data set; another existing file needs force
+    check_output_file(out, "--out", force=force, inputs=(input_csv,), protected=_run_dirs(run, data))
     engine = Engine.from_run(run, data=data)
     queries = read_queries(input_csv, k, exclude_seen, catalogue=engine.item_index)
     users: list[str] = []

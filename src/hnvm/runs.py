@@ -15,6 +15,7 @@ its valid/test targets could be events the model was trained on.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -29,7 +30,7 @@ import polars as pl
 from hnvm import distributed
 from hnvm.config import apply_overrides, as_dict, build, load_toml
 from hnvm.data.batches import Sequences
-from hnvm.data.store import Dataset, write_json
+from hnvm.data.store import Dataset, check_output_file, write_json
 from hnvm.errors import ConfigError, HnvmError
 from hnvm.evaluate import EvalResult, evaluate_next_item, evaluate_next_session, export_ranks
 from hnvm.models.base import Recommender, get_model_class, load_model
@@ -322,18 +323,16 @@ def load_run(run: str | Path) -> tuple[Recommender, dict[str, Any]]:
     return load_model(run / "model"), cfg
 
 
-def _check_export(path: Path) -> None:
-    """--export-ranks must be writable before the evaluation runs (missing parent folders are
-    created when it is written): not a directory, under an existing writable directory."""
-    if path.is_dir():
-        raise HnvmError(f"--export-ranks {path}: is a directory; give a file name (e.g. {path / 'ranks.parquet'})")
-    parent = path.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise HnvmError(f"--export-ranks {path}: {parent} is not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise HnvmError(f"--export-ranks {path}: {parent} is not writable")
+def _with_original_ids(res: EvalResult, ds: Dataset) -> EvalResult:
+    """The export with the raw log's ids beside the internal ones (`user_id`, and `item_id` for
+    next-item targets), exactly as written in the log."""
+    assert res.ranks is not None
+    users = ds.users.select(user=pl.col("user").cast(res.ranks.schema["user"]), user_id=pl.col("id"))
+    ranks = res.ranks.join(users, on="user", how="left", maintain_order="left")
+    if "item" in ranks.columns:
+        items = ds.items.select(item=pl.col("item").cast(ranks.schema["item"]), item_id=pl.col("id"))
+        ranks = ranks.join(items, on="item", how="left", maintain_order="left")
+    return dataclasses.replace(res, ranks=ranks)
 
 
 def _read_metrics(run: Path) -> dict[str, Any]:
@@ -355,6 +354,7 @@ def evaluate_run(
     export: Path | None = None,
     include_first: bool = False,
     device: str = "auto",
+    force: bool = False,
 ) -> EvalResult:
     """Evaluate a trained run on its dataset (or `data`, whose vocabulary and train split must
     match the run's) on `device`. Under torchrun the targets are sharded over the processes;
@@ -365,12 +365,12 @@ def evaluate_run(
     if task not in ("next-item", "next-session") or split not in ("valid", "test"):
         raise HnvmError("--task must be next-item|next-session and --split valid|test")
     export = Path(export) if export is not None else None
-    if export is not None:
-        _check_export(export)
     ctx = distributed.context(device)
     model, cfg = load_run(run)
     _read_metrics(run)  # a damaged metrics.json stops us before the evaluation, not after
     data_path = Path(data) if data is not None else Path(cfg["dataset"]["path"])
+    if export is not None:  # an existing export needs `force`; the run's and data's files never go
+        check_output_file(export, "--export-ranks", force=force, protected=(run, data_path))
     ds = Dataset.load(data_path)
     check_dataset(run, cfg, ds, data_path)
     if ctx.device.type != "cpu" and callable(getattr(model, "to", None)):
@@ -399,7 +399,7 @@ def evaluate_run(
         if export is not None:
             try:
                 export.parent.mkdir(parents=True, exist_ok=True)
-                export_ranks(res, export)
+                export_ranks(_with_original_ids(res, ds), export)
             except OSError as exc:
                 raise HnvmError(f"--export-ranks {export}: cannot write ({' '.join(str(exc).split())}); "
                                 f"the metrics were saved in {mpath}") from exc

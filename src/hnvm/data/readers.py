@@ -207,6 +207,8 @@ _MAGIC = (
     (b"BZh", "bzip2"),
     (b"\xfd7zXZ\x00", "xz"),
     (b"PK\x03\x04", "zip"),
+    (b"\xff\xfe", "UTF-16"),
+    (b"\xfe\xff", "UTF-16"),
 )
 
 
@@ -252,6 +254,16 @@ def _read_raw(path: Path, preset: Preset | None) -> tuple[pl.DataFrame, bool]:
     if kind in ("bzip2", "xz", "zip"):
         raise InputError(f"the file is {kind}-compressed, which is not read directly; decompress it "
                          "(gzip and zstd are read as they are)", path=path)
+    if kind == "UTF-16":
+        raise InputError("the file is UTF-16 text; save it as UTF-8 (e.g. iconv -f UTF-16 -t UTF-8)", path=path)
+    if kind == "gzip":
+        with gzip.open(path, "rb") as fh:
+            try:
+                inner = fh.read(4)
+            except (OSError, EOFError) as exc:
+                raise InputError(f"damaged gzip file ({exc})", path=path) from exc
+        if inner.startswith(b"\x1f\x8b"):
+            raise InputError("the file is gzip-compressed twice; decompress it once", path=path)
     if kind == "parquet" or (kind == "text" and name.endswith((".parquet", ".pq"))):
         try:
             df = pl.read_parquet(path)
@@ -307,6 +319,10 @@ def _read_raw(path: Path, preset: Preset | None) -> tuple[pl.DataFrame, bool]:
         raise InputError("file is empty", path=path) from exc
     except Exception as exc:  # polars' own message names the offending line
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        row = _first_non_utf8_line(path, kind) if "utf-8" in msg.lower() or "utf8" in msg.lower() else None
+        if row is not None:
+            raise InputError("not UTF-8 text (save the file as UTF-8, e.g. iconv -f LATIN1 -t UTF-8)",
+                             path=path, row=row) from exc
         what = "TSV" if sep == "\t" else "CSV"
         raise InputError(f"cannot parse as {what}: {msg}", path=path) from exc
     if preset and preset.name == "movielens" and "userId" in df.columns:
@@ -314,6 +330,18 @@ def _read_raw(path: Path, preset: Preset | None) -> tuple[pl.DataFrame, bool]:
     if df.height == 0:
         raise InputError("file has a header but no rows", path=path)
     return df, header
+
+
+def _first_non_utf8_line(path: Path, kind: str) -> int | None:
+    """The 1-based line of the first byte sequence that is not UTF-8 (error path only)."""
+    opener = gzip.open if kind == "gzip" else open
+    with opener(path, "rb") as fh:
+        for n, raw in enumerate(fh, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                return n
+    return None
 
 
 def _line_of(index: int, header: bool) -> int:
@@ -426,6 +454,13 @@ def _to_seconds(
     bad = parsed.is_null()
     if bad.any():
         i = int(bad.arg_true()[0])
+        numeric = s.str.strip_chars().cast(pl.Float64, strict=False).is_not_null()
+        good = (~bad) & s.is_not_null()
+        if fmt != "iso" and good.any() and bool(numeric[i]):  # a clock in two notations
+            j = int(good.arg_true()[0])
+            raise InputError(f"timestamps mix unix times and ISO-8601 date-times: {col[i]!r} is a number but "
+                             f"{col[j]!r} (row {_line_of(j, header)}) is a date-time", path=path,
+                             row=_line_of(i, header), column=name)
         expected = "an ISO-8601 date-time" if fmt == "iso" else "a unix time or an ISO-8601 date-time"
         raise InputError(f"unparsable timestamp {col[i]!r} (expected {expected})", path=path,
                          row=_line_of(i, header), column=name)

@@ -83,6 +83,54 @@ def write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+# the columns every reader of these tables relies on
+EVENTS_COLUMNS = ("user", "session", "item", "ts", "pos", "split")
+VOCAB_COLUMNS = {"items.parquet": ("item", "id"), "users.parquet": ("user", "id")}
+
+
+def read_table(path: Path, columns: tuple[str, ...]) -> pl.DataFrame:
+    """A parquet table hnvm wrote (dataset or run), checked: unreadable, truncated or missing a
+    column -> a one-line HnvmError naming the file."""
+    try:
+        df = pl.read_parquet(path)
+    except FileNotFoundError:
+        raise HnvmError(f"{path}: missing (the directory is incomplete)") from None
+    except Exception as exc:
+        msg = " ".join(str(exc).split())[:200]
+        raise HnvmError(f"{path}: cannot read it, the file is damaged ({type(exc).__name__}: {msg})") from exc
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise HnvmError(f"{path}: not a table hnvm wrote (missing column(s) {', '.join(missing)})")
+    return df
+
+
+def check_output_file(path: Path, flag: str, *, force: bool = False, inputs: tuple[Path, ...] = (),
+                      protected: tuple[Path, ...] = ()) -> None:
+    """Refuse an output file before any work: a directory, one of the command's `inputs` (even
+    with --force), an existing file inside a `protected` directory (the run's or dataset's own
+    files, even with --force), an existing file without `force`, or a destination under no
+    writable directory (missing parent folders are created when it is written)."""
+    path = Path(path)
+    if path.is_dir():
+        raise HnvmError(f"{flag} {path}: is a directory; give a file name")
+    target = path.resolve()
+    if any(target == Path(i).resolve() for i in inputs):
+        raise HnvmError(f"{flag} {path}: is the command's own input; write to another file")
+    if path.exists():
+        for d in protected:
+            if Path(d).resolve() in target.parents:
+                raise HnvmError(f"{flag} {path}: would replace a file of {d}; write elsewhere")
+        if not force:
+            raise HnvmError(f"{flag} {path}: exists (use --force to replace it)")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise HnvmError(f"{flag} {path}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise HnvmError(f"{flag} {path}: {parent} is not writable")
+
+
 @dataclass
 class Dataset:
     """A prepared dataset held in memory (polars frames)."""
@@ -148,10 +196,7 @@ class Dataset:
                 f"{meta.get('format_version')!r} is not supported (expected {FORMAT} version "
                 f"{FORMAT_VERSION}); re-run `hnvm prepare`"
             )
-        try:
-            events = pl.read_parquet(path / "events.parquet")
-            items = pl.read_parquet(path / "items.parquet")
-            users = pl.read_parquet(path / "users.parquet")
-        except Exception as exc:
-            raise HnvmError(f"{path}: cannot read dataset files ({exc})") from exc
+        events = read_table(path / "events.parquet", EVENTS_COLUMNS)
+        items = read_table(path / "items.parquet", (*VOCAB_COLUMNS["items.parquet"], "train_count"))
+        users = read_table(path / "users.parquet", VOCAB_COLUMNS["users.parquet"])
         return cls(events=events, items=items, users=users, meta=meta, path=path)

@@ -194,14 +194,15 @@ class Engine:
         import polars as pl
 
         from hnvm.data.sessions import parse_duration
-        from hnvm.data.store import Dataset
+        from hnvm.data.store import VOCAB_COLUMNS, Dataset, read_table
         from hnvm.runs import load_run, vocab_digest
 
         run = Path(run)
         model, cfg = load_run(run)
         # ids are text, exactly as the vocabulary holds them (never re-typed: "007" is not "7")
-        items = pl.read_parquet(run / "items.parquet").sort("item").get_column("id").cast(pl.Utf8).to_list()
-        users = pl.read_parquet(run / "users.parquet").sort("user").get_column("id").cast(pl.Utf8).to_list()
+        items = read_table(run / "items.parquet", VOCAB_COLUMNS["items.parquet"]).sort("item")
+        users = read_table(run / "users.parquet", VOCAB_COLUMNS["users.parquet"]).sort("user")
+        items, users = (t.get_column("id").cast(pl.Utf8).to_list() for t in (items, users))
         path = Path(data) if data is not None else Path(cfg.get("dataset", {}).get("path", ""))
         history, gap = None, None
         if data is not None or path.is_dir():
