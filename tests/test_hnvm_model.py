@@ -243,11 +243,18 @@ def test_unknown_user_row_is_trained_and_seeded() -> None:
     off = HNVM(HNVMConfig(**SMALL, unknown_user_rate=0.0)).fit(ds, ds, train_cfg=tc)
     on = HNVM(HNVMConfig(**SMALL, unknown_user_rate=0.2)).fit(ds, ds, train_cfg=tc)
     again = HNVM(HNVMConfig(**SMALL, unknown_user_rate=0.2)).fit(ds, ds, train_cfg=tc)
-    assert HNVMConfig().unknown_user_rate > 0  # on by default
+    assert HNVMConfig().unknown_user_rate == 0  # the paper's training by default
     for name in USER_TABLES:
         start = getattr(init, name).weight[0]
-        assert torch.equal(getattr(off.net, name).weight[0], start), name  # 0 = untrained, as before
+        assert not torch.allclose(getattr(off.net, name).weight[0], start, atol=1e-4), name
         assert not torch.allclose(getattr(on.net, name).weight[0], start, atol=1e-4), name
+    # rate 0: row 0 is the moment-matched aggregate of the trained users' posteriors
+    mu, lv = off.net.e_post_mu.weight[1:], off.net.e_post_logvar.weight[1:]
+    torch.testing.assert_close(off.net.e_post_mu.weight[0], mu.mean(0))
+    torch.testing.assert_close(off.net.e_post_logvar.weight[0], (lv.exp().mean(0) + mu.var(0, unbiased=False)).log())
+    # the known users' rows are their own (trained), not the aggregate
+    for name in USER_TABLES:
+        assert not torch.equal(getattr(off.net, name).weight[1:], getattr(init, name).weight[1:]), name
     for (k, a), (_, b) in zip(on.net.state_dict().items(), again.net.state_dict().items(), strict=True):
         assert torch.equal(a, b), k  # a seed still gives one result
 
