@@ -105,7 +105,7 @@ def test_run_dir_evaluate_and_export(tmp_path: Path) -> None:
     import polars as pl
 
     ranks = pl.read_parquet(tmp_path / "ranks.parquet")
-    assert ranks.columns == ["user", "session", "position", "item", "rank"]
+    assert ranks.columns == ["user", "session", "position", "item", "rank", "user_id", "item_id"]
     assert ranks.height == res.n_targets
     # anyone can recompute the metrics from the exported ranks
     recall5 = (ranks.get_column("rank") <= 5).mean()
