@@ -396,9 +396,16 @@ def test_bad_existing_output_needs_force(tmp_path: Path) -> None:
             "--min-item-support", "1"]
     _cli_fails(args, "exists", "--force")
     assert (o / "keep.txt").read_text() == "mine"
+    # --force replaces a dataset, never a directory of other files
+    _cli_fails([*args, "--force"], "not a dataset")
+    assert (o / "keep.txt").read_text() == "mine"
+    (o / "keep.txt").unlink()
+    assert runner.invoke(app, args).exit_code == 2  # exists, even empty: --force
     r = runner.invoke(app, [*args, "--force"])
     assert r.exit_code == 0, r.output
-    assert (o / "meta.json").exists() and not (o / "keep.txt").exists()
+    r = runner.invoke(app, [*args, "--force"])  # and now a dataset: replaced
+    assert r.exit_code == 0, r.output
+    assert (o / "meta.json").exists()
 
 
 def test_bad_filters_leave_nothing(tmp_path: Path) -> None:

@@ -311,3 +311,93 @@ def test_unix_times_mixed_with_iso_dates_are_named(tmp_path: Path) -> None:
     src = _write(tmp_path / "a.csv", "user,item,ts\n1,a,2024-01-01T10:00:00\n1,b,1704103200\n")
     _fails(["prepare", str(src), "--columns", COLS, "--out", str(tmp_path / "d")],
            "row 3", "mix unix times and ISO-8601", "(row 2)", out=tmp_path / "d")
+
+
+def test_utf16_without_bom_utf16_in_gzip_and_utf32_are_named(tmp_path: Path) -> None:
+    text = "user,item,ts\nu1,a,1600000000\n"
+    cases = {"le.csv": text.encode("utf-16-le"), "gz.csv": gzip.compress(text.encode("utf-16")),
+             "u32.csv": text.encode("utf-32")}
+    needles = {"le.csv": "UTF-16 or UTF-32", "gz.csv": "UTF-16", "u32.csv": "UTF-32 text"}
+    for name, raw in cases.items():
+        (tmp_path / name).write_bytes(raw)
+        _fails(["prepare", str(tmp_path / name), "--columns", COLS, "--out", str(tmp_path / "d")], name,
+               needles[name], out=tmp_path / "d")
+
+
+def test_a_compact_date_among_unix_seconds_is_refused(tmp_path: Path) -> None:
+    rows = [f"1,{i % 3},{1_600_000_000 + i * 60}" for i in range(6)] + ["1,a,20200913"]
+    src = _write(tmp_path / "a.csv", "user,item,ts\n" + "\n".join(rows) + "\n")
+    _fails(["prepare", str(src), "--columns", COLS, "--out", str(tmp_path / "d")],
+           "row 8", "mix magnitudes", "--time-unit s", out=tmp_path / "d")
+    _, info = read_events_info(src, columns={"user": "user", "item": "item", "time": "ts"}, time_format="s")
+    assert info.time_unit == "s"
+
+
+# --------------------------------------------------------------------------- outputs that would destroy inputs
+
+def test_prepare_force_never_replaces_its_inputs_folder_a_run_or_another_directory(tmp_path: Path) -> None:
+    src = _zero_padded_log(tmp_path)
+    folder = tmp_path / "p"
+    folder.mkdir()
+    log = folder / "log.csv"
+    log.write_bytes(src.read_bytes())
+    args = ["--columns", COLS, "--min-item-support", "1", "--force"]
+    _fails(["prepare", str(log), "--out", str(folder), *args], "own input")
+    assert log.exists()
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "n.txt").write_text("mine")
+    _fails(["prepare", str(src), "--out", str(other), *args], "not a dataset")
+    assert (other / "n.txt").read_text() == "mine"
+    _ok(["prepare", str(src), "--out", str(tmp_path / "d"), *args[:-1]])
+    _ok(["train", str(tmp_path / "d"), "--model", "pop", "--out", str(tmp_path / "run")])
+    _fails(["prepare", str(src), "--out", str(tmp_path / "run"), *args], "run directory")
+    assert (tmp_path / "run" / "config.json").exists()
+    _ok(["prepare", str(src), "--out", str(tmp_path / "d"), *args])  # a dataset is replaced
+    r = runner.invoke(app, ["prepare", str(src), "--out", ".", *args])
+    assert r.exit_code == 2 and "working directory" in r.output
+
+
+def test_train_force_never_deletes_its_own_dataset(tmp_path: Path) -> None:
+    src = _zero_padded_log(tmp_path)
+    _ok(["prepare", str(src), "--columns", COLS, "--min-item-support", "1", "--out", str(tmp_path / "rp" / "ds")])
+    (tmp_path / "rp" / "config.json").write_text('{"format": "hnvm-run"}')
+    _fails(["train", str(tmp_path / "rp" / "ds"), "--model", "pop", "--out", str(tmp_path / "rp"), "--force"],
+           "own input")
+    assert (tmp_path / "rp" / "ds" / "events.parquet").exists()
+    _fails(["train", str(tmp_path / "rp" / "ds"), "--model", "pop", "--out", str(tmp_path / "rp" / "ds" / "r")],
+           "inside the dataset directory")
+
+
+def test_export_stays_out_of_runs_datasets_and_the_raw_log(tmp_path: Path) -> None:
+    src = _zero_padded_log(tmp_path)
+    _ok(["prepare", str(src), "--columns", COLS, "--min-item-support", "1", "--out", str(tmp_path / "d")])
+    _ok(["train", str(tmp_path / "d"), "--model", "pop", "--out", str(tmp_path / "run")])
+    run, d = tmp_path / "run", tmp_path / "d"
+    for dest in (run / "metrics.json", run / "best" / "x.parquet", d / "new.parquet"):
+        _fails(["evaluate", str(tmp_path / "run"), "--export-ranks", str(dest)], "--export-ranks")
+        assert not dest.exists()
+    before = src.read_bytes()
+    _fails(["evaluate", str(tmp_path / "run"), "--export-ranks", str(src), "--force"], "own input")
+    assert src.read_bytes() == before
+
+
+# --------------------------------------------------------------------------- damaged data set tables
+
+@pytest.mark.parametrize(("column", "value", "needle"), [("item", 999, "'item' outside"), ("split", "bogus", "'bogus'"),
+                                                          ("ts", None, "not integer")])
+def test_damaged_events_table_is_one_line(tmp_path: Path, column: str, value: object, needle: str) -> None:
+    src = _zero_padded_log(tmp_path)
+    d = tmp_path / "d"
+    _ok(["prepare", str(src), "--columns", COLS, "--min-item-support", "1", "--out", str(d)])
+    ev = pl.read_parquet(d / "events.parquet")
+    if column == "ts":
+        ev = ev.with_columns(ts=pl.col("ts").cast(pl.Float64))
+    elif column == "split":
+        ev = ev.with_columns(split=pl.col("split").cast(pl.Utf8).str.replace("train", value))
+    else:
+        ev = ev.with_columns(pl.lit(value, dtype=pl.Int32).alias(column))
+    ev.write_parquet(d / "events.parquet")
+    for cmd in (["stats", str(d)], ["train", str(d), "--model", "pop", "--out", str(tmp_path / "r")]):
+        _fails(cmd, "events.parquet", needle)
+    assert not (tmp_path / "r").exists()

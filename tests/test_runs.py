@@ -397,7 +397,7 @@ def test_export_never_replaces_the_runs_or_datasets_files(data: Path, tmp_path: 
     before_run, before_data = _snapshot(run), _snapshot(data)
     for dest in (data / "events.parquet", run / "metrics.json", run / "items.parquet"):
         _fails(["evaluate", str(run), "--export-ranks", str(dest), "--force"], "--export-ranks",
-               "would replace a file of")
+               "is inside")
     assert _snapshot(run) == before_run and _snapshot(data) == before_data
     # another existing file: only with --force
     other = tmp_path / "ranks.parquet"

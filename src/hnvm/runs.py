@@ -30,7 +30,7 @@ import polars as pl
 from hnvm import distributed
 from hnvm.config import apply_overrides, as_dict, build, load_toml
 from hnvm.data.batches import Sequences
-from hnvm.data.store import Dataset, check_output_file, write_json
+from hnvm.data.store import Dataset, check_output_dir, check_output_file, write_json
 from hnvm.errors import ConfigError, HnvmError
 from hnvm.evaluate import EvalResult, evaluate_next_item, evaluate_next_session, export_ranks
 from hnvm.models.base import Recommender, get_model_class, load_model
@@ -261,6 +261,8 @@ def train_run(
     if resume and force:
         raise HnvmError("give --resume (continue the run) or --force (replace it), not both")
     rc = resolve_config(model, config_path, overrides or [])
+    # never the dataset's folder (nor one holding it), a dataset, or a place inside one
+    check_output_dir(out, "--out", inputs=(Path(dataset),), may_be=("run",))
     ctx = distributed.context(rc.train.device)  # joins torchrun's process group, if any
     ds = Dataset.load(dataset)
     cfg_json = {
@@ -335,6 +337,12 @@ def _with_original_ids(res: EvalResult, ds: Dataset) -> EvalResult:
     return dataclasses.replace(res, ranks=ranks)
 
 
+def _sources(ds: Dataset) -> tuple[Path, ...]:
+    """The raw log a data set was prepared from, if its meta.json names one."""
+    src = ds.meta.get("source", {}).get("path") if isinstance(ds.meta.get("source"), dict) else None
+    return (Path(src),) if isinstance(src, str) and src else ()
+
+
 def _read_metrics(run: Path) -> dict[str, Any]:
     mpath = run / "metrics.json"
     if not mpath.exists():
@@ -369,9 +377,9 @@ def evaluate_run(
     model, cfg = load_run(run)
     _read_metrics(run)  # a damaged metrics.json stops us before the evaluation, not after
     data_path = Path(data) if data is not None else Path(cfg["dataset"]["path"])
-    if export is not None:  # an existing export needs `force`; the run's and data's files never go
-        check_output_file(export, "--export-ranks", force=force, protected=(run, data_path))
     ds = Dataset.load(data_path)
+    if export is not None:  # an existing export needs `force`; the run's and data's files never go
+        check_output_file(export, "--export-ranks", force=force, protected=(run, data_path), inputs=_sources(ds))
     check_dataset(run, cfg, ds, data_path)
     if ctx.device.type != "cpu" and callable(getattr(model, "to", None)):
         model.to(ctx.device)  # type: ignore[attr-defined]

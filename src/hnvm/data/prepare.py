@@ -20,7 +20,7 @@ from hnvm.data.splits import (
     split_time,
     split_user_last,
 )
-from hnvm.data.store import FORMAT, FORMAT_VERSION, Dataset
+from hnvm.data.store import FORMAT, FORMAT_VERSION, Dataset, check_output_dir, kind_of_dir
 from hnvm.errors import HnvmError, InputError
 
 log = logging.getLogger(__name__)
@@ -190,8 +190,13 @@ def prepare(
     cfg = config or preset_config(preset)
     cfg.validate()
     input_path, out = Path(input_path), Path(out)
+    # --force replaces a dataset (or an empty directory), never the input's folder, a run or
+    # some other directory
+    check_output_dir(out, "--out", inputs=(input_path,), may_be=("dataset",))
     if out.exists() and not force:
         raise HnvmError(f"{out}: output directory exists (use --force to replace it)")
+    if out.is_dir() and kind_of_dir(out) is None and any(out.iterdir()):
+        raise HnvmError(f"--out {out}: a directory that is not a dataset; --force replaces only datasets")
     raw, info = read_events_info(input_path, preset=preset, columns=columns, time_format=time_unit)
     source = {
         "path": str(input_path),

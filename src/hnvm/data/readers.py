@@ -207,6 +207,8 @@ _MAGIC = (
     (b"BZh", "bzip2"),
     (b"\xfd7zXZ\x00", "xz"),
     (b"PK\x03\x04", "zip"),
+    (b"\xff\xfe\x00\x00", "UTF-32"),
+    (b"\x00\x00\xfe\xff", "UTF-32"),
     (b"\xff\xfe", "UTF-16"),
     (b"\xfe\xff", "UTF-16"),
 )
@@ -254,8 +256,8 @@ def _read_raw(path: Path, preset: Preset | None) -> tuple[pl.DataFrame, bool]:
     if kind in ("bzip2", "xz", "zip"):
         raise InputError(f"the file is {kind}-compressed, which is not read directly; decompress it "
                          "(gzip and zstd are read as they are)", path=path)
-    if kind == "UTF-16":
-        raise InputError("the file is UTF-16 text; save it as UTF-8 (e.g. iconv -f UTF-16 -t UTF-8)", path=path)
+    if kind in ("UTF-16", "UTF-32"):
+        raise InputError(f"the file is {kind} text; save it as UTF-8 (e.g. iconv -f {kind} -t UTF-8)", path=path)
     if kind == "gzip":
         with gzip.open(path, "rb") as fh:
             try:
@@ -276,6 +278,9 @@ def _read_raw(path: Path, preset: Preset | None) -> tuple[pl.DataFrame, bool]:
     first = _first_line(path, kind)
     if not first.strip():
         raise InputError("file is empty (first line is blank)", path=path)
+    if "\x00" in first:  # UTF-16/32 without a byte-order mark (or inside gzip): every other byte is NUL
+        raise InputError("the file looks like UTF-16 or UTF-32 text (NUL bytes in its first line); save it "
+                         "as UTF-8", path=path)
     header = preset.header if preset else True
     names = list(preset.names) if preset and preset.names else None
     if preset and preset.name == "movielens" and "::" in first:
@@ -377,6 +382,19 @@ def _unit_of(x: pl.Series) -> pl.Series:
     return pl.DataFrame({"a": a}).select(expr.otherwise(pl.lit("ns")).alias("unit")).to_series()
 
 
+def _refuse_mixed_seconds(x: pl.Series, col: pl.Series, path: Path, name: str, header: bool) -> None:
+    """Unix seconds before 1973 (< 1e8) beside ones after 2001 (>= 1e9) in one column are two
+    clocks (e.g. a compact date 20200913 among unix times), not one log spanning 28 years."""
+    a = x.abs()
+    small, large = a < 1e8, a >= 1e9
+    if not (small.any() and large.any()):
+        return
+    i = int((small if bool(large[0]) else large).arg_true()[0])
+    raise InputError(f"timestamps mix magnitudes: {col[i]!r} and {col[0]!r} (row {_line_of(0, header)}) cannot both "
+                     "be unix seconds of one log (a date such as 20200913 among unix times?); fix the row, or "
+                     "state --time-unit s to accept them", path=path, row=_line_of(i, header), column=name)
+
+
 def _to_seconds(
     col: pl.Series, fmt: str, path: Path, name: str, header: bool
 ) -> tuple[pl.Series, pl.Series, str]:
@@ -440,6 +458,8 @@ def _to_seconds(
                     f"(row {_line_of(0, header)}) looks like {first}; state the unit with --time-unit "
                     "s|ms|us|ns", path=path, row=_line_of(i, header), column=name)
             unit = first
+            if unit == "s":
+                _refuse_mixed_seconds(x, col, path, name, header)
         scale = _SCALE[unit]
         if x.dtype.is_float():
             ts = (x / scale).floor().cast(pl.Int64)

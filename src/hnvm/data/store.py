@@ -24,7 +24,7 @@ from typing import Any
 
 import polars as pl
 
-from hnvm.data.splits import next_item_targets, next_session_targets
+from hnvm.data.splits import SPLIT_DTYPE, next_item_targets, next_session_targets
 from hnvm.errors import HnvmError
 
 FORMAT = "hnvm-dataset"
@@ -104,24 +104,74 @@ def read_table(path: Path, columns: tuple[str, ...]) -> pl.DataFrame:
     return df
 
 
+def kind_of_dir(path: Path) -> str | None:
+    """'dataset' (made by prepare), 'run' (made by train) or None, by the `format` their JSON
+    marker file records (a damaged marker still marks the directory as ours)."""
+    for name, fmt, kind in (("meta.json", FORMAT, "dataset"), ("config.json", "hnvm-run", "run")):
+        f = Path(path) / name
+        if not f.is_file():
+            continue
+        try:
+            found = json.loads(f.read_text(encoding="utf-8")).get("format")
+        except (OSError, ValueError, AttributeError):
+            found = None if name == "config.json" else fmt  # unreadable: ours only beside our tables
+            if name == "meta.json" and not (Path(path) / "events.parquet").exists():
+                found = None
+        if found == fmt:
+            return kind
+    return None
+
+
+def _managed_dir_above(target: Path) -> Path | None:
+    """The nearest dataset or run directory holding `target` (resolved), if any."""
+    return next((d for d in target.parents if kind_of_dir(d) is not None), None)
+
+
+def check_output_dir(path: Path, flag: str, *, inputs: tuple[Path, ...] = (), may_be: tuple[str, ...] = ()) -> None:
+    """Refuse an output directory before any work: a file, a directory holding (or being) one of
+    the command's `inputs`, a dataset or run directory unless its kind is in `may_be`, and a
+    place inside a dataset or run directory. (Whether an existing one may be replaced or resumed
+    is the command's own rule.)"""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise HnvmError(f"{flag} {path}: is a file, not a directory")
+    target = path.resolve()
+    cwd = Path.cwd().resolve()
+    if target == cwd or target in cwd.parents:
+        raise HnvmError(f"{flag} {path}: holds the working directory; name a directory to create")
+    for i in inputs:
+        src = Path(i).resolve()
+        if src == target or target in src.parents:
+            raise HnvmError(f"{flag} {path}: holds the command's own input {i}; write elsewhere")
+    kind = kind_of_dir(target) if target.is_dir() else None
+    if kind is not None and kind not in may_be:
+        raise HnvmError(f"{flag} {path}: is a {kind} directory; write elsewhere")
+    above = _managed_dir_above(target)
+    if above is not None:
+        raise HnvmError(f"{flag} {path}: is inside the {kind_of_dir(above)} directory {above}; write elsewhere")
+
+
 def check_output_file(path: Path, flag: str, *, force: bool = False, inputs: tuple[Path, ...] = (),
                       protected: tuple[Path, ...] = ()) -> None:
     """Refuse an output file before any work: a directory, one of the command's `inputs` (even
-    with --force), an existing file inside a `protected` directory (the run's or dataset's own
-    files, even with --force), an existing file without `force`, or a destination under no
-    writable directory (missing parent folders are created when it is written)."""
+    with --force), any place inside a `protected` directory or another dataset or run directory
+    (their files are theirs: even a new file there could shadow one they write later), an
+    existing file without `force`, or a destination under no writable directory (missing parent
+    folders are created when it is written)."""
     path = Path(path)
     if path.is_dir():
         raise HnvmError(f"{flag} {path}: is a directory; give a file name")
     target = path.resolve()
     if any(target == Path(i).resolve() for i in inputs):
         raise HnvmError(f"{flag} {path}: is the command's own input; write to another file")
-    if path.exists():
-        for d in protected:
-            if Path(d).resolve() in target.parents:
-                raise HnvmError(f"{flag} {path}: would replace a file of {d}; write elsewhere")
-        if not force:
-            raise HnvmError(f"{flag} {path}: exists (use --force to replace it)")
+    for d in protected:
+        if Path(d).resolve() in target.parents:
+            raise HnvmError(f"{flag} {path}: is inside {d}, whose files are its own; write elsewhere")
+    above = _managed_dir_above(target)
+    if above is not None:
+        raise HnvmError(f"{flag} {path}: is inside the {kind_of_dir(above)} directory {above}; write elsewhere")
+    if path.exists() and not force:
+        raise HnvmError(f"{flag} {path}: exists (use --force to replace it)")
     parent = path.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
@@ -129,6 +179,36 @@ def check_output_file(path: Path, flag: str, *, force: bool = False, inputs: tup
         raise HnvmError(f"{flag} {path}: {parent} is not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise HnvmError(f"{flag} {path}: {parent} is not writable")
+
+
+def _check_events(path: Path, ev: pl.DataFrame, n_items: int, n_users: int) -> None:
+    """The invariants every reader of events.parquet relies on (one pass of min/max/null counts):
+    integer columns without nulls, ids in range, known split names. A one-line HnvmError names
+    the file and column otherwise."""
+    for col in ("user", "session", "item", "ts", "pos"):
+        if not ev.schema[col].is_integer():
+            raise HnvmError(f"{path}: column '{col}' is {ev.schema[col]}, not integer; re-run `hnvm prepare`")
+    split = ev.get_column("split").cast(pl.Utf8)
+    stats = ev.select(
+        *(pl.col(c).null_count().alias(f"{c}_nulls") for c in ("user", "session", "item", "ts", "pos")),
+        pl.col("user").min().alias("user_min"), pl.col("user").max().alias("user_max"),
+        pl.col("item").min().alias("item_min"), pl.col("item").max().alias("item_max"),
+        pl.col("session").min().alias("session_min"), pl.col("pos").min().alias("pos_min"),
+    ).row(0, named=True)
+    problems = [f"'{c}' has missing values" for c in ("user", "session", "item", "ts", "pos")
+                if stats[f"{c}_nulls"]]
+    if ev.height:
+        if not 1 <= stats["user_min"] <= stats["user_max"] <= n_users:
+            problems.append(f"'user' outside 1..{n_users}")
+        if not 1 <= stats["item_min"] <= stats["item_max"] <= n_items:
+            problems.append(f"'item' outside 1..{n_items}")
+        if stats["session_min"] < 0 or stats["pos_min"] < 0:
+            problems.append("negative 'session' or 'pos'")
+    bad = split.filter(~split.is_in(["train", "valid", "test"]) | split.is_null())
+    if bad.len():
+        problems.append(f"'split' value {bad[0]!r} (expected train, valid or test)")
+    if problems:
+        raise HnvmError(f"{path}: damaged events table ({'; '.join(problems)}); re-run `hnvm prepare`")
 
 
 @dataclass
@@ -199,4 +279,7 @@ class Dataset:
         events = read_table(path / "events.parquet", EVENTS_COLUMNS)
         items = read_table(path / "items.parquet", (*VOCAB_COLUMNS["items.parquet"], "train_count"))
         users = read_table(path / "users.parquet", VOCAB_COLUMNS["users.parquet"])
+        _check_events(path / "events.parquet", events, items.height, users.height)
+        if events.schema["split"] != SPLIT_DTYPE:  # e.g. written by another tool as text
+            events = events.with_columns(split=pl.col("split").cast(pl.Utf8).cast(SPLIT_DTYPE))
         return cls(events=events, items=items, users=users, meta=meta, path=path)
