@@ -258,8 +258,8 @@ def test_batch_output_never_replaces_its_input_or_the_runs_files(run_dir: Path, 
     csv = tmp_path / "in.csv"
     csv.write_text("user\nnewbie\n")
     before = {f: f.read_bytes() for f in run_dir.rglob("*") if f.is_file()}
-    for out, message in [(csv, "own input"), (run_dir / "items.parquet", "would replace a file of"),
-                         (run_dir / "config.json", "would replace a file of")]:
+    for out, message in [(csv, "own input"), (run_dir / "items.parquet", "is inside"),
+                         (run_dir / "config.json", "is inside")]:
         with pytest.raises(HnvmError, match=message):
             recommend_batch(run_dir, csv, out, force=True)
     assert csv.read_text() == "user\nnewbie\n"

@@ -16,6 +16,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ import torch
 from hnvm import report
 from hnvm.config import as_dict
 from hnvm.data.batches import Sequences
-from hnvm.data.store import Dataset, write_json
+from hnvm.data.store import Dataset, check_output_dir, write_json
 from hnvm.errors import HnvmError
 from hnvm.metrics import DEFAULT_KS, pad_item_sets, per_user_session_rank_metrics
 from hnvm.runs import data_digest, evaluate_run, train_digest, train_run
@@ -88,13 +89,51 @@ def _augment(ranks: pl.DataFrame, seq: Sequences, task: str) -> pl.DataFrame:
     return ranks
 
 
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+# fields of a model's entry in results.json: (check, what it must be); the first five are required
+_ENTRY_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "metrics": (lambda v: isinstance(v, dict) and all(isinstance(k, str) and _is_number(x) for k, x in v.items()),
+                "an object of numbers"),
+    "untuned": (lambda v: isinstance(v, bool), "true or false"),
+    "n_targets": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "a count"),
+    "train_s": (_is_number, "a number"),
+    "eval_s": (_is_number, "a number"),
+    "model": (lambda v: isinstance(v, str), "a model name"),
+    "config": (lambda v: v is None or isinstance(v, str), "a path or null"),
+    "overrides": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of settings"),
+    "resolved": (lambda v: isinstance(v, dict), "an object"),
+    "data": (lambda v: isinstance(v, dict), "an object"),
+    "include_first": (lambda v: isinstance(v, bool), "true or false"),
+}
+_REQUIRED = ("metrics", "untuned", "n_targets", "train_s", "eval_s")
+
+
+def _check_results(res: Any) -> None:
+    """The structure every reader of results.json relies on; ValueError naming the first bad field."""
+    if not isinstance(res, dict) or not isinstance(res.get("models"), dict):
+        raise ValueError("not a results object")
+    if "include_first" in res and not isinstance(res["include_first"], bool):
+        raise ValueError("include_first is not true or false")
+    for name, entry in res["models"].items():
+        if not isinstance(entry, dict):
+            raise ValueError(f"models.{name} is not an object")
+        for key, (ok, what) in _ENTRY_FIELDS.items():
+            if key not in entry:
+                if key in _REQUIRED:
+                    raise ValueError(f"models.{name}.{key} is missing")
+            elif not ok(entry[key]):
+                raise ValueError(f"models.{name}.{key} is not {what}")
+
+
 def _load_results(path: Path, dataset: Path, task: str) -> dict[str, Any]:
     if not path.exists():
         return {"dataset": str(dataset), "task": task, "models": {}}
     try:
         res = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(res, dict) or not isinstance(res.get("models"), dict):
-            raise ValueError("not a results object")
+        _check_results(res)
     except (OSError, ValueError) as exc:
         raise HnvmError(f"{path}: damaged results file ({' '.join(str(exc).split())}); move it away to "
                         "redo the benchmark in this --out") from exc
@@ -102,6 +141,81 @@ def _load_results(path: Path, dataset: Path, task: str) -> dict[str, Any]:
         raise HnvmError(f"{path}: holds a benchmark of {res.get('dataset')} ({res.get('task')}); "
                         "use another --out for a different dataset or task")
     return res
+
+
+@dataclass
+class _Plan:
+    """What one task of a benchmark will do, checked before anything is trained or written."""
+
+    dataset: Path
+    ds: Dataset
+    task: str
+    out: Path
+    runs: Path
+    results: dict[str, Any]
+    models: list[tuple[str, str, Path | None, list[str], dict[str, Any]]]
+    include_first: bool
+    show_progress: bool
+    say: Callable[[str], None]
+
+
+def _check_dir(path: Path, flag: str) -> None:
+    if path.exists() and not path.is_dir():
+        raise HnvmError(f"{flag} {path}: is a file, not a directory; move it away or use another --out")
+
+
+def _plan(
+    dataset: str | Path,
+    models: list[str],
+    task: str,
+    out: str | Path,
+    overrides: list[str] | None = None,
+    epochs: int | None = None,
+    on_step: Callable[[str], None] | None = None,
+    show_progress: bool = False,
+    include_first: bool = False,
+    *,
+    runs_dir: str | Path | None = None,
+    tuned_dir: str | Path | None = None,
+    model_overrides: dict[str, list[str]] | None = None,
+    ds: Dataset | None = None,
+) -> _Plan:
+    """Everything of `run_benchmark` that can refuse, before anything is trained or written."""
+    if task not in TASKS:
+        raise HnvmError(f"--task must be one of {', '.join(TASKS)}")
+    dataset, out = Path(dataset).resolve(), Path(out)
+    check_output_dir(out, "--out", inputs=(dataset,))
+    runs = Path(runs_dir) if runs_dir is not None else out / "runs"
+    tuned_root = Path(tuned_dir) if tuned_dir is not None else out / "tuned"
+    for d in (runs, out / "ranks"):
+        _check_dir(d, "--out")
+    ds = ds if ds is not None else Dataset.load(dataset)
+    targets = ds.next_item_targets("test", include_first) if task == "next-item" else ds.next_session_targets("test")
+    if targets.height == 0:
+        first = " (positions >= 2; --include-first adds position 1)" if task == "next-item" and not \
+            include_first else ""
+        raise HnvmError(f"{dataset}: the test split has no {task} targets{first}; nothing to benchmark")
+    results = _load_results(out / "results.json", dataset, task)
+    extra = list(overrides or []) + ([f"train.epochs={epochs}"] if epochs is not None else [])
+    # every model's settings resolve (or refuse) before anything is trained or written
+    plan = []
+    for name in models:
+        base, ablation = ABLATIONS.get(name, (name, []))
+        # OUT/tuned/MODEL.toml, or the best.toml that `hnvm tune --out OUT/tuned/MODEL` writes
+        candidates = [tuned_root / f"{n}.toml" for n in (name, base)]
+        candidates += [tuned_root / n / "best.toml" for n in (name, base)]
+        tuned = next((p for p in candidates if p.exists()), None)
+        settings = extra + list((model_overrides or {}).get(name, [])) + ablation
+        try:
+            resolved = _resolved(base, tuned, settings)
+        except HnvmError as exc:
+            raise HnvmError(f"{name}: {exc}") from exc
+        plan.append((name, base, tuned, settings, resolved))
+        _check_dir(runs / name, "--out")
+        if (out / "ranks" / f"{name}.parquet").is_dir():
+            raise HnvmError(f"--out {out}: {out / 'ranks' / f'{name}.parquet'} is a directory; move it away")
+    return _Plan(dataset, ds, task, out, runs, results, plan, include_first, show_progress,
+                 on_step or (lambda _msg: None))
 
 
 def run_benchmark(
@@ -124,30 +238,15 @@ def run_benchmark(
 
     `runs_dir` / `tuned_dir` default to OUT/runs and OUT/tuned; `model_overrides` adds per-model
     settings after the shared `overrides` (the demo's short schedules)."""
-    if task not in TASKS:
-        raise HnvmError(f"--task must be one of {', '.join(TASKS)}")
-    say = on_step or (lambda _msg: None)
-    dataset, out = Path(dataset).resolve(), Path(out)
-    runs = Path(runs_dir) if runs_dir is not None else out / "runs"
-    tuned_root = Path(tuned_dir) if tuned_dir is not None else out / "tuned"
-    ds = Dataset.load(dataset)
+    return _execute(_plan(dataset, models, task, out, overrides, epochs, on_step, show_progress, include_first,
+                          runs_dir=runs_dir, tuned_dir=tuned_dir, model_overrides=model_overrides))
+
+
+def _execute(p: _Plan) -> dict[str, Any]:
+    """Train (or reuse), evaluate and report every model of a checked plan."""
+    dataset, ds, task, out, runs, results, say = p.dataset, p.ds, p.task, p.out, p.runs, p.results, p.say
+    include_first, show_progress, n_models = p.include_first, p.show_progress, len(p.models)
     res_path = out / "results.json"
-    results = _load_results(res_path, dataset, task)
-    extra = list(overrides or []) + ([f"train.epochs={epochs}"] if epochs is not None else [])
-    # every model's settings resolve (or refuse) before anything is trained or written
-    plan = []
-    for name in models:
-        base, ablation = ABLATIONS.get(name, (name, []))
-        # OUT/tuned/MODEL.toml, or the best.toml that `hnvm tune --out OUT/tuned/MODEL` writes
-        candidates = [tuned_root / f"{n}.toml" for n in (name, base)]
-        candidates += [tuned_root / n / "best.toml" for n in (name, base)]
-        tuned = next((p for p in candidates if p.exists()), None)
-        settings = extra + list((model_overrides or {}).get(name, [])) + ablation
-        try:
-            resolved = _resolved(base, tuned, settings)
-        except HnvmError as exc:
-            raise HnvmError(f"{name}: {exc}") from exc
-        plan.append((name, base, tuned, settings, resolved))
     runs.mkdir(parents=True, exist_ok=True)
     (out / "ranks").mkdir(parents=True, exist_ok=True)
     seq = Sequences.from_events(ds.events, ds.n_users)
@@ -156,7 +255,7 @@ def run_benchmark(
     # events for the run) and, for next-item, whether first positions are scored
     data_ref = {"path": str(dataset), "sha256": data_digest(ds), "train_sha256": train_digest(ds)}
     first = include_first if task == "next-item" else False
-    for i, (name, base, tuned, settings, resolved) in enumerate(plan, 1):
+    for i, (name, base, tuned, settings, resolved) in enumerate(p.models, 1):
         run_dir, ranks_path = runs / name, out / "ranks" / f"{name}.parquet"
         train_s = _reusable_run(run_dir, resolved, data_ref)
         prev = results["models"].get(name) or {}
@@ -164,20 +263,20 @@ def run_benchmark(
         # run_dir; anything else (other epochs, a re-prepared data set, --include-first) redoes it
         if (train_s is not None and ranks_path.exists() and prev.get("resolved") == resolved
                 and prev.get("data") == data_ref and prev.get("include_first", False) == first):
-            say(f"[{i}/{len(models)}] {name}: already done, skipped")
+            say(f"[{i}/{n_models}] {name}: already done, skipped")
             continue
         if prev:
-            say(f"[{i}/{len(models)}] {name}: settings or data differ from the recorded result, redoing it")
+            say(f"[{i}/{n_models}] {name}: settings or data differ from the recorded result, redoing it")
         if train_s is not None:
-            say(f"[{i}/{len(models)}] {name}: reusing the trained run in {run_dir}")
+            say(f"[{i}/{n_models}] {name}: reusing the trained run in {run_dir}")
         else:
-            say(f"[{i}/{len(models)}] training {name}" + ("" if tuned else " (untuned defaults)"))
+            say(f"[{i}/{n_models}] training {name}" + ("" if tuned else " (untuned defaults)"))
             t0 = time.perf_counter()
             train_run(dataset, base, run_dir, config_path=tuned, overrides=settings, force=True,
                       show_progress=show_progress)
             train_s = time.perf_counter() - t0
             write_json(run_dir / "train_time.json", {"train_s": round(train_s, 2)})
-        say(f"[{i}/{len(models)}] evaluating {name}")
+        say(f"[{i}/{n_models}] evaluating {name}")
         t0 = time.perf_counter()
         ev = evaluate_run(run_dir, task=task, export=ranks_path, include_first=include_first, force=True)
         eval_s = time.perf_counter() - t0
@@ -195,7 +294,7 @@ def run_benchmark(
         }
         write_json(res_path, results)
         log.info("%s: %s", name, {k: round(v, 4) for k, v in ev.metrics.items() if k.endswith("@5")})
-    done = {n: results["models"][n] for n in models if n in results["models"]}
+    done = {n: results["models"][n] for n, *_ in p.models if n in results["models"]}
     files = _write_reports(out, done, task)
     write_json(res_path, results)
     return {**results, "significance": json.loads((out / "significance.json").read_text()), "files": files}
@@ -250,13 +349,14 @@ def run_benchmarks(
                                     include_first, tuned_dir=tuned_dir, model_overrides=model_overrides)}
     out = Path(out)
     say = on_step or (lambda _msg: None)
-    res = {}
-    for t in TASKS:
-        res[t] = run_benchmark(dataset, models, t, out / t, overrides, epochs, lambda m, t=t: say(f"{t}: {m}"),
-                               show_progress, include_first, runs_dir=out / "runs",
-                               tuned_dir=tuned_dir if tuned_dir is not None else out / "tuned",
-                               model_overrides=model_overrides)
-    return res
+    check_output_dir(out, "--out", inputs=(Path(dataset),))
+    ds = Dataset.load(dataset)
+    # both tasks are checked (results files, settings, targets) before either trains anything
+    plans = [_plan(dataset, models, t, out / t, overrides, epochs, lambda m, t=t: say(f"{t}: {m}"),
+                   show_progress, include_first, runs_dir=out / "runs",
+                   tuned_dir=tuned_dir if tuned_dir is not None else out / "tuned",
+                   model_overrides=model_overrides, ds=ds) for t in TASKS]
+    return {p.task: _execute(p) for p in plans}
 
 
 def _significance(out: Path, done: dict[str, Any], task: str) -> dict[str, Any]:

@@ -26,7 +26,10 @@ import itertools
 import logging
 import math
 import os
+import re
+import sqlite3
 import time
+import urllib.parse
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +37,7 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from hnvm.config import apply_overrides, as_dict, load_toml
+from hnvm.data.store import check_output_dir
 from hnvm.errors import HnvmError
 
 log = logging.getLogger(__name__)
@@ -225,6 +229,78 @@ def trials_csv(study: Any, names: list[str]) -> str:
     return buf.getvalue()
 
 
+# ----------------------------------------------------------------------------- the output folder
+
+OUTPUTS = ("optuna.db", "best.toml", "trials.csv")
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def _studies_in(db: Path, flag: str) -> list[str]:
+    """The study names in an existing optuna.db, read without changing it; anything that is not
+    an Optuna SQLite study database (a text file, a damaged or foreign database) is refused."""
+    bad = f"{flag}: {db} is not an Optuna study database"
+    hint = "; move it away or tune into another --out"
+    try:
+        with open(db, "rb") as fh:
+            head = fh.read(len(_SQLITE_MAGIC))
+    except OSError as exc:
+        raise HnvmError(f"{bad} ({exc.strerror or exc}){hint}") from None
+    if not head:
+        return []  # an empty file is an empty SQLite database
+    if head != _SQLITE_MAGIC:
+        raise HnvmError(f"{bad} (not an SQLite file){hint}")
+    try:
+        conn = sqlite3.connect(f"file:{urllib.parse.quote(str(db.resolve()))}?mode=ro", uri=True)
+        try:
+            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if not tables:
+                return []
+            if "studies" not in tables:
+                raise HnvmError(f"{bad} (it holds other tables: {', '.join(sorted(tables)[:5])}){hint}")
+            return [r[0] for r in conn.execute("SELECT study_name FROM studies")]
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise HnvmError(f"{bad} (damaged: {exc}){hint}") from None
+
+
+def _toml_model(path: Path) -> str | None:
+    """The model a best.toml written by `tune` is for (its header), else None."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            first = fh.readline()
+    except (OSError, UnicodeDecodeError):
+        return None
+    m = re.match(r"# hnvm tune --model (\S+):", first)
+    return m.group(1) if m else None
+
+
+def check_tune_out(out: Path, model: str, *, inputs: tuple[Path, ...] = (), flag: str = "--out") -> None:
+    """Refuse `--out` before any trial: a file; a dataset or run directory, a place inside one or a
+    folder holding the command's inputs; outputs that are not files; an optuna.db that is not an
+    Optuna study database; a study (or best.toml) there of another model."""
+    out = Path(out)
+    check_output_dir(out, flag, inputs=inputs)
+    if not out.is_dir():
+        return
+    for name in OUTPUTS:
+        if (out / name).exists() and not (out / name).is_file():
+            raise HnvmError(f"{flag} {out}: {out / name} is not a file; move it away or tune into another --out")
+    db = out / "optuna.db"
+    studies = _studies_in(db, flag) if db.exists() else []
+    other = sorted(set(studies) - {model})
+    if other:
+        raise HnvmError(f"{flag} {out}: the study there is of another model ({', '.join(other)}), not {model}; "
+                        "tune into another --out")
+    toml_model = _toml_model(out / "best.toml") if (out / "best.toml").exists() else None
+    if toml_model is not None and toml_model != model:
+        raise HnvmError(f"{flag} {out}: its best.toml is of another model ({toml_model}), not {model}; "
+                        "tune into another --out")
+    if not db.exists() and any((out / n).exists() for n in OUTPUTS[1:]):
+        raise HnvmError(f"{flag} {out}: holds best.toml or trials.csv without their study optuna.db; "
+                        "move them away or tune into another --out")
+
+
 # ----------------------------------------------------------------------------- the search
 
 def tune(
@@ -248,6 +324,7 @@ def tune(
     reach a `hnvm.train.report_progress` reporter); `show_progress` is passed to the trials'
     Trainer. Nothing is printed."""
     import optuna
+    import sqlalchemy.exc
 
     from hnvm.data.batches import Sequences
     from hnvm.data.store import Dataset
@@ -263,19 +340,26 @@ def tune(
     fixed = frozenset(f"{s}.{k}" for s, vals in base.items() for k in vals)
     space = search_space(model, fixed)
     names = [p.name for p in space]
+    out = Path(out)
+    check_tune_out(out, model, inputs=(Path(dataset),) + ((Path(config_path),) if config_path else ()))
     ds = Dataset.load(dataset)
     seq = Sequences.from_events(ds.events, ds.n_users)
     if not len(seq.sessions_of("valid")):
         raise HnvmError(f"{dataset}: the dataset has no validation sessions to tune on")
 
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if not log.isEnabledFor(logging.INFO):
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(
-        storage=f"sqlite:///{out.resolve() / 'optuna.db'}", study_name=model, direction="maximize",
-        sampler=optuna.samplers.TPESampler(seed=seed), load_if_exists=True,
-        pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2))
+    db = out / "optuna.db"
+    try:
+        study = optuna.create_study(
+            storage=f"sqlite:///{db.resolve()}", study_name=model, direction="maximize",
+            sampler=optuna.samplers.TPESampler(seed=seed), load_if_exists=True,
+            pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2))
+    except (sqlalchemy.exc.SQLAlchemyError, RuntimeError, ValueError) as exc:  # a damaged or foreign study
+        msg = " ".join(str(exc).split())[:200]
+        raise HnvmError(f"--out {out}: cannot open the study {db} ({type(exc).__name__}: {msg}); "
+                        "move it away or tune into another --out") from exc
     if study.trials:  # resuming: a fresh seed, or the startup trials would repeat earlier ones
         study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials))
     # a study only resumes with the same data, base settings and search space
