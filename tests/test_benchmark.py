@@ -267,3 +267,95 @@ def test_benchmark_both_on_a_catalogue_smaller_than_k(tmp_path: Path) -> None:
     r = CliRunner().invoke(app, ["benchmark", str(data), "--models", "pop,ptopfreq", "--task", "both",
                                  "--out", str(tmp_path / "cli"), "--set", "train.epochs=1"])
     assert r.exit_code == 0 and r.exception is None, r.output
+
+
+def _tree(path: Path) -> dict[str, bytes]:
+    """Every file under `path` (or the file) with its bytes: 'nothing written or changed'."""
+    if path.is_file():
+        return {str(path): path.read_bytes()}
+    if not path.exists():
+        return {}
+    return {str(p): p.read_bytes() if p.is_file() else b"<dir>" for p in sorted(path.rglob("*"))}
+
+
+def _one_line_refusal(args: list[str], *needles: str) -> str:
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 2, r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit), r.output
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in r.output, r.output
+    for n in needles:
+        assert n in r.output, r.output
+    return r.output
+
+
+def test_benchmark_refuses_an_out_that_is_a_file_a_dataset_a_run_or_holds_the_data(data: Path, tmp_path: Path) -> None:
+    from hnvm.runs import train_run
+
+    run = tmp_path / "run"
+    train_run(data, "pop", run)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine\n")
+    holder = tmp_path / "holder"
+    synthetic_dataset(n_users=20, n_items=15, n_topics=2, seed=1).save(holder / "data")
+    cases = [(data, notes, "is a file"), (data, data, "own input"), (data, run, "is a run directory"),
+             (data, run / "bench", "inside the run directory"), (data, data / "bench", "inside the dataset"),
+             (holder / "data", holder, "own input")]
+    for ds, out, why in cases:
+        for task in ("next-item", "both"):
+            before = {**_tree(data), **_tree(run), **_tree(notes), **_tree(holder)}
+            _one_line_refusal(["benchmark", str(ds), "--models", "pop", "--task", task, "--out", str(out),
+                               "--set", "train.epochs=1"], "--out", why)
+            assert {**_tree(data), **_tree(run), **_tree(notes), **_tree(holder)} == before
+
+
+def test_benchmark_refuses_a_results_file_with_damaged_fields(data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    run_benchmark(data, ["pop"], "next-item", out, ["train.epochs=1"])
+    good = json.loads((out / "results.json").read_text())
+
+    def damage(res: dict, how: str) -> None:
+        if how == "metrics-not-object":
+            res["models"]["pop"]["metrics"] = "x"
+        elif how == "metric-not-number":
+            res["models"]["pop"]["metrics"]["mrr@5"] = "x"
+        elif how == "entry-not-object":
+            res["models"]["pop"] = 7
+        elif how == "missing-field":
+            del res["models"]["pop"]["n_targets"]
+        elif how == "bool-count":
+            res["models"]["pop"]["n_targets"] = True
+        elif how == "resolved-not-object":
+            res["models"]["pop"]["resolved"] = [1]
+
+    for how in ("metrics-not-object", "metric-not-number", "entry-not-object", "missing-field", "bool-count",
+                "resolved-not-object"):
+        res = json.loads(json.dumps(good))
+        damage(res, how)
+        (out / "results.json").write_text(json.dumps(res))
+        before = _tree(out)
+        _one_line_refusal(["benchmark", str(data), "--models", "pop", "--out", str(out), "--set", "train.epochs=1"],
+                          "damaged results file", "models.pop", "move it away")
+        assert _tree(out) == before, how
+        with pytest.raises(HnvmError, match="damaged results file"):
+            run_benchmark(data, ["pop"], "next-item", out, ["train.epochs=1"])
+
+
+def test_task_both_checks_both_results_files_before_any_training(data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    (out / "next-session").mkdir(parents=True)
+    for bad in ("{", json.dumps({"dataset": str(data.resolve()), "task": "next-session", "models": {"pop": 7}}),
+                json.dumps({"dataset": "/elsewhere", "task": "next-session", "models": {}})):
+        (out / "next-session" / "results.json").write_text(bad)
+        before = _tree(out)
+        _one_line_refusal(["benchmark", str(data), "--models", "pop", "--task", "both", "--out", str(out),
+                           "--set", "train.epochs=1"], "next-session")
+        assert _tree(out) == before  # no OUT/runs, no OUT/next-item
+    # a file where a task's folder goes: refused before training too
+    (out / "next-session" / "results.json").unlink()
+    (out / "next-session").rmdir()
+    (out / "next-session").write_text("x")
+    before = _tree(out)
+    _one_line_refusal(["benchmark", str(data), "--models", "pop", "--task", "both", "--out", str(out)],
+                      "is a file")
+    assert _tree(out) == before

@@ -264,3 +264,48 @@ def test_batch_output_never_replaces_its_input_or_the_runs_files(run_dir: Path, 
             recommend_batch(run_dir, csv, out, force=True)
     assert csv.read_text() == "user\nnewbie\n"
     assert {f: f.read_bytes() for f in run_dir.rglob("*") if f.is_file()} == before
+
+
+def test_batch_ambiguity_advice_fits_a_file_cell(named_run: Path, tmp_path: Path) -> None:
+    """A CSV cell cannot be repeated like a flag: the advice is a quoted JSON list, and following
+    it works; the flag keeps its own advice."""
+    import re
+
+    src = tmp_path / "in.csv"
+    src.write_text('user,session\nu5,"x,y"\n')
+    with pytest.raises(InputError) as exc:
+        recommend_batch(named_run, src, tmp_path / "o.parquet", k=3)
+    msg = str(exc.value)
+    assert "row 2, column 'session'" in msg and "ambiguous" in msg and "JSON list" in msg
+    assert "one item per row" not in msg and "per --session" not in msg
+    assert not (tmp_path / "o.parquet").exists()
+    cell = re.search(r"e\.g\. (\"\[.*\]\")", msg)
+    assert cell is not None, msg
+    src.write_text(f"user,session\nu5,{cell.group(1)}\n")  # the advice, followed literally
+    recommend_batch(named_run, src, tmp_path / "o.parquet", k=3)
+    assert pl.read_parquet(tmp_path / "o.parquet")["session_length"].unique().to_list() == [1]
+    with pytest.raises(HnvmError, match=r"give a JSON list \(e\.g\. \[\"x,y\"\]\) or one item per --session"):
+        parse_session("x,y", set(NAMED.values()))
+
+
+@pytest.mark.parametrize("prepare", [{"gap": [1]}, {"gap": "soon"}, {"gap": "inf"}, {"gap": "-5m"},
+                                     {"gap": None}, {"gap": True}, 7])
+def test_a_damaged_gap_in_meta_json_names_the_file_and_field(run_dir: Path, tmp_path: Path, prepare: object) -> None:
+    import json
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(run_dir.parent / "data", data)
+    meta = json.loads((data / "meta.json").read_text())
+    meta["prepare"] = {**meta.get("prepare", {}), **prepare} if isinstance(prepare, dict) else prepare
+    (data / "meta.json").write_text(json.dumps(meta))
+    before = {p: p.read_bytes() for p in data.rglob("*") if p.is_file()}
+    r = runner.invoke(app, ["recommend", str(run_dir), "--data", str(data), "--user", "nobody"])
+    assert r.exit_code == 2, r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit), r.output
+    assert r.output.startswith("error:") and r.output.strip().count("\n") == 0, r.output
+    field = "prepare.gap" if isinstance(prepare, dict) else "field prepare is not an object"
+    assert str(data / "meta.json") in r.output and field in r.output and "--gap:" not in r.output, r.output
+    with pytest.raises(HnvmError, match=r"meta\.json: field prepare"):
+        Engine.from_run(run_dir, data=data)
+    assert {p: p.read_bytes() for p in data.rglob("*") if p.is_file()} == before

@@ -621,3 +621,72 @@ def test_json_bodies_with_a_byte_order_mark_are_read(svc: TestClient) -> None:
     body = json.dumps({"user": "bom", "k": 2, "ts": 5.0}).encode("utf-8-sig")
     r = svc.post("/v1/recommend", content=body, headers={"content-type": "application/json"})
     assert r.status_code == 200 and r.json()["session_length"] == 1
+
+
+def _files(*roots: Path) -> dict[str, bytes]:
+    return {str(p): p.read_bytes() if p.is_file() else b"<dir>" for r in roots for p in sorted(r.rglob("*"))}
+
+
+def _serve_refused(args: list[str], *needles: str) -> None:
+    from typer.testing import CliRunner
+
+    from hnvm.cli import app
+
+    r = CliRunner().invoke(app, ["serve", *args, "--port", str(_free_port())])
+    assert r.exit_code == 2, r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit), r.output
+    assert r.output.startswith("error:") and r.output.strip().count("\n") == 0, r.output
+    for n in needles:
+        assert n in r.output, r.output
+
+
+def test_serve_db_inside_a_run_or_dataset_or_not_an_event_log_is_refused_leaving_nothing(
+        run_dir: Path, data_dir: Path, tmp_path: Path) -> None:
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine\n")
+    foreign = tmp_path / "other.sqlite"
+    with sqlite3.connect(foreign) as conn:
+        conn.execute("CREATE TABLE notes (x TEXT)")
+    cases = [(run_dir / "items.parquet", "inside the run directory"),
+             (run_dir / "metrics.json", "inside the run directory"),  # a new file there too
+             (run_dir / "logs" / "e.sqlite", "inside the run directory"),
+             (data_dir / "events.parquet", "inside the dataset directory"),
+             (data_dir / "e.sqlite", "inside the dataset directory"),
+             (notes, "is not an SQLite event log"),
+             (foreign, "SQLite database of something else"),
+             (tmp_path / "new" / "deeper" / "e.sqlite" / "x.sqlite", "")]  # parent is a file: below
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "deeper").write_text("a file, not a folder\n")
+    before = _files(run_dir, data_dir, tmp_path)
+    for db, why in cases:
+        _serve_refused([str(run_dir), "--db", str(db)], "--db", why)
+        with pytest.raises(HnvmError, match="--db"):
+            EventLog(db)
+        with pytest.raises(HnvmError, match="--db"):
+            Service.open(run_dir, db)
+        assert _files(run_dir, data_dir, tmp_path) == before, db  # no .lock, no SQLite file, no folder
+    # the normal restart: a new log elsewhere (its folder created), then reopened with its events
+    db = tmp_path / "logs" / "ev.sqlite"
+    log = EventLog(db)
+    log.append([Event("u", "i", 1.0, None)])
+    log.close()
+    again = EventLog(db)
+    assert again.count() == 1
+    again.close()
+
+
+def test_serve_damaged_gap_in_meta_json_names_the_file_not_the_flag(run_dir: Path, data_dir: Path,
+                                                                     tmp_path: Path) -> None:
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    meta = json.loads((data / "meta.json").read_text())
+    meta["prepare"] = {**(meta.get("prepare") or {}), "gap": [1]}
+    (data / "meta.json").write_text(json.dumps(meta))
+    db = tmp_path / "e.sqlite"
+    _serve_refused([str(run_dir), "--data", str(data), "--db", str(db)], str(data / "meta.json"), "prepare.gap")
+    assert not db.exists() and not (tmp_path / "e.sqlite.lock").exists()
+    with pytest.raises(HnvmError, match=r"meta\.json: field prepare\.gap \[1\]"):
+        Service.open(run_dir, db, data=data)
+    assert not db.exists()

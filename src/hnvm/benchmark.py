@@ -341,15 +341,17 @@ def run_benchmarks(
     *,
     tuned_dir: str | Path | None = None,
     model_overrides: dict[str, list[str]] | None = None,
+    data_in_out: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """`run_benchmark` for one task, or for `both` (OUT/next-item, OUT/next-session; one training
-    per model in OUT/runs, tuned configs from OUT/tuned). Returns {task: result}."""
+    per model in OUT/runs, tuned configs from OUT/tuned). Returns {task: result}. An OUT holding
+    the dataset is refused unless `data_in_out` (the demo keeps its data set in OUT by design)."""
     if task != BOTH:
         return {task: run_benchmark(dataset, models, task, out, overrides, epochs, on_step, show_progress,
                                     include_first, tuned_dir=tuned_dir, model_overrides=model_overrides)}
     out = Path(out)
     say = on_step or (lambda _msg: None)
-    check_output_dir(out, "--out", inputs=(Path(dataset),))
+    check_output_dir(out, "--out", inputs=() if data_in_out else (Path(dataset),))
     ds = Dataset.load(dataset)
     # both tasks are checked (results files, settings, targets) before either trains anything
     plans = [_plan(dataset, models, t, out / t, overrides, epochs, lambda m, t=t: say(f"{t}: {m}"),

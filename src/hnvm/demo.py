@@ -49,5 +49,6 @@ def run_demo(out: Path, *, models: list[str] | None = None, epochs: dict[str, in
     caps = DEMO_EPOCHS if epochs is None else epochs
     per_model = {m: [f"train.epochs={n}"] for m, n in caps.items()}
     results = run_benchmarks(data, models or all_models(), BOTH, out, on_step=say, show_progress=show_progress,
-                             tuned_dir=demo_config_dir(), model_overrides=per_model)
+                             tuned_dir=demo_config_dir(), model_overrides=per_model,
+                             data_in_out=True)
     return {"dataset": ds.meta["stats"], "results": results, "out": str(out)}

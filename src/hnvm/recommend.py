@@ -91,7 +91,7 @@ def parse_session(values: str | Sequence[str] | None, catalogue: Container[str] 
                 isinstance(a, str) and a.strip() in catalogue for a in alt):
             shown = ", ".join(repr(a) for a in alt[:5])
             raise HnvmError(f"{where}: {text!r} is ambiguous: it is one catalogue item and also the items "
-                            f"{shown}; give a JSON list (e.g. [{json.dumps(text)}]) or one item per {where}")
+                            f"{shown}; {_list_advice(where, [text])}")
         return [text]
     if text.startswith("["):
         try:
@@ -110,6 +110,17 @@ def parse_session(values: str | Sequence[str] | None, catalogue: Container[str] 
         raise HnvmError(f"{where}: {text!r} starts with '[' but is neither a JSON list of strings ({why}) nor "
                         'a catalogue item id; write e.g. ["a", "b, c"]')
     return _cap(parse_items(text), where, max_items)
+
+
+def _list_advice(where: str, example: Sequence[str] | None = None) -> str:
+    """How to give item ids that hold commas, blanks or brackets: a flag can be repeated (one item
+    per flag); a file cell cannot, so there it is a JSON list (quoted as a CSV field)."""
+    if where.startswith("-"):
+        shown = f" (e.g. {json.dumps(list(example))})" if example else ""
+        return f"give a JSON list{shown} or one item per {where}"
+    cell = json.dumps(list(example) if example else ["a", "b, c"])
+    quoted = '"' + cell.replace('"', '""') + '"'
+    return f"give the cell a JSON list of strings, written as a quoted CSV field, e.g. {quoted}"
 
 
 def _cap(items: list[str], where: str, max_items: int) -> list[str]:
@@ -140,7 +151,7 @@ def _unknown_session_message(session: Sequence[str], unknown: Sequence[str], whe
     shown = ", ".join(repr(u) for u in unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
     return (f"{where}: none of the {len(session)} session item(s) is in the run's catalogue (unknown: {shown}); "
             "the recommendations would silently be for the next session instead: give known item ids "
-            f"(ids with commas or blanks: one per {where}, or a JSON list), or leave the session out")
+            f"(ids with commas or blanks: {_list_advice(where)}), or leave the session out")
 
 
 def recommend_user(run: str | Path | Engine, user: str, session: Sequence[str] = (), *, k: int = 10,

@@ -347,7 +347,10 @@ def tune(
     if not len(seq.sessions_of("valid")):
         raise HnvmError(f"{dataset}: the dataset has no validation sessions to tune on")
 
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise HnvmError(f"--out {out}: cannot create it ({exc.strerror or exc})") from None
     if not log.isEnabledFor(logging.INFO):
         optuna.logging.set_verbosity(optuna.logging.WARNING)
     db = out / "optuna.db"

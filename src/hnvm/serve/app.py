@@ -45,7 +45,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hnvm.errors import HnvmError
 from hnvm.serve.state import AUTO_BF16_ITEMS, SCORING, Engine, Event, Job, Query, QueryError, Recommendation
-from hnvm.serve.store import SYNCHRONOUS, EventLog
+from hnvm.serve.store import SYNCHRONOUS, EventLog, check_db_path
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +156,7 @@ class Service:
              rank_process: bool | None = False) -> Service:
         """`rank_process`: rank in a child process (None = auto: HNVM with AUTO_BF16_ITEMS items or
         more on a machine with 2+ cores, where ranking is the larger half of a request's CPU)."""
+        check_db_path(db)  # before the (slow) model load; EventLog checks again when it opens
         engine = Engine.from_run(run, data=data, gap_s=gap_s, max_session_length=limits.max_session_length,
                                  scoring=scoring)
         svc = cls(engine, EventLog(db), run=str(run), limits=limits)
@@ -554,6 +555,7 @@ def serve(run: str | Path, *, host: str = "127.0.0.1", port: int = 8000, db: str
         raise HnvmError(f"--threads must be in 1..{MAX_THREADS}, got {threads}")
     if gap_s is not None and not (math.isfinite(gap_s) and gap_s >= 0):
         raise HnvmError(f"--gap must be a finite, non-negative duration, got {gap_s} s")
+    check_db_path(db)
     torch.set_num_threads(threads)
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:  # fail before loading
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

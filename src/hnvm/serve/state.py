@@ -31,6 +31,7 @@ after a restart therefore gives bit-identical states and recommendations.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -143,6 +144,31 @@ class Job:
     out: list[Recommendation]  # everything but items and scores
 
 
+def _dataset_gap(path: Path, meta: dict[str, Any]) -> float:
+    """The idle gap `hnvm prepare` recorded in the dataset's meta.json (`prepare.gap`; 30m when
+    absent); a damaged value is a one-line error naming the file and the field, not `--gap`."""
+    from hnvm.data.sessions import parse_duration
+
+    where = f"{Path(path) / 'meta.json'}: field"
+    prep = meta.get("prepare", {})
+    if prep is None:
+        prep = {}
+    if not isinstance(prep, dict):
+        raise HnvmError(f"{where} prepare is not an object ({json.dumps(prep)[:80]}); the dataset is damaged, "
+                        "re-run `hnvm prepare` (or give serve --gap)")
+    raw = prep.get("gap", "30m")
+    why = None
+    if isinstance(raw, bool) or not isinstance(raw, str | int | float):
+        why = "not a duration"
+    else:
+        try:
+            return float(parse_duration(raw))
+        except (ValueError, OverflowError) as exc:
+            why = str(exc).removeprefix("--gap: ").split(" (a duration")[0]
+    raise HnvmError(f"{where} prepare.gap {json.dumps(raw)[:80]} is not a valid idle gap ({why}); the dataset "
+                    "is damaged: re-run `hnvm prepare` (or give serve --gap)")
+
+
 class Engine:
     """A trained model served from an event stream (see the module docstring)."""
 
@@ -193,7 +219,6 @@ class Engine:
         "auto" = bf16 from AUTO_BF16_ITEMS items on."""
         import polars as pl
 
-        from hnvm.data.sessions import parse_duration
         from hnvm.data.store import VOCAB_COLUMNS, Dataset, read_table
         from hnvm.runs import load_run, vocab_digest
 
@@ -210,7 +235,8 @@ class Engine:
             if vocab_digest(ds) != cfg["dataset"]["vocab_sha256"]:
                 raise HnvmError(f"{path}: item/user vocabulary does not match the one {run} was trained on")
             history = Sequences.from_events(ds.events, ds.n_users)
-            gap = parse_duration(ds.meta.get("prepare", {}).get("gap", "30m"))
+            if gap_s is None:  # (an explicit --gap wins: the dataset's is not read)
+                gap = _dataset_gap(path, ds.meta)
         else:
             log.warning("%s: dataset %s not found; users start without history", run, path)
         g = gap_s if gap_s is not None else gap if gap is not None else DEFAULT_GAP_S

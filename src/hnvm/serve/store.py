@@ -20,6 +20,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import suppress
 from pathlib import Path
 
 from hnvm.errors import HnvmError
@@ -41,6 +42,49 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 SYNCHRONOUS = "FULL"  # see the module docstring
 
 
+SQLITE_MAGIC = b"SQLite format 3\x00"
+EVENT_TABLES = frozenset({"events", "meta"})
+
+
+def _managed_dir_holding(path: Path) -> tuple[Path, str] | None:
+    """The nearest dataset or run directory that holds `path`, with its kind."""
+    from hnvm.data.store import kind_of_dir
+
+    for d in Path(path).resolve().parents:
+        kind = kind_of_dir(d)
+        if kind is not None:
+            return d, kind
+    return None
+
+
+def check_db_path(path: str | Path, flag: str = "--db") -> None:
+    """Refuse an event-log path before anything is created: a directory; any place inside a
+    dataset or run directory (their files are theirs, and a new file there breaks them later);
+    an existing file that is not an SQLite database. (An existing SQLite file is checked to be an
+    event log when it is opened; a restart reopens its own log.)"""
+    path = Path(path)
+    if path.is_dir():
+        raise HnvmError(f"{flag} {path}: is a directory; --db names the SQLite file")
+    above = _managed_dir_holding(path)
+    if above is not None:
+        raise HnvmError(f"{flag} {path}: is inside the {above[1]} directory {above[0]}, whose files are its own; "
+                        "keep the event log elsewhere")
+    if path.exists():
+        try:
+            with open(path, "rb") as fh:
+                head = fh.read(len(SQLITE_MAGIC))
+        except OSError as exc:
+            raise HnvmError(f"{flag} {path}: cannot read it ({exc.strerror or exc})") from None
+        if head and head != SQLITE_MAGIC:
+            raise HnvmError(f"{flag} {path}: exists and is not an SQLite event log; give a new file name or "
+                            "the event log of an earlier `hnvm serve`")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise HnvmError(f"{flag} {path}: {parent} is not a directory")
+
+
 class EventLog:
     """Append-only event log. One writer: a lock file keeps a second server off the same DB
     (two processes appending would each hold a different in-memory state)."""
@@ -48,31 +92,67 @@ class EventLog:
     def __init__(self, path: str | Path, *, synchronous: str = SYNCHRONOUS) -> None:
         self.path = Path(path)
         self.synchronous = synchronous
-        if self.path.is_dir():
-            raise HnvmError(f"{self.path}: is a directory; --db names the SQLite file")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        check_db_path(self.path)
+        # what this call creates, removed again if the log is refused: nothing is left behind
+        made: list[Path] = []
+        parent = self.path.parent
+        while not parent.exists():
+            made.append(parent)
+            parent = parent.parent
+        existed = self.path.exists()
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        lock_existed = lock_path.exists()
+        locked = False
+
+        def undo() -> None:
+            if not existed:
+                for suffix in ("", "-wal", "-shm", "-journal"):
+                    Path(f"{self.path}{suffix}").unlink(missing_ok=True)
+            if locked and not lock_existed:
+                lock_path.unlink(missing_ok=True)
+            for d in made:  # deepest first
+                with suppress(OSError):
+                    d.rmdir()
+
         try:
-            self._lock = open(self.path.with_name(self.path.name + ".lock"), "a+")  # noqa: SIM115
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._lock = open(lock_path, "a+")  # noqa: SIM115
         except OSError as exc:
-            raise HnvmError(f"{self.path}: cannot create the event log ({exc})") from exc
+            undo()
+            raise HnvmError(f"--db {self.path}: cannot create the event log ({exc.strerror or exc})") from None
         try:
             fcntl.flock(self._lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            self._lock.close()
-            raise HnvmError(f"{self.path}: the event log is in use by another process "
+            self._lock.close()  # (the lock file is the other process's: left alone)
+            raise HnvmError(f"--db {self.path}: the event log is in use by another process "
                             "(one `hnvm serve` per database)") from None
+        locked = True
+        conn = None
         try:
             # autocommit mode: transactions are explicit (BEGIN IMMEDIATE ... COMMIT)
-            self.conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            mode = self.conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            # an existing database must be an event log: never add our tables to someone else's
+            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            tables.discard("sqlite_sequence")
+            if tables and not tables >= EVENT_TABLES:
+                raise HnvmError(f"--db {self.path}: is an SQLite database of something else (tables: "
+                                f"{', '.join(sorted(tables)[:5])}), not an event log of `hnvm serve`; "
+                                "give a new file name")
+            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if mode.lower() != "wal":
-                raise HnvmError(f"{self.path}: SQLite refused WAL mode (got {mode!r}); "
+                raise HnvmError(f"--db {self.path}: SQLite refused WAL mode (got {mode!r}); "
                                 "use a local file system")
-            self.conn.execute(f"PRAGMA synchronous={synchronous}")
-            self.conn.executescript(SCHEMA)
-        except sqlite3.DatabaseError as exc:
+            conn.execute(f"PRAGMA synchronous={synchronous}")
+            conn.executescript(SCHEMA)
+        except (sqlite3.Error, HnvmError) as exc:
+            if conn is not None:
+                conn.close()
+            undo()
             self._lock.close()
-            raise HnvmError(f"{self.path}: not a usable SQLite event log ({exc})") from exc
+            if isinstance(exc, HnvmError):
+                raise
+            raise HnvmError(f"--db {self.path}: not a usable SQLite event log ({exc})") from exc
+        self.conn = conn
 
     def append(self, events: Sequence[Event]) -> tuple[int, int]:
         """Write events in one transaction; returns (first seq, last seq). When this returns,
