@@ -359,3 +359,14 @@ def test_task_both_checks_both_results_files_before_any_training(data: Path, tmp
     _one_line_refusal(["benchmark", str(data), "--models", "pop", "--task", "both", "--out", str(out)],
                       "is a file")
     assert _tree(out) == before
+
+
+def test_benchmark_never_overwrites_report_files_it_did_not_write(data: Path, tmp_path: Path) -> None:
+    mine = tmp_path / "mydir"
+    mine.mkdir()
+    (mine / "results.csv").write_text("important\n")
+    (mine / "table.md").write_text("notes\n")
+    before = _tree(mine)
+    _one_line_refusal(["benchmark", str(data), "--models", "pop", "--task", "next-item", "--out", str(mine)],
+                      "results.csv", "not a benchmark")
+    assert _tree(mine) == before

@@ -375,7 +375,7 @@ def test_bad_empty_file(tmp_path: Path) -> None:
                "h.csv", "no rows", out=tmp_path / "o")
 
 
-@pytest.mark.parametrize("bad", ["1,,100", "1,nan,100", "NaN,5,100"])
+@pytest.mark.parametrize("bad", ["1,,100", ",5,100", "1, ,100"])
 def test_bad_missing_ids(tmp_path: Path, bad: str) -> None:
     p = write_csv(tmp_path / "a.csv", "uid,iid,ts", ["1,2,50", bad])
     _cli_fails(["prepare", str(p), "--columns", "user=uid,item=iid,time=ts", "--out", str(tmp_path / "o")],

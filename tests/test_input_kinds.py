@@ -79,6 +79,16 @@ def test_id_column_numeric_then_text_loads_with_every_id_kept(tmp_path: Path) ->
     assert "SKU-1" in raw.get_column("item").to_list()
 
 
+def test_words_that_mean_missing_elsewhere_are_ids_here(tmp_path: Path) -> None:
+    rows = [f"u1,{item},{1_600_000_000 + i}" for i, item in enumerate(("NA", "NaN", "null", "nan"))]
+    raw = read_events(_write(tmp_path / "a.csv", "user,item,ts\n" + "\n".join(rows) + "\n"),
+                      columns={"user": "user", "item": "item", "time": "ts"})
+    assert raw.get_column("item").to_list() == ["NA", "NaN", "null", "nan"]
+    bad = _write(tmp_path / "b.csv", "user,item,ts\nu1,a,1600000000\nu1,b,NA\n")
+    _fails(["prepare", str(bad), "--columns", COLS, "--out", str(tmp_path / "d")], "row 3", "'ts'", "'NA'",
+           out=tmp_path / "d")
+
+
 def test_canonical_integers_are_read_as_integers_and_written_back_exactly(tmp_path: Path) -> None:
     raw = read_events(_write(tmp_path / "a.csv", "user,item,ts\n1,-3,5\n2,10,6\n"),
                       columns={"user": "user", "item": "item", "time": "ts"})
@@ -269,7 +279,7 @@ def test_help_fits_80_columns(command: str) -> None:
     assert max(len(x) for x in lines) <= 80, [x for x in lines if len(x) > 80]
     assert "…" not in r.output
     if command == "prepare":
-        for word in ("session", "seq", "--time-unit", "[default: 30m]"):
+        for word in ("session", "seq", "--time-unit", "[default: 30m]", "bare number is seconds"):
             assert word in r.output
 
 
@@ -401,3 +411,12 @@ def test_damaged_events_table_is_one_line(tmp_path: Path, column: str, value: ob
     for cmd in (["stats", str(d)], ["train", str(d), "--model", "pop", "--out", str(tmp_path / "r")]):
         _fails(cmd, "events.parquet", needle)
     assert not (tmp_path / "r").exists()
+
+
+def test_one_column_for_item_and_another_role_and_a_repeated_header_are_refused(tmp_path: Path) -> None:
+    src = _zero_padded_log(tmp_path)
+    _fails(["prepare", str(src), "--columns", "user=user,item=user,time=ts", "--out", str(tmp_path / "d")],
+           "--columns", "'user'", out=tmp_path / "d")
+    dup = _write(tmp_path / "dup.csv", "user,item,item,ts\nu1,a,b,1600000000\n")
+    _fails(["prepare", str(dup), "--columns", COLS, "--out", str(tmp_path / "d")], "row 1", "'item' twice",
+           out=tmp_path / "d")

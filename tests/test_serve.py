@@ -690,3 +690,17 @@ def test_serve_damaged_gap_in_meta_json_names_the_file_not_the_flag(run_dir: Pat
     with pytest.raises(HnvmError, match=r"meta\.json: field prepare\.gap \[1\]"):
         Service.open(run_dir, db, data=data)
     assert not db.exists()
+
+
+def test_event_timestamps_out_of_any_clock_are_refused(data_dir: Path, tmp_path: Path) -> None:
+    run = tmp_path / "pop"
+    train_run(data_dir, "pop", run)
+    with client(run, tmp_path / "ev.sqlite") as c:
+        eng: Engine = c.app.state.service.engine  # type: ignore[attr-defined]
+        item = eng.item_ids[1]
+        for ts, needle in [(1e30, "events.0.ts"), (-5e15, "events.0.ts"), (time.time() * 1000, "events.0.ts")]:
+            r = c.post("/v1/events", json={"events": [{"user": "x2", "item": item, "ts": ts}]})
+            assert r.status_code == 422 and needle in r.json()["error"], r.text
+        assert c.get("/v1/users/x2").json()["online_events"] == 0  # nothing stored
+        ok = c.post("/v1/events", json={"events": [{"user": "x2", "item": item, "ts": time.time()}]})
+        assert ok.status_code == 200

@@ -41,6 +41,8 @@ ABLATIONS: dict[str, tuple[str, list[str]]] = {
     "hnvm-no-history": ("hnvm", ["model.use_history=false"]),
 }
 TASKS = ("next-item", "next-session")
+# what a benchmark writes into OUT (per task) besides results.json, runs/ and ranks/
+REPORT_FILES = ("results.csv", "table.md", "significance.json", "position.png", "history.png")
 BOTH = "both"  # --task both: OUT/next-item/ and OUT/next-session/ share OUT/runs and OUT/tuned
 
 
@@ -185,6 +187,11 @@ def _plan(
         raise HnvmError(f"--task must be one of {', '.join(TASKS)}")
     dataset, out = Path(dataset).resolve(), Path(out)
     check_output_dir(out, "--out", inputs=(dataset,))
+    # the report files are rewritten on every run: only over a benchmark's own (results.json beside)
+    theirs = [n for n in REPORT_FILES if (out / n).exists()] if not (out / "results.json").exists() else []
+    if theirs:
+        raise HnvmError(f"--out {out}: holds {', '.join(theirs)} but no results.json, so not a benchmark's; "
+                        "use another --out")
     runs = Path(runs_dir) if runs_dir is not None else out / "runs"
     tuned_root = Path(tuned_dir) if tuned_dir is not None else out / "tuned"
     for d in (runs, out / "ranks"):

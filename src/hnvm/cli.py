@@ -134,8 +134,8 @@ def prepare(
                                                 "user=uid,item=iid,time=ts")] = None,
     time_unit: Annotated[str, typer.Option(help="Unit of a numeric time column: s, ms, us, ns, or iso "
                                            "(text); auto decides per row and refuses mixed units.")] = "auto",
-    gap: Annotated[str | None, typer.Option(help="Idle gap that closes a session (30m, 1800s, 2h). "
-                                            "[default: 30m]", show_default=False)] = None,
+    gap: Annotated[str | None, typer.Option(help="[default: 30m] Idle gap that closes a session: 30m, 1800s, "
+                                            "2h, 1d (a bare number is seconds).", show_default=False)] = None,
     min_item_support: Annotated[int | None, typer.Option(help="Minimum events per item. [default: 5]",
                                                          show_default=False)] = None,
     min_session_length: Annotated[int | None, typer.Option(help="Minimum events per session. [default: 2]",

@@ -194,6 +194,8 @@ def parse_columns(spec: str) -> dict[str, str]:
         raise InputError(
             f"--columns: missing role(s) {', '.join(missing)} (required: user, item, and time or session)"
         )
+    if out["item"] in (out["user"], out.get("session"), out.get("time")):
+        raise InputError(f"--columns: column '{out['item']}' cannot be the item and another role")
     if "time" not in out and "session" not in out:
         raise InputError("--columns: missing role time (a log without timestamps needs session=COLUMN, "
                          "e.g. a basket or order id; seq=COLUMN orders events inside it)")
@@ -316,7 +318,9 @@ def _read_raw(path: Path, preset: Preset | None) -> tuple[pl.DataFrame, bool]:
                 new_columns=names,
                 separator=sep,
                 infer_schema=False,
-                null_values=["", "NA", "NaN", "nan", "null", "NULL"],
+                # only an empty field is missing: `NA`, `NaN` or `null` may be somebody's id (a
+                # time or seq field spelled so is then named as unparsable, with its row)
+                null_values=[""],
                 truncate_ragged_lines=False,
                 try_parse_dates=False,
             )
@@ -330,6 +334,9 @@ def _read_raw(path: Path, preset: Preset | None) -> tuple[pl.DataFrame, bool]:
                              path=path, row=row) from exc
         what = "TSV" if sep == "\t" else "CSV"
         raise InputError(f"cannot parse as {what}: {msg}", path=path) from exc
+    dup = [c for c in df.columns if "_duplicated_" in c]
+    if dup:  # polars renames a repeated header name instead of refusing it
+        raise InputError(f"the header names column '{dup[0].split('_duplicated_')[0]}' twice", path=path, row=1)
     if preset and preset.name == "movielens" and "userId" in df.columns:
         df = df.rename({"userId": "UserID", "movieId": "MovieID", "timestamp": "Timestamp"})
     if df.height == 0:
@@ -473,8 +480,10 @@ def _to_seconds(
     parsed = s.str.strip_chars().str.to_datetime(time_unit="us", strict=False, time_zone="UTC")
     bad = parsed.is_null()
     if bad.any():
-        i = int(bad.arg_true()[0])
         numeric = s.str.strip_chars().cast(pl.Float64, strict=False).is_not_null()
+        neither = bad & ~numeric
+        # name a value that is neither a number nor a date-time first (`NA` among unix times)
+        i = int((neither if neither.any() else bad).arg_true()[0])
         good = (~bad) & s.is_not_null()
         if fmt != "iso" and good.any() and bool(numeric[i]):  # a clock in two notations
             j = int(good.arg_true()[0])

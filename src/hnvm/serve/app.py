@@ -71,7 +71,12 @@ def _int_to_str(v: Any) -> Any:
 
 
 Id = Annotated[str, StringConstraints(min_length=1, max_length=LIMITS.max_id_length), BeforeValidator(_int_to_str)]
-Timestamp = Annotated[float, Field(allow_inf_nan=False, description="seconds (Unix time or the dataset's clock)")]
+# Unix seconds reach 1e11 only in the year 5138: a larger |ts| is another unit (ms) or garbage, and one
+# stored event that far ahead would keep its user's session open for ever. (Clocks ahead of the server's
+# are allowed: replays and tests freeze time that way.)
+MAX_TS = 1e11
+Timestamp = Annotated[float, Field(allow_inf_nan=False, ge=-MAX_TS, le=MAX_TS,
+                                   description="seconds (Unix time or the dataset's clock), |ts| <= 1e11")]
 
 
 class EventIn(BaseModel):
