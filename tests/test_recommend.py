@@ -309,3 +309,10 @@ def test_a_damaged_gap_in_meta_json_names_the_file_and_field(run_dir: Path, tmp_
     with pytest.raises(HnvmError, match=r"meta\.json: field prepare"):
         Engine.from_run(run_dir, data=data)
     assert {p: p.read_bytes() for p in data.rglob("*") if p.is_file()} == before
+
+
+def test_a_session_of_separators_only_is_refused() -> None:
+    for text in (",", " , ,", ",,"):
+        with pytest.raises(HnvmError, match="holds no item id"):
+            parse_session(text, {"a"})
+    assert parse_session("[]", {"a"}) == [] and parse_session("  ", {"a"}) == []

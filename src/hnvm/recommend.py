@@ -109,7 +109,11 @@ def parse_session(values: str | Sequence[str] | None, catalogue: Container[str] 
         why = parsed.args[0] if isinstance(parsed, ValueError) else "not a list"
         raise HnvmError(f"{where}: {text!r} starts with '[' but is neither a JSON list of strings ({why}) nor "
                         'a catalogue item id; write e.g. ["a", "b, c"]')
-    return _cap(parse_items(text), where, max_items)
+    items = parse_items(text)
+    if not items:  # only separators: not the empty session, which is a blank value or []
+        raise HnvmError(f"{where}: {text!r} holds no item id (leave the session out for next-session "
+                        "recommendations)")
+    return _cap(items, where, max_items)
 
 
 def _list_advice(where: str, example: Sequence[str] | None = None) -> str:
