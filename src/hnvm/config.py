@@ -62,7 +62,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             if "float" in text:
                 return float(value)
         except ValueError:
-            raise ConfigError(f"{key}: '{value}' is not a valid {text}") from None
+            kind = "an integer" if "int" in text and "float" not in text else "a number"
+            raise ConfigError(f"{key}: '{value}' is not {kind}") from None
         return value
     if "float" in text and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
@@ -103,6 +104,18 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         return tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML ({exc})") from exc
+
+
+def check_unique_sets(overrides: list[str]) -> None:
+    """The user's own --set list names each key once (a repeated key would silently keep the
+    last value); raises ConfigError naming it."""
+    seen: dict[str, str] = {}
+    for item in overrides:
+        key, _, value = item.partition("=")
+        key = key.strip()
+        if key in seen:
+            raise ConfigError(f"--set {key} is given twice ({seen[key]!r} and {value.strip()!r})")
+        seen[key] = value.strip()
 
 
 def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

@@ -402,6 +402,12 @@ def _refuse_mixed_seconds(x: pl.Series, col: pl.Series, path: Path, name: str, h
                      "state --time-unit s to accept them", path=path, row=_line_of(i, header), column=name)
 
 
+def _bad_time(value: object, expected: str = "") -> str:
+    if value is None:  # polars fills the fields a short row lacks with nulls, like empty ones
+        return "missing timestamp (an empty field, or a row with fewer fields than the header)"
+    return f"unparsable timestamp {value!r}{expected}"
+
+
 def _to_seconds(
     col: pl.Series, fmt: str, path: Path, name: str, header: bool
 ) -> tuple[pl.Series, pl.Series, str]:
@@ -451,7 +457,7 @@ def _to_seconds(
             bad = x.is_null()
         if bad.any():
             i = int(bad.arg_true()[0])
-            raise InputError(f"unparsable timestamp {col[i]!r}", path=path,
+            raise InputError(_bad_time(col[i]), path=path,
                              row=_line_of(i, header), column=name)
         unit = fmt
         if unit == "auto":
@@ -491,7 +497,7 @@ def _to_seconds(
                              f"{col[j]!r} (row {_line_of(j, header)}) is a date-time", path=path,
                              row=_line_of(i, header), column=name)
         expected = "an ISO-8601 date-time" if fmt == "iso" else "a unix time or an ISO-8601 date-time"
-        raise InputError(f"unparsable timestamp {col[i]!r} (expected {expected})", path=path,
+        raise InputError(_bad_time(col[i], f" (expected {expected})"), path=path,
                          row=_line_of(i, header), column=name)
     us = parsed.dt.epoch("us")
     return (us // 1_000_000).rename("ts"), (us % 1_000_000).rename("seq"), "iso"
