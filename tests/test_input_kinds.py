@@ -422,16 +422,12 @@ def test_one_column_for_item_and_another_role_and_a_repeated_header_are_refused(
            out=tmp_path / "d")
 
 
-def test_set_given_twice_and_non_numbers_are_plain_one_line_errors(tmp_path: Path) -> None:
+def test_non_numbers_in_set_are_plain_one_line_errors(tmp_path: Path) -> None:
     src = _zero_padded_log(tmp_path)
     _ok(["prepare", str(src), "--columns", COLS, "--min-item-support", "1", "--out", str(tmp_path / "d")])
     base = ["train", str(tmp_path / "d"), "--model", "bprmf", "--out", str(tmp_path / "r")]
-    _fails([*base, "--set", "train.epochs=1", "--set", "train.epochs=2"], "train.epochs is given twice",
-           out=tmp_path / "r")
     msg = _fails([*base, "--set", "model.dim=1e9"], "model.dim", "is not an integer", out=tmp_path / "r")
     assert "<class" not in msg
-    _fails(["benchmark", str(tmp_path / "d"), "--out", str(tmp_path / "b"), "--models", "pop", "--epochs", "1",
-            "--set", "train.epochs=2"], "given twice", out=tmp_path / "b")
 
 
 def test_a_short_row_is_named_as_missing_not_as_none(tmp_path: Path) -> None:

@@ -13,7 +13,6 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from hnvm.config import check_unique_sets
 from hnvm.errors import HnvmError
 
 app = typer.Typer(
@@ -255,7 +254,6 @@ def train(
 
     overrides = [*(set_ or []), *([f"train.device={device}"] if device is not None else [])]
     try:
-        check_unique_sets(overrides)
         t0 = time.perf_counter()
         with _Progress(f"training {model}") as view, report_progress(view.train):
             train_run(dataset, model, out_dir, config_path=config, overrides=overrides, resume=resume,
@@ -331,7 +329,6 @@ def benchmark(
         if tuned is not None and not tuned.is_dir():
             raise HnvmError(f"--tuned {tuned}: not a directory")
         names = parse_models(models)
-        check_unique_sets([*(set_ or []), *([f"train.epochs={epochs}"] if epochs is not None else [])])
         with _Progress(f"benchmark of {len(names)} model(s)") as view, report_progress(view.train):
             res = run_benchmarks(dataset, names, task, out_dir, set_ or [], epochs=epochs, on_step=view.step,
                                  include_first=include_first, tuned_dir=tuned)
@@ -368,7 +365,6 @@ def tune(
     out_dir = out_dir or Path("runs/tune") / model
     t0 = time.perf_counter()
     try:
-        check_unique_sets(set_ or [])
         with _Progress(f"tuning {model}") as view, report_progress(view.train):
             res = run_tune(dataset, model, out_dir, trials, timeout=timeout, trial_timeout=trial_timeout,
                            base_overrides=set_ or [], seed=seed, config_path=config, on_step=view.step)

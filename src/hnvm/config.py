@@ -106,20 +106,9 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: invalid TOML ({exc})") from exc
 
 
-def check_unique_sets(overrides: list[str]) -> None:
-    """The user's own --set list names each key once (a repeated key would silently keep the
-    last value); raises ConfigError naming it."""
-    seen: dict[str, str] = {}
-    for item in overrides:
-        key, _, value = item.partition("=")
-        key = key.strip()
-        if key in seen:
-            raise ConfigError(f"--set {key} is given twice ({seen[key]!r} and {value.strip()!r})")
-        seen[key] = value.strip()
-
-
 def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """['model.hidden=100', 'train.lr=0.1'] -> nested updates of `tree` (a copy)."""
+    """['model.hidden=100', 'train.lr=0.1'] -> nested updates of `tree` (a copy); a key given
+    again overrides the earlier value (the last one wins, so scripts can append overrides)."""
     out = {k: dict(v) if isinstance(v, dict) else v for k, v in tree.items()}
     for item in overrides:
         if "=" not in item:
