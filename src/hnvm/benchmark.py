@@ -28,7 +28,7 @@ from hnvm import report
 from hnvm.config import as_dict
 from hnvm.data.batches import Sequences
 from hnvm.data.store import Dataset, check_output_dir, write_json
-from hnvm.errors import HnvmError
+from hnvm.errors import HnvmError, one_line
 from hnvm.metrics import DEFAULT_KS, pad_item_sets, per_user_session_rank_metrics
 from hnvm.runs import data_digest, evaluate_run, train_digest, train_run
 
@@ -137,7 +137,7 @@ def _load_results(path: Path, dataset: Path, task: str) -> dict[str, Any]:
         res = json.loads(path.read_text(encoding="utf-8"))
         _check_results(res)
     except (OSError, ValueError) as exc:
-        raise HnvmError(f"{path}: damaged results file ({' '.join(str(exc).split())}); move it away to "
+        raise HnvmError(f"{path}: damaged results file ({one_line(exc)}); move it away to "
                         "redo the benchmark in this --out") from exc
     if res.get("task") != task or res.get("dataset") != str(dataset):
         raise HnvmError(f"{path}: holds a benchmark of {res.get('dataset')} ({res.get('task')}); "

@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception as one line of at most `limit` characters, its type first (library messages
+    span lines, and torch lists every mismatched key)."""
+    text = " ".join(f"{type(exc).__name__}: {exc}".split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 class HnvmError(Exception):
     """A user-facing error: bad input, bad configuration, incompatible files."""
 

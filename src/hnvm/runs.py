@@ -30,8 +30,8 @@ import polars as pl
 from hnvm import distributed
 from hnvm.config import apply_overrides, as_dict, build, load_toml
 from hnvm.data.batches import Sequences
-from hnvm.data.store import Dataset, check_output_dir, check_output_file, write_json
-from hnvm.errors import ConfigError, HnvmError
+from hnvm.data.store import Dataset, check_output_dir, check_output_file, read_json_object, write_json
+from hnvm.errors import ConfigError, HnvmError, one_line
 from hnvm.evaluate import EvalResult, evaluate_next_item, evaluate_next_session, export_ranks
 from hnvm.models.base import Recommender, get_model_class, load_model
 from hnvm.train import TrainConfig
@@ -141,24 +141,13 @@ def make_model(rc: RunConfig) -> Recommender:
     return cls(rc.model_config) if rc.model_config is not None else cls()
 
 
-def _read_json(path: Path, what: str) -> dict[str, Any]:
-    """A run's JSON file as a dict, or a one-line error naming the file."""
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise HnvmError(f"{path}: damaged {what} ({' '.join(str(exc).split())})") from exc
-    if not isinstance(obj, dict):
-        raise HnvmError(f"{path}: damaged {what} (not a JSON object)")
-    return obj
-
-
 def read_run_config(run: str | Path) -> dict[str, Any]:
     """RUN/config.json, checked for format, version and the keys every reader needs."""
     run = Path(run)
     cfg_path = run / "config.json"
     if not cfg_path.is_file():
         raise HnvmError(f"{run}: not a run directory (no config.json); train one with `hnvm train`")
-    cfg = _read_json(cfg_path, "run config")
+    cfg = read_json_object(cfg_path, "run config")
     if cfg.get("format") != RUN_FORMAT or cfg.get("format_version") != RUN_VERSION:
         raise HnvmError(f"{run}: run format {cfg.get('format')!r} version {cfg.get('format_version')!r} "
                         f"is not supported (expected {RUN_FORMAT} version {RUN_VERSION})")
@@ -348,7 +337,7 @@ def _read_metrics(run: Path) -> dict[str, Any]:
     if not mpath.exists():
         return {}
     try:
-        return _read_json(mpath, "metrics file")
+        return read_json_object(mpath, "metrics file")
     except HnvmError as exc:
         raise HnvmError(f"{exc}; move it away to record new metrics") from exc
 
@@ -379,7 +368,7 @@ def evaluate_run(
     data_path = Path(data) if data is not None else Path(cfg["dataset"]["path"])
     ds = Dataset.load(data_path)
     if export is not None:  # an existing export needs `force`; the run's and data's files never go
-        check_output_file(export, "--export-ranks", force=force, protected=(run, data_path), inputs=_sources(ds))
+        check_output_file(export, "--export-ranks", force=force, inputs=_sources(ds))
     check_dataset(run, cfg, ds, data_path)
     if ctx.device.type != "cpu" and callable(getattr(model, "to", None)):
         model.to(ctx.device)  # type: ignore[attr-defined]
@@ -409,7 +398,7 @@ def evaluate_run(
                 export.parent.mkdir(parents=True, exist_ok=True)
                 export_ranks(_with_original_ids(res, ds), export)
             except OSError as exc:
-                raise HnvmError(f"--export-ranks {export}: cannot write ({' '.join(str(exc).split())}); "
+                raise HnvmError(f"--export-ranks {export}: cannot write ({one_line(exc)}); "
                                 f"the metrics were saved in {mpath}") from exc
 
     ctx.main_first(write)

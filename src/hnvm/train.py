@@ -36,7 +36,7 @@ from torch import nn
 
 from hnvm import distributed
 from hnvm.config import choices, rng
-from hnvm.errors import HnvmError
+from hnvm.errors import HnvmError, one_line
 from hnvm.metrics import NonFiniteScores
 
 log = logging.getLogger(__name__)
@@ -393,9 +393,7 @@ def _load_checkpoint(directory: Path, module: nn.Module, opt: torch.optim.Optimi
     from safetensors.torch import load_file
 
     def fail(name: str, exc: BaseException) -> HnvmError:
-        msg = " ".join(f"{type(exc).__name__}: {exc}".split())
-        msg = msg if len(msg) <= 300 else msg[:297] + "..."  # torch lists every mismatched key
-        return HnvmError(f"{directory / name}: cannot resume from it ({msg}); the checkpoint is damaged or "
+        return HnvmError(f"{directory / name}: cannot resume from it ({one_line(exc)}); the checkpoint is damaged or "
                          "was written with other model settings (replace the run with --force)")
 
     # each step names the file it reads; any failure of the libraries below means a bad file

@@ -38,7 +38,7 @@ from typing import Any, get_type_hints
 
 from hnvm.config import apply_overrides, as_dict, load_toml
 from hnvm.data.store import check_output_dir
-from hnvm.errors import HnvmError
+from hnvm.errors import HnvmError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -360,8 +360,7 @@ def tune(
             sampler=optuna.samplers.TPESampler(seed=seed), load_if_exists=True,
             pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2))
     except (sqlalchemy.exc.SQLAlchemyError, RuntimeError, ValueError) as exc:  # a damaged or foreign study
-        msg = " ".join(str(exc).split())[:200]
-        raise HnvmError(f"--out {out}: cannot open the study {db} ({type(exc).__name__}: {msg}); "
+        raise HnvmError(f"--out {out}: cannot open the study {db} ({one_line(exc, 200)}); "
                         "move it away or tune into another --out") from exc
     if study.trials:  # resuming: a fresh seed, or the startup trials would repeat earlier ones
         study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials))

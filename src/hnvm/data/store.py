@@ -25,7 +25,7 @@ from typing import Any
 import polars as pl
 
 from hnvm.data.splits import SPLIT_DTYPE, next_item_targets, next_session_targets
-from hnvm.errors import HnvmError
+from hnvm.errors import HnvmError, one_line
 
 FORMAT = "hnvm-dataset"
 FORMAT_VERSION = 1
@@ -71,6 +71,18 @@ def _fsync_dir(path: Path) -> None:
         pass
 
 
+def read_json_object(path: Path, what: str, advice: str = "") -> dict[str, Any]:
+    """A JSON file that must hold an object (meta.json, config.json, model.json, ...), or a
+    one-line HnvmError naming the file: `{path}: damaged {what} (...){advice}`."""
+    try:
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise HnvmError(f"{path}: damaged {what} ({one_line(exc)}){advice}") from exc
+    if not isinstance(obj, dict):
+        raise HnvmError(f"{path}: damaged {what} (not a JSON object){advice}")
+    return obj
+
+
 def write_json(path: Path, obj: Any) -> None:
     """Write JSON atomically (temp file + rename)."""
     path = Path(path)
@@ -96,8 +108,7 @@ def read_table(path: Path, columns: tuple[str, ...]) -> pl.DataFrame:
     except FileNotFoundError:
         raise HnvmError(f"{path}: missing (the directory is incomplete)") from None
     except Exception as exc:
-        msg = " ".join(str(exc).split())[:200]
-        raise HnvmError(f"{path}: cannot read it, the file is damaged ({type(exc).__name__}: {msg})") from exc
+        raise HnvmError(f"{path}: cannot read it, the file is damaged ({one_line(exc, 200)})") from exc
     missing = [c for c in columns if c not in df.columns]
     if missing:
         raise HnvmError(f"{path}: not a table hnvm wrote (missing column(s) {', '.join(missing)})")
@@ -122,9 +133,24 @@ def kind_of_dir(path: Path) -> str | None:
     return None
 
 
-def _managed_dir_above(target: Path) -> Path | None:
-    """The nearest dataset or run directory holding `target` (resolved), if any."""
-    return next((d for d in target.parents if kind_of_dir(d) is not None), None)
+def refuse_inside_managed_dir(path: Path, flag: str) -> None:
+    """No output goes inside a dataset or run directory: their files are theirs, and even a new
+    file there can shadow one they write later. Raises a one-line HnvmError naming it."""
+    above = next((d for d in Path(path).resolve().parents if kind_of_dir(d) is not None), None)
+    if above is not None:
+        raise HnvmError(f"{flag} {path}: is inside the {kind_of_dir(above)} directory {above}; write elsewhere")
+
+
+def check_writable_parent(path: Path, flag: str) -> None:
+    """The nearest existing folder above `path` is a writable directory (missing folders in
+    between are created when the output is written)."""
+    parent = Path(path).parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise HnvmError(f"{flag} {path}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise HnvmError(f"{flag} {path}: {parent} is not writable")
 
 
 def check_output_dir(path: Path, flag: str, *, inputs: tuple[Path, ...] = (), may_be: tuple[str, ...] = ()) -> None:
@@ -146,39 +172,24 @@ def check_output_dir(path: Path, flag: str, *, inputs: tuple[Path, ...] = (), ma
     kind = kind_of_dir(target) if target.is_dir() else None
     if kind is not None and kind not in may_be:
         raise HnvmError(f"{flag} {path}: is a {kind} directory; write elsewhere")
-    above = _managed_dir_above(target)
-    if above is not None:
-        raise HnvmError(f"{flag} {path}: is inside the {kind_of_dir(above)} directory {above}; write elsewhere")
+    refuse_inside_managed_dir(path, flag)
 
 
-def check_output_file(path: Path, flag: str, *, force: bool = False, inputs: tuple[Path, ...] = (),
-                      protected: tuple[Path, ...] = ()) -> None:
+def check_output_file(path: Path, flag: str, *, force: bool = False, inputs: tuple[Path, ...] = ()) -> None:
     """Refuse an output file before any work: a directory, one of the command's `inputs` (even
-    with --force), any place inside a `protected` directory or another dataset or run directory
-    (their files are theirs: even a new file there could shadow one they write later), an
-    existing file without `force`, or a destination under no writable directory (missing parent
-    folders are created when it is written)."""
+    with --force), any place inside a dataset or run directory (the run's and its data set's own
+    files included), an existing file without `force`, or a destination under no writable
+    directory."""
     path = Path(path)
     if path.is_dir():
         raise HnvmError(f"{flag} {path}: is a directory; give a file name")
     target = path.resolve()
     if any(target == Path(i).resolve() for i in inputs):
         raise HnvmError(f"{flag} {path}: is the command's own input; write to another file")
-    for d in protected:
-        if Path(d).resolve() in target.parents:
-            raise HnvmError(f"{flag} {path}: is inside {d}, whose files are its own; write elsewhere")
-    above = _managed_dir_above(target)
-    if above is not None:
-        raise HnvmError(f"{flag} {path}: is inside the {kind_of_dir(above)} directory {above}; write elsewhere")
+    refuse_inside_managed_dir(path, flag)
     if path.exists() and not force:
         raise HnvmError(f"{flag} {path}: exists (use --force to replace it)")
-    parent = path.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise HnvmError(f"{flag} {path}: {parent} is not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise HnvmError(f"{flag} {path}: {parent} is not writable")
+    check_writable_parent(path, flag)
 
 
 def _check_events(path: Path, ev: pl.DataFrame, n_items: int, n_users: int) -> None:
@@ -266,10 +277,7 @@ class Dataset:
             raise HnvmError(f"{path}: not a dataset directory (run `hnvm prepare` first)")
         if not meta_path.exists():
             raise HnvmError(f"{path}: no meta.json; not a dataset directory made by `hnvm prepare`")
-        try:
-            meta = json.loads(meta_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise HnvmError(f"{meta_path}: not valid JSON ({exc})") from exc
+        meta = read_json_object(meta_path, "dataset meta file", "; re-run `hnvm prepare`")
         if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
             raise HnvmError(
                 f"{path}: dataset format {meta.get('format')!r} version "

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 
+from hnvm.errors import HnvmError, one_line
+
 if TYPE_CHECKING:
     from hnvm.data.store import Dataset
 
@@ -116,32 +118,16 @@ def save_model_files(path: Path, name: str, config: dict[str, Any], tensors: dic
     os.replace(tmpj, path / "model.json")
 
 
-def _one_line(exc: BaseException, limit: int = 300) -> str:
-    """An exception as one line of at most `limit` characters (torch lists every key)."""
-    text = " ".join(f"{type(exc).__name__}: {exc}".split())
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
 def _read_model_json(mj: Path) -> dict[str, Any]:
-    import json
+    from hnvm.data.store import read_json_object
 
-    from hnvm.errors import HnvmError
-
-    try:
-        meta = json.loads(mj.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise HnvmError(f"{mj}: damaged model file ({_one_line(exc)}); retrain the run with --force") from exc
-    if not isinstance(meta, dict):
-        raise HnvmError(f"{mj}: damaged model file (not a JSON object); retrain the run with --force")
-    return meta
+    return read_json_object(mj, "model file", "; retrain the run with --force")
 
 
 def load_model_files(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Inverse of save_model_files: (model.json contents, tensors). A damaged file is a
     one-line HnvmError naming it."""
     from safetensors.torch import load_file
-
-    from hnvm.errors import HnvmError
 
     mj, st = path / "model.json", path / "model.safetensors"
     if not mj.exists() or not st.exists():
@@ -150,15 +136,13 @@ def load_model_files(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor
     try:
         tensors = load_file(str(st))
     except Exception as exc:  # safetensors raises its own error types for truncated / garbled files
-        raise HnvmError(f"{st}: damaged model file ({_one_line(exc)}); retrain the run with --force") from exc
+        raise HnvmError(f"{st}: damaged model file ({one_line(exc)}); retrain the run with --force") from exc
     return meta, tensors
 
 
 def load_model(path: Path) -> Recommender:
     """Load any registered model saved with `save`; a damaged or mismatched model is a one-line
     HnvmError naming the file, never a traceback."""
-    from hnvm.errors import HnvmError
-
     mj = Path(path) / "model.json"
     if not mj.exists():
         raise HnvmError(f"{path}: no model.json (not a saved model)")
@@ -172,7 +156,7 @@ def load_model(path: Path) -> Recommender:
         raise
     except Exception as exc:  # missing/odd keys, shapes that do not fit the config: the files disagree
         raise HnvmError(f"{path}: damaged model files (model.json and model.safetensors do not fit "
-                        f"together: {_one_line(exc)}); retrain the run with --force") from exc
+                        f"together: {one_line(exc)}); retrain the run with --force") from exc
 
 
 class NetPersistence:

@@ -23,6 +23,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import suppress
 from pathlib import Path
 
+from hnvm.data.store import check_writable_parent, refuse_inside_managed_dir
 from hnvm.errors import HnvmError
 from hnvm.serve.state import Event
 
@@ -46,17 +47,6 @@ SQLITE_MAGIC = b"SQLite format 3\x00"
 EVENT_TABLES = frozenset({"events", "meta"})
 
 
-def _managed_dir_holding(path: Path) -> tuple[Path, str] | None:
-    """The nearest dataset or run directory that holds `path`, with its kind."""
-    from hnvm.data.store import kind_of_dir
-
-    for d in Path(path).resolve().parents:
-        kind = kind_of_dir(d)
-        if kind is not None:
-            return d, kind
-    return None
-
-
 def check_db_path(path: str | Path, flag: str = "--db") -> None:
     """Refuse an event-log path before anything is created: a directory; any place inside a
     dataset or run directory (their files are theirs, and a new file there breaks them later);
@@ -65,10 +55,7 @@ def check_db_path(path: str | Path, flag: str = "--db") -> None:
     path = Path(path)
     if path.is_dir():
         raise HnvmError(f"{flag} {path}: is a directory; --db names the SQLite file")
-    above = _managed_dir_holding(path)
-    if above is not None:
-        raise HnvmError(f"{flag} {path}: is inside the {above[1]} directory {above[0]}, whose files are its own; "
-                        "keep the event log elsewhere")
+    refuse_inside_managed_dir(path, flag)
     if path.exists():
         try:
             with open(path, "rb") as fh:
@@ -78,11 +65,7 @@ def check_db_path(path: str | Path, flag: str = "--db") -> None:
         if head and head != SQLITE_MAGIC:
             raise HnvmError(f"{flag} {path}: exists and is not an SQLite event log; give a new file name or "
                             "the event log of an earlier `hnvm serve`")
-    parent = path.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise HnvmError(f"{flag} {path}: {parent} is not a directory")
+    check_writable_parent(path, flag)
 
 
 class EventLog:
