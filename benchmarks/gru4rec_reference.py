@@ -13,7 +13,7 @@ data set):
   `configs/gru4rec_instacart.toml` (`session_order = id`) and handed to the reference as its
   DataFrame (SessionId, ItemId, Time), with Time increasing along that order, so that the
   reference's time-ordered iterator visits exactly the same sessions in the same order;
-* both implementations train with the same hyper-parameters (the rows of shared/data/README.md:
+* both implementations train with the same hyper-parameters (the rows of docs/design.md, "Reference figures":
   bpr-max, 100 units, batch 64, n_sample 2048, sample_alpha 0.4, lr 0.05, momentum 0.4, dropout
   0.5 / 0.05, bpreg 1.95, elu 0.5, constrained embedding; and the cross-entropy row) on the CPU
   with one torch thread (`--threads`);
@@ -59,12 +59,13 @@ from hnvm.data.prepare import prepare
 from hnvm.data.samples import instacart_sample_path
 from hnvm.data.store import Dataset
 from hnvm.evaluate import evaluate_next_item
-from hnvm.models.gru4rec import GRU4Rec, GRU4RecConfig, training_order
-from hnvm.train import TrainConfig
+from hnvm.models.gru4rec import GRU4Rec, GRU4RecConfig
+from hnvm.models.gru4rec_net import training_order
+from hnvm.training import TrainConfig
 
 REFERENCE_URL = "https://github.com/hidasib/GRU4Rec_PyTorch_Official"
 
-# the two rows of shared/data/README.md, in the reference's own parameter names
+# the two rows of docs/design.md, "Reference figures", in the reference's own parameter names
 SETTINGS: dict[str, dict[str, Any]] = {
     "bpr-max": dict(layers=[100], loss="bpr-max", batch_size=64, dropout_p_embed=0.5, dropout_p_hidden=0.05,
                     learning_rate=0.05, momentum=0.4, sample_alpha=0.4, n_sample=2048, embedding=0,
@@ -191,13 +192,13 @@ def run_ours(ds: Dataset, p: dict[str, Any], epochs: int, seed: int) -> Run:
     cfg, train = our_config(p)
     model = GRU4Rec(cfg)
     ends = _EpochEnds()
-    logger = logging.getLogger("hnvm.train")
+    logger = logging.getLogger("hnvm.training.loop")
     level = logger.level
     logger.addHandler(ends)
     logger.setLevel(logging.INFO)
     try:
         c0, t0 = time.process_time(), time.perf_counter()
-        model.fit(ds, None, train_cfg=TrainConfig(epochs=epochs, seed=seed, **train))
+        model.fit(ds, train_cfg=TrainConfig(epochs=epochs, seed=seed, **train))
         wall = time.perf_counter() - t0
     finally:
         logger.removeHandler(ends)

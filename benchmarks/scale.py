@@ -65,7 +65,7 @@ def point(n_items: int, n_users: int, steps: int, eval_targets: int, dense: bool
     from hnvm.evaluate import MAX_SCORES
     from hnvm.metrics import conservative_ranks
     from hnvm.models.hnvm import HNVM, HNVMConfig
-    from hnvm.train import TrainConfig, make_optimizer
+    from hnvm.training import TrainConfig, make_optimizer
 
     torch.manual_seed(0)
     t0 = time.perf_counter()
@@ -75,7 +75,7 @@ def point(n_items: int, n_users: int, steps: int, eval_targets: int, dense: bool
     rss_data = rss_mib()
     cfg = HNVMConfig(batch_size=32, window=4, n_negatives=1024, sparse=not dense)  # H = 100
     model = HNVM(cfg)
-    trainable = model._trainable(ds)
+    trainable = model.trainable(ds, seq, TrainConfig())
     opt = make_optimizer(trainable.module, TrainConfig(optimizer="adam"))
     n_targets, elapsed = 0, 0.0
     # a step is one batch; cycle over epochs when the data holds fewer than `steps` batches

@@ -80,8 +80,8 @@ def untrained_run(ds: object, data: Path, run: Path) -> None:
     from hnvm.config import as_dict
     from hnvm.data.store import write_json
     from hnvm.models.hnvm import HNVM
-    from hnvm.runs import RUN_FORMAT, RUN_VERSION, vocab_digest
-    from hnvm.train import TrainConfig
+    from hnvm.rundir import RUN_FORMAT, RUN_VERSION, vocab_digest
+    from hnvm.training import TrainConfig
 
     torch.manual_seed(0)
     m = HNVM()

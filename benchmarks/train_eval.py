@@ -34,7 +34,7 @@ from hnvm.data.store import Dataset
 from hnvm.distributed import resolve_device, to_device
 from hnvm.metrics import conservative_ranks
 from hnvm.models.base import get_model_class
-from hnvm.train import TrainConfig, make_optimizer
+from hnvm.training import TrainConfig, make_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,13 +80,13 @@ def _sync(device: torch.device) -> None:
 def train_throughput(model: object, ds: Dataset, steps: int, device: torch.device | None = None,
                      optimizer: str = "adagrad") -> tuple[float, int, object] | None:
     """Target items per second of forward + backward + optimizer step (None: not trained by SGD).
-    Models trained by the generic Trainer expose `_trainable(dataset)`. On CUDA the forward
-    pass runs under bf16 autocast, as the Trainer does."""
-    make = getattr(model, "_trainable", None)
+    Models trained by the generic Trainer expose `trainable(dataset, seq, cfg)`. On CUDA the
+    forward pass runs under bf16 autocast, as the Trainer does."""
+    make = getattr(model, "trainable", None)
     if make is None:
         return None
     device = device or torch.device("cpu")
-    trainable = make(ds)
+    trainable = make(ds, Sequences.from_events(ds.events, ds.n_users), TrainConfig(optimizer=optimizer))
     trainable.module.to(device)
     if callable(getattr(trainable, "to", None)):
         trainable.to(device)
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
                 # one epoch of the model's own fit (setup included), no validation
                 model = model_for(mname, paper=not args.default_config, dense=args.dense)
                 t0 = time.perf_counter()
-                model.fit(ds, None, train_cfg=TrainConfig(epochs=1, patience=0, device=str(device.type)))  # type: ignore[attr-defined]
+                model.fit(ds, train_cfg=TrainConfig(epochs=1, patience=0, device=str(device.type)))  # type: ignore[attr-defined]
                 fit_s = time.perf_counter() - t0
                 print(f"{mname:>10}: 1-epoch fit {fit_s:7.2f}s = {n_train / fit_s:>9,.0f} train events/s")
             if device.type != "cpu" and getattr(model, "net", None) is not None:

@@ -19,7 +19,7 @@ from hnvm.models.itemknn import TIE_EPS, ItemKNN, ItemKNNConfig
 from hnvm.models.ncf import NCF, NCFConfig
 from hnvm.models.pop import Pop
 from hnvm.models.sknn import SKNN, SKNNConfig
-from hnvm.train import TrainConfig
+from hnvm.training import TrainConfig
 
 A, B, C, D, E = 1, 2, 3, 4, 5  # raw ids; internal ids are the same (sorted, from 1)
 
@@ -230,7 +230,7 @@ def test_knn_beats_pop_on_sequential_data(model, sequential) -> None:
 def test_factor_models_learn_user_taste(model, tasteful) -> None:
     ds, seq = tasteful
     pop = recall5(Pop().fit(ds), seq, "next-session")  # about .08
-    model.fit(ds, None, train_cfg=TrainConfig(epochs=4, lr=0.01, seed=0))  # about .6
+    model.fit(ds, train_cfg=TrainConfig(epochs=4, lr=0.01, seed=0))  # about .6
     assert recall5(model, seq, "next-session") > 3 * pop
 
 
@@ -250,7 +250,7 @@ def test_negatives_avoid_the_users_positives(tiny) -> None:
 
 
 def test_itemknn_reproduces_the_instacart_reference() -> None:
-    """data/README.md: item cosine co-occurrence with the last item, Instacart sample."""
+    """docs/design.md, "Reference figures": item cosine co-occurrence with the last item, Instacart sample."""
     from hnvm.data.readers import read_events
     from hnvm.data.samples import instacart_sample_path
 

@@ -28,7 +28,8 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     assert res["dataset"]["users"] == 589
     item, sess = res["results"]["next-item"], res["results"]["next-session"]
     assert set(item["models"]) == set(sess["models"]) == {"pop", "ptopfreq", "bprmf"}
-    # the reference figures of the sample (shared/data/README.md): POP next item and P-TopFreq next session
+    # the reference figures of the sample (docs/design.md, "Reference figures"):
+    # POP next item and P-TopFreq next session
     assert item["models"]["pop"]["metrics"]["recall@5"] == pytest.approx(0.0466, abs=5e-5)
     # the reference's .2735 orders items still tied after popularity (equal own count and equal
     # train count) by id; the conservative rule of both tasks ranks every tied item above a

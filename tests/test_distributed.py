@@ -21,7 +21,8 @@ import torch
 import torch.multiprocessing as mp
 
 from hnvm.distributed import DistContext, shard_indices
-from hnvm.train import TrainConfig
+from hnvm.evaluate import NEXT_ITEM_VALIDATION
+from hnvm.training import TrainConfig
 
 WORLD = 2
 HNVM_FAST = {"hidden": 16, "emb_dim": 16, "d_e": 4, "d_z": 4, "mlp_hidden": 16, "n_negatives": 32,
@@ -74,7 +75,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     tensors: dict[str, torch.Tensor] = {}
     torch.manual_seed(0)
     m = _model("hnvm", {**HNVM_FAST, "batch_size": HNVM_BATCH})
-    m.fit(ds, ds, train_cfg=HNVM_TRAIN, run_dir=out_dir / "hnvm")
+    m.fit(ds, validation=NEXT_ITEM_VALIDATION, train_cfg=HNVM_TRAIN, run_dir=out_dir / "hnvm")
     item = evaluate_next_item(m, seq, "test", keep_ranks=True, max_targets=64)
     sess = evaluate_next_session(m, seq, "test", keep_ranks=True, max_users=16)
     report["hnvm"] = {"history": m.result_.history, "test": item.metrics, "session": sess.metrics}
@@ -86,7 +87,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     for name, kw in OTHERS.items():
         torch.manual_seed(0)
         m = _model(name, kw)
-        m.fit(ds, None, train_cfg=TrainConfig(epochs=1, optimizer="adagrad" if name == "gru4rec" else "adam",
+        m.fit(ds, train_cfg=TrainConfig(epochs=1, optimizer="adagrad" if name == "gru4rec" else "adam",
                                               lr=0.01, seed=1, device="cpu"))
         tensors[name] = _flat(m)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(out_dir / f"params{rank}.safetensors"))
@@ -147,7 +148,7 @@ def test_matches_single_process_with_the_same_global_batch(two_ranks) -> None:
     seq = Sequences.from_events(ds.events, ds.n_users)
     torch.manual_seed(0)
     m = _model("hnvm", {**HNVM_FAST, "batch_size": WORLD * HNVM_BATCH})
-    m.fit(ds, ds, train_cfg=HNVM_TRAIN)
+    m.fit(ds, validation=NEXT_ITEM_VALIDATION, train_cfg=HNVM_TRAIN)
     single = evaluate_next_item(m, seq, "test").metrics
     multi = reports[0]["hnvm"]["test"]
     # same number of steps and data; only the sampled negatives / dropout noise differ
@@ -221,7 +222,7 @@ def test_torchrun_command_line(tmp_path: Path) -> None:
 
 def test_trainer_strides_over_a_trainable_that_does_not_shard_itself() -> None:
     from hnvm.distributed import DistContext
-    from hnvm.train import Trainer, _takes_shard
+    from hnvm.training.loop import Trainer, _takes_shard
 
     class Plain:
         module = torch.nn.Linear(1, 1)

@@ -17,9 +17,9 @@ import torch
 
 from hnvm.data.batches import Sequences
 from hnvm.data.samples import synthetic_dataset
-from hnvm.evaluate import evaluate_next_item, evaluate_next_session
+from hnvm.evaluate import NEXT_ITEM_VALIDATION, evaluate_next_item, evaluate_next_session
 from hnvm.models.base import get_model_class
-from hnvm.train import TrainConfig
+from hnvm.training import TrainConfig
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -51,8 +51,8 @@ def _make(name: str):
 def test_trains_on_cuda_and_scores_like_a_cpu_copy(name: str, optimizer: str, tiny) -> None:
     ds, seq = tiny
     torch.manual_seed(0)
-    m = _make(name).fit(ds, ds, train_cfg=TrainConfig(epochs=2, optimizer=optimizer, lr=0.01,
-                                                      device="cuda", bf16=True))
+    m = _make(name).fit(ds, validation=NEXT_ITEM_VALIDATION,
+                        train_cfg=TrainConfig(epochs=2, optimizer=optimizer, lr=0.01, device="cuda", bf16=True))
     assert m.device.type == "cuda"
     hist = m.result_.history
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in hist)
@@ -70,7 +70,7 @@ def test_trains_on_cuda_and_scores_like_a_cpu_copy(name: str, optimizer: str, ti
 def test_hnvm_sparse_tables_on_cuda(tiny) -> None:
     ds, _ = tiny
     torch.manual_seed(0)
-    m = _make("hnvm").fit(ds, None, train_cfg=TrainConfig(epochs=1, device="cuda"))
+    m = _make("hnvm").fit(ds, train_cfg=TrainConfig(epochs=1, device="cuda"))
     assert m.net.item_emb.sparse and m.net.out.sparse  # one process: sparse updates on CUDA too
     assert m.net.out.weight.is_cuda
 
@@ -81,7 +81,7 @@ def test_bf16_autocast_loss_is_close_to_fp32(tiny) -> None:
     ds, _ = tiny
     torch.manual_seed(0)
     m = _make("hnvm")
-    tr = m._trainable(ds)
+    tr = m.trainable(ds, Sequences.from_events(ds.events, ds.n_users), TrainConfig())
     tr.module.cuda()
     tr.to(torch.device("cuda"))
     tr.module.eval()  # no dropout: compare one forward in both precisions

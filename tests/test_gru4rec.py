@@ -11,19 +11,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from hnvm.contract import Batch
 from hnvm.data.batches import Sequences
 from hnvm.data.samples import synthetic_dataset
 from hnvm.errors import ConfigError
 from hnvm.evaluate import evaluate_next_item
-from hnvm.models.base import Batch
-from hnvm.models.gru4rec import (
-    GRU4Rec,
-    GRU4RecConfig,
+from hnvm.models.gru4rec import GRU4Rec, GRU4RecConfig, _GRU4RecTrainable
+from hnvm.models.gru4rec_net import (
     GRU4RecNet,
     PopularitySampleCache,
-    _GRU4RecTrainable,
-    bpr_max_loss,
-    cross_entropy_loss,
+    in_batch_bpr_max_loss,
+    in_batch_cross_entropy_loss,
     lookup,
     session_parallel_steps,
     training_order,
@@ -32,7 +30,7 @@ from hnvm.models.layers import bpr_max_loss as shared_bpr_max
 from hnvm.models.layers import sampled_softmax_loss
 from hnvm.models.pop import Pop
 from hnvm.runs import resolve_config
-from hnvm.train import AdagradMomentum, TrainConfig
+from hnvm.training import AdagradMomentum, TrainConfig
 
 SMALL = dict(layers=(24,), batch_size=8, n_sample=16, sample_cache_size=2048)
 
@@ -132,12 +130,12 @@ def test_bpr_max_hand_values() -> None:
     # one negative per row: softmax weight 1 -> -log σ(target - neg) + bpreg · neg²
     want = (-math.log(1 / (1 + math.exp(-(1.0 + 2.0)))) + 0.5 * 4.0
             - math.log(1 / (1 + math.exp(-(3.0 - 0.5)))) + 0.5 * 0.25)
-    assert bpr_max_loss(s, bpreg=0.5, elu_p=0.0).item() == pytest.approx(want, rel=1e-6)
+    assert in_batch_bpr_max_loss(s, bpreg=0.5, elu_p=0.0).item() == pytest.approx(want, rel=1e-6)
     # the final ELU(elu_p) acts on every score first: -2 -> 0.5 (e^-2 - 1)
     e = 0.5 * (math.exp(-2.0) - 1.0)
     want_elu = (-math.log(1 / (1 + math.exp(-(1.0 - e)))) + 0.5 * e * e
                 - math.log(1 / (1 + math.exp(-(3.0 - 0.5)))) + 0.5 * 0.25)
-    assert bpr_max_loss(s, bpreg=0.5, elu_p=0.5).item() == pytest.approx(want_elu, rel=1e-6)
+    assert in_batch_bpr_max_loss(s, bpreg=0.5, elu_p=0.5).item() == pytest.approx(want_elu, rel=1e-6)
 
 
 def test_bpr_max_matches_the_shared_definition() -> None:
@@ -145,7 +143,7 @@ def test_bpr_max_matches_the_shared_definition() -> None:
     scores = torch.randn(6, 6 + 9, generator=g) * 2
     act = F.elu(scores, 0.5)
     want = shared_bpr_max(act.diagonal(), _off_diagonal(act), bpreg=1.95, reduction="sum")
-    torch.testing.assert_close(bpr_max_loss(scores, 1.95, 0.5), want)
+    torch.testing.assert_close(in_batch_bpr_max_loss(scores, 1.95, 0.5), want)
 
 
 def _bpr_max_autograd(scores: torch.Tensor, bpreg: float, elu_p: float) -> torch.Tensor:
@@ -168,26 +166,26 @@ def test_bpr_max_value_is_the_reference_s_and_its_closed_form_gradient_autograd_
     g = torch.Generator().manual_seed(shape[1])
     scores = torch.randn(*shape, generator=g) * 3
     a, b = scores.clone().requires_grad_(), scores.clone().requires_grad_()
-    want, got = _bpr_max_autograd(a, 1.95, elu_p), bpr_max_loss(b, 1.95, elu_p)
+    want, got = _bpr_max_autograd(a, 1.95, elu_p), in_batch_bpr_max_loss(b, 1.95, elu_p)
     assert torch.equal(got, want)  # the same operations: the same bits
     (want * 0.3).backward()
     (got * 0.3).backward()
     torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5)
     x = (torch.randn(3, 7, generator=g, dtype=torch.float64) * 2).requires_grad_()
-    assert torch.autograd.gradcheck(lambda z: bpr_max_loss(z, 0.7, elu_p), (x,))
+    assert torch.autograd.gradcheck(lambda z: in_batch_bpr_max_loss(z, 0.7, elu_p), (x,))
 
 
 def test_cross_entropy_with_logq_matches_the_shared_sampled_softmax() -> None:
     g = torch.Generator().manual_seed(1)
     scores = torch.randn(5, 5 + 7, generator=g)
     logq_cols = torch.rand(12, generator=g) * 3
-    got = cross_entropy_loss(scores, logq_cols, logq=1.0)
+    got = in_batch_cross_entropy_loss(scores, logq_cols, logq=1.0)
     lq = logq_cols.expand(5, -1)
     want = sampled_softmax_loss(scores.diagonal(), _off_diagonal(scores), lq.diagonal(),
                                 _off_diagonal(lq), reduction="sum")
     torch.testing.assert_close(got, want)
     plain = -torch.log_softmax(scores, 1).diagonal().sum()
-    torch.testing.assert_close(cross_entropy_loss(scores, logq_cols, logq=0.0), plain)
+    torch.testing.assert_close(in_batch_cross_entropy_loss(scores, logq_cols, logq=0.0), plain)
 
 
 def test_popularity_sampling_follows_count_to_the_alpha_and_is_cached() -> None:
@@ -355,7 +353,7 @@ def test_beats_pop_on_sequential_synthetic_data(loss: str) -> None:
     seq = Sequences.from_events(ds.events, ds.n_users)
     pop = evaluate_next_item(Pop().fit(ds), seq, "test").metrics["mrr@5"]
     m = GRU4Rec(GRU4RecConfig(**{**SMALL, "loss": loss, "layers": (32,), "batch_size": 32}))
-    m.fit(ds, None, train_cfg=TrainConfig(epochs=1, optimizer="adagrad", lr=0.1, momentum=0.3,
+    m.fit(ds, train_cfg=TrainConfig(epochs=1, optimizer="adagrad", lr=0.1, momentum=0.3,
                                           patience=0, seed=1))
     gru = evaluate_next_item(m, seq, "test").metrics["mrr@5"]
     assert gru > 3 * pop + 0.1, (gru, pop)  # seen: about 0.6 against 0.09

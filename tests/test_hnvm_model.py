@@ -15,11 +15,11 @@ from hnvm.data.batches import Sequences
 from hnvm.data.prepare import PrepareConfig
 from hnvm.data.samples import synthetic_dataset
 from hnvm.errors import ConfigError, HnvmError
-from hnvm.evaluate import evaluate_next_item, evaluate_next_session
+from hnvm.evaluate import NEXT_ITEM_VALIDATION, evaluate_next_item, evaluate_next_session
 from hnvm.models.hnvm import HNVM, HNVMConfig
 from hnvm.models.pop import Pop
 from hnvm.runs import evaluate_run, resolve_config, train_run
-from hnvm.train import TrainConfig, Trainer, TrainingDiverged
+from hnvm.training import TrainConfig, Trainer, TrainingDiverged
 
 SMALL = dict(hidden=32, emb_dim=32, d_e=8, d_z=8, mlp_hidden=32, n_negatives=64, batch_size=16)
 
@@ -31,7 +31,7 @@ def test_overfits_a_tiny_dataset() -> None:
                            config=PrepareConfig(min_item_support=1))
     seq = Sequences.from_events(ds.events, ds.n_users)
     m = HNVM(HNVMConfig(**{**SMALL, "dropout": 0.0}, loss="full-softmax", kl_anneal_steps=0))
-    m.fit(ds, None, train_cfg=TrainConfig(epochs=150, optimizer="adam", lr=0.02, patience=0))
+    m.fit(ds, train_cfg=TrainConfig(epochs=150, optimizer="adam", lr=0.02, patience=0))
     r = evaluate_next_item(m, seq, "train", ks=(1, 5))  # positions of sessions it was trained on
     assert r.metrics["recall@5"] >= 0.95, r.metrics
 
@@ -46,8 +46,8 @@ def synth():
 def test_beats_pop_and_history_blind_variant(synth) -> None:
     ds, seq = synth
     tc = TrainConfig(epochs=5, optimizer="adam", lr=0.005, patience=0, seed=1)
-    full = HNVM(HNVMConfig(**SMALL)).fit(ds, None, train_cfg=tc)
-    blind = HNVM(HNVMConfig(**SMALL, use_history=False, use_e=False)).fit(ds, None, train_cfg=tc)
+    full = HNVM(HNVMConfig(**SMALL)).fit(ds, train_cfg=tc)
+    blind = HNVM(HNVMConfig(**SMALL, use_history=False, use_e=False)).fit(ds, train_cfg=tc)
     pop = Pop().fit(ds)
     # next session from history only: the blind model cannot know the user's drifting interest
     r_full = evaluate_next_session(full, seq, "test").metrics["recall@20"]
@@ -65,8 +65,9 @@ def test_beats_pop_and_history_blind_variant(synth) -> None:
 def test_same_seed_same_metrics(synth, tmp_path: Path) -> None:
     ds, seq = synth
     tc = TrainConfig(epochs=1, seed=7)
-    a = evaluate_next_item(HNVM(HNVMConfig(**SMALL)).fit(ds, ds, train_cfg=tc), seq).metrics
-    b = evaluate_next_item(HNVM(HNVMConfig(**SMALL)).fit(ds, ds, train_cfg=tc), seq).metrics
+    v = NEXT_ITEM_VALIDATION
+    a = evaluate_next_item(HNVM(HNVMConfig(**SMALL)).fit(ds, validation=v, train_cfg=tc), seq).metrics
+    b = evaluate_next_item(HNVM(HNVMConfig(**SMALL)).fit(ds, validation=v, train_cfg=tc), seq).metrics
     assert a == b
 
 
@@ -226,7 +227,7 @@ def _with_unseen_users(ds, every: int = 5):
 
 
 def _empty_history(users: list[int]):
-    from hnvm.models.base import Batch
+    from hnvm.contract import Batch
 
     none = torch.zeros(0, dtype=torch.long)
     return Batch(torch.tensor(users), torch.zeros(len(users), 0, 1, dtype=torch.long), none, none)
@@ -240,9 +241,9 @@ def test_unknown_user_row_is_trained_and_seeded() -> None:
     tc = TrainConfig(epochs=2, lr=0.01, seed=3, patience=0)
     torch.manual_seed(tc.seed)  # fit builds the network right after seeding: the same initial rows
     init = HNVM(HNVMConfig(**SMALL))._build(ds.n_items, ds.n_users)
-    off = HNVM(HNVMConfig(**SMALL, unknown_user_rate=0.0)).fit(ds, ds, train_cfg=tc)
-    on = HNVM(HNVMConfig(**SMALL, unknown_user_rate=0.2)).fit(ds, ds, train_cfg=tc)
-    again = HNVM(HNVMConfig(**SMALL, unknown_user_rate=0.2)).fit(ds, ds, train_cfg=tc)
+    off = HNVM(HNVMConfig(**SMALL, unknown_user_rate=0.0)).fit(ds, validation=NEXT_ITEM_VALIDATION, train_cfg=tc)
+    on = HNVM(HNVMConfig(**SMALL, unknown_user_rate=0.2)).fit(ds, validation=NEXT_ITEM_VALIDATION, train_cfg=tc)
+    again = HNVM(HNVMConfig(**SMALL, unknown_user_rate=0.2)).fit(ds, validation=NEXT_ITEM_VALIDATION, train_cfg=tc)
     assert HNVMConfig().unknown_user_rate == 0  # the paper's training by default
     for name in USER_TABLES:
         start = getattr(init, name).weight[0]
@@ -312,9 +313,56 @@ def test_user_table_models_give_unknown_users_the_mean_user(name: str, tables: t
     ds, held = _with_unseen_users(synthetic_dataset(n_users=40, n_items=30, n_topics=3, seed=5,
                                                     config=PrepareConfig(min_item_support=1)))
     rc = resolve_config(name, None, [*sets, "train.epochs=1", "train.seed=2"])
-    m = get_model_class(name)(rc.model_config).fit(ds, ds, train_cfg=rc.train)
+    m = get_model_class(name)(rc.model_config).fit(ds, validation=NEXT_ITEM_VALIDATION, train_cfg=rc.train)
     trained = sorted(set(range(1, ds.n_users + 1)) - set(held))
     for t in tables:
         w = getattr(m.net, t).weight
         torch.testing.assert_close(w[0], w[trained].mean(0))
         assert torch.equal(w[held], w[0].expand(len(held), -1)), t
+
+
+def _session_row(sessions: list[list[int]]) -> torch.Tensor:
+    """Long[1, N, T]: one user's sessions, right-padded (one empty session if there are none)."""
+    out = torch.zeros(1, max(len(sessions), 1), max((len(s) for s in sessions), default=1), dtype=torch.long)
+    for j, s in enumerate(sessions):
+        out[0, j, : len(s)] = torch.tensor(s)
+    return out
+
+
+@pytest.mark.parametrize("overrides", [{}, {"max_len": 2}, {"use_z": False}, {"use_e": False, "use_history": False}])
+def test_online_steps_equal_score_and_score_sessions(overrides: dict[str, object]) -> None:
+    """The public online inference (fold sessions one by one, condition, decoder steps, score)
+    gives `score` (next item) and `score_sessions` (next session), for users with and without
+    history and for the unknown user 0."""
+    from hnvm.contract import Batch
+
+    ds = synthetic_dataset(n_users=20, n_items=25, n_topics=3, session_length=(2, 6), seed=3,
+                           config=PrepareConfig(min_item_support=1))
+    seq = Sequences.from_events(ds.events, ds.n_users)
+    m = HNVM(HNVMConfig(**{**SMALL, "n_negatives": 16}, **overrides)).fit(ds, train_cfg=TrainConfig(epochs=1, seed=1))
+    uid = max(range(1, ds.n_users + 1), key=lambda u: int(seq.user_end[u] - seq.user_first[u]))
+    sessions = [seq.session(s).tolist() for s in range(int(seq.user_first[uid]), int(seq.user_end[uid]))]
+    *hist, last = sessions
+    assert len(hist) >= 2 and max(map(len, hist)) > 2  # (max_len=2 trims a history session)
+    empty = torch.zeros(0, dtype=torch.long)
+    cases = [(uid, hist, last[:2], last[2] if len(last) > 2 else 1), (uid, hist, [], last[0]),
+             (uid, [], last[:3], 1), (0, [], [], 1), (0, hist[:1], [last[0]], 1)]
+    for user, past, prefix, target in cases:
+        users = torch.tensor([user])
+        h_con = m.initial_context(1)
+        for s in past:
+            h_con = m.fold_session(h_con, torch.tensor(s))
+        torch.testing.assert_close(h_con, m.encode_history(users, _session_row(past) if past else empty.view(1, 0, 1)),
+                                   atol=1e-5, rtol=1e-5)
+        cond = m.session_condition(m.general_preference(users), h_con)
+        h = m.decoder_step(m.bos, None, cond)
+        for item in prefix:
+            h = m.decoder_step(item, h, cond)
+        got = m.score_state(h)
+        batch = Batch(users, _session_row([*past, [*prefix, target]]), torch.tensor([0]), torch.tensor([len(prefix)]))
+        torch.testing.assert_close(got[:, 1:], m.score(batch)[:, 1:], atol=1e-5, rtol=1e-5)
+        if not prefix:
+            want = m.score_sessions(Batch(users, _session_row(past), empty, empty))
+            torch.testing.assert_close(got[:, 1:], want[:, 1:], atol=1e-5, rtol=1e-5)
+    weight, bias = m.output_layer()
+    torch.testing.assert_close(m.score_state(h), h @ weight.T + bias)

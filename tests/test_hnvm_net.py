@@ -4,7 +4,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from hnvm.models.hnvm import HNVMNet
+from hnvm.models.hnvm_net import HNVMNet
 from hnvm.models.layers import bpr_loss, full_softmax_loss
 
 N_ITEMS, N_USERS = 30, 5

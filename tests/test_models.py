@@ -11,8 +11,9 @@ import torch
 
 from hnvm.data.batches import Sequences, next_item_batches, next_session_batches
 from hnvm.data.samples import synthetic_dataset
+from hnvm.evaluate import NEXT_ITEM_VALIDATION
 from hnvm.models.base import REGISTRY, get_model_class, load_model
-from hnvm.train import TrainConfig
+from hnvm.training import TrainConfig
 
 get_model_class("pop")  # registers the built-in models
 
@@ -45,7 +46,7 @@ def make(name: str):
 
 def fit(name: str, ds):
     torch.manual_seed(0)
-    return make(name).fit(ds, ds, train_cfg=TRAIN)
+    return make(name).fit(ds, validation=NEXT_ITEM_VALIDATION, train_cfg=TRAIN)
 
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))

@@ -5,9 +5,9 @@ from __future__ import annotations
 import polars as pl
 import torch
 
+from hnvm.contract import Batch
 from hnvm.data.store import Dataset
 from hnvm.metrics import topk_items
-from hnvm.models.base import Batch
 from hnvm.models.pop import Pop
 from hnvm.models.ptopfreq import PTopFreq
 

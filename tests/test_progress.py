@@ -10,6 +10,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -80,11 +81,11 @@ def test_progress_off_prints_no_progress(data: Path, tmp_path: Path) -> None:
 
 def test_the_library_reports_to_a_callback_and_never_prints(data: Path, tmp_path: Path,
                                                            capfd: pytest.CaptureFixture[str]) -> None:
-    from hnvm.train import Progress, report_progress
+    from hnvm.training import Progress
 
     seen: list[Progress] = []
-    with report_progress(seen.append):
-        train_run(data, "bprmf", tmp_path / "a", overrides=["train.epochs=2", "model.dim=8"], show_progress=True)
+    train_run(data, "bprmf", tmp_path / "a", overrides=["train.epochs=2", "model.dim=8"], show_progress=True,
+              on_progress=seen.append)
     train_run(data, "bprmf", tmp_path / "b", overrides=["train.epochs=1", "model.dim=8"], show_progress=True)
     out, err = capfd.readouterr()
     assert out == "" and err == ""  # no bar, no line: showing progress is the caller's business
@@ -103,9 +104,10 @@ def test_demo_under_a_pipe_prints_plain_lines(data: Path, tmp_path: Path, monkey
     import hnvm.demo
     from hnvm.errors import HnvmError
 
-    def short_demo(out: Path, on_step: Callable[[str], None]) -> None:  # the demo's calls, on a tiny data set
-        on_step("preparing the Instacart sample")
-        train_run(data, "bprmf", out / "runs" / "bprmf", overrides=["train.epochs=2", "model.dim=8"])
+    def short_demo(out: Path, on_step: Callable[[str], None], on_progress: Callable[[Any], None]) -> None:
+        on_step("preparing the Instacart sample")  # the demo's calls, on a tiny data set
+        train_run(data, "bprmf", out / "runs" / "bprmf", overrides=["train.epochs=2", "model.dim=8"],
+                  on_progress=on_progress)
         raise HnvmError("stopped after one model")
 
     monkeypatch.setattr(hnvm.demo, "run_demo", short_demo)

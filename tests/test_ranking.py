@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from hnvm.errors import HnvmError
-from hnvm.serve.ranking import _U, Bf16Shortlist, LinearRanker
-from hnvm.serve.state import Engine, Event, Query, top_k
+from hnvm.online import Engine, Event, Query
+from hnvm.online.ranking import _U, Bf16Shortlist, LinearRanker, top_k
 
 
 def _weights(n: int, hidden: int, seed: int, spread: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,7 +147,7 @@ def test_engine_bf16_recommends_what_exact_does() -> None:
 
 
 def test_rank_process_ranks_what_the_parent_would() -> None:
-    from hnvm.serve.worker import RankWorker
+    from hnvm.online.worker import RankWorker
 
     w, b = _weights(3000, 24, seed=11)
     for bf16 in (False, True):

@@ -12,9 +12,9 @@ from typer.testing import CliRunner, Result
 from hnvm.cli import app
 from hnvm.data.samples import synthetic_dataset
 from hnvm.errors import HnvmError, InputError
+from hnvm.online import Engine
 from hnvm.recommend import parse_items, parse_session, recommend_batch, recommend_user
 from hnvm.runs import train_run
-from hnvm.serve.state import Engine
 
 runner = CliRunner()
 

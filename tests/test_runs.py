@@ -21,7 +21,8 @@ from hnvm.data.samples import synthetic_log
 from hnvm.data.splits import SPLIT_DTYPE
 from hnvm.data.store import Dataset
 from hnvm.errors import HnvmError
-from hnvm.runs import evaluate_run, load_run, train_digest, train_run
+from hnvm.rundir import load_run, train_digest
+from hnvm.runs import evaluate_run, train_run
 
 runner = CliRunner()
 BPR = ["model.dim=8", "train.epochs=1", "train.patience=0"]
@@ -147,7 +148,7 @@ def test_run_without_train_digest_falls_back_to_the_vocabulary(data: Path, tmp_p
     cfg = json.loads((run / "config.json").read_text())
     del cfg["dataset"]["train_sha256"]  # a run written before the digest existed
     (run / "config.json").write_text(json.dumps(cfg))
-    with caplog.at_level(logging.WARNING, logger="hnvm.runs"):
+    with caplog.at_level(logging.WARNING, logger="hnvm.rundir"):
         res = evaluate_run(run)
     assert res.n_targets > 0 and "only the vocabulary" in caplog.text
 
@@ -365,7 +366,7 @@ def test_evaluate_a_split_without_targets_is_one_line(data: Path, tmp_path: Path
 def test_training_without_validation_sessions_warns_and_keeps_the_last_epoch(
         data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     nv = _relabelled(data, tmp_path / "nv", valid_to_train=True)
-    with caplog.at_level(logging.WARNING, logger="hnvm.train"):
+    with caplog.at_level(logging.WARNING, logger="hnvm.training.loop"):
         _train(nv, "bprmf", tmp_path / "run", ["model.dim=8", "train.epochs=2"])
     assert "no validation" in caplog.text
     log = [json.loads(x) for x in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]

@@ -15,7 +15,7 @@ from hnvm.models.caser import Caser, CaserConfig, CaserNet, last_items, training
 from hnvm.models.hrnn import HRNN, HRNNConfig, HRNNNet
 from hnvm.models.pop import Pop
 from hnvm.models.stamp import STAMP, STAMPConfig
-from hnvm.train import TrainConfig
+from hnvm.training import TrainConfig
 
 # ---- HRNN ----------------------------------------------------------------------------------------
 
@@ -155,7 +155,7 @@ def synth():
 ], ids=["hrnn", "caser", "stamp"])
 def test_beats_pop_next_item(model, epochs: int, lr: float, synth) -> None:
     ds, seq, mrr_pop = synth
-    model.fit(ds, None, train_cfg=TrainConfig(epochs=epochs, optimizer="adam", lr=lr, patience=0,
+    model.fit(ds, train_cfg=TrainConfig(epochs=epochs, optimizer="adam", lr=lr, patience=0,
                                               seed=1))
     mrr = evaluate_next_item(model, seq, "test").metrics["mrr@5"]
     assert mrr > 3 * mrr_pop, (mrr, mrr_pop)

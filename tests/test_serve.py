@@ -21,12 +21,15 @@ import psutil
 import pytest
 import torch
 
+from hnvm.contract import Batch
 from hnvm.data.samples import synthetic_dataset
 from hnvm.errors import HnvmError
-from hnvm.models.base import REGISTRY, Batch, get_model_class
+from hnvm.models.base import REGISTRY, get_model_class
+from hnvm.online import Engine, Event, Query
 from hnvm.runs import train_run
-from hnvm.serve.app import Limits, Service, create_app
-from hnvm.serve.state import Engine, Event, Query
+from hnvm.serve.app import create_app
+from hnvm.serve.schemas import Limits
+from hnvm.serve.service import Service
 from hnvm.serve.store import EventLog
 
 with warnings.catch_warnings():  # starlette suggests httpx2; httpx is what it supports today
@@ -71,7 +74,7 @@ def items_of(engine: Engine, n: int, start: int = 1) -> list[str]:
 
 def _model_scores(engine: Engine, uid: int, sessions: list[list[int]], prefix: list[int]) -> torch.Tensor:
     """The model's own scoring of the same history (what `hnvm evaluate` calls)."""
-    from hnvm.serve.state import _pad
+    from hnvm.online.scorers import pad_sessions as _pad
 
     m = engine.model
     if not prefix:
@@ -311,7 +314,7 @@ def test_good_requests_and_docs(svc: TestClient) -> None:
 
 
 def test_recommend_fast_path_answers_as_the_route(svc: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
-    from hnvm.serve.app import _FastRecommend
+    from hnvm.serve.asgi import FastRecommend as _FastRecommend
 
     eng: Engine = svc.app.state.service.engine  # type: ignore[attr-defined]
     seen: list[object] = []
@@ -401,7 +404,7 @@ def test_kill_9_and_restart_give_the_same_recommendations(run_dir: Path, tmp_pat
 
 def test_fast_top_k_agrees_with_topk_items() -> None:
     from hnvm.metrics import topk_items
-    from hnvm.serve.state import top_k
+    from hnvm.online.ranking import top_k
 
     g = torch.Generator().manual_seed(0)
     for scores in (torch.randn(6, 50, generator=g), torch.randint(0, 4, (6, 50), generator=g).float()):  # ties
@@ -487,7 +490,7 @@ def test_numeric_ids_are_their_text_and_never_merge(svc: TestClient) -> None:
 
 
 def test_session_limit_counts_stored_and_request_items(svc: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
-    from hnvm.serve.app import _FastRecommend
+    from hnvm.serve.asgi import FastRecommend as _FastRecommend
 
     eng: Engine = svc.app.state.service.engine  # type: ignore[attr-defined]
     items = items_of(eng, 4)
@@ -519,8 +522,8 @@ def test_session_limit_rechecked_when_the_pass_runs(run_dir: Path, tmp_path: Pat
     over-long session (the engine checks again)."""
     import asyncio
 
-    from hnvm.serve.app import ServiceError
-    from hnvm.serve.state import QueryError
+    from hnvm.online import QueryError
+    from hnvm.serve.service import ServiceError
 
     svc = Service.open(run_dir, tmp_path / "ev.sqlite", limits=Limits(max_session_length=3))
     eng = svc.engine

@@ -15,10 +15,12 @@ from hnvm.data.batches import Sequences
 from hnvm.data.samples import synthetic_dataset
 from hnvm.distributed import resolve_device
 from hnvm.errors import HnvmError
-from hnvm.evaluate import evaluate_next_item, evaluate_next_session
-from hnvm.models.hnvm import HNVM, HNVMConfig, HNVMNet
+from hnvm.evaluate import NEXT_ITEM_VALIDATION, evaluate_next_item, evaluate_next_session
+from hnvm.models.hnvm import HNVM, HNVMConfig
+from hnvm.models.hnvm_net import HNVMNet
 from hnvm.models.layers import ItemOutput
-from hnvm.train import LazyAdam, TrainConfig, clip_grad_norm, make_optimizer, sparse_parameters
+from hnvm.training import LazyAdam, TrainConfig, clip_grad_norm, make_optimizer
+from hnvm.training.optim import sparse_parameters
 
 FAST = HNVMConfig(hidden=16, emb_dim=16, d_e=4, d_z=4, mlp_hidden=16, n_negatives=16, batch_size=16)
 
@@ -112,7 +114,7 @@ def test_hnvm_sparse_tables_same_forward_sparse_gradients(tiny) -> None:
     for (ka, a), (kb, b) in zip(nets[False].state_dict().items(), nets[True].state_dict().items(), strict=True):
         assert ka == kb and torch.equal(a, b)  # the same parameters, names and init
     m = HNVM(FAST)
-    tr = m._trainable(ds)
+    tr = m.trainable(ds, Sequences.from_events(ds.events, ds.n_users), TrainConfig())
     batch = next(iter(tr.train_batches(0, __import__("numpy").random.default_rng(0))))
     tr.loss(batch, 0)["loss"].backward()
     net = tr.module
@@ -127,7 +129,8 @@ def test_hnvm_sparse_and_dense_learn_alike(tiny) -> None:
     for sparse in (False, True):
         torch.manual_seed(0)
         m = HNVM(dataclasses.replace(FAST, sparse=sparse)).fit(
-            ds, ds, train_cfg=TrainConfig(epochs=3, optimizer="adam", lr=0.01, seed=3, patience=0))
+            ds, validation=NEXT_ITEM_VALIDATION,
+            train_cfg=TrainConfig(epochs=3, optimizer="adam", lr=0.01, seed=3, patience=0))
         scores[sparse] = evaluate_next_item(m, seq, "test").metrics["recall@20"]
     assert scores[True] > 0.2 and abs(scores[True] - scores[False]) < 0.1
 
@@ -159,7 +162,7 @@ def test_cuda_without_cuda_is_a_clear_error(tmp_path) -> None:
 def test_evaluation_chunks_are_bounded_and_do_not_change_metrics(tiny, monkeypatch) -> None:
     ds, seq = tiny
     torch.manual_seed(0)
-    m = HNVM(FAST).fit(ds, None, train_cfg=TrainConfig(epochs=1, seed=3))
+    m = HNVM(FAST).fit(ds, train_cfg=TrainConfig(epochs=1, seed=3))
     full = evaluate_next_item(m, seq, "test").metrics
     full_s = evaluate_next_session(m, seq, "test").metrics
     seen: list[int] = []

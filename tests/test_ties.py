@@ -1,7 +1,7 @@
 """One tie rule for both tasks, an export that reproduces every next-session number, and small
 catalogues (issue #12, items 3 and 7).
 
-Conservative ties (DESIGN §7): for a set of targets, every other item with an equal score,
+Conservative ties (docs/design.md, "Evaluation"): for a set of targets, every other item with an equal score,
 other targets included, ranks above each target, so item ids never decide a metric.
 """
 

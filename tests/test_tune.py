@@ -18,7 +18,8 @@ from hnvm.data.samples import synthetic_dataset
 from hnvm.errors import HnvmError
 from hnvm.models.base import get_model_class
 from hnvm.runs import resolve_config
-from hnvm.tune import Param, search_space, space_from_config, tune
+from hnvm.search_space import Param, search_space, space_from_config
+from hnvm.tune import tune
 
 TINY_HNVM = ["model.hidden=16", "model.emb_dim=16", "model.mlp_hidden=16", "model.d_e=4",
              "model.d_z=4", "model.n_negatives=32", "model.batch_size=32", "model.window=4",
@@ -155,7 +156,7 @@ def test_one_tiny_hnvm_trial(data: Path, tmp_path: Path) -> None:
 
 
 def test_first_trial_is_the_defaults(data: Path, tmp_path: Path) -> None:
-    from hnvm.tune import default_params
+    from hnvm.search_space import default_params
 
     space = search_space("itemknn")
     defaults = default_params("itemknn", space)
@@ -167,7 +168,7 @@ def test_first_trial_is_the_defaults(data: Path, tmp_path: Path) -> None:
 
 
 def test_default_params_clip_into_narrowed_ranges() -> None:
-    from hnvm.tune import default_params
+    from hnvm.search_space import default_params
 
     space = [Param("model.hidden", "int", 16, 64), Param("train.lr", "float", 0.01, 0.1, True),
              Param("train.optimizer", "categorical", choices=("adagrad", "adam"))]
@@ -179,13 +180,11 @@ def test_default_params_clip_into_narrowed_ranges() -> None:
 
 def test_epoch_observer_stops_training_and_trial_timeout(data: Path, tmp_path: Path) -> None:
     from hnvm.runs import make_model
-    from hnvm.train import observe_epochs
 
     rc = resolve_config("hnvm", None, [*TINY_HNVM, "train.epochs=5", "train.patience=5"])
     seen: list[int] = []
-    with observe_epochs(lambda epoch, record: seen.append(epoch) or epoch == 2):
-        make_model(rc).fit(synthetic_dataset(n_users=60, n_items=40, n_topics=4, seed=5), None,
-                           train_cfg=rc.train, run_dir=None)
+    make_model(rc).fit(synthetic_dataset(n_users=60, n_items=40, n_topics=4, seed=5), train_cfg=rc.train,
+                       on_epoch=lambda epoch, record: seen.append(epoch) or epoch == 2)
     assert seen == [1, 2]  # stopped after epoch 2 of 5
     # a trial timeout of 0 s: every trial ends after its first epoch, and still completes
     res = tune(data, "hnvm", tmp_path / "t", trials=2, base_overrides=[*TINY_HNVM[:-1], "train.epochs=4"],

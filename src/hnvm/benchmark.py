@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import time
@@ -25,12 +26,17 @@ import polars as pl
 import torch
 
 from hnvm import report
+from hnvm.atomic import atomic_file, atomic_json, atomic_text
 from hnvm.config import as_dict
 from hnvm.data.batches import Sequences
-from hnvm.data.store import Dataset, check_output_dir, write_json
+from hnvm.data.store import Dataset, check_output_dir
 from hnvm.errors import HnvmError, one_line
 from hnvm.metrics import DEFAULT_KS, pad_item_sets, per_user_session_rank_metrics
-from hnvm.runs import data_digest, evaluate_run, train_digest, train_run
+from hnvm.models import BUILTIN
+from hnvm.models.base import REGISTRY, get_model_class
+from hnvm.rundir import data_digest, train_digest
+from hnvm.runs import evaluate_run, resolve_config, train_run
+from hnvm.training import ProgressCallback
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +55,6 @@ BOTH = "both"  # --task both: OUT/next-item/ and OUT/next-session/ share OUT/run
 def all_models() -> list[str]:
     """Every registered model: the built-ins in the paper's order (baselines, then HNVM), then
     any others."""
-    from hnvm.models import BUILTIN
-    from hnvm.models.base import REGISTRY
 
     return [n for n in BUILTIN if n in REGISTRY] + [n for n in REGISTRY if n not in BUILTIN]
 
@@ -70,7 +74,6 @@ def parse_models(spec: str) -> list[str]:
 
 
 def _has_params(model: str) -> bool:
-    from hnvm.models.base import get_model_class
 
     return getattr(get_model_class(model), "config_class", None) is not None
 
@@ -159,6 +162,7 @@ class _Plan:
     include_first: bool
     show_progress: bool
     say: Callable[[str], None]
+    on_progress: ProgressCallback | None = None
 
 
 def _check_dir(path: Path, flag: str) -> None:
@@ -181,6 +185,7 @@ def _plan(
     tuned_dir: str | Path | None = None,
     model_overrides: dict[str, list[str]] | None = None,
     ds: Dataset | None = None,
+    on_progress: ProgressCallback | None = None,
 ) -> _Plan:
     """Everything of `run_benchmark` that can refuse, before anything is trained or written."""
     if task not in TASKS:
@@ -222,7 +227,7 @@ def _plan(
         if (out / "ranks" / f"{name}.parquet").is_dir():
             raise HnvmError(f"--out {out}: {out / 'ranks' / f'{name}.parquet'} is a directory; move it away")
     return _Plan(dataset, ds, task, out, runs, results, plan, include_first, show_progress,
-                 on_step or (lambda _msg: None))
+                 on_step or (lambda _msg: None), on_progress)
 
 
 def run_benchmark(
@@ -239,14 +244,17 @@ def run_benchmark(
     runs_dir: str | Path | None = None,
     tuned_dir: str | Path | None = None,
     model_overrides: dict[str, list[str]] | None = None,
+    on_progress: ProgressCallback | None = None,
 ) -> dict[str, Any]:
     """Train, evaluate and report each model; resumable. Returns the results.json content
     plus "significance" and "files".
 
     `runs_dir` / `tuned_dir` default to OUT/runs and OUT/tuned; `model_overrides` adds per-model
-    settings after the shared `overrides` (the demo's short schedules)."""
+    settings after the shared `overrides` (the demo's short schedules); `on_progress` gets the
+    training loop's progress reports."""
     return _execute(_plan(dataset, models, task, out, overrides, epochs, on_step, show_progress, include_first,
-                          runs_dir=runs_dir, tuned_dir=tuned_dir, model_overrides=model_overrides))
+                          runs_dir=runs_dir, tuned_dir=tuned_dir, model_overrides=model_overrides,
+                          on_progress=on_progress))
 
 
 def _execute(p: _Plan) -> dict[str, Any]:
@@ -280,18 +288,15 @@ def _execute(p: _Plan) -> dict[str, Any]:
             say(f"[{i}/{n_models}] training {name}" + ("" if tuned else " (untuned defaults)"))
             t0 = time.perf_counter()
             train_run(dataset, base, run_dir, config_path=tuned, overrides=settings, force=True,
-                      show_progress=show_progress)
+                      show_progress=show_progress, on_progress=p.on_progress, loaded=(ds, seq))
             train_s = time.perf_counter() - t0
-            write_json(run_dir / "train_time.json", {"train_s": round(train_s, 2)})
+            atomic_json(run_dir / "train_time.json", {"train_s": round(train_s, 2)})
         say(f"[{i}/{n_models}] evaluating {name}")
         t0 = time.perf_counter()
-        ev = evaluate_run(run_dir, task=task, export=ranks_path, include_first=include_first, force=True)
+        ev = evaluate_run(run_dir, task=task, keep_ranks=True, include_first=include_first, loaded=(ds, seq))
         eval_s = time.perf_counter() - t0
         assert ev.ranks is not None
-        ranks = _augment(ev.ranks, seq, task)
-        tmp = ranks_path.with_name(f".{ranks_path.name}.tmp")
-        ranks.write_parquet(tmp)
-        tmp.replace(ranks_path)
+        atomic_file(ranks_path, _augment(ev.ranks, seq, task).write_parquet)
         results["models"][name] = {
             "model": base, "config": str(tuned) if tuned else None,
             "untuned": tuned is None and _has_params(base),
@@ -299,17 +304,16 @@ def _execute(p: _Plan) -> dict[str, Any]:
             "train_s": round(train_s, 2), "eval_s": round(eval_s, 2),
             "resolved": resolved, "data": data_ref, "include_first": first,
         }
-        write_json(res_path, results)
+        atomic_json(res_path, results)
         log.info("%s: %s", name, {k: round(v, 4) for k, v in ev.metrics.items() if k.endswith("@5")})
     done = {n: results["models"][n] for n, *_ in p.models if n in results["models"]}
     files = _write_reports(out, done, task)
-    write_json(res_path, results)
+    atomic_json(res_path, results)
     return {**results, "significance": json.loads((out / "significance.json").read_text()), "files": files}
 
 
 def _resolved(model: str, config_path: Path | None, overrides: list[str]) -> dict[str, Any]:
     """The resolved settings of a model as a run's config.json stores them (JSON types)."""
-    from hnvm.runs import resolve_config
 
     rc = resolve_config(model, config_path, overrides)
     return json.loads(json.dumps({
@@ -349,13 +353,15 @@ def run_benchmarks(
     tuned_dir: str | Path | None = None,
     model_overrides: dict[str, list[str]] | None = None,
     data_in_out: bool = False,
+    on_progress: ProgressCallback | None = None,
 ) -> dict[str, dict[str, Any]]:
     """`run_benchmark` for one task, or for `both` (OUT/next-item, OUT/next-session; one training
     per model in OUT/runs, tuned configs from OUT/tuned). Returns {task: result}. An OUT holding
     the dataset is refused unless `data_in_out` (the demo keeps its data set in OUT by design)."""
     if task != BOTH:
         return {task: run_benchmark(dataset, models, task, out, overrides, epochs, on_step, show_progress,
-                                    include_first, tuned_dir=tuned_dir, model_overrides=model_overrides)}
+                                    include_first, tuned_dir=tuned_dir, model_overrides=model_overrides,
+                                    on_progress=on_progress)}
     out = Path(out)
     say = on_step or (lambda _msg: None)
     check_output_dir(out, "--out", inputs=() if data_in_out else (Path(dataset),))
@@ -364,7 +370,7 @@ def run_benchmarks(
     plans = [_plan(dataset, models, t, out / t, overrides, epochs, lambda m, t=t: say(f"{t}: {m}"),
                    show_progress, include_first, runs_dir=out / "runs",
                    tuned_dir=tuned_dir if tuned_dir is not None else out / "tuned",
-                   model_overrides=model_overrides, ds=ds) for t in TASKS]
+                   model_overrides=model_overrides, ds=ds, on_progress=on_progress) for t in TASKS]
     return {p.task: _execute(p) for p in plans}
 
 
@@ -387,7 +393,7 @@ def _fmt_p(p: Any) -> str:
 def _write_reports(out: Path, done: dict[str, Any], task: str) -> dict[str, str]:
     files: dict[str, str] = {}
     sig = _significance(out, done, task)
-    write_json(out / "significance.json", sig)
+    atomic_json(out / "significance.json", sig)
     title = "Next-item (Table 2 layout)" if task == "next-item" else "Next-session (Table 3 layout)"
     md = [f"## {title}: test split, full ranking, conservative ties", "",
           report.paper_table(done, task), "", "### Other cut-offs", "", report.cutoff_table(done), "",
@@ -399,15 +405,16 @@ def _write_reports(out: Path, done: dict[str, Any], task: str) -> dict[str, str]
                   f"mean difference = {sig['mean_diff']:+.4f}")
     else:
         md.append(f"Significance: {sig['note']}")
-    (out / "table.md").write_text("\n".join(md) + "\n", encoding="utf-8")
+    atomic_text(out / "table.md", "\n".join(md) + "\n")
     files["table"] = str(out / "table.md")
     metric_names = sorted({m for r in done.values() for m in r["metrics"]})
-    with open(out / "results.csv", "w", newline="", encoding="utf-8") as fh:
-        w = csv.writer(fh)
-        w.writerow(["model", "untuned", "n_targets", "train_s", "eval_s", *metric_names])
-        for n, r in done.items():
-            w.writerow([n, r["untuned"], r["n_targets"], r["train_s"], r["eval_s"],
-                        *(r["metrics"].get(m, "") for m in metric_names)])
+    rows = io.StringIO()
+    w = csv.writer(rows)
+    w.writerow(["model", "untuned", "n_targets", "train_s", "eval_s", *metric_names])
+    for n, r in done.items():
+        w.writerow([n, r["untuned"], r["n_targets"], r["train_s"], r["eval_s"],
+                    *(r["metrics"].get(m, "") for m in metric_names)])
+    atomic_text(out / "results.csv", rows.getvalue(), newline="")
     files["csv"] = str(out / "results.csv")
     if task == "next-item" and done:
         ranks = {n: pl.read_parquet(out / "ranks" / f"{n}.parquet") for n in done}

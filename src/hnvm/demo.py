@@ -22,6 +22,7 @@ from typing import Any
 from hnvm.benchmark import BOTH, all_models, run_benchmarks
 from hnvm.data.prepare import prepare
 from hnvm.data.samples import instacart_sample_path
+from hnvm.training import ProgressCallback
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,8 @@ def demo_config_dir() -> Path:
 
 
 def run_demo(out: Path, *, models: list[str] | None = None, epochs: dict[str, int] | None = None,
-             on_step: Callable[[str], None] | None = None, show_progress: bool = False) -> dict[str, Any]:
+             on_step: Callable[[str], None] | None = None, show_progress: bool = False,
+             on_progress: ProgressCallback | None = None) -> dict[str, Any]:
     """Returns {"dataset": stats, "results": {task: benchmark result}, "out": out}."""
     say = on_step or (lambda _msg: None)
     out = Path(out)
@@ -50,5 +52,5 @@ def run_demo(out: Path, *, models: list[str] | None = None, epochs: dict[str, in
     per_model = {m: [f"train.epochs={n}"] for m, n in caps.items()}
     results = run_benchmarks(data, models or all_models(), BOTH, out, on_step=say, show_progress=show_progress,
                              tuned_dir=demo_config_dir(), model_overrides=per_model,
-                             data_in_out=True)
+                             data_in_out=True, on_progress=on_progress)
     return {"dataset": ds.meta["stats"], "results": results, "out": str(out)}

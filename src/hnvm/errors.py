@@ -35,3 +35,7 @@ class InputError(HnvmError):
 
 class ConfigError(HnvmError):
     """An unknown configuration key or a value out of its range."""
+
+
+class NonFiniteScores(ValueError):
+    """A model produced NaN scores (during training: its parameters diverged)."""

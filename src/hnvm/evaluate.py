@@ -1,4 +1,4 @@
-"""Honest evaluation: full ranking over every train item, conservative ties (DESIGN §7).
+"""Honest evaluation: full ranking over every train item, conservative ties (docs/design.md, "Evaluation").
 
 Evaluation only calls `model.score` / `model.score_sessions` and ranks; it never sees model
 internals. Memory is bounded: a batch holds at most MAX_SCORES scores ([K, n_items + 1]),
@@ -20,6 +20,8 @@ import polars as pl
 import torch
 
 from hnvm import distributed
+from hnvm.atomic import atomic_file
+from hnvm.contract import Recommender
 from hnvm.data.batches import Sequences, next_item_batches, next_session_batches
 from hnvm.metrics import (
     DEFAULT_KS,
@@ -30,7 +32,6 @@ from hnvm.metrics import (
     session_target_ranks,
     topk_items,
 )
-from hnvm.models.base import Recommender
 
 log = logging.getLogger(__name__)
 
@@ -202,26 +203,57 @@ def evaluate_next_session(
         return EvalResult("next-session", split, {}, 0, time.perf_counter() - t0)
     ranks = pad_item_sets(tranks)  # [n_users, max |S|], 0 = padding
     metrics = session_rank_metrics(ranks, ks)
-    frame = None
-    if keep_ranks:
-        first = ranks.masked_fill(ranks == 0, torch.iinfo(torch.long).max).amin(dim=1)
-        frame = pl.DataFrame({
-            "user": users_t.numpy(),
-            "session": sids_t.numpy(),
-            "n_targets": np.array([len(s) for s in sets], dtype=np.int64),
-            "targets": [s.tolist() for s in sets],
-            "target_ranks": [r.tolist() for r in tranks],
-            "first_hit_rank": first.numpy(),
-            "topk": topk.numpy().tolist(),
-        }, schema_overrides={"targets": pl.List(pl.Int64), "target_ranks": pl.List(pl.Int64),
-                             "topk": pl.List(pl.Int64)})
+    frame = _session_frame(users_t, sids_t, sets, tranks, ranks, topk) if keep_ranks else None
     return EvalResult("next-session", split, metrics, len(sets), time.perf_counter() - t0, frame)
+
+
+def _session_frame(users: torch.Tensor, sessions: torch.Tensor, sets: list[torch.Tensor],
+                   tranks: list[torch.Tensor], ranks: torch.Tensor, topk: torch.Tensor) -> pl.DataFrame:
+    """The next-session ranks export: one row per user (see evaluate_next_session)."""
+    first = ranks.masked_fill(ranks == 0, torch.iinfo(torch.long).max).amin(dim=1)
+    return pl.DataFrame({
+        "user": users.numpy(),
+        "session": sessions.numpy(),
+        "n_targets": np.array([len(s) for s in sets], dtype=np.int64),
+        "targets": [s.tolist() for s in sets],
+        "target_ranks": [r.tolist() for r in tranks],
+        "first_hit_rank": first.numpy(),
+        "topk": topk.numpy().tolist(),
+    }, schema_overrides={"targets": pl.List(pl.Int64), "target_ranks": pl.List(pl.Int64),
+                         "topk": pl.List(pl.Int64)})
 
 
 def export_ranks(result: EvalResult, path: Path) -> None:
     """Write the per-target ranks as parquet (atomically)."""
     if result.ranks is None:
         raise ValueError("evaluation was run without keep_ranks=True")
-    tmp = path.with_name(f".{path.name}.tmp")
-    result.ranks.write_parquet(tmp)
-    tmp.replace(path)
+    ranks = result.ranks
+    atomic_file(path, lambda tmp: ranks.write_parquet(tmp))
+
+
+@dataclass(frozen=True)
+class ValidationPolicy:
+    """What early stopping reads during training (`hnvm.training.fit(validation=...)`): the
+    full-ranking metrics of `task` on every target of `split`, scored `batch_targets` targets
+    (next item) or users (next session) at a time. The metric early stopping compares is
+    train.metric (TrainConfig)."""
+
+    task: str = "next-item"  # or "next-session"
+    split: str = "valid"
+    batch_targets: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.task not in ("next-item", "next-session"):
+            raise ValueError(f"unknown validation task {self.task!r} (next-item or next-session)")
+
+    def applies(self, seq: Sequences) -> bool:
+        """Whether `seq` has sessions of the split to validate on."""
+        return len(seq.sessions_of(self.split)) > 0
+
+    def __call__(self, model: Recommender, seq: Sequences) -> dict[str, float]:
+        if self.task == "next-item":
+            return evaluate_next_item(model, seq, self.split, max_targets=self.batch_targets).metrics
+        return evaluate_next_session(model, seq, self.split, max_users=self.batch_targets).metrics
+
+
+NEXT_ITEM_VALIDATION = ValidationPolicy()  # the default of runs, tune and benchmark

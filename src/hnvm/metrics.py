@@ -1,6 +1,6 @@
 """Ranking and metrics: pure functions over score matrices, ranks and top-k lists.
 
-Conventions (DESIGN.md §7):
+Conventions (docs/design.md, "Evaluation"):
 
 * Item id 0 is padding. Every score matrix has ``n_items`` columns including column 0, which is
   treated as ``-inf``: it is never ranked, never recommended and never a target.
@@ -28,6 +28,8 @@ from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor
+
+from hnvm.errors import NonFiniteScores
 
 __all__ = [
     "DEFAULT_KS",
@@ -60,10 +62,6 @@ def _check_scores(scores: Tensor) -> None:
     # first); a NaN score is a model bug, so refuse it. Column 0 is ignored anyway.
     if scores.is_floating_point() and torch.isnan(scores[:, 1:]).any():
         raise NonFiniteScores("scores contain NaN")
-
-
-class NonFiniteScores(ValueError):
-    """A model produced NaN scores (during training: its parameters diverged)."""
 
 
 def _check_ids(ids: Tensor, n_items: int, what: str, *, allow_padding: bool) -> None:
@@ -321,7 +319,7 @@ def session_target_ranks(scores: Tensor, target_sets: ItemSets) -> Tensor:
     id tensors or a 0-padded ``[n_users, m]`` tensor. Returns a LongTensor ``[n_users, m]``
     aligned with ``pad_item_sets(target_sets)``: the rank of that target,
     ``1 + #(items scoring above it) + #(other items tied with it, other targets included)``,
-    i.e. its next-item conservative rank (DESIGN §7), and 0 where the slot is padding or
+    i.e. its next-item conservative rank (docs/design.md, "Evaluation"), and 0 where the slot is padding or
     repeats an id seen earlier in the row (a set, not a multiset). One ``[n_users, n_items]``
     pass per set slot, not per item.
     """

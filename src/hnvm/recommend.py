@@ -22,24 +22,23 @@ import gzip
 import io
 import json
 import logging
-import os
 import re
 import zlib
 from collections.abc import Container, Sequence
-from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
 
+from hnvm.atomic import atomic_file
 from hnvm.data.store import check_output_file
 from hnvm.errors import HnvmError, InputError
-from hnvm.serve.state import Engine, Query, Recommendation
+from hnvm.online import Engine, Query, Recommendation
 
 log = logging.getLogger(__name__)
 
 MAX_K = 1000
-MAX_SESSION = 1000  # items of one session: the same limit as `hnvm serve` (`serve.app.Limits`)
+MAX_SESSION = 1000  # items of one session: the same limit as `hnvm serve` (`serve.schemas.Limits`)
 _SPLIT = re.compile(r"[,\s]+")
 
 
@@ -301,14 +300,9 @@ def recommend_batch(run: str | Path, input_csv: str | Path, out: str | Path, *, 
                           "session_length": lengths, "unknown_items": unknowns},
                          schema={"user": pl.Utf8, "rank": pl.Int32, "item": pl.Utf8, "score": pl.Float32,
                                  "session_length": pl.Int32, "unknown_items": pl.Int32})
-    tmp = out.with_name(f".{out.name}.tmp")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        frame.write_parquet(tmp)
-        os.replace(tmp, out)
+        atomic_file(out, frame.write_parquet)
     except OSError as exc:
         raise InputError(f"cannot write recommendations: {exc}", path=out) from exc
-    finally:
-        with suppress(OSError):
-            tmp.unlink(missing_ok=True)
     return BatchResult(len(queries), frame.height, cold, unknown, out, dropped)

@@ -28,6 +28,7 @@ import numpy as np
 import polars as pl
 import torch
 
+from hnvm.atomic import atomic_file
 from hnvm.metrics import pad_item_sets, per_target_item_metrics, per_user_session_rank_metrics
 
 PAPER_COLUMNS = (("Recall", "recall"), ("MRR", "mrr"), ("Pre", "precision"))
@@ -222,10 +223,10 @@ def _plot_groups(frames: Mapping[str, pl.DataFrame], order: tuple[str, ...], pat
     fig.suptitle(title)
     fig.tight_layout(rect=(0, 0, 0.86, 1))
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        atomic_file(path, lambda tmp: fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png"))
+    finally:
+        plt.close(fig)
     return path
 
 

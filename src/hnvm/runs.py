@@ -8,18 +8,14 @@
     RUN/train_log.jsonl    one JSON line per epoch / logged step
     RUN/metrics.json       written by evaluate (one entry per task and split, with the data set used)
 
-A run records two digests of its data set: `vocab_sha256` (item and user vocabularies) and
-`train_sha256` (the training events). Evaluation refuses a data set whose train split differs:
-its valid/test targets could be events the model was trained on.
+Reading a run (its config, model and data digests) is `hnvm.rundir`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,82 +24,34 @@ from typing import Any
 import polars as pl
 
 from hnvm import distributed
+from hnvm.atomic import atomic_dir, atomic_file, atomic_json
 from hnvm.config import apply_overrides, as_dict, build, load_toml
+from hnvm.contract import Recommender
 from hnvm.data.batches import Sequences
-from hnvm.data.store import Dataset, check_output_dir, check_output_file, read_json_object, write_json
+from hnvm.data.store import Dataset, check_output_dir, check_output_file, read_json_object
 from hnvm.errors import ConfigError, HnvmError, one_line
-from hnvm.evaluate import EvalResult, evaluate_next_item, evaluate_next_session, export_ranks
-from hnvm.models.base import Recommender, get_model_class, load_model
-from hnvm.train import TrainConfig
+from hnvm.evaluate import NEXT_ITEM_VALIDATION, EvalResult, evaluate_next_item, evaluate_next_session, export_ranks
+from hnvm.models.base import get_model_class
+from hnvm.rundir import (
+    RUN_FORMAT,
+    RUN_VERSION,
+    _continue_hint,
+    _has_checkpoint,
+    check_dataset,
+    data_digest,
+    load_run,
+    read_run_config,
+    train_digest,
+    vocab_digest,
+)
+from hnvm.training import EpochCallback, ProgressCallback, TrainConfig
 
 log = logging.getLogger(__name__)
-
-RUN_FORMAT = "hnvm-run"
-RUN_VERSION = 1
 
 # train settings that may differ on `--resume` (more epochs, other patience, logging, where it
 # runs); every other one (optimizer, lr, seed, metric, ...) and every model setting must equal
 # the run's, or the checkpoint would continue under settings it was not trained with
 RESUMABLE_TRAIN_KEYS = ("epochs", "patience", "log_every", "device", "bf16")
-
-
-def vocab_digest(ds: Dataset) -> str:
-    """A checksum of the item and user vocabularies: a run only evaluates on matching data."""
-    h = hashlib.sha256()
-    for col in (ds.items.get_column("id"), ds.users.get_column("id")):
-        h.update("\x1f".join(col.to_list()).encode())
-        h.update(b"\x1e")
-    return h.hexdigest()
-
-
-def _events_digest(ds: Dataset, events: pl.DataFrame, tag: bytes, columns: dict[str, pl.Expr]) -> str:
-    """sha256 of the vocabularies and fixed-width little-endian columns of `events` (sorted by
-    the caller): independent of file paths and parquet encoding."""
-    h = hashlib.sha256(tag)
-    h.update(vocab_digest(ds).encode())  # internal ids -> original ids, so equal digests = equal raw ids
-    frame = events.select(**columns)
-    for name in frame.columns:
-        arr = frame.get_column(name).to_numpy().astype("<i8")
-        h.update(f"{name}:{len(arr)}".encode())
-        h.update(arr.tobytes())
-    return h.hexdigest()
-
-
-def train_digest(ds: Dataset) -> str:
-    """A checksum of the training events that identifies the training data exactly: for each
-    user, its train sessions in order (rank among the user's train sessions, not the global
-    session number, which valid/test sessions shift), each event's item, ts and position."""
-    ev = ds.events.filter(pl.col("split") == "train").sort("user", "session", "pos")
-    return _events_digest(ds, ev, b"hnvm-train-events-v1", {
-        "user": pl.col("user"), "session": pl.col("session").rank("dense").over("user"),
-        "item": pl.col("item"), "ts": pl.col("ts"), "pos": pl.col("pos")})
-
-
-def data_digest(ds: Dataset) -> str:
-    """A checksum of every event of a data set (all splits): what an evaluation scored."""
-    ev = ds.events.sort("session", "pos")
-    return _events_digest(ds, ev, b"hnvm-events-v1", {
-        "user": pl.col("user"), "session": pl.col("session"), "item": pl.col("item"), "ts": pl.col("ts"),
-        "pos": pl.col("pos"), "split": pl.col("split").cast(pl.Utf8).replace_strict(
-            {"train": 0, "valid": 1, "test": 2}, return_dtype=pl.Int8)})
-
-
-def check_dataset(run: str | Path, cfg: dict[str, Any], ds: Dataset, path: str | Path) -> None:
-    """Refuse a data set `run` cannot be evaluated on: another vocabulary, or another train split
-    (its targets could be training events of the run). A run made before train digests were
-    recorded is checked on the vocabulary alone, with a warning."""
-    ref = cfg.get("dataset") or {}
-    if vocab_digest(ds) != ref.get("vocab_sha256"):
-        raise HnvmError(f"{path}: item/user vocabulary does not match the one {run} was trained on; "
-                        "prepare the data with the same settings")
-    want = ref.get("train_sha256")
-    if want is None:
-        log.warning("%s: the run predates train-split digests; only the vocabulary of %s is checked "
-                    "(retrain the run to have its train split checked too)", run, path)
-    elif train_digest(ds) != want:
-        raise HnvmError(f"{path}: its train split differs from the one {run} was trained on (other events, "
-                        "sessions or split), so its targets could be training events of the run; evaluate "
-                        "on the run's own data set or prepare this one with the same settings")
 
 
 @dataclass
@@ -139,36 +87,6 @@ def resolve_config(model: str, config_path: Path | None, overrides: list[str]) -
 def make_model(rc: RunConfig) -> Recommender:
     cls = get_model_class(rc.model)
     return cls(rc.model_config) if rc.model_config is not None else cls()
-
-
-def read_run_config(run: str | Path) -> dict[str, Any]:
-    """RUN/config.json, checked for format, version and the keys every reader needs."""
-    run = Path(run)
-    cfg_path = run / "config.json"
-    if not cfg_path.is_file():
-        raise HnvmError(f"{run}: not a run directory (no config.json); train one with `hnvm train`")
-    cfg = read_json_object(cfg_path, "run config")
-    if cfg.get("format") != RUN_FORMAT or cfg.get("format_version") != RUN_VERSION:
-        raise HnvmError(f"{run}: run format {cfg.get('format')!r} version {cfg.get('format_version')!r} "
-                        f"is not supported (expected {RUN_FORMAT} version {RUN_VERSION})")
-    ds = cfg.get("dataset")
-    if not isinstance(cfg.get("model"), str) or not isinstance(ds, dict) or not isinstance(ds.get("path"), str) \
-            or not isinstance(cfg.get("model_config", {}), dict) or not isinstance(cfg.get("train", {}), dict):
-        raise HnvmError(f"{cfg_path}: damaged run config (needs model, model_config, train and dataset.path)")
-    return cfg
-
-
-def _has_checkpoint(run: Path) -> bool:
-    return (run / "last" / "state.json").is_file()
-
-
-def _continue_hint(run: Path, cfg: dict[str, Any] | None) -> str:
-    """How to go on with an unfinished run: resume from its checkpoint, or train it again."""
-    cmd = (f"`hnvm train {cfg['dataset']['path']} --model {cfg['model']} --out {run}" if cfg
-           else f"`hnvm train DATA --model MODEL --out {run}")
-    if _has_checkpoint(run):
-        return f"continue it with {cmd} --resume` (same settings) or replace it with --force"
-    return f"it has no checkpoint to resume from; replace it with {cmd} --force`"
 
 
 def _replaceable(out: Path) -> bool:
@@ -240,9 +158,15 @@ def train_run(
     resume: bool = False,
     force: bool = False,
     show_progress: bool = False,
+    on_progress: ProgressCallback | None = None,
+    on_epoch: EpochCallback | None = None,
+    loaded: tuple[Dataset, Sequences] | None = None,
 ) -> tuple[Recommender, Path]:
     """Train `model` on a prepared dataset; write the run directory. Under torchrun every
     process runs this; rank 0 alone writes the run directory (see hnvm.distributed).
+    Early stopping reads next-item validation (`NEXT_ITEM_VALIDATION`); on_progress/on_epoch
+    are the training loop's callbacks; `loaded` is the dataset (and its Sequences) when the
+    caller has already loaded `dataset`.
 
     Every check (settings, dataset, the directory, --resume compatibility) runs on every rank
     before anything is written; a failed check leaves the directory as it was."""
@@ -253,7 +177,7 @@ def train_run(
     # never the dataset's folder (nor one holding it), a dataset, or a place inside one
     check_output_dir(out, "--out", inputs=(Path(dataset),), may_be=("run",))
     ctx = distributed.context(rc.train.device)  # joins torchrun's process group, if any
-    ds = Dataset.load(dataset)
+    ds, seq = loaded if loaded is not None else (Dataset.load(dataset), None)
     cfg_json = {
         "format": RUN_FORMAT, "format_version": RUN_VERSION, "model": model,
         "model_config": as_dict(rc.model_config) if rc.model_config is not None else {},
@@ -276,42 +200,22 @@ def train_run(
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
         if not resume:  # a resumed run keeps its config until the resumed training succeeds
-            write_json(out / "config.json", cfg_json)
-            _write_parquet(ds.items, out / "items.parquet")
-            _write_parquet(ds.users, out / "users.parquet")
+            atomic_json(out / "config.json", cfg_json)
+            for frame, name in ((ds.items, "items.parquet"), (ds.users, "users.parquet")):
+                atomic_file(out / name, frame.write_parquet)
 
     ctx.main_first(setup)
     rec = make_model(rc)
-    rec.fit(ds, ds, train_cfg=rc.train, run_dir=out, resume=resume, show_progress=show_progress)
+    rec.fit(ds, train_cfg=rc.train, validation=NEXT_ITEM_VALIDATION, seq=seq, run_dir=out, resume=resume,
+            show_progress=show_progress, on_progress=on_progress, on_epoch=on_epoch)
 
     def save() -> None:
-        tmp = out / ".model.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        rec.save(tmp)
-        shutil.rmtree(out / "model", ignore_errors=True)
-        tmp.rename(out / "model")
+        atomic_dir(out / "model", rec.save)
         if resume:  # now the run's config: the resumable train settings may have changed
-            write_json(out / "config.json", cfg_json)
+            atomic_json(out / "config.json", cfg_json)
 
     ctx.main_first(save)
     return rec, out
-
-
-def _write_parquet(frame: pl.DataFrame, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    frame.write_parquet(tmp)
-    os.replace(tmp, path)
-
-
-def load_run(run: str | Path) -> tuple[Recommender, dict[str, Any]]:
-    """The final model of a run and its config.json; one-line errors for a missing, unfinished
-    or damaged run."""
-    run = Path(run)
-    cfg = read_run_config(run)
-    if not (run / "model" / "model.json").exists():
-        raise HnvmError(f"{run}: the run has no finished model (training did not complete); "
-                        f"{_continue_hint(run, cfg)}")
-    return load_model(run / "model"), cfg
 
 
 def _with_original_ids(res: EvalResult, ds: Dataset) -> EvalResult:
@@ -352,12 +256,16 @@ def evaluate_run(
     include_first: bool = False,
     device: str = "auto",
     force: bool = False,
+    keep_ranks: bool = False,
+    loaded: tuple[Dataset, Sequences] | None = None,
 ) -> EvalResult:
     """Evaluate a trained run on its dataset (or `data`, whose vocabulary and train split must
     match the run's) on `device`. Under torchrun the targets are sharded over the processes;
     rank 0 writes. Everything that could refuse (the run, the data, metrics.json, the export
     destination, a split without targets) is checked before anything is written; metrics.json
-    is written before the ranks export, so a failed export never loses the metrics."""
+    is written before the ranks export, so a failed export never loses the metrics.
+    keep_ranks: also return the per-target ranks without exporting them; `loaded`: `data` (or
+    the run's dataset) and its Sequences when the caller has already loaded them."""
     run = Path(run)
     if task not in ("next-item", "next-session") or split not in ("valid", "test"):
         raise HnvmError("--task must be next-item|next-session and --split valid|test")
@@ -366,18 +274,18 @@ def evaluate_run(
     model, cfg = load_run(run)
     _read_metrics(run)  # a damaged metrics.json stops us before the evaluation, not after
     data_path = Path(data) if data is not None else Path(cfg["dataset"]["path"])
-    ds = Dataset.load(data_path)
+    ds, seq = loaded if loaded is not None else (Dataset.load(data_path), None)
     if export is not None:  # an existing export needs `force`; the run's and data's files never go
         check_output_file(export, "--export-ranks", force=force, inputs=_sources(ds))
     check_dataset(run, cfg, ds, data_path)
     if ctx.device.type != "cpu" and callable(getattr(model, "to", None)):
         model.to(ctx.device)  # type: ignore[attr-defined]
-    seq = Sequences.from_events(ds.events, ds.n_users)
+    seq = seq if seq is not None else Sequences.from_events(ds.events, ds.n_users)
+    keep = keep_ranks or export is not None
     if task == "next-item":
-        res = evaluate_next_item(model, seq, split, keep_ranks=export is not None,
-                                 include_first=include_first)
+        res = evaluate_next_item(model, seq, split, keep_ranks=keep, include_first=include_first)
     else:
-        res = evaluate_next_session(model, seq, split, keep_ranks=export is not None)
+        res = evaluate_next_session(model, seq, split, keep_ranks=keep)
     if res.n_targets == 0:  # metrics of nothing would be NaN / missing
         first = " (positions >= 2; --include-first adds position 1)" if task == "next-item" and not \
             include_first else ""
@@ -392,7 +300,7 @@ def evaluate_run(
         mpath = run / "metrics.json"
         allm = _read_metrics(run)
         allm[f"{task}/{split}"] = entry
-        write_json(mpath, allm)
+        atomic_json(mpath, allm)
         if export is not None:
             try:
                 export.parent.mkdir(parents=True, exist_ok=True)

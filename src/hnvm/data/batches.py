@@ -14,7 +14,8 @@ import numpy as np
 import polars as pl
 import torch
 
-from hnvm.models.base import Batch
+from hnvm.contract import Batch
+from hnvm.distributed import shard_indices
 
 SPLIT_CODE = {"train": 0, "valid": 1, "test": 2}
 
@@ -217,7 +218,6 @@ def window_batches(
 ) -> Iterator[WindowBatch]:
     """Shuffled training batches of windows. Under torchrun rank r of world_size takes its
     shard of the batches (`shard_indices`: disjoint, the same count on every rank)."""
-    from hnvm.distributed import shard_indices
 
     order = rng.permutation(len(windows)) if rng is not None else np.arange(len(windows))
     n_batches = (len(order) + batch_size - 1) // batch_size

@@ -86,15 +86,7 @@ def build_dataset(
     where = f"{source.get('path')}: " if source and source.get("path") else ""
     if cfg.split == "time" and source and source.get("time_unit", "?") is None:
         raise HnvmError(f"{where}--split time needs a time column (this log has none); use --split user-last")
-    n_dup = 0
-    if not cfg.keep_duplicates:
-        key = [c for c in ("user", "item", "ts", "seq", "session") if c in raw.columns]
-        deduped = raw.unique(subset=key, keep="first", maintain_order=True)
-        n_dup = raw.height - deduped.height
-        if n_dup:
-            log.warning("%sdropped %d exact duplicate rows (same %s; --keep-duplicates keeps them)",
-                        where, n_dup, ", ".join(key))
-            raw = deduped
+    raw, n_dup = (raw, 0) if cfg.keep_duplicates else _drop_duplicates(raw, where)
     df = sessionize(raw, parse_duration(cfg.gap))
     # (by design for yoochoose, where every session is its own user)
     one_each = _one_session_per_user(df) if not (source and source.get("preset") == "yoochoose") else ""
@@ -117,11 +109,42 @@ def build_dataset(
     if 0 in n_split:
         raise HnvmError(f"{where}the split leaves no train or no test events "
                         f"({df.height:,} events after filtering)")
+    events, item_table, user_table = _index(df)
+    meta: dict[str, Any] = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "hnvm_version": __version__,
+        "source": source or {},
+        "prepare": asdict(cfg),
+        "filter_steps": [asdict(s) for s in steps],
+        "duplicates_removed": n_dup,
+    }
+    ds = Dataset(events=events, items=item_table, users=user_table, meta=meta)
+    meta["stats"] = dataset_stats(ds)
+    log.info("built dataset in %.1fs: %s", time.perf_counter() - t0, meta["stats"])
+    return ds
 
-    # ids: 1..n in sorted order of the original ids (0 = padding / unknown user). The frame is
-    # sessionize's layout, sorted by user id then session, so user and session ids are running
-    # counts of run starts and the rows are already in (session, pos) order: no sort, and only
-    # item ids (train items only) need a lookup.
+
+def _drop_duplicates(raw: pl.DataFrame, where: str) -> tuple[pl.DataFrame, int]:
+    """The frame without exact duplicate rows (first kept, order kept) and how many went."""
+    key = [c for c in ("user", "item", "ts", "seq", "session") if c in raw.columns]
+    deduped = raw.unique(subset=key, keep="first", maintain_order=True)
+    n_dup = raw.height - deduped.height
+    if not n_dup:
+        return raw, 0
+    log.warning("%sdropped %d exact duplicate rows (same %s; --keep-duplicates keeps them)",
+                where, n_dup, ", ".join(key))
+    return deduped, n_dup
+
+
+def _index(df: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
+    """(events, items, users) with dense int ids for a split, sessionized frame.
+
+    ids: 1..n in sorted order of the original ids (0 = padding / unknown user). The frame is
+    sessionize's layout, sorted by user id then session, so user and session ids are running
+    counts of run starts and the rows are already in (session, pos) order: no sort, and only
+    item ids (train items only) need a lookup.
+    """
     items = (
         df.select(pl.col("item").filter(pl.col("split") == "train"))
         .group_by("item").agg(pl.len().alias("train_count")).sort("item")
@@ -145,19 +168,7 @@ def build_dataset(
     item_table = items.select(item=pl.col("idx").cast(pl.Int32), id=pl.col("item").cast(pl.Utf8),
                               train_count=pl.col("train_count").cast(pl.Int64))
     user_table = users.select(user=pl.col("uidx").cast(pl.Int32), id=pl.col("user").cast(pl.Utf8))
-    meta: dict[str, Any] = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "hnvm_version": __version__,
-        "source": source or {},
-        "prepare": asdict(cfg),
-        "filter_steps": [asdict(s) for s in steps],
-        "duplicates_removed": n_dup,
-    }
-    ds = Dataset(events=events, items=item_table, users=user_table, meta=meta)
-    meta["stats"] = dataset_stats(ds)
-    log.info("built dataset in %.1fs: %s", time.perf_counter() - t0, meta["stats"])
-    return ds
+    return events, item_table, user_table
 
 
 def _one_session_per_user(df: pl.DataFrame) -> str:

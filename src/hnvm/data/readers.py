@@ -15,11 +15,13 @@ Every reader returns a polars DataFrame with the canonical columns
 Presets map public formats onto these columns; `--columns` maps any other file. Text files are
 read with every column as text, so nothing is re-typed by a guess from the first rows; the
 timestamp unit is decided per row or stated (`time_unit`), never from the column's maximum.
+
+This module holds the presets, the `--columns` mapping, id checks and `read_events`; opening
+the file (format, compression, separator) is `rawfile`, the time column is `timestamps`.
 """
 
 from __future__ import annotations
 
-import gzip
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,18 +29,14 @@ from pathlib import Path
 
 import polars as pl
 
+from hnvm.data.rawfile import _read_raw
+from hnvm.data.timestamps import TIME_UNITS, _line_of, _to_seconds
 from hnvm.errors import InputError
 
 log = logging.getLogger(__name__)
 
 CANONICAL = ("user", "item", "time", "session", "seq", "event")
 REQUIRED = ("user", "item")  # and time or session
-TIME_UNITS = ("auto", "s", "ms", "us", "ns", "iso")
-_SCALE = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
-# Per-row unit classes for `auto`: the magnitude of a unix time in each unit. Seconds reach
-# 1e11 only in the year 5138, ms 1e14 in 5138 too, and so on, so the classes do not overlap
-# for real clocks; a column spanning two classes is refused instead of guessed.
-_UNIT_BOUNDS = ((1e11, "s"), (1e14, "ms"), (1e17, "us"))
 # a canonical integer: its text is exactly str(int(text)), so reading it as Int64 loses nothing
 _CANONICAL_INT = r"^(0|-?[1-9][0-9]{0,17})$"
 
@@ -202,164 +200,6 @@ def parse_columns(spec: str) -> dict[str, str]:
     return out
 
 
-_MAGIC = (
-    (b"PAR1", "parquet"),
-    (b"\x1f\x8b", "gzip"),
-    (b"\x28\xb5\x2f\xfd", "zstd"),
-    (b"BZh", "bzip2"),
-    (b"\xfd7zXZ\x00", "xz"),
-    (b"PK\x03\x04", "zip"),
-    (b"\xff\xfe\x00\x00", "UTF-32"),
-    (b"\x00\x00\xfe\xff", "UTF-32"),
-    (b"\xff\xfe", "UTF-16"),
-    (b"\xfe\xff", "UTF-16"),
-)
-
-
-def _sniff(path: Path) -> str:
-    """What the file holds by its first bytes, whatever its name: parquet, gzip, zstd,
-    bzip2, xz, zip or text."""
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(8)
-    except OSError as exc:
-        raise InputError(f"cannot read file: {exc}", path=path) from exc
-    return next((kind for magic, kind in _MAGIC if head.startswith(magic)), "text")
-
-
-def _first_line(path: Path, kind: str) -> str:
-    try:
-        if kind == "gzip":
-            with gzip.open(path, "rt", encoding="utf-8-sig", errors="replace") as fh:
-                return fh.readline()
-        if kind == "zstd":  # polars decompresses zstd itself; ask it for the first line
-            first = pl.read_csv(path, has_header=False, n_rows=1, separator="\x1f", quote_char=None,
-                                infer_schema=False, new_columns=["_l"])
-            return str(first.item(0, 0) or "") + "\n" if first.height else ""
-        with open(path, encoding="utf-8-sig", errors="replace") as fh:
-            return fh.readline()
-    except (OSError, EOFError, pl.exceptions.PolarsError) as exc:
-        raise InputError(f"cannot read file: {exc}", path=path) from exc
-
-
-def _read_raw(path: Path, preset: Preset | None) -> tuple[pl.DataFrame, bool]:
-    """Returns the raw frame (all columns as read; every column of a text file as text) and
-    whether the file had a header."""
-    if not path.exists():
-        raise InputError("no such file", path=path)
-    if path.is_dir():
-        raise InputError(
-            "is a directory, expected a file (csv, tsv, parquet, optionally .gz)", path=path
-        )
-    if path.stat().st_size == 0:
-        raise InputError("file is empty", path=path)
-    kind = _sniff(path)
-    name = path.name.lower()
-    if kind in ("bzip2", "xz", "zip"):
-        raise InputError(f"the file is {kind}-compressed, which is not read directly; decompress it "
-                         "(gzip and zstd are read as they are)", path=path)
-    if kind in ("UTF-16", "UTF-32"):
-        raise InputError(f"the file is {kind} text; save it as UTF-8 (e.g. iconv -f {kind} -t UTF-8)", path=path)
-    if kind == "gzip":
-        with gzip.open(path, "rb") as fh:
-            try:
-                inner = fh.read(4)
-            except (OSError, EOFError) as exc:
-                raise InputError(f"damaged gzip file ({exc})", path=path) from exc
-        if inner.startswith(b"\x1f\x8b"):
-            raise InputError("the file is gzip-compressed twice; decompress it once", path=path)
-    if kind == "parquet" or (kind == "text" and name.endswith((".parquet", ".pq"))):
-        try:
-            df = pl.read_parquet(path)
-        except Exception as exc:
-            raise InputError(f"not a readable parquet file: {exc}", path=path) from exc
-        if df.height == 0:
-            raise InputError("file has no rows", path=path)
-        return df, True
-
-    first = _first_line(path, kind)
-    if not first.strip():
-        raise InputError("file is empty (first line is blank)", path=path)
-    if "\x00" in first:  # UTF-16/32 without a byte-order mark (or inside gzip): every other byte is NUL
-        raise InputError("the file looks like UTF-16 or UTF-32 text (NUL bytes in its first line); save it "
-                         "as UTF-8", path=path)
-    header = preset.header if preset else True
-    names = list(preset.names) if preset and preset.names else None
-    if preset and preset.name == "movielens" and "::" in first:
-        header, names = False, ["UserID", "MovieID", "Rating", "Timestamp"]
-    if preset and preset.name == "movielens" and first.startswith("userId"):
-        # ratings.csv: rename to the .dat names so one mapping serves both
-        names = None
-    if preset and preset.name == "yoochoose" and not first.startswith("SessionId"):
-        header, names = False, ["SessionId", "Time", "ItemId", "Category"]
-
-    if "::" in first:
-        sep = "::"
-    elif preset and preset.separator:
-        sep = preset.separator
-    else:
-        sep = "\t" if "\t" in first else (";" if first.count(";") > first.count(",") else ",")
-    try:
-        if sep == "::":
-            # polars wants a one-byte separator: read lines and split
-            lines = pl.read_csv(path, has_header=False, separator="\x1f", new_columns=["_l"],
-                                quote_char=None, infer_schema=False)
-            n = len(names or [])
-            df = lines.select(
-                pl.col("_l").str.split_exact("::", n - 1)
-                .struct.rename_fields(names or []).alias("_s")
-            ).unnest("_s")
-        else:
-            # every column as text: ids stay exactly as written (`007` is not `7`) and a column
-            # that turns non-numeric after many rows loads like any other
-            df = pl.read_csv(
-                path,
-                has_header=header,
-                new_columns=names,
-                separator=sep,
-                infer_schema=False,
-                # only an empty field is missing: `NA`, `NaN` or `null` may be somebody's id (a
-                # time or seq field spelled so is then named as unparsable, with its row)
-                null_values=[""],
-                truncate_ragged_lines=False,
-                try_parse_dates=False,
-            )
-    except pl.exceptions.NoDataError as exc:
-        raise InputError("file is empty", path=path) from exc
-    except Exception as exc:  # polars' own message names the offending line
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        row = _first_non_utf8_line(path, kind) if "utf-8" in msg.lower() or "utf8" in msg.lower() else None
-        if row is not None:
-            raise InputError("not UTF-8 text (save the file as UTF-8, e.g. iconv -f LATIN1 -t UTF-8)",
-                             path=path, row=row) from exc
-        what = "TSV" if sep == "\t" else "CSV"
-        raise InputError(f"cannot parse as {what}: {msg}", path=path) from exc
-    dup = [c for c in df.columns if "_duplicated_" in c]
-    if dup:  # polars renames a repeated header name instead of refusing it
-        raise InputError(f"the header names column '{dup[0].split('_duplicated_')[0]}' twice", path=path, row=1)
-    if preset and preset.name == "movielens" and "userId" in df.columns:
-        df = df.rename({"userId": "UserID", "movieId": "MovieID", "timestamp": "Timestamp"})
-    if df.height == 0:
-        raise InputError("file has a header but no rows", path=path)
-    return df, header
-
-
-def _first_non_utf8_line(path: Path, kind: str) -> int | None:
-    """The 1-based line of the first byte sequence that is not UTF-8 (error path only)."""
-    opener = gzip.open if kind == "gzip" else open
-    with opener(path, "rb") as fh:
-        for n, raw in enumerate(fh, start=1):
-            try:
-                raw.decode("utf-8")
-            except UnicodeDecodeError:
-                return n
-    return None
-
-
-def _line_of(index: int, header: bool) -> int:
-    return index + 1 + (1 if header else 0)
-
-
 def _as_int(col: pl.Series, path: Path, name: str, header: bool = True) -> pl.Series:
     """Integers from text or numbers (`3`, ` 3`, `3.0`); a missing or fractional value is an
     InputError naming its row."""
@@ -378,129 +218,6 @@ def _as_int(col: pl.Series, path: Path, name: str, header: bool = True) -> pl.Se
         raise InputError(f"missing or non-integer value {col[i]!r}", path=path,
                          row=_line_of(i, header), column=name)
     return out
-
-
-def _unit_of(x: pl.Series) -> pl.Series:
-    """Per-row unit class (s|ms|us|ns) of numeric unix times by magnitude."""
-    a = x.abs().cast(pl.Float64)
-    expr = pl.when(pl.col("a") < _UNIT_BOUNDS[0][0]).then(pl.lit(_UNIT_BOUNDS[0][1]))
-    for bound, unit in _UNIT_BOUNDS[1:]:
-        expr = expr.when(pl.col("a") < bound).then(pl.lit(unit))
-    return pl.DataFrame({"a": a}).select(expr.otherwise(pl.lit("ns")).alias("unit")).to_series()
-
-
-def _refuse_mixed_seconds(x: pl.Series, col: pl.Series, path: Path, name: str, header: bool) -> None:
-    """Unix seconds before 1973 (< 1e8) beside ones after 2001 (>= 1e9) in one column are two
-    clocks (e.g. a compact date 20200913 among unix times), not one log spanning 28 years."""
-    a = x.abs()
-    small, large = a < 1e8, a >= 1e9
-    if not (small.any() and large.any()):
-        return
-    i = int((small if bool(large[0]) else large).arg_true()[0])
-    raise InputError(f"timestamps mix magnitudes: {col[i]!r} and {col[0]!r} (row {_line_of(0, header)}) cannot both "
-                     "be unix seconds of one log (a date such as 20200913 among unix times?); fix the row, or "
-                     "state --time-unit s to accept them", path=path, row=_line_of(i, header), column=name)
-
-
-def _bad_time(value: object, expected: str = "") -> str:
-    if value is None:  # polars fills the fields a short row lacks with nulls, like empty ones
-        return "missing timestamp (an empty field, or a row with fewer fields than the header)"
-    return f"unparsable timestamp {value!r}{expected}"
-
-
-def _to_seconds(
-    col: pl.Series, fmt: str, path: Path, name: str, header: bool
-) -> tuple[pl.Series, pl.Series, str]:
-    """Returns (ts seconds Int64, sub-second tie-breaker Int64, the unit used).
-
-    `fmt`: auto | s | ms | us | ns | iso | mmdd. With `auto`, numbers get their unit from their
-    magnitude row by row and a column whose rows fall in different units is refused (naming the
-    first row that differs), so one odd row cannot rescale the others; text is ISO-8601.
-    """
-    zero = pl.Series("seq", [0] * len(col), dtype=pl.Int64)
-    if fmt == "mmdd":
-        v = col.cast(pl.Utf8).str.strip_chars().cast(pl.Int64, strict=False) if col.dtype == pl.Utf8 \
-            else col.cast(pl.Int64, strict=False)
-        month, day = v // 100, v % 100
-        bad = v.is_null() | (month < 1) | (month > 12) | (day < 1) | (day > 31)
-        if bad.any():
-            i = int(bad.arg_true()[0])
-            raise InputError(f"unparsable mmdd date {col[i]!r}", path=path,
-                             row=_line_of(i, header), column=name)
-        days = pl.DataFrame({"m": month, "d": day}).select(
-            pl.date(2015, pl.col("m"), pl.col("d")).cast(pl.Int64).alias("x")
-        ).to_series()
-        return (days * 86400).rename("ts"), zero, "mmdd"
-    if col.dtype == pl.Utf8 and fmt != "iso":
-        stripped = col.str.strip_chars()
-        as_num = stripped.cast(pl.Int64, strict=False)
-        if as_num.null_count() == col.null_count():
-            col = as_num
-        else:
-            as_float = stripped.cast(pl.Float64, strict=False)
-            if as_float.null_count() == col.null_count():
-                col = as_float
-            elif fmt in _SCALE:
-                bad = as_float.is_null() & col.is_not_null()
-                i = int(bad.arg_true()[0])
-                raise InputError(f"timestamp {col[i]!r} is not a number (--time-unit {fmt})", path=path,
-                                 row=_line_of(i, header), column=name)
-    if col.dtype.is_numeric():
-        if fmt == "iso":
-            raise InputError(f"timestamps are numbers, not ISO-8601 date-times (--time-unit iso); "
-                             f"first value {col[0]!r}", path=path, column=name)
-        if col.dtype.is_float():
-            x = col.cast(pl.Float64)
-            bad = x.is_null() | x.is_nan() | x.is_infinite()
-        else:
-            x = col.cast(pl.Int64)
-            bad = x.is_null()
-        if bad.any():
-            i = int(bad.arg_true()[0])
-            raise InputError(_bad_time(col[i]), path=path,
-                             row=_line_of(i, header), column=name)
-        unit = fmt
-        if unit == "auto":
-            units = _unit_of(x)
-            first = units[0]
-            differs = units != first
-            if differs.any():
-                i = int(differs.arg_true()[0])
-                raise InputError(
-                    f"timestamps mix units: {col[i]!r} looks like {units[i]} but {col[0]!r} "
-                    f"(row {_line_of(0, header)}) looks like {first}; state the unit with --time-unit "
-                    "s|ms|us|ns", path=path, row=_line_of(i, header), column=name)
-            unit = first
-            if unit == "s":
-                _refuse_mixed_seconds(x, col, path, name, header)
-        scale = _SCALE[unit]
-        if x.dtype.is_float():
-            ts = (x / scale).floor().cast(pl.Int64)
-            sub = ((x / scale - ts.cast(pl.Float64)) * 1e6).round().cast(pl.Int64)
-        else:
-            ts = x // scale
-            sub = x % scale
-        return ts.rename("ts"), sub.rename("seq"), unit
-    # strings: ISO-8601 date-times
-    s = col.cast(pl.Utf8)
-    parsed = s.str.strip_chars().str.to_datetime(time_unit="us", strict=False, time_zone="UTC")
-    bad = parsed.is_null()
-    if bad.any():
-        numeric = s.str.strip_chars().cast(pl.Float64, strict=False).is_not_null()
-        neither = bad & ~numeric
-        # name a value that is neither a number nor a date-time first (`NA` among unix times)
-        i = int((neither if neither.any() else bad).arg_true()[0])
-        good = (~bad) & s.is_not_null()
-        if fmt != "iso" and good.any() and bool(numeric[i]):  # a clock in two notations
-            j = int(good.arg_true()[0])
-            raise InputError(f"timestamps mix unix times and ISO-8601 date-times: {col[i]!r} is a number but "
-                             f"{col[j]!r} (row {_line_of(j, header)}) is a date-time", path=path,
-                             row=_line_of(i, header), column=name)
-        expected = "an ISO-8601 date-time" if fmt == "iso" else "a unix time or an ISO-8601 date-time"
-        raise InputError(_bad_time(col[i], f" (expected {expected})"), path=path,
-                         row=_line_of(i, header), column=name)
-    us = parsed.dt.epoch("us")
-    return (us // 1_000_000).rename("ts"), (us % 1_000_000).rename("seq"), "iso"
 
 
 def _check_ids(df: pl.DataFrame, src: str, role: str, path: Path, header: bool) -> pl.Series:

@@ -31,6 +31,7 @@ from typing import Any, Literal
 import numpy as np
 import polars as pl
 
+from hnvm.atomic import atomic_file
 from hnvm.errors import ConfigError, HnvmError
 
 __all__ = [
@@ -315,10 +316,10 @@ def write_synthetic(
     if fmt not in ("parquet", "csv"):
         raise ConfigError(f"synthetic log: fmt must be 'parquet' or 'csv', got {fmt!r}")
     spec = SyntheticSpec(**params)
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     n = 0
-    try:
+
+    def write(tmp: Path) -> None:
+        nonlocal n
         if fmt == "parquet":
             import pyarrow.parquet as pq
 
@@ -338,9 +339,8 @@ def write_synthetic(
                 for i, df in enumerate(_chunks(spec, chunk_users)):
                     df.write_csv(f, include_header=i == 0)
                     n += df.height
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    atomic_file(path, write)
     return n
 
 

@@ -1,4 +1,4 @@
-"""Train/valid/test splits and evaluation targets (DESIGN §4)."""
+"""Train/valid/test splits and evaluation targets (docs/design.md, "Data preparation")."""
 
 from __future__ import annotations
 

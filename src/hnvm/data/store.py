@@ -15,60 +15,18 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 
+from hnvm.atomic import atomic_dir, atomic_json
 from hnvm.data.splits import SPLIT_DTYPE, next_item_targets, next_session_targets
 from hnvm.errors import HnvmError, one_line
 
 FORMAT = "hnvm-dataset"
 FORMAT_VERSION = 1
-
-
-def atomic_write_dir(out: Path, write: Callable[[Path], None], *, force: bool = False) -> None:
-    """Call `write(tmpdir)` then move tmpdir to `out`; nothing is left behind on failure."""
-    out = Path(out)
-    if out.exists() and not force:
-        raise HnvmError(f"{out}: output directory exists (use --force to replace it)")
-    if out.exists() and not out.is_dir():
-        raise HnvmError(f"{out}: exists and is not a directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        write(tmp)
-        _fsync_dir(tmp)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / "d")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-        _fsync_dir(out.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _fsync_dir(path: Path) -> None:
-    for f in path.iterdir() if path.is_dir() else []:
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:  # some file systems do not support directory fsync
-        pass
 
 
 def read_json_object(path: Path, what: str, advice: str = "") -> dict[str, Any]:
@@ -81,18 +39,6 @@ def read_json_object(path: Path, what: str, advice: str = "") -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise HnvmError(f"{path}: damaged {what} (not a JSON object){advice}")
     return obj
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically (temp file + rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh, indent=2, sort_keys=False)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 # the columns every reader of these tables relies on
@@ -264,9 +210,14 @@ class Dataset:
             self.events.write_parquet(d / "events.parquet", statistics=True)
             self.items.write_parquet(d / "items.parquet")
             self.users.write_parquet(d / "users.parquet")
-            write_json(d / "meta.json", self.meta)
+            atomic_json(d / "meta.json", self.meta)
 
-        atomic_write_dir(Path(out), write, force=force)
+        out = Path(out)
+        if out.exists() and not force:
+            raise HnvmError(f"{out}: output directory exists (use --force to replace it)")
+        if out.exists() and not out.is_dir():
+            raise HnvmError(f"{out}: exists and is not a directory")
+        atomic_dir(out, write)
         self.path = Path(out)
 
     @classmethod

@@ -1,81 +1,22 @@
-"""The Recommender protocol every model implements, and the model registry.
-
-Evaluation never sees model internals: it builds a `Batch`, calls `score` (next item) or
-`score_sessions` (next session) and ranks the result over the full catalogue.
-"""
+"""The model registry, model files (safetensors + JSON) and `NetPersistence`, the shared
+save/load/network access of the neural models. The scoring contract itself (`Batch`,
+`Recommender`) is `hnvm.contract`."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar
 
 import torch
+from safetensors.torch import load_file, save_file
 
-from hnvm.errors import HnvmError, one_line
-
-if TYPE_CHECKING:
-    from hnvm.data.store import Dataset
-
-
-@dataclass
-class Batch:
-    """Consecutive sessions of B users, oldest first, right-aligned in the session axis.
-
-    sessions[b, n, t] is the t-th item of user b's n-th session in this window (0 = padding).
-    Empty sessions appear only at the start of the session axis (left padding), so the last
-    session of every row sits at index N-1.
-
-    For next-item scoring the last session is the one being predicted and the targets are
-    (target_rows[k], target_pos[k]): the item at sessions[target_rows[k], -1, target_pos[k]]
-    is predicted from the sessions before and items [0, target_pos[k]) of the last one.
-    For next-session scoring `sessions` holds history only and targets are unused.
-    """
-
-    users: torch.Tensor  # Long[B], 0 = unknown user
-    sessions: torch.Tensor  # Long[B, N, T]
-    target_rows: torch.Tensor  # Long[K]
-    target_pos: torch.Tensor  # Long[K]
-    session_ids: torch.Tensor | None = None  # Long[B]: dataset id of each row's last session
-
-    @property
-    def targets(self) -> torch.Tensor:
-        """Long[K]: the item id of each target."""
-        return self.sessions[self.target_rows, -1, self.target_pos]
-
-    @property
-    def n_targets(self) -> int:
-        return int(self.target_rows.numel())
-
-    def to(self, device: torch.device | str) -> Batch:
-        return Batch(self.users.to(device), self.sessions.to(device), self.target_rows.to(device),
-                     self.target_pos.to(device), self.session_ids)
-
-
-@runtime_checkable
-class Recommender(Protocol):
-    """What every model offers. Hyper-parameters are constructor keyword arguments; learned
-    state is set in `fit`, which returns self."""
-
-    name: ClassVar[str]
-
-    def fit(self, train: Dataset, valid: Dataset | None = None, **kwargs: Any) -> Recommender: ...
-
-    def score(self, batch: Batch) -> torch.Tensor:
-        """Float[K, n_items + 1]: scores of every item for each next-item target (column 0 is
-        padding and is ignored by ranking)."""
-        ...
-
-    def score_sessions(self, batch: Batch) -> torch.Tensor:
-        """Float[B, n_items + 1]: scores for the next session of each row, from history only."""
-        ...
-
-    def save(self, path: Path) -> None: ...
-
-    @classmethod
-    def load(cls, path: Path) -> Recommender: ...
-
+from hnvm.atomic import atomic_file, atomic_text
+from hnvm.config import as_dict
+from hnvm.contract import Recommender
+from hnvm.data.store import read_json_object
+from hnvm.errors import ConfigError, HnvmError, one_line
 
 REGISTRY: dict[str, Callable[..., Recommender]] = {}
 
@@ -92,43 +33,29 @@ def register(name: str) -> Callable[[type], type]:
 
 
 def get_model_class(name: str) -> Callable[..., Recommender]:
-    import hnvm.models  # noqa: F401  (registers the built-in models)
+    import hnvm.models  # noqa: F401  (registers the built-in models; they import this module)
 
     if name not in REGISTRY:
-        from hnvm.errors import ConfigError
-
         raise ConfigError(f"unknown model '{name}' (known: {', '.join(sorted(REGISTRY))})")
     return REGISTRY[name]
 
 
 def save_model_files(path: Path, name: str, config: dict[str, Any], tensors: dict[str, torch.Tensor],
                      extra: dict[str, Any] | None = None) -> None:
-    """model.safetensors + model.json in `path` (each written to a temp file, then renamed)."""
-    import json
-    import os
-
-    from safetensors.torch import save_file
-
+    """model.safetensors + model.json in `path` (each written atomically)."""
     path.mkdir(parents=True, exist_ok=True)
-    tmp = path / ".model.safetensors.tmp"
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path / "model.safetensors")
-    tmpj = path / ".model.json.tmp"
-    tmpj.write_text(json.dumps({"model": name, "config": config, **(extra or {})}, indent=2) + "\n")
-    os.replace(tmpj, path / "model.json")
+    flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    atomic_file(path / "model.safetensors", lambda tmp: save_file(flat, str(tmp)))
+    atomic_text(path / "model.json", json.dumps({"model": name, "config": config, **(extra or {})}, indent=2) + "\n")
 
 
 def _read_model_json(mj: Path) -> dict[str, Any]:
-    from hnvm.data.store import read_json_object
-
     return read_json_object(mj, "model file", "; retrain the run with --force")
 
 
 def load_model_files(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Inverse of save_model_files: (model.json contents, tensors). A damaged file is a
     one-line HnvmError naming it."""
-    from safetensors.torch import load_file
-
     mj, st = path / "model.json", path / "model.safetensors"
     if not mj.exists() or not st.exists():
         raise HnvmError(f"{path}: no model.json / model.safetensors (not a saved model)")
@@ -160,19 +87,26 @@ def load_model(path: Path) -> Recommender:
 
 
 class NetPersistence:
-    """`save`/`load` for models whose learned state is `self.net`, an nn.Module made by
-    `self._build(**dims)`, plus the tensor attributes named in `extra_tensors`. A model lists
-    the sizes `_build` needs in `dims` (saved in model.json) and provides `_require()`."""
+    """`save`/`load` and `network()` for models whose learned state is `self.net`, an nn.Module
+    made by `self._build(**dims)`, plus the tensor attributes named in `extra_tensors`. A model
+    lists the sizes `_build` needs in `dims` (saved in model.json)."""
 
     name: ClassVar[str]
     config_class: ClassVar[type]
     dims: ClassVar[tuple[str, ...]] = ("n_items",)
     extra_tensors: ClassVar[tuple[str, ...]] = ()
+    net: Any
+    result_: Any
+
+    def network(self) -> Any:
+        """The fitted network, switched to eval mode (dropout off). RuntimeError before fit/load."""
+        if self.net is None or any(getattr(self, a, None) is None for a in self.extra_tensors):
+            raise RuntimeError("fit or load the model first")
+        self.net.eval()
+        return self.net
 
     def save(self, path: Path) -> None:
-        from hnvm.config import as_dict
-
-        net = self._require()  # type: ignore[attr-defined]
+        net = self.network()
         extra = {f"_{a}": getattr(self, a) for a in self.extra_tensors}
         save_model_files(Path(path), self.name, as_dict(self.config),  # type: ignore[attr-defined]
                          {**net.state_dict(), **extra}, {d: getattr(self, d) for d in self.dims})
@@ -186,7 +120,7 @@ class NetPersistence:
 
     def to(self, device: torch.device | str) -> Any:
         """Move the network and the extra tensors to `device`; returns self."""
-        net = self._require()  # type: ignore[attr-defined]
+        net = self.network()
         net.to(device)
         for a in self.extra_tensors:
             if getattr(self, a, None) is not None:

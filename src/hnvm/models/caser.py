@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -36,12 +35,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hnvm.config import choices, rng
-from hnvm.models.base import Batch, NetPersistence, register
+from hnvm.contract import Batch
+from hnvm.data.batches import SPLIT_CODE, Sequences
+from hnvm.data.sampling import popularity_probs, train_counts
+from hnvm.distributed import shard_indices
+from hnvm.models.base import NetPersistence, register
 from hnvm.models.layers import population_user_rows_
-from hnvm.train import TrainConfig
+from hnvm.training import TrainConfig, fit
 
 if TYPE_CHECKING:
-    from hnvm.data.batches import Sequences
     from hnvm.data.store import Dataset
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
@@ -145,44 +147,26 @@ class Caser(NetPersistence):
         return CaserNet(n_items=n_items, n_users=n_users, L=c.L, d=c.d, nv=c.nv, nh=c.nh,
                         dropout=c.dropout, act_conv=c.act_conv, act_fc=c.act_fc)
 
-    def fit(self, train: Dataset, valid: Dataset | None = None, *,
-            train_cfg: TrainConfig | None = None, run_dir: Path | None = None,
-            resume: bool = False, show_progress: bool = False, **_: Any) -> Caser:
-        from hnvm.data.batches import Sequences
-        from hnvm.evaluate import evaluate_next_item
-        from hnvm.train import Trainer
+    def fit(self, train: Dataset, **options: Any) -> Caser:
+        """Train on `train` (options: `hnvm.training.fit`); returns self."""
+        return fit(self, train, **options)
 
-        cfg = train_cfg or TrainConfig()
-        torch.manual_seed(cfg.seed)
-        seq = Sequences.from_events(train.events, train.n_users)
+    def trainable(self, train: Dataset, seq: Sequences, cfg: TrainConfig) -> _CaserTrainable:
+        """A fresh network and what the generic Trainer needs to fit it."""
         self.net = self._build(train.n_items, train.n_users)
-        counts = np.bincount(train.split("train").get_column("item").to_numpy(),
-                             minlength=train.n_items + 1).astype(np.float32)
-        trainable = _CaserTrainable(self, seq, torch.from_numpy(counts))
+        return _CaserTrainable(self, seq, train_counts(train))
 
-        def validate() -> dict[str, float]:
-            return evaluate_next_item(self, seq, "valid", max_targets=1024).metrics
-
-        has_valid = valid is not None and len(seq.sessions_of("valid")) > 0
-        self.result_ = Trainer(cfg, run_dir, show_progress=show_progress, resume=resume).fit(
-            trainable, validate if has_valid else None)
+    def after_fit(self, trainable: _CaserTrainable) -> None:
+        """Cold start: row 0 (never trained) becomes the mean user; see population_user_rows_."""
         population_user_rows_([self.net.user_emb], torch.unique(trainable.users))
-        self.net.eval()
-        return self
 
     # -- scoring ----------------------------------------------------------------------------------
-    def _require(self) -> CaserNet:
-        if self.net is None:
-            raise RuntimeError("fit or load the model first")
-        self.net.eval()
-        return self.net
-
     def _users(self, users: Tensor) -> Tensor:
         return torch.where(users <= self.n_users, users, torch.zeros_like(users))
 
     @torch.no_grad()
     def score(self, batch: Batch) -> Tensor:
-        net = self._require()
+        net = self.network()
         B, _, T = batch.sessions.shape
         history = batch.sessions[:, :-1].reshape(B, -1)[batch.target_rows]  # [K, (N-1)·T]
         current = batch.sessions[batch.target_rows, -1]  # [K, T]
@@ -193,19 +177,16 @@ class Caser(NetPersistence):
 
     @torch.no_grad()
     def score_sessions(self, batch: Batch) -> Tensor:
-        net = self._require()
+        net = self.network()
         items = batch.sessions.reshape(batch.sessions.shape[0], -1)  # [B, N·T]
         return net.score_all(net.features(last_items(items, net.L), self._users(batch.users)))
 
-    # -- persistence ------------------------------------------------------------------------------
 
 
 def training_examples(seq: Sequences, L: int, T: int) -> tuple[np.ndarray, ...]:
     """Every position of each user's train sequence (train sessions flattened in time order),
     except each user's first item: (users int64[E], inputs int64[E, L] left-padded,
     targets int64[E, T] right-padded with 0)."""
-    from hnvm.data.batches import SPLIT_CODE
-
     lengths = np.diff(seq.offsets)
     train = seq.session_split == SPLIT_CODE["train"]
     ev_session = np.repeat(np.arange(seq.n_sessions), lengths)  # [n_events]
@@ -229,7 +210,7 @@ def training_examples(seq: Sequences, L: int, T: int) -> tuple[np.ndarray, ...]:
 class _CaserTrainable:
     """Sliding-window examples, BCE on the T targets and sampled negatives (the paper's)."""
 
-    def __init__(self, model: Caser, seq: Any, counts: Tensor) -> None:
+    def __init__(self, model: Caser, seq: Sequences, counts: Tensor) -> None:
         assert model.net is not None
         self.model, self.cfg, self.module = model, model.config, model.net
         users, inputs, targets = training_examples(seq, self.cfg.L, self.cfg.T)
@@ -240,17 +221,13 @@ class _CaserTrainable:
         seen = np.unique(users * self.stride + inputs[:, -1])  # every train item but the first
         first = np.unique(users * self.stride + targets[:, 0])
         self.seen = torch.from_numpy(np.union1d(seen, first))
-        probs = counts.clamp(min=0) ** self.cfg.sample_alpha
-        probs[0] = 0
-        self.neg_probs = probs / probs.sum()
+        self.neg_probs = popularity_probs(counts, self.cfg.sample_alpha)
 
     def to(self, device: torch.device) -> None:
         self.seen, self.neg_probs = self.seen.to(device), self.neg_probs.to(device)
 
     def train_batches(self, epoch: int, rng: np.random.Generator, *, rank: int = 0,
                       world_size: int = 1) -> Any:
-        from hnvm.distributed import shard_indices
-
         chunks = torch.from_numpy(rng.permutation(len(self.users))).split(self.cfg.batch_size)
         for i in shard_indices(len(chunks), rank, world_size):
             idx = chunks[i]

@@ -12,14 +12,14 @@ session state is re-initialised from c at EVERY session start, never carried ove
 previous session (an early version of the reference code carried it over; the regression
 test is in tests/test_seq_baselines.py).
 
-Training follows our user windows (DESIGN §5.10): the user state entering a window comes from
+Training follows our user windows (docs/design.md, "HNVM", user windows): the user state entering a window comes from
 the user's earlier sessions without gradient, then the window's sessions are run in order
 with gradient through the user GRU. Loss: a sampled ranking loss over popularity-sampled
 negatives shared by the batch (the reference code uses TOP1 / BPR / cross-entropy over the
 other targets of the mini-batch plus optional popularity samples; the HNVM paper trains every
 GRU baseline with BPR, which `loss = "bpr"` gives).
 
-Differences from the reference code (all small, listed in docs/baselines_seq.md): the user
+Differences from the reference code (all small, listed in docs/baselines.md, "HRNN-All"): the user
 state enters every gate of the session GRU (the paper's wording: "input"; the code adds it to
 the reset/update gates only); dropout acts on GRU outputs, not inside the recurrence; scores are
 linear (no tanh final activation); the initial session state s_{m,0} also predicts the first
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -39,9 +38,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hnvm.config import choices, rng
-from hnvm.models.base import Batch, NetPersistence, register
-from hnvm.models.layers import bpr_loss, bpr_max_loss, full_softmax_loss, sampled_softmax_loss
-from hnvm.train import TrainConfig
+from hnvm.contract import Batch
+from hnvm.data.batches import Sequences, user_windows, window_batches
+from hnvm.data.sampling import popularity_probs, train_counts
+from hnvm.models.base import NetPersistence, register
+from hnvm.models.layers import keep_last_items, ranking_loss
+from hnvm.training import TrainConfig, fit
 
 if TYPE_CHECKING:
     from hnvm.data.store import Dataset
@@ -173,82 +175,48 @@ class HRNN(NetPersistence):
                        dropout_session=c.dropout_session, dropout_user=c.dropout_user,
                        dropout_init=c.dropout_init)
 
-    def fit(self, train: Dataset, valid: Dataset | None = None, *,
-            train_cfg: TrainConfig | None = None, run_dir: Path | None = None,
-            resume: bool = False, show_progress: bool = False, **_: Any) -> HRNN:
-        from hnvm.data.batches import Sequences
-        from hnvm.evaluate import evaluate_next_item
-        from hnvm.train import Trainer
+    def fit(self, train: Dataset, **options: Any) -> HRNN:
+        """Train on `train` (options: `hnvm.training.fit`); returns self."""
+        return fit(self, train, **options)
 
-        cfg = train_cfg or TrainConfig()
-        torch.manual_seed(cfg.seed)
-        seq = Sequences.from_events(train.events, train.n_users)
+    def trainable(self, train: Dataset, seq: Sequences, cfg: TrainConfig) -> _HRNNTrainable:
+        """A fresh network and what the generic Trainer needs to fit it."""
         self.net = self._build(train.n_items)
-        counts = np.bincount(train.split("train").get_column("item").to_numpy(),
-                             minlength=train.n_items + 1).astype(np.float32)
-        trainable = _HRNNTrainable(self, seq, torch.from_numpy(counts))
-
-        def validate() -> dict[str, float]:
-            return evaluate_next_item(self, seq, "valid", max_targets=1024).metrics
-
-        has_valid = valid is not None and len(seq.sessions_of("valid")) > 0
-        self.result_ = Trainer(cfg, run_dir, show_progress=show_progress, resume=resume).fit(
-            trainable, validate if has_valid else None)
-        self.net.eval()
-        return self
+        return _HRNNTrainable(self, seq, train_counts(train))
 
     # -- scoring: the GRUs are causal, so a target's state never reads items at or after it ---
-    def _require(self) -> HRNNNet:
-        if self.net is None:
-            raise RuntimeError("fit or load the model first")
-        self.net.eval()
-        return self.net
-
     def _trim(self, items: Tensor) -> Tensor:
-        L = self.config.max_len
-        if not L or items.shape[-1] <= L:
-            return items
-        lengths = (items > 0).sum(-1, keepdim=True)
-        ar = torch.arange(L, device=items.device)
-        idx = (lengths - L).clamp(min=0) + ar
-        return items.gather(-1, idx.clamp(max=items.shape[-1] - 1)) * (ar < lengths)
+        return keep_last_items(items, self.config.max_len)
 
     @torch.no_grad()
     def score(self, batch: Batch) -> Tensor:
-        net = self._require()
+        net = self.network()
         user = net.user_state(self._trim(batch.sessions[:, :-1]))  # [B, U] c_{m-1}
         states = net.run_session(batch.sessions[:, -1], user)  # [B, T + 1, S]
         return net.out(states[batch.target_rows, batch.target_pos])  # [K, n_items + 1]
 
     @torch.no_grad()
     def score_sessions(self, batch: Batch) -> Tensor:
-        net = self._require()
+        net = self.network()
         user = net.user_state(self._trim(batch.sessions))  # [B, U]
         return net.out(net.session_init(user))  # s_{m,0} scores the next session
 
-    # -- persistence ------------------------------------------------------------------------------
 
 
 class _HRNNTrainable:
     """User windows, the user state entering each window without gradient, a ranking loss."""
 
-    def __init__(self, model: HRNN, seq: Any, counts: Tensor) -> None:
-        from hnvm.data.batches import user_windows
-
+    def __init__(self, model: HRNN, seq: Sequences, counts: Tensor) -> None:
         assert model.net is not None
         self.model, self.seq, self.cfg, self.module = model, seq, model.config, model.net
         self.windows = user_windows(seq, self.cfg.window)
-        probs = counts.clamp(min=0) ** self.cfg.sample_alpha
-        probs[0] = 0
-        self.neg_probs = probs / probs.sum()
+        self.neg_probs = popularity_probs(counts, self.cfg.sample_alpha)
 
     def to(self, device: torch.device) -> None:
         self.neg_probs = self.neg_probs.to(device)
 
     def train_batches(self, epoch: int, rng: np.random.Generator, *, rank: int = 0,
                       world_size: int = 1) -> Any:
-        from hnvm.data.batches import window_batches
-
         return window_batches(self.seq, self.windows, self.cfg.batch_size, rng,
                               max_len=self.cfg.max_len or None, rank=rank, world_size=world_size)
 
@@ -259,29 +227,14 @@ class _HRNNTrainable:
         net, c = self.module, self.cfg
         user0 = None
         if batch.prefix.shape[1] > 0:
-            with torch.no_grad():  # the user state entering the window (DESIGN §5.10)
+            with torch.no_grad():  # the user state entering the window (docs/design.md, "HNVM", user windows)
                 user0 = net.user_state(batch.prefix)
         out = net(batch.window, user0)
         mask = batch.window > 0  # [B, W, T]
         if not c.predict_first:
             mask[..., 0] = False
         hidden, targets = out.pred_states[mask], batch.window[mask]  # [K, S], [K]
-        if c.loss == "full-softmax":
-            valid = torch.ones(net.n_items + 1, dtype=torch.bool, device=hidden.device)
-            valid[0] = False
-            rec = full_softmax_loss(net.out(hidden), targets, valid, reduction="sum")
-        else:
-            neg_ids = torch.multinomial(self.neg_probs, c.n_negatives, replacement=True)  # [M]
-            pos = net.score_items(hidden, targets.unsqueeze(-1)).squeeze(-1)  # [K]
-            neg = net.score_items(hidden, neg_ids)  # [K, M]
-            neg_mask = neg_ids.unsqueeze(0) != targets.unsqueeze(1)
-            if c.loss == "bpr":
-                rec = bpr_loss(pos, neg, neg_mask, reduction="sum")
-            elif c.loss == "bpr-max":
-                rec = bpr_max_loss(pos, neg, c.bpreg, neg_mask, reduction="sum")
-            else:
-                logq = (self.neg_probs * c.n_negatives).clamp(min=1e-12).log()
-                rec = sampled_softmax_loss(pos, neg, logq[targets], logq[neg_ids], neg_mask,
-                                           reduction="sum")
+        rec = ranking_loss(c.loss, hidden, targets, score_all=net.out, score_items=net.score_items,
+                           neg_probs=self.neg_probs, n_negatives=c.n_negatives, bpreg=c.bpreg)
         k = max(int(mask.sum()), 1)
         return {"loss": rec / k}

@@ -26,8 +26,9 @@ import numpy as np
 import torch
 
 from hnvm.config import rng
-from hnvm.models.base import Batch, load_model_files, register, save_model_files
-from hnvm.models.pop import train_counts
+from hnvm.contract import Batch
+from hnvm.data.sampling import train_counts
+from hnvm.models.base import load_model_files, register, save_model_files
 
 if TYPE_CHECKING:
     from hnvm.data.store import Dataset
@@ -137,7 +138,7 @@ class ItemKNN:
         self.values_: torch.Tensor | None = None  # Float[nnz]
         self.pop_: torch.Tensor | None = None  # Double[n_items + 1], in [0, 1)
 
-    def fit(self, train: Dataset, valid: Dataset | None = None, **_: Any) -> ItemKNN:
+    def fit(self, train: Dataset, **_: Any) -> ItemKNN:
         c = self.config
         n_rows = train.n_items + 1
         splits = ("train", "valid") if c.use_valid else ("train",)

@@ -8,6 +8,7 @@ every neural recommender pick any of them.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -151,6 +152,47 @@ def full_softmax_loss(
     if valid_cols is not None:
         logits = logits.masked_fill(~valid_cols, _NEG)
     return F.cross_entropy(logits, targets, reduction=reduction)
+
+
+RANKING_LOSSES = ("bpr", "bpr-max", "sampled-softmax", "full-softmax")
+
+
+def ranking_loss(kind: str, hidden: Tensor, targets: Tensor, *, score_all: Callable[[Tensor], Tensor],
+                 score_items: Callable[[Tensor, Tensor], Tensor], neg_probs: Tensor, n_negatives: int,
+                 bpreg: float) -> Tensor:
+    """Summed next-item loss of the states hidden Float[K, H] for targets Long[K].
+
+    kind "full-softmax": cross-entropy over the catalogue (score_all: [K, H] -> [K, n_items + 1],
+    column 0 = padding, left out). Otherwise n_negatives negatives ~ neg_probs Float[n_items + 1]
+    are shared by all K targets (a negative equal to a row's target is masked) and scored with
+    score_items(hidden, ids) ([K, H], Long[K, 1] -> [K, 1]; Long[M] -> [K, M]): "bpr", "bpr-max"
+    (with bpreg) or "sampled-softmax" (log-Q corrected by the sampling probabilities)."""
+    if kind == "full-softmax":
+        logits = score_all(hidden)
+        valid = torch.ones(logits.shape[1], dtype=torch.bool, device=logits.device)
+        valid[0] = False
+        return full_softmax_loss(logits, targets, valid, reduction="sum")
+    neg_ids = torch.multinomial(neg_probs, n_negatives, replacement=True)  # [M]
+    pos = score_items(hidden, targets.unsqueeze(-1)).squeeze(-1)  # [K]
+    neg = score_items(hidden, neg_ids)  # [K, M]
+    neg_mask = neg_ids.unsqueeze(0) != targets.unsqueeze(1)
+    if kind == "bpr":
+        return bpr_loss(pos, neg, neg_mask, reduction="sum")
+    if kind == "bpr-max":
+        return bpr_max_loss(pos, neg, bpreg, neg_mask, reduction="sum")
+    logq = (neg_probs * n_negatives).clamp(min=1e-12).log()
+    return sampled_softmax_loss(pos, neg, logq[targets], logq[neg_ids], neg_mask, reduction="sum")
+
+
+def keep_last_items(items: Tensor, max_len: int) -> Tensor:
+    """Sessions Long[..., T] (right-padded) with only the last max_len items of each kept,
+    left-aligned in [..., max_len]; max_len 0 (or T <= max_len) returns items unchanged."""
+    if not max_len or items.shape[-1] <= max_len:
+        return items
+    lengths = (items > 0).sum(-1, keepdim=True)
+    ar = torch.arange(max_len, device=items.device)
+    idx = (lengths - max_len).clamp(min=0) + ar
+    return items.gather(-1, idx.clamp(max=items.shape[-1] - 1)) * (ar < lengths)
 
 
 def init_uniform_(module: nn.Module, std: float) -> None:

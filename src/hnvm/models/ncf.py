@@ -7,7 +7,7 @@
 With `factors` = f and `mlp_layers` = L the tower widths are f·2^(L-1), …, 2f, f and each MLP
 embedding has f·2^(L-1) dimensions, as in the paper (f = 8, L = 3: input 64 → 32 → 16 → 8).
 
-Training (through the generic `hnvm.train.Trainer`): each training interaction is a positive
+Training (through the generic `hnvm.training` loop): each training interaction is a positive
 with `n_neg` sampled negatives (uniform over the items the user never interacted with), and
 `loss = "bce"` is the paper's pointwise log loss over the 1 + n_neg labels; `loss = "bpr"`
 trains the same network with pairwise BPR instead. Differences from the paper: the GMF and
@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -35,13 +34,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hnvm.config import choices, rng
-from hnvm.models.base import Batch, NetPersistence, register
-from hnvm.models.bprmf import InteractionPairs, fit_with_trainer
+from hnvm.data.batches import Sequences
+from hnvm.data.sampling import InteractionPairs
+from hnvm.models.base import NetPersistence, register
+from hnvm.models.bprmf import PairsTrainable, UserScoring
 from hnvm.models.layers import population_user_rows_
+from hnvm.training import TrainConfig, fit
 
 if TYPE_CHECKING:
     from hnvm.data.store import Dataset
-    from hnvm.train import TrainConfig
 
 _SCORE_CHUNK = 1 << 24  # users x items x first-layer width evaluated at once
 
@@ -105,7 +106,7 @@ class NeuMFNet(nn.Module):
 
 
 @register("ncf")
-class NCF(NetPersistence):
+class NCF(UserScoring, NetPersistence):
     """NeuMF as a Recommender: `NCF(NCFConfig(...)).fit(dataset)`."""
 
     name = "ncf"
@@ -123,52 +124,24 @@ class NCF(NetPersistence):
         self.n_items, self.n_users = n_items, n_users
         return NeuMFNet(n_users, n_items, c.factors, c.mlp_layers, c.init_std)
 
-    def fit(self, train: Dataset, valid: Dataset | None = None, *,
-            train_cfg: TrainConfig | None = None, run_dir: Path | None = None,
-            resume: bool = False, show_progress: bool = False, **_: Any) -> NCF:
-        from hnvm.train import TrainConfig
+    def fit(self, train: Dataset, **options: Any) -> NCF:
+        """Train on `train` (options: `hnvm.training.fit`); returns self."""
+        return fit(self, train, **options)
 
-        torch.manual_seed((train_cfg or TrainConfig()).seed)
+    def trainable(self, train: Dataset, seq: Sequences, cfg: TrainConfig) -> _NCFTrainable:
+        """A fresh network and what the generic Trainer needs to fit it."""
         self.net = self._build(train.n_items, train.n_users)
-        trainable = _NCFTrainable(self.net, InteractionPairs(train, self.config.unique_pairs),
-                                  self.config)
-        self.result_ = fit_with_trainer(self, trainable, train, valid, train_cfg, run_dir, resume,
-                                        show_progress)
-        # cold start: row 0 (never trained) becomes the mean user; see population_user_rows_
+        return _NCFTrainable(self.net, InteractionPairs(train, self.config.unique_pairs), self.config)
+
+    def after_fit(self, trainable: _NCFTrainable) -> None:
+        """Cold start: row 0 (never trained) becomes the mean user; see population_user_rows_."""
         population_user_rows_([self.net.user_gmf, self.net.user_mlp],
                               torch.from_numpy(np.unique(trainable.pairs.users)))
-        self.net.eval()
-        return self
-
-    def _require(self) -> NeuMFNet:
-        if self.net is None:
-            raise RuntimeError("fit or load the model first")
-        self.net.eval()
-        return self.net
-
-    @torch.no_grad()
-    def score(self, batch: Batch) -> Tensor:
-        """ŷ logits for the user of each target (the prefix is not used)."""
-        return self._require().scores(batch.users)[batch.target_rows]
-
-    @torch.no_grad()
-    def score_sessions(self, batch: Batch) -> Tensor:
-        return self._require().scores(batch.users)
 
 
 
-class _NCFTrainable:
-    """What the generic Trainer needs: the module, batches and the pointwise (or BPR) loss."""
-
-    def __init__(self, net: NeuMFNet, pairs: InteractionPairs, cfg: NCFConfig) -> None:
-        self.module, self.pairs, self.cfg = net, pairs, cfg
-
-    def train_batches(self, epoch: int, rng: np.random.Generator, *, rank: int = 0,
-                      world_size: int = 1) -> Any:
-        return self.pairs.batches(self.cfg.batch_size, self.cfg.n_neg, rng, rank, world_size)
-
-    def batch_targets(self, batch: Any) -> int:
-        return len(batch[0])
+class _NCFTrainable(PairsTrainable):
+    """The pointwise log loss (or BPR) over the positive and its sampled negatives."""
 
     def loss(self, batch: Any, step: int) -> dict[str, Tensor]:
         users, pos, neg = batch

@@ -5,19 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 
-from hnvm.models.base import Batch, load_model_files, register, save_model_files
+from hnvm.contract import Batch
+from hnvm.data.sampling import train_counts
+from hnvm.models.base import load_model_files, register, save_model_files
 
 if TYPE_CHECKING:
     from hnvm.data.store import Dataset
-
-
-def train_counts(train: Dataset) -> torch.Tensor:
-    """Float[n_items + 1]: training interactions per item (index 0 = padding, count 0)."""
-    items = train.split("train").get_column("item").to_numpy()
-    return torch.from_numpy(np.bincount(items, minlength=train.n_items + 1).astype(np.float32))
 
 
 @register("pop")
@@ -29,7 +24,7 @@ class Pop:
     def __init__(self) -> None:
         self.counts_: torch.Tensor | None = None
 
-    def fit(self, train: Dataset, valid: Dataset | None = None, **kwargs: Any) -> Pop:
+    def fit(self, train: Dataset, **_: Any) -> Pop:
         self.counts_ = train_counts(train)
         return self
 

@@ -12,8 +12,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from hnvm.models.base import Batch, load_model_files, register, save_model_files
-from hnvm.models.pop import train_counts
+from hnvm.contract import Batch
+from hnvm.data.sampling import train_counts
+from hnvm.models.base import load_model_files, register, save_model_files
 
 if TYPE_CHECKING:
     from hnvm.data.store import Dataset
@@ -28,7 +29,7 @@ class PTopFreq:
         self.include_current = include_current
         self.pop_: torch.Tensor | None = None
 
-    def fit(self, train: Dataset, valid: Dataset | None = None, **kwargs: Any) -> PTopFreq:
+    def fit(self, train: Dataset, **_: Any) -> PTopFreq:
         counts = train_counts(train)
         self.pop_ = counts / (counts.max() + 1.0)
         return self

@@ -33,8 +33,9 @@ import polars as pl
 import torch
 
 from hnvm.config import choices, rng
-from hnvm.models.base import Batch, load_model_files, register, save_model_files
-from hnvm.models.pop import train_counts
+from hnvm.contract import Batch
+from hnvm.data.sampling import train_counts
+from hnvm.models.base import load_model_files, register, save_model_files
 
 if TYPE_CHECKING:
     from hnvm.data.store import Dataset
@@ -93,7 +94,7 @@ class SKNN:
         self.item_sessions_: np.ndarray | None = None  # int64[nnz]: sessions per item, ascending
         self.pop_: torch.Tensor | None = None  # Double[n_items + 1] in [0, 1)
 
-    def fit(self, train: Dataset, valid: Dataset | None = None, **_: Any) -> SKNN:
+    def fit(self, train: Dataset, **_: Any) -> SKNN:
         n_rows = train.n_items + 1
         ev = train.split("train").select("session", "item", "ts")
         order = (ev.group_by("session").agg(pl.col("ts").max()).sort("ts", "session")

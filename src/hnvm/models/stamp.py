@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -33,12 +32,15 @@ import torch
 from torch import Tensor, nn
 
 from hnvm.config import choices, rng
-from hnvm.models.base import Batch, NetPersistence, register
+from hnvm.contract import Batch
+from hnvm.data.batches import SPLIT_CODE, Sequences
+from hnvm.data.sampling import popularity_probs, train_counts
+from hnvm.distributed import shard_indices
+from hnvm.models.base import NetPersistence, register
 from hnvm.models.layers import full_softmax_loss, sampled_softmax_loss
-from hnvm.train import TrainConfig
+from hnvm.training import TrainConfig, fit
 
 if TYPE_CHECKING:
-    from hnvm.data.batches import Sequences
     from hnvm.data.store import Dataset
 
 
@@ -130,42 +132,22 @@ class STAMP(NetPersistence):
         self.n_items = n_items
         return STAMPNet(n_items=n_items, d=c.d, emb_std=c.emb_std, weight_std=c.weight_std)
 
-    def fit(self, train: Dataset, valid: Dataset | None = None, *,
-            train_cfg: TrainConfig | None = None, run_dir: Path | None = None,
-            resume: bool = False, show_progress: bool = False, **_: Any) -> STAMP:
-        from hnvm.data.batches import Sequences
-        from hnvm.evaluate import evaluate_next_item
-        from hnvm.train import Trainer
+    def fit(self, train: Dataset, **options: Any) -> STAMP:
+        """Train on `train` (options: `hnvm.training.fit`); returns self."""
+        return fit(self, train, **options)
 
-        cfg = train_cfg or TrainConfig()
-        torch.manual_seed(cfg.seed)
-        seq = Sequences.from_events(train.events, train.n_users)
+    def trainable(self, train: Dataset, seq: Sequences, cfg: TrainConfig) -> _STAMPTrainable:
+        """A fresh network and what the generic Trainer needs to fit it."""
         self.net = self._build(train.n_items)
-        counts = torch.from_numpy(np.bincount(train.split("train").get_column("item").to_numpy(),
-                                              minlength=train.n_items + 1).astype(np.float32))
+        counts = train_counts(train)
         self.pop_ = counts / counts.sum().clamp(min=1)
-        trainable = _STAMPTrainable(self, seq, counts)
-
-        def validate() -> dict[str, float]:
-            return evaluate_next_item(self, seq, "valid", max_targets=1024).metrics
-
-        has_valid = valid is not None and len(seq.sessions_of("valid")) > 0
-        self.result_ = Trainer(cfg, run_dir, show_progress=show_progress, resume=resume).fit(
-            trainable, validate if has_valid else None)
-        self.net.eval()
-        return self
+        return _STAMPTrainable(self, seq, counts)
 
     # -- scoring ----------------------------------------------------------------------------------
-    def _require(self) -> STAMPNet:
-        if self.net is None or self.pop_ is None:
-            raise RuntimeError("fit or load the model first")
-        self.net.eval()
-        return self.net
-
     def _score_prefixes(self, prefix: Tensor) -> Tensor:
         """prefix: Long[K, T] right-padded (rows may be empty) -> Float[K, n_items + 1];
         an empty row gets training popularity."""
-        net = self._require()
+        net = self.network()
         assert self.pop_ is not None
         out = self.pop_.to(prefix.device).expand(len(prefix), -1).clone()
         rows = (prefix > 0).any(1).nonzero().squeeze(1)
@@ -192,7 +174,6 @@ class STAMP(NetPersistence):
     def score_sessions(self, batch: Batch) -> Tensor:
         return self._score_prefixes(_last_sessions(batch.sessions))  # the previous session
 
-    # -- persistence ------------------------------------------------------------------------------
 
 
 def _last_sessions(sessions: Tensor) -> Tensor:
@@ -210,8 +191,6 @@ def _last_sessions(sessions: Tensor) -> Tensor:
 def training_prefixes(seq: Sequences) -> tuple[np.ndarray, np.ndarray]:
     """Every (prefix, next item) of every train session: (starts int64[E], ends int64[E]) into
     seq.items, the prefix is items[start:end] and the target items[end]."""
-    from hnvm.data.batches import SPLIT_CODE
-
     sessions = np.flatnonzero(seq.session_split == SPLIT_CODE["train"])
     lengths = seq.offsets[sessions + 1] - seq.offsets[sessions]
     n_ex = np.maximum(lengths - 1, 0)
@@ -224,7 +203,7 @@ def training_prefixes(seq: Sequences) -> tuple[np.ndarray, np.ndarray]:
 class _STAMPTrainable:
     """Every prefix of every training session predicts its next item (cross-entropy)."""
 
-    def __init__(self, model: STAMP, seq: Any, counts: Tensor) -> None:
+    def __init__(self, model: STAMP, seq: Sequences, counts: Tensor) -> None:
         assert model.net is not None
         self.model, self.cfg, self.module = model, model.config, model.net
         self.items = torch.from_numpy(np.concatenate([seq.items, [0]]))  # index -1 = padding
@@ -232,17 +211,13 @@ class _STAMPTrainable:
         if self.cfg.max_len:  # the same items the net would read of a longer prefix
             starts = np.maximum(starts, ends - self.cfg.max_len)
         self.starts, self.ends = torch.from_numpy(starts), torch.from_numpy(ends)
-        probs = counts.clamp(min=0) ** self.cfg.sample_alpha
-        probs[0] = 0
-        self.neg_probs = probs / probs.sum()
+        self.neg_probs = popularity_probs(counts, self.cfg.sample_alpha)
 
     def to(self, device: torch.device) -> None:
         self.neg_probs = self.neg_probs.to(device)
 
     def train_batches(self, epoch: int, rng: np.random.Generator, *, rank: int = 0,
                       world_size: int = 1) -> Any:
-        from hnvm.distributed import shard_indices
-
         chunks = torch.from_numpy(rng.permutation(len(self.starts))).split(self.cfg.batch_size)
         for i in shard_indices(len(chunks), rank, world_size):
             idx = chunks[i]

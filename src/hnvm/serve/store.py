@@ -25,7 +25,7 @@ from pathlib import Path
 
 from hnvm.data.store import check_writable_parent, refuse_inside_managed_dir
 from hnvm.errors import HnvmError
-from hnvm.serve.state import Event
+from hnvm.online import Event
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +38,13 @@ CREATE TABLE IF NOT EXISTS events (
     session  TEXT,                               -- explicit session key, if any
     received REAL NOT NULL                       -- server time of the commit
 );
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 SYNCHRONOUS = "FULL"  # see the module docstring
 
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
-EVENT_TABLES = frozenset({"events", "meta"})
+# what makes an existing database an event log (logs of earlier versions also hold a `meta` table)
+EVENT_COLUMNS = ("seq", "user", "item", "ts", "session", "received")
 
 
 def check_db_path(path: str | Path, flag: str = "--db") -> None:
@@ -117,7 +117,8 @@ class EventLog:
             # an existing database must be an event log: never add our tables to someone else's
             tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
             tables.discard("sqlite_sequence")
-            if tables and not tables >= EVENT_TABLES:
+            columns = tuple(r[1] for r in conn.execute("PRAGMA table_info(events)"))
+            if tables and columns != EVENT_COLUMNS:
                 raise HnvmError(f"--db {self.path}: is an SQLite database of something else (tables: "
                                 f"{', '.join(sorted(tables)[:5])}), not an event log of `hnvm serve`; "
                                 "give a new file name")
@@ -167,13 +168,6 @@ class EventLog:
 
     def count(self) -> int:
         return int(self.conn.execute("SELECT count(*) FROM events").fetchone()[0])
-
-    def get_meta(self, key: str) -> str | None:
-        row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        return None if row is None else row[0]
-
-    def set_meta(self, key: str, value: str) -> None:
-        self.conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
 
     def close(self) -> None:
         try:

@@ -1,4 +1,5 @@
-"""A ranking process for `hnvm serve`: `LinearRanker.rank` on another core.
+"""A ranking process for the engine (`Engine.start_rank_process`, which `hnvm serve` uses):
+`LinearRanker.rank` on another core.
 
 Why a process: the service's event loop spends its CPU in Python (HTTP, validation, per-user
 model steps) and ranking a large catalogue spends it in the scoring product. A thread would
@@ -34,7 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from hnvm.serve.ranking import LinearRanker
+from hnvm.online.ranking import LinearRanker
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +111,7 @@ class RankWorker:
             save_file({"weight": fallback.w_t.t().contiguous(), "bias": fallback.bias.contiguous()}, str(weights))
             env = {**os.environ, "OMP_NUM_THREADS": "1"}
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "hnvm.serve.worker", str(weights), fallback.scoring],
+                [sys.executable, "-m", "hnvm.online.worker", str(weights), fallback.scoring],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
             assert self.proc.stdout is not None
             line = self.proc.stdout.readline()

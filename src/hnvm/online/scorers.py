@@ -1,0 +1,207 @@
+"""Scorers: a user's state (`UserState`) -> what ranking needs, for the engine.
+
+`make_scorer` picks one by what the model can do:
+
+* `StepScorer`, for a model with step-by-step inference (`StepModel`: HNVM's public online
+  methods, `hnvm.models.hnvm.HNVM`). Per user it keeps the context state h_con after the closed
+  sessions and the decoder state of the open session (`_StepCache`), so a closed session costs
+  one encoder pass + one context step, an event one decoder step, and a recommendation one
+  scoring pass (`ranking.LinearRanker`: exact fp32, or a certified bf16 shortlist). Its passes
+  hand [B, H] states to the ranker, which may run in another process (`worker`).
+* `GenericScorer`, for every other Recommender: it builds the user's history as a `Batch` and
+  calls the model's own `score` / `score_sessions` (cost grows with the history, as in
+  evaluation).
+
+Determinism: every per-user tensor is computed by the same per-user operations, in the same
+order, whenever they run (lazily, at the first recommendation that needs them, or in
+`advance`), so a state rebuilt by replaying the same events gives bit-identical scores.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from hnvm.contract import Batch, Recommender
+from hnvm.errors import HnvmError
+from hnvm.online.ranking import LinearRanker, top_k
+from hnvm.online.sessions import UserState
+
+log = logging.getLogger(__name__)
+
+SCORING = ("auto", "exact", "bf16")
+AUTO_BF16_ITEMS = 20_000  # from here on the bf16 shortlist pays for itself (benchmarks/serve.py)
+
+View = tuple[UserState, list[int], bool]  # (state, extra items of the request, open session timed out)
+Ranked = tuple[list[list[int]], list[list[float]]]  # per row: top-k ids, their scores
+
+
+class StepModel(Protocol):
+    """A Recommender with step-by-step inference (see `hnvm.models.hnvm.HNVM` for the contract)."""
+
+    name: str
+    config: Any  # read: mc_samples
+
+    @property
+    def bos(self) -> int: ...
+    def initial_context(self, n: int = 1) -> Tensor: ...
+    def general_preference(self, users: Tensor) -> Tensor | None: ...
+    def encode_history(self, users: Tensor, sessions: Tensor) -> Tensor: ...
+    def fold_session(self, h_con: Tensor, items: Any) -> Tensor: ...
+    def session_condition(self, e: Tensor | None, h_con: Tensor) -> Tensor: ...
+    def decoder_step(self, item: int, h_dec: Tensor | None, cond: Tensor) -> Tensor: ...
+    def output_layer(self) -> tuple[Tensor, Tensor]: ...
+
+
+def make_scorer(model: Recommender, scoring: str = "auto") -> Scorer:
+    """`StepScorer` for a model with step-by-step inference (it has `decoder_step`), else
+    `GenericScorer`. `scoring` (step models): "exact", "bf16" or "auto" (see `StepScorer`)."""
+    if scoring not in SCORING:
+        raise HnvmError(f"scoring must be one of {', '.join(SCORING)}, got {scoring!r}")
+    if callable(getattr(model, "decoder_step", None)):
+        return StepScorer(model, scoring)  # type: ignore[arg-type]
+    return GenericScorer(model)
+
+
+class Scorer:
+    incremental = False
+    scoring = "exact"
+    ranker: LinearRanker | None = None  # set where passes are [B, H] states ranked by a LinearRanker
+
+    def scores(self, views: Sequence[View]) -> Tensor:
+        """Float[len(views), n_items + 1]; column 0 is ignored."""
+        raise NotImplementedError
+
+    def prepare(self, views: Sequence[View]) -> Tensor:
+        """What `rank` needs from the users' states (here: their scores)."""
+        return self.scores(views)
+
+    def rank(self, prepared: Tensor, k: int, exclude: Sequence[Sequence[int]]) -> Ranked:
+        """`top_k` of the prepared rows; touches no user state."""
+        return top_k(prepared, k, exclude)
+
+    def advance(self, st: UserState) -> None:
+        """Update the user's cached model state to the applied events (if the scorer keeps one)."""
+
+
+class GenericScorer(Scorer):
+    """Any Recommender: rebuild the user's history as a Batch and call the model's own scoring
+    (cost grows with the history, as in evaluation)."""
+
+    def __init__(self, model: Recommender) -> None:
+        self.model = model
+
+    def scores(self, views: Sequence[View]) -> Tensor:
+        return torch.cat([self._one(*v) for v in views])
+
+    def _one(self, st: UserState, extra: list[int], expired: bool) -> Tensor:
+        hist = list(st.history)
+        cur = list(st.open_items) + extra
+        if expired and st.open_items:
+            hist.append(np.asarray(st.open_items, dtype=np.int64))
+            cur = extra
+        users = torch.tensor([st.uid])
+        if not cur:
+            return self.model.score_sessions(Batch(users, pad_sessions(hist), _EMPTY, _EMPTY))
+        # the target slot holds a placeholder item: models never read a target (no-leakage test)
+        sessions = pad_sessions([*hist, np.asarray([*cur, 1], dtype=np.int64)])
+        return self.model.score(Batch(users, sessions, torch.tensor([0]), torch.tensor([len(cur)])))
+
+
+_EMPTY = torch.zeros(0, dtype=torch.long)
+
+
+def pad_sessions(sessions: list[np.ndarray]) -> Tensor:
+    """Long[1, N, T]: one row of right-padded sessions (one empty session if there are none)."""
+    n, t = max(len(sessions), 1), max((len(s) for s in sessions), default=1)
+    out = np.zeros((1, n, t), dtype=np.int64)
+    for j, s in enumerate(sessions):
+        out[0, j, : len(s)] = s
+    return torch.from_numpy(out)
+
+
+@dataclass
+class _StepCache:
+    e: Tensor | None  # [1, d_e]
+    h_con: Tensor  # [1, H] after the first n_folded history sessions
+    n_folded: int
+    open_id: int = -1  # the open session the decoder state belongs to
+    cond: Tensor | None = None  # [1, C] decoder input [h_con; z] of that session
+    h_dec: Tensor | None = None  # [1, H] after BOS + open_items[:n_dec]
+    n_dec: int = 0
+
+
+class StepScorer(Scorer):
+    """A step model (HNVM) advanced session by session and event by event through its public
+    online methods; z is the prior mean, as in leakage-free scoring with mc_samples = 1 (samples
+    would make replays differ). `scoring`: "exact" scores every item in fp32; "bf16" shortlists
+    candidates with a bf16 pass and ranks them in fp32 (the same top-k, certified:
+    `ranking.Bf16Shortlist`); "auto" = bf16 from AUTO_BF16_ITEMS items on."""
+
+    incremental = True
+
+    def __init__(self, model: StepModel, scoring: str = "exact") -> None:
+        self.model = model
+        self.bos = model.bos
+        weight, bias = model.output_layer()  # [n_items + 1, H], [n_items + 1]
+        n_items = weight.shape[0] - 1
+        self.ranker = LinearRanker(weight, bias,
+                                   bf16=scoring == "bf16" or (scoring == "auto" and n_items >= AUTO_BF16_ITEMS))
+        self.scoring = self.ranker.scoring
+        if model.config.mc_samples > 1:
+            log.warning("serving %s with the prior mean of z (mc_samples=%d is for evaluation)",
+                        model.name.upper(), model.config.mc_samples)
+
+    def scores(self, views: Sequence[View]) -> Tensor:
+        return self.ranker.scores(self.prepare(views))
+
+    def prepare(self, views: Sequence[View]) -> Tensor:
+        return torch.cat([self._hidden(*v) for v in views])  # [B, H]
+
+    def rank(self, hidden: Tensor, k: int, exclude: Sequence[Sequence[int]]) -> Ranked:
+        return self.ranker.rank(hidden, k, exclude)
+
+    # the per-user steps -------------------------------------------------------------------------
+    def _cache(self, st: UserState) -> _StepCache:
+        """The user's cache, with every closed session folded into h_con."""
+        m, c = self.model, st.cache
+        if c is None:
+            h = m.initial_context(1)
+            users = torch.tensor([st.uid])
+            if st.n_dataset:  # the dataset history in one pass, as evaluation encodes it
+                h = m.encode_history(users, pad_sessions(st.history[: st.n_dataset]))
+            c = st.cache = _StepCache(m.general_preference(users), h, st.n_dataset)
+        while c.n_folded < len(st.history):
+            c.h_con = m.fold_session(c.h_con, st.history[c.n_folded])
+            c.n_folded += 1
+            c.open_id = -1
+        return c
+
+    def advance(self, st: UserState) -> None:
+        self._hidden(st, [], False)
+
+    def _hidden(self, st: UserState, extra: list[int], expired: bool) -> Tensor:
+        """The decoder state [1, H] after the user's current session plus `extra` (the request's
+        items); `expired`: the open session timed out, so it is history and a new one starts."""
+        m, c = self.model, self._cache(st)
+        if expired:  # the open session timed out: close it in a scratch copy of the state
+            h_con = m.fold_session(c.h_con, np.asarray(st.open_items)) if st.open_items else c.h_con
+            cond = m.session_condition(c.e, h_con)
+            h = m.decoder_step(self.bos, None, cond)
+        else:
+            if c.open_id != st.open_id or c.cond is None or c.h_dec is None:
+                c.open_id, c.cond, c.n_dec = st.open_id, m.session_condition(c.e, c.h_con), 0
+                c.h_dec = m.decoder_step(self.bos, None, c.cond)
+            while c.n_dec < len(st.open_items):
+                c.h_dec = m.decoder_step(st.open_items[c.n_dec], c.h_dec, c.cond)
+                c.n_dec += 1
+            h, cond = c.h_dec, c.cond
+        for item in extra:
+            h = m.decoder_step(item, h, cond)
+        return h
