@@ -77,8 +77,8 @@ def untrained_run(ds: object, data: Path, run: Path) -> None:
     """A run directory with an initialised, untrained HNVM (default config)."""
     import torch
 
+    from hnvm.atomic import atomic_json
     from hnvm.config import as_dict
-    from hnvm.data.store import write_json
     from hnvm.models.hnvm import HNVM
     from hnvm.rundir import RUN_FORMAT, RUN_VERSION, vocab_digest
     from hnvm.training import TrainConfig
@@ -88,7 +88,7 @@ def untrained_run(ds: object, data: Path, run: Path) -> None:
     m.net = m._build(ds.n_items, ds.n_users)  # type: ignore[attr-defined]
     m.counts_ = torch.zeros(ds.n_items + 1)  # type: ignore[attr-defined]
     run.mkdir(parents=True, exist_ok=True)
-    write_json(run / "config.json", {
+    atomic_json(run / "config.json", {
         "format": RUN_FORMAT, "format_version": RUN_VERSION, "model": "hnvm", "model_config": as_dict(m.config),
         "train": as_dict(TrainConfig(epochs=1)), "untrained": True,
         "dataset": {"path": str(data.resolve()), "vocab_sha256": vocab_digest(ds), "stats": {}}})

@@ -354,7 +354,7 @@ def test_online_steps_equal_score_and_score_sessions(overrides: dict[str, object
             h_con = m.fold_session(h_con, torch.tensor(s))
         torch.testing.assert_close(h_con, m.encode_history(users, _session_row(past) if past else empty.view(1, 0, 1)),
                                    atol=1e-5, rtol=1e-5)
-        cond = m.session_condition(m.general_preference(users), h_con)
+        cond = m.session_condition(h_con, m.general_preference(users))
         h = m.decoder_step(m.bos, None, cond)
         for item in prefix:
             h = m.decoder_step(item, h, cond)

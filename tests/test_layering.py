@@ -23,7 +23,10 @@ RULES = [
                        "hnvm.runs", "hnvm.cli")),
     ("hnvm.evaluate", ("hnvm.models", "hnvm.training", "hnvm.online", "hnvm.serve", "hnvm.runs",
                        "hnvm.tune", "hnvm.benchmark", "hnvm.cli")),
-    ("hnvm.online", ("hnvm.serve", "hnvm.cli", "hnvm.benchmark", "hnvm.tune")),
+    ("hnvm.online", ("hnvm.serve", "hnvm.cli", "hnvm.benchmark", "hnvm.tune", "hnvm.runs", "hnvm.evaluate",
+                     "hnvm.training", "hnvm.recommend")),
+    ("hnvm.rundir", ("hnvm.runs", "hnvm.evaluate", "hnvm.training", "hnvm.online", "hnvm.serve", "hnvm.cli")),
+    ("hnvm.serve", ("hnvm.runs", "hnvm.evaluate", "hnvm.training", "hnvm.tune", "hnvm.benchmark", "hnvm.cli")),
     ("hnvm.recommend", ("hnvm.serve",)),
     ("hnvm.metrics", ("hnvm.models", "hnvm.training", "hnvm.evaluate", "hnvm.data")),
 ]

@@ -74,7 +74,7 @@ def items_of(engine: Engine, n: int, start: int = 1) -> list[str]:
 
 def _model_scores(engine: Engine, uid: int, sessions: list[list[int]], prefix: list[int]) -> torch.Tensor:
     """The model's own scoring of the same history (what `hnvm evaluate` calls)."""
-    from hnvm.online.scorers import pad_sessions as _pad
+    from hnvm.online.scorers import one_user_sessions as _pad
 
     m = engine.model
     if not prefix:

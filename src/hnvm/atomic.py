@@ -3,8 +3,11 @@
 Every file or directory hnvm writes (datasets, runs, checkpoints, models, reports, exports) is
 first written beside its destination under a hidden temporary name, flushed to disk (fsync),
 then renamed over the destination in one `os.replace`, and the parent directory is synced. A
-reader thus sees the old file or the new one, never a half-written one; a crash or an error
-leaves the destination as it was and removes the temporary.
+reader thus sees the old file or the new one, never a half-written one; an error leaves the
+destination as it was and removes the temporary. The temporary's name is fixed per destination
+(`.NAME.tmp`), so the next write replaces what a killed process left behind: one destination
+has one writer at a time (rank 0 writes a run; a dataset is prepared once). Directories get the
+default permissions (the umask), like any `mkdir`.
 """
 
 from __future__ import annotations
@@ -12,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -53,7 +55,7 @@ def atomic_file(path: str | Path, write: Callable[[Path], None]) -> None:
     """Call `write(tmp)` to fill a temporary sibling of `path`, then move it to `path`.
     Any error (or interruption) removes the temporary and leaves `path` untouched."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp")
     try:
         write(tmp)
         _fsync_file(tmp)
@@ -84,13 +86,15 @@ def atomic_dir(out: str | Path, write: Callable[[Path], None]) -> None:
     removed). Nothing is left behind on failure and `out` keeps its old contents."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp, old = out.with_name(f".{out.name}.tmp"), out.with_name(f".{out.name}.old")
+    for leftover in (tmp, old):  # from a write that was killed
+        shutil.rmtree(leftover, ignore_errors=True)
+    tmp.mkdir()
     try:
         write(tmp)
         fsync_dir(tmp)
         if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / "d")
+            os.replace(out, old)
             os.replace(tmp, out)
             shutil.rmtree(old, ignore_errors=True)
         else:

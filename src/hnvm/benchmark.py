@@ -257,14 +257,15 @@ def run_benchmark(
                           on_progress=on_progress))
 
 
-def _execute(p: _Plan) -> dict[str, Any]:
-    """Train (or reuse), evaluate and report every model of a checked plan."""
+def _execute(p: _Plan, seq: Sequences | None = None) -> dict[str, Any]:
+    """Train (or reuse), evaluate and report every model of a checked plan; `seq`: the plan's
+    dataset as Sequences when the caller has it (both tasks share one)."""
     dataset, ds, task, out, runs, results, say = p.dataset, p.ds, p.task, p.out, p.runs, p.results, p.say
     include_first, show_progress, n_models = p.include_first, p.show_progress, len(p.models)
     res_path = out / "results.json"
     runs.mkdir(parents=True, exist_ok=True)
     (out / "ranks").mkdir(parents=True, exist_ok=True)
-    seq = Sequences.from_events(ds.events, ds.n_users)
+    seq = seq if seq is not None else Sequences.from_events(ds.events, ds.n_users)
     results["include_first"] = include_first
     # what a result depends on besides the model's settings: the data (every event; the train
     # events for the run) and, for next-item, whether first positions are scored
@@ -371,7 +372,8 @@ def run_benchmarks(
                    show_progress, include_first, runs_dir=out / "runs",
                    tuned_dir=tuned_dir if tuned_dir is not None else out / "tuned",
                    model_overrides=model_overrides, ds=ds, on_progress=on_progress) for t in TASKS]
-    return {p.task: _execute(p) for p in plans}
+    seq = Sequences.from_events(ds.events, ds.n_users)
+    return {p.task: _execute(p, seq) for p in plans}
 
 
 def _significance(out: Path, done: dict[str, Any], task: str) -> dict[str, Any]:

@@ -104,15 +104,15 @@ def read_run_config(run: str | Path) -> dict[str, Any]:
     return cfg
 
 
-def _has_checkpoint(run: Path) -> bool:
+def has_checkpoint(run: Path) -> bool:
     return (run / "last" / "state.json").is_file()
 
 
-def _continue_hint(run: Path, cfg: dict[str, Any] | None) -> str:
+def continue_hint(run: Path, cfg: dict[str, Any] | None) -> str:
     """How to go on with an unfinished run: resume from its checkpoint, or train it again."""
     cmd = (f"`hnvm train {cfg['dataset']['path']} --model {cfg['model']} --out {run}" if cfg
            else f"`hnvm train DATA --model MODEL --out {run}")
-    if _has_checkpoint(run):
+    if has_checkpoint(run):
         return f"continue it with {cmd} --resume` (same settings) or replace it with --force"
     return f"it has no checkpoint to resume from; replace it with {cmd} --force`"
 
@@ -124,5 +124,5 @@ def load_run(run: str | Path) -> tuple[Recommender, dict[str, Any]]:
     cfg = read_run_config(run)
     if not (run / "model" / "model.json").exists():
         raise HnvmError(f"{run}: the run has no finished model (training did not complete); "
-                        f"{_continue_hint(run, cfg)}")
+                        f"{continue_hint(run, cfg)}")
     return load_model(run / "model"), cfg

@@ -35,10 +35,10 @@ from hnvm.models.base import get_model_class
 from hnvm.rundir import (
     RUN_FORMAT,
     RUN_VERSION,
-    _continue_hint,
-    _has_checkpoint,
     check_dataset,
+    continue_hint,
     data_digest,
+    has_checkpoint,
     load_run,
     read_run_config,
     train_digest,
@@ -105,13 +105,13 @@ def _existing_run_error(out: Path) -> HnvmError:
             return HnvmError(f"{out}: a run killed before it started exists there; replace it with --force")
         return HnvmError(f"{out}: exists and is not a run directory (no config.json); choose another --out")
     if (out / "model" / "model.json").exists():
-        extra = ", or --resume to train it further from last/" if _has_checkpoint(out) else ""
+        extra = ", or --resume to train it further from last/" if has_checkpoint(out) else ""
         return HnvmError(f"{out}: a trained run exists there (use --force to replace it{extra})")
     try:
         cfg: dict[str, Any] | None = read_run_config(out)
     except HnvmError:
         cfg = None
-    return HnvmError(f"{out}: an unfinished run exists there (training did not complete); {_continue_hint(out, cfg)}")
+    return HnvmError(f"{out}: an unfinished run exists there (training did not complete); {continue_hint(out, cfg)}")
 
 
 def _diff(prev: dict[str, Any], want: dict[str, Any], section: str, keys: set[str] | None = None) -> list[str]:
@@ -126,7 +126,7 @@ def _check_resume(out: Path, cfg_json: dict[str, Any], ds: Dataset) -> None:
     if not out.exists() or (out.is_dir() and not any(out.iterdir())):
         raise HnvmError(f"{out}: no run to resume; train it without --resume")
     prev = read_run_config(out)
-    if not _has_checkpoint(out):
+    if not has_checkpoint(out):
         raise HnvmError(f"{out}: nothing to resume (no checkpoint in last/; model {prev['model']} "
                         f"{'was trained without checkpoints' if (out / 'model').exists() else 'saved none'}); "
                         f"train it again with --force")

@@ -167,6 +167,7 @@ class _Search:
     say: Callable[[str], None]
     missing: int = 0
     started: Any = dataclasses.field(default_factory=lambda: itertools.count(1))  # trials this run started
+    t_start: float = dataclasses.field(default_factory=time.monotonic)
 
     def objective(self, trial: Any) -> float:
         """Train one trial's settings (pruned on validation after each epoch); its validation MRR@5."""
@@ -203,7 +204,7 @@ class _Search:
         """Optuna callback: one line per finished trial (its result and the best so far)."""
         import optuna
 
-        secs = t.duration.total_seconds() if t.duration else 0.0
+        secs = t.duration.total_seconds() if t.duration else time.monotonic() - self.t_start
         if t.state == optuna.trial.TrialState.COMPLETE and t.value is not None:
             result = f"{OBJECTIVE} {t.value:.5f}"
         else:

@@ -60,7 +60,7 @@ def _first_line(path: Path, kind: str) -> str:
         raise InputError(f"cannot read file: {exc}", path=path) from exc
 
 
-def _read_raw(path: Path, preset: Preset | None) -> tuple[pl.DataFrame, bool]:
+def read_raw(path: Path, preset: Preset | None) -> tuple[pl.DataFrame, bool]:
     """Returns the raw frame (all columns as read; every column of a text file as text) and
     whether the file had a header."""
     kind = _file_kind(path)

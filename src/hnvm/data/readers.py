@@ -29,8 +29,8 @@ from pathlib import Path
 
 import polars as pl
 
-from hnvm.data.rawfile import _read_raw
-from hnvm.data.timestamps import TIME_UNITS, _line_of, _to_seconds
+from hnvm.data.rawfile import read_raw
+from hnvm.data.timestamps import TIME_UNITS, line_of, to_seconds
 from hnvm.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -216,7 +216,7 @@ def _as_int(col: pl.Series, path: Path, name: str, header: bool = True) -> pl.Se
     if bad.any():
         i = int(bad.arg_true()[0])
         raise InputError(f"missing or non-integer value {col[i]!r}", path=path,
-                         row=_line_of(i, header), column=name)
+                         row=line_of(i, header), column=name)
     return out
 
 
@@ -238,7 +238,7 @@ def _check_ids(df: pl.DataFrame, src: str, role: str, path: Path, header: bool) 
     if bad.any():
         i = int(bad.arg_true()[0])
         raise InputError(f"empty or missing {role} id", path=path,
-                         row=_line_of(i, header), column=src)
+                         row=line_of(i, header), column=src)
     if s.dtype == pl.Utf8 and bool(s.str.contains(_CANONICAL_INT).all()):
         s = s.cast(pl.Int64)
     return s.rename(role)
@@ -292,7 +292,7 @@ def read_events_info(
         if time_format == "auto":
             time_format = p.time_format
     assert columns is not None
-    df, header = _read_raw(path, p)
+    df, header = read_raw(path, p)
     if p and p.transform:
         df = p.transform(df, path)
     _require(df, list(columns.values()), path)
@@ -313,7 +313,7 @@ def read_events_info(
     item = _check_ids(df, columns["item"], "item", path, header)
     line = (df.get_column("_row").cast(pl.Int64) + 1 + (1 if header else 0)).cast(pl.UInt32)
     if "time" in columns:
-        ts, sub, unit = _to_seconds(
+        ts, sub, unit = to_seconds(
             df.get_column(columns["time"]), time_format, path, columns["time"], header
         )
     else:  # no clock: the session key and file order (or seq) order the events

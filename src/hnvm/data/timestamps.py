@@ -3,7 +3,7 @@
 The unit is stated (`--time-unit s|ms|us|ns|iso`, or a preset's own, e.g. `mmdd`) or, with
 `auto`, decided per row by magnitude: a column whose rows fall in different units is refused
 naming the first row that differs, never rescaled by its maximum. Text that is not a number is
-read as ISO-8601. Every error names the file, its line (`_line_of`) and the column.
+read as ISO-8601. Every error names the file, its line (`line_of`) and the column.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ _SCALE = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
 _UNIT_BOUNDS = ((1e11, "s"), (1e14, "ms"), (1e17, "us"))
 
 
-def _line_of(index: int, header: bool) -> int:
+def line_of(index: int, header: bool) -> int:
     return index + 1 + (1 if header else 0)
 
 
@@ -43,9 +43,9 @@ def _refuse_mixed_seconds(x: pl.Series, col: pl.Series, path: Path, name: str, h
     if not (small.any() and large.any()):
         return
     i = int((small if bool(large[0]) else large).arg_true()[0])
-    raise InputError(f"timestamps mix magnitudes: {col[i]!r} and {col[0]!r} (row {_line_of(0, header)}) cannot both "
+    raise InputError(f"timestamps mix magnitudes: {col[i]!r} and {col[0]!r} (row {line_of(0, header)}) cannot both "
                      "be unix seconds of one log (a date such as 20200913 among unix times?); fix the row, or "
-                     "state --time-unit s to accept them", path=path, row=_line_of(i, header), column=name)
+                     "state --time-unit s to accept them", path=path, row=line_of(i, header), column=name)
 
 
 def _bad_time(value: object, expected: str = "") -> str:
@@ -54,7 +54,7 @@ def _bad_time(value: object, expected: str = "") -> str:
     return f"unparsable timestamp {value!r}{expected}"
 
 
-def _to_seconds(
+def to_seconds(
     col: pl.Series, fmt: str, path: Path, name: str, header: bool
 ) -> tuple[pl.Series, pl.Series, str]:
     """Returns (ts seconds Int64, sub-second tie-breaker Int64, the unit used).
@@ -82,7 +82,7 @@ def _mmdd_to_seconds(col: pl.Series, path: Path, name: str, header: bool) -> tup
     if bad.any():
         i = int(bad.arg_true()[0])
         raise InputError(f"unparsable mmdd date {col[i]!r}", path=path,
-                         row=_line_of(i, header), column=name)
+                         row=line_of(i, header), column=name)
     days = pl.DataFrame({"m": month, "d": day}).select(
         pl.date(2015, pl.col("m"), pl.col("d")).cast(pl.Int64).alias("x")
     ).to_series()
@@ -103,7 +103,7 @@ def _text_as_number(col: pl.Series, fmt: str, path: Path, name: str, header: boo
         bad = as_float.is_null() & col.is_not_null()
         i = int(bad.arg_true()[0])
         raise InputError(f"timestamp {col[i]!r} is not a number (--time-unit {fmt})", path=path,
-                         row=_line_of(i, header), column=name)
+                         row=line_of(i, header), column=name)
     return col
 
 
@@ -123,7 +123,7 @@ def _numbers_to_seconds(
     if bad.any():
         i = int(bad.arg_true()[0])
         raise InputError(_bad_time(col[i]), path=path,
-                         row=_line_of(i, header), column=name)
+                         row=line_of(i, header), column=name)
     unit = _auto_unit(x, col, path, name, header) if fmt == "auto" else fmt
     scale = _SCALE[unit]
     if x.dtype.is_float():
@@ -145,8 +145,8 @@ def _auto_unit(x: pl.Series, col: pl.Series, path: Path, name: str, header: bool
         i = int(differs.arg_true()[0])
         raise InputError(
             f"timestamps mix units: {col[i]!r} looks like {units[i]} but {col[0]!r} "
-            f"(row {_line_of(0, header)}) looks like {first}; state the unit with --time-unit "
-            "s|ms|us|ns", path=path, row=_line_of(i, header), column=name)
+            f"(row {line_of(0, header)}) looks like {first}; state the unit with --time-unit "
+            "s|ms|us|ns", path=path, row=line_of(i, header), column=name)
     if first == "s":
         _refuse_mixed_seconds(x, col, path, name, header)
     return first
@@ -168,10 +168,10 @@ def _iso_to_seconds(
         if fmt != "iso" and good.any() and bool(numeric[i]):  # a clock in two notations
             j = int(good.arg_true()[0])
             raise InputError(f"timestamps mix unix times and ISO-8601 date-times: {col[i]!r} is a number but "
-                             f"{col[j]!r} (row {_line_of(j, header)}) is a date-time", path=path,
-                             row=_line_of(i, header), column=name)
+                             f"{col[j]!r} (row {line_of(j, header)}) is a date-time", path=path,
+                             row=line_of(i, header), column=name)
         expected = "an ISO-8601 date-time" if fmt == "iso" else "a unix time or an ISO-8601 date-time"
         raise InputError(_bad_time(col[i], f" (expected {expected})"), path=path,
-                         row=_line_of(i, header), column=name)
+                         row=line_of(i, header), column=name)
     us = parsed.dt.epoch("us")
     return (us // 1_000_000).rename("ts"), (us % 1_000_000).rename("seq"), "iso"

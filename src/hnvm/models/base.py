@@ -11,10 +11,11 @@ from typing import Any, ClassVar
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import Tensor
 
 from hnvm.atomic import atomic_file, atomic_text
 from hnvm.config import as_dict
-from hnvm.contract import Recommender
+from hnvm.contract import Batch, Recommender
 from hnvm.data.store import read_json_object
 from hnvm.errors import ConfigError, HnvmError, one_line
 
@@ -137,3 +138,17 @@ class NetPersistence:
         m.net.load_state_dict(tensors)
         m.net.eval()
         return m
+
+
+class UserScoring:
+    """score / score_sessions of a model whose network scores every item from the user alone
+    (`net.scores(users)` -> Float[B, n_items + 1]): the session prefix and history are unused."""
+
+    @torch.no_grad()
+    def score(self, batch: Batch) -> Tensor:
+        """The scores of the user of each target: Float[K, n_items + 1]."""
+        return self.network().scores(batch.users)[batch.target_rows]  # type: ignore[attr-defined]
+
+    @torch.no_grad()
+    def score_sessions(self, batch: Batch) -> Tensor:
+        return self.network().scores(batch.users)  # type: ignore[attr-defined]

@@ -30,10 +30,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hnvm.config import rng
-from hnvm.contract import Batch
 from hnvm.data.batches import Sequences
 from hnvm.data.sampling import InteractionPairs
-from hnvm.models.base import NetPersistence, register
+from hnvm.models.base import NetPersistence, UserScoring, register
 from hnvm.models.layers import population_user_rows_
 from hnvm.training import TrainConfig, fit
 
@@ -66,20 +65,6 @@ class BPRMFNet(nn.Module):
     def scores(self, users: Tensor) -> Tensor:
         """Float[B, n_items + 1]: x_ui for every item."""
         return self.user(users) @ self.item.weight.T + self.bias.weight.T
-
-
-class UserScoring:
-    """score / score_sessions of a model whose network scores every item from the user alone
-    (`net.scores(users)` -> Float[B, n_items + 1]): the session prefix and history are unused."""
-
-    @torch.no_grad()
-    def score(self, batch: Batch) -> Tensor:
-        """The scores of the user of each target: Float[K, n_items + 1]."""
-        return self.network().scores(batch.users)[batch.target_rows]  # type: ignore[attr-defined]
-
-    @torch.no_grad()
-    def score_sessions(self, batch: Batch) -> Tensor:
-        return self.network().scores(batch.users)  # type: ignore[attr-defined]
 
 
 class PairsTrainable:

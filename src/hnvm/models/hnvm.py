@@ -210,15 +210,17 @@ class HNVM(NetPersistence):
         if not self.config.use_history:
             return h_con
         x = items if isinstance(items, Tensor) else torch.from_numpy(np.asarray(items, dtype=np.int64))
-        if x.numel() == 0:
-            raise ValueError("fold_session: a session needs at least one item")
+        if x.dim() == 2 and x.shape[0] == 1:
+            x = x[0]
+        if x.dim() != 1 or x.numel() == 0 or bool((x <= 0).any()):
+            raise ValueError("fold_session: one session, as 1 or more item ids >= 1 (no padding, no batch)")
         return self._net().fold_session(h_con, self._trim(x.reshape(1, -1)))
 
     @torch.no_grad()
-    def session_condition(self, e: Tensor | None, h_con: Tensor) -> Tensor:
+    def session_condition(self, h_con: Tensor, e: Tensor | None) -> Tensor:
         """The decoder's input for a session after context h_con (eq. 11-12): z = the prior mean
         of p(z | h_con, e), then cond = [h_con; z] ([h_con; e] without z, h_con without either).
-        e: Float[B, d_e] or None (`general_preference`), h_con: Float[B, H] -> Float[B, C]."""
+        h_con: Float[B, H], e: Float[B, d_e] or None (`general_preference`) -> Float[B, C]."""
         return self._net().session_condition(h_con, e)
 
     def decoder_step(self, item: int, h_dec: Tensor | None, cond: Tensor) -> Tensor:
@@ -279,7 +281,8 @@ class _HNVMTrainable:
         net, c = self.module, self.cfg
         h0 = None
         if batch.prefix.shape[1] > 0:
-            with torch.no_grad():  # the context entering the window, without gradient (§5.10)
+            # the context entering the window, without gradient (docs/design.md, "HNVM", user windows)
+            with torch.no_grad():
                 h0 = net.encode_history(batch.users, batch.prefix)
         users = batch.users
         if c.use_e and c.unknown_user_rate > 0:

@@ -36,8 +36,8 @@ from torch import Tensor, nn
 from hnvm.config import choices, rng
 from hnvm.data.batches import Sequences
 from hnvm.data.sampling import InteractionPairs
-from hnvm.models.base import NetPersistence, register
-from hnvm.models.bprmf import PairsTrainable, UserScoring
+from hnvm.models.base import NetPersistence, UserScoring, register
+from hnvm.models.bprmf import PairsTrainable
 from hnvm.models.layers import population_user_rows_
 from hnvm.training import TrainConfig, fit
 

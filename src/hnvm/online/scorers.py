@@ -54,7 +54,7 @@ class StepModel(Protocol):
     def general_preference(self, users: Tensor) -> Tensor | None: ...
     def encode_history(self, users: Tensor, sessions: Tensor) -> Tensor: ...
     def fold_session(self, h_con: Tensor, items: Any) -> Tensor: ...
-    def session_condition(self, e: Tensor | None, h_con: Tensor) -> Tensor: ...
+    def session_condition(self, h_con: Tensor, e: Tensor | None) -> Tensor: ...
     def decoder_step(self, item: int, h_dec: Tensor | None, cond: Tensor) -> Tensor: ...
     def output_layer(self) -> tuple[Tensor, Tensor]: ...
 
@@ -108,16 +108,16 @@ class GenericScorer(Scorer):
             cur = extra
         users = torch.tensor([st.uid])
         if not cur:
-            return self.model.score_sessions(Batch(users, pad_sessions(hist), _EMPTY, _EMPTY))
+            return self.model.score_sessions(Batch(users, one_user_sessions(hist), _EMPTY, _EMPTY))
         # the target slot holds a placeholder item: models never read a target (no-leakage test)
-        sessions = pad_sessions([*hist, np.asarray([*cur, 1], dtype=np.int64)])
+        sessions = one_user_sessions([*hist, np.asarray([*cur, 1], dtype=np.int64)])
         return self.model.score(Batch(users, sessions, torch.tensor([0]), torch.tensor([len(cur)])))
 
 
 _EMPTY = torch.zeros(0, dtype=torch.long)
 
 
-def pad_sessions(sessions: list[np.ndarray]) -> Tensor:
+def one_user_sessions(sessions: list[np.ndarray]) -> Tensor:
     """Long[1, N, T]: one row of right-padded sessions (one empty session if there are none)."""
     n, t = max(len(sessions), 1), max((len(s) for s in sessions), default=1)
     out = np.zeros((1, n, t), dtype=np.int64)
@@ -175,7 +175,7 @@ class StepScorer(Scorer):
             h = m.initial_context(1)
             users = torch.tensor([st.uid])
             if st.n_dataset:  # the dataset history in one pass, as evaluation encodes it
-                h = m.encode_history(users, pad_sessions(st.history[: st.n_dataset]))
+                h = m.encode_history(users, one_user_sessions(st.history[: st.n_dataset]))
             c = st.cache = _StepCache(m.general_preference(users), h, st.n_dataset)
         while c.n_folded < len(st.history):
             c.h_con = m.fold_session(c.h_con, st.history[c.n_folded])
@@ -192,11 +192,11 @@ class StepScorer(Scorer):
         m, c = self.model, self._cache(st)
         if expired:  # the open session timed out: close it in a scratch copy of the state
             h_con = m.fold_session(c.h_con, np.asarray(st.open_items)) if st.open_items else c.h_con
-            cond = m.session_condition(c.e, h_con)
+            cond = m.session_condition(h_con, c.e)
             h = m.decoder_step(self.bos, None, cond)
         else:
             if c.open_id != st.open_id or c.cond is None or c.h_dec is None:
-                c.open_id, c.cond, c.n_dec = st.open_id, m.session_condition(c.e, c.h_con), 0
+                c.open_id, c.cond, c.n_dec = st.open_id, m.session_condition(c.h_con, c.e), 0
                 c.h_dec = m.decoder_step(self.bos, None, c.cond)
             while c.n_dec < len(st.open_items):
                 c.h_dec = m.decoder_step(st.open_items[c.n_dec], c.h_dec, c.cond)

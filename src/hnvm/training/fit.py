@@ -53,15 +53,15 @@ M = TypeVar("M", bound=GradientModel)
 def fit(model: M, train: Dataset, *, train_cfg: TrainConfig | None = None, validation: Validation | None = None,
         seq: Sequences | None = None, run_dir: Path | None = None, resume: bool = False,
         show_progress: bool = False, on_progress: ProgressCallback | None = None,
-        on_epoch: EpochCallback | None = None, **_: Any) -> M:
+        on_epoch: EpochCallback | None = None) -> M:
     """Fit `model` on `train` with the generic Trainer and return it.
 
     train_cfg: the loop's settings (default TrainConfig()). validation: early stopping on
     `train_cfg.metric` of what it returns; None trains every epoch and keeps the last. seq:
     `train` as Sequences if the caller has it (built here otherwise). run_dir/resume:
     checkpoints and the train log (see `hnvm.training.loop`). on_progress/on_epoch: the loop's
-    callbacks; show_progress logs progress when on_progress is None. Other keyword arguments
-    are ignored (the shared `Recommender.fit` signature). Sets `model.result_`.
+    callbacks; show_progress logs progress when on_progress is None. Sets `model.result_`;
+    an unknown keyword (a misspelt option) is a TypeError, never silently ignored.
     """
     cfg = train_cfg or TrainConfig()
     seq = seq if seq is not None else Sequences.from_events(train.events, train.n_users)

@@ -150,6 +150,7 @@ class Trainer:
         self.resume = resume
         self.on_epoch = on_epoch
         self.name = name
+        self._module_name = ""
         self.report = on_progress or (_LogProgress() if show_progress else None)
         self.ctx = distributed.DistContext()
 
@@ -176,8 +177,8 @@ class Trainer:
         if self.report is None or not self.ctx.is_main:
             return
         scored = record is not None and "valid" in record and math.isfinite(st.best)
-        self.report(Progress(kind, self.name, st.epoch + 1, self.cfg.epochs, st.step, targets,
-                             epoch_s, time.perf_counter() - self._t0, losses, self.cfg.metric,
+        self.report(Progress(kind, self.name or self._module_name, st.epoch + 1, self.cfg.epochs, st.step,
+                             targets, epoch_s, time.perf_counter() - self._t0, losses, self.cfg.metric,
                              record.get("valid") if record else None, st.best if scored else None,
                              st.best_epoch if scored else None))
 
@@ -227,6 +228,7 @@ class Trainer:
         dev = ctx.device
         torch.manual_seed(cfg.seed)
         module = model.module
+        self._module_name = type(module).__name__  # progress names it when the caller gave no name
         if not ctx.sparse_grads_ok:
             dense_gradients(module)
         has_sparse = bool(sparse_parameters(module))
