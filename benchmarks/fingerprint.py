@@ -6,9 +6,11 @@
 
 Goes through the CLI only (`hnvm prepare/train/evaluate/tune/benchmark`), so that it measures
 what users get and survives changes of the Python API. For each model on the Instacart sample:
-sha256 of model.safetensors, of the best/ and last/ checkpoint weights, of train_log.jsonl
-with its timings removed, and of metrics.json (next item and next session, full ranking); then
-a two-trial tune of GRU4Rec (trials.csv without timings) and a two-model benchmark (results.json).
+sha256 of model.safetensors and model.json, of the best/ and last/ checkpoint weights, of
+train_log.jsonl and metrics.json (next item and next session, full ranking) without timings and
+with floats to 12 significant digits, and of the exported per-target ranks (exact); then a
+two-trial tune of GRU4Rec (trials.csv without timings, best.toml) and a two-model benchmark of
+both tasks (results.json, ranks).
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ def _strip(obj: object) -> object:
                 and not k.endswith("_s") and "time" not in k and "path" not in k and "dir" not in k}
     if isinstance(obj, list):
         return [_strip(v) for v in obj]
+    if isinstance(obj, float):  # metrics are means of exact ranks: the last bit of a float sum
+        return float(f"{obj:.12g}")  # can differ run to run (thread scheduling), in any version
     return obj
 
 

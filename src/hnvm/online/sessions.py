@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
+from hnvm.data.sessions import parse_duration
 from hnvm.errors import HnvmError
 
 DEFAULT_GAP_S = 1800.0
@@ -134,7 +135,6 @@ class Job:
 def dataset_gap(path: Path, meta: dict[str, Any]) -> float:
     """The idle gap `hnvm prepare` recorded in the dataset's meta.json (`prepare.gap`; 30m when
     absent); a damaged value is a one-line error naming the file and the field, not `--gap`."""
-    from hnvm.data.sessions import parse_duration
 
     where = f"{Path(path) / 'meta.json'}: field"
     prep = meta.get("prepare", {})
