@@ -50,10 +50,15 @@ def _strip(obj: object) -> object:
     return obj
 
 
-def _json_sha(path: Path) -> str:
+def _json_sha(path: Path, root: Path | None = None) -> str:
+    """sha256 of a JSON (or JSON-lines) file without timings, with floats to 12 digits and the
+    temporary `root` directory's path replaced by ROOT."""
     if not path.exists():
         return "-"
-    lines = path.read_text().splitlines() if path.suffix == ".jsonl" else [path.read_text()]
+    text = path.read_text()
+    if root is not None:
+        text = text.replace(json.dumps(str(root))[1:-1], "ROOT")
+    lines = text.splitlines() if path.suffix == ".jsonl" else [text]
     canon = [json.dumps(_strip(json.loads(x)), sort_keys=True) for x in lines if x.strip()]
     return hashlib.sha256("\n".join(canon).encode()).hexdigest()[:16]
 
@@ -98,7 +103,7 @@ def main() -> None:
             _hnvm("benchmark", str(data), "--models", "ptopfreq,gru4rec", "--task", "both", "--out", str(bench),
                   "--set", "train.epochs=1")
             for task in ("next-item", "next-session"):
-                print("benchmark", task, _json_sha(bench / task / "results.json"),
+                print("benchmark", task, _json_sha(bench / task / "results.json", root),
                       "ranks", *(_sha(bench / task / "ranks" / f"{m}.parquet") for m in ("ptopfreq", "gru4rec")))
 
 
