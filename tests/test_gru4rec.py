@@ -20,12 +20,14 @@ from hnvm.models.gru4rec import GRU4Rec, GRU4RecConfig, _GRU4RecTrainable
 from hnvm.models.gru4rec_net import (
     GRU4RecNet,
     PopularitySampleCache,
+    in_batch_bpr_loss,
     in_batch_bpr_max_loss,
     in_batch_cross_entropy_loss,
     lookup,
     session_parallel_steps,
     training_order,
 )
+from hnvm.models.layers import bpr_loss as shared_bpr
 from hnvm.models.layers import bpr_max_loss as shared_bpr_max
 from hnvm.models.layers import sampled_softmax_loss
 from hnvm.models.pop import Pop
@@ -144,6 +146,18 @@ def test_bpr_max_matches_the_shared_definition() -> None:
     act = F.elu(scores, 0.5)
     want = shared_bpr_max(act.diagonal(), _off_diagonal(act), bpreg=1.95, reduction="sum")
     torch.testing.assert_close(in_batch_bpr_max_loss(scores, 1.95, 0.5), want)
+
+
+def test_plain_bpr_matches_the_shared_definition() -> None:
+    """In-batch BPR = the shared BPR (mean over the negatives, summed over rows) with the other
+    columns of a row as its negatives; its gradient flows to targets and negatives only."""
+    g = torch.Generator().manual_seed(1)
+    scores = (torch.randn(5, 5 + 7, generator=g) * 2).requires_grad_()
+    want = shared_bpr(scores.diagonal(), _off_diagonal(scores), reduction="sum")
+    got = in_batch_bpr_loss(scores)
+    torch.testing.assert_close(got, want)
+    got.backward()
+    assert (scores.grad.diagonal() < 0).all() and (_off_diagonal(scores.grad) > 0).all()
 
 
 def _bpr_max_autograd(scores: torch.Tensor, bpreg: float, elu_p: float) -> torch.Tensor:
@@ -347,7 +361,7 @@ def test_layers_from_config_and_command_line(tmp_path) -> None:
 # ---- it learns sequences ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("loss", ["bpr-max", "cross-entropy"])
+@pytest.mark.parametrize("loss", ["bpr-max", "cross-entropy", "bpr"])
 def test_beats_pop_on_sequential_synthetic_data(loss: str) -> None:
     ds = synthetic_dataset(n_users=100, n_items=60, n_topics=3, sequential=0.9, seed=7)
     seq = Sequences.from_events(ds.events, ds.n_users)

@@ -13,7 +13,9 @@ implementation (hidasib/GRU4Rec_PyTorch_Official) trains and scores it.
 * Scores: r_j = W_y[j] · h + b_j against the mini-batch's targets plus n_sample items drawn from
   count^sample_alpha (drawn in bulk and cached).
 * Losses: bpr-max (final ELU(elu_p), softmax weights over the negatives, bpreg · Σ s_j r_j²) and
-  cross-entropy (optional log-Q correction), summed over the batch and divided by the nominal
+  cross-entropy (optional log-Q correction), as the reference; and plain BPR (the mean over the
+  negatives of -log σ(r_target - r_j)), which the HNVM paper uses for every GRU model (§4.3) and
+  the reference's PyTorch code lacks. Each is summed over the batch and divided by the nominal
   batch size.
 * Optimizer: Adagrad with momentum (train.optimizer = "adagrad", hnvm.training.AdagradMomentum,
   the reference's update and eps); the item tables then get sparse gradients so that, as in the
@@ -55,6 +57,7 @@ from hnvm.models.gru4rec_net import (
     GRU4RecNet,
     ParallelStep,
     PopularitySampleCache,
+    in_batch_bpr_loss,
     in_batch_bpr_max_loss,
     in_batch_cross_entropy_loss,
     session_parallel_steps,
@@ -75,7 +78,8 @@ class GRU4RecConfig:
     train.epochs with train.optimizer = "adagrad")."""
 
     layers: tuple[int, ...] = (100,)  # GRU layer sizes, e.g. --set model.layers=100,100
-    loss: str = field(default="cross-entropy", metadata=choices("cross-entropy", "bpr-max"))
+    loss: str = field(default="cross-entropy", metadata=choices(
+        "cross-entropy", "bpr-max", "bpr", doc="bpr: plain BPR, the HNVM paper's loss for every GRU model"))
     batch_size: int = field(default=64, metadata=rng(1, 100_000, "session-parallel slots"))
     dropout_p_embed: float = field(default=0.0, metadata=rng(0.0, 0.99, "on the item input"))
     dropout_p_hidden: float = field(default=0.0, metadata=rng(0.0, 0.99, "on GRU outputs"))
@@ -224,6 +228,8 @@ class _GRU4RecTrainable:
         scores, self.state = net.train_step(batch.inputs, state, cols)  # [b, m]; column k < b: row k's target
         if c.loss == "bpr-max":
             total = in_batch_bpr_max_loss(scores, c.bpreg, c.elu_p)
+        elif c.loss == "bpr":
+            total = in_batch_bpr_loss(scores)
         else:
             logq_cols = None
             if c.logq > 0:

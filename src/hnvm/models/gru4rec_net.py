@@ -149,6 +149,16 @@ class _BprMax(torch.autograd.Function):
         return g, None, None
 
 
+def in_batch_bpr_loss(scores: Tensor) -> Tensor:
+    """Plain BPR (Rendle et al. 2009), the loss the HNVM paper trains every GRU model with
+    (§4.3): per row, the mean over its negatives j (every column but the row's target) of
+    -log σ(r_target - r_j), summed over rows. Scores are used raw (no final activation)."""
+    m = scores.shape[1]
+    t = scores.diagonal().unsqueeze(1)  # [b, 1]
+    pair = -F.logsigmoid(t - scores)  # [b, m]; the diagonal is log 2, removed below
+    return (pair.sum() - pair.diagonal().sum()) / max(m - 1, 1)
+
+
 def in_batch_cross_entropy_loss(scores: Tensor, logq_cols: Tensor | None = None,
                        logq: float = 0.0) -> Tensor:
     """The reference's cross-entropy, summed over rows: -log(softmax(r - logq · log Q)_target +
