@@ -26,7 +26,7 @@ from hnvm.training import TrainConfig
 
 WORLD = 2
 HNVM_FAST = {"hidden": 16, "emb_dim": 16, "d_e": 4, "d_z": 4, "mlp_hidden": 16, "n_negatives": 32,
-             "kl_anneal_steps": 20}
+             "kl_anneal_epochs": 0.5}
 # every other neural model, one epoch: DDP must see all their parameters used every step
 OTHERS = {
     "hrnn": {"emb_dim": 8, "session_hidden": 8, "user_hidden": 8, "n_negatives": 16, "batch_size": 16},

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -30,7 +31,7 @@ def test_overfits_a_tiny_dataset() -> None:
                            session_length=(6, 6), sequential=1.0, n_successors=1, seed=2,
                            config=PrepareConfig(min_item_support=1))
     seq = Sequences.from_events(ds.events, ds.n_users)
-    m = HNVM(HNVMConfig(**{**SMALL, "dropout": 0.0}, loss="full-softmax", kl_anneal_steps=0))
+    m = HNVM(HNVMConfig(**{**SMALL, "dropout": 0.0}, loss="full-softmax", kl_anneal_epochs=0))
     m.fit(ds, train_cfg=TrainConfig(epochs=150, optimizer="adam", lr=0.02, patience=0))
     r = evaluate_next_item(m, seq, "train", ks=(1, 5))  # positions of sessions it was trained on
     assert r.metrics["recall@5"] >= 0.95, r.metrics
@@ -366,3 +367,29 @@ def test_online_steps_equal_score_and_score_sessions(overrides: dict[str, object
             torch.testing.assert_close(got[:, 1:], want[:, 1:], atol=1e-5, rtol=1e-5)
     weight, bias = m.output_layer()
     torch.testing.assert_close(m.score_state(h), h @ weight.T + bias)
+
+
+def test_kl_warm_up_is_in_epochs_and_no_epoch_is_selected_before_beta_is_one(synth, tmp_path: Path) -> None:
+    """β reaches 1 after kl_anneal_epochs epochs whatever the batch size, and early stopping never
+    selects an epoch that ended with β < 1 (marked "selectable": false in the train log)."""
+    ds, seq = synth
+    for batch_size in (8, 32):
+        m = HNVM(HNVMConfig(**{**SMALL, "batch_size": batch_size}, kl_anneal_epochs=2.0))
+        t = m.trainable(ds, seq, TrainConfig())
+        list(t.train_batches(0, np.random.default_rng(0)))
+        s = t.steps_per_epoch
+        assert s == -(-len(t.windows) // batch_size)
+        assert t.beta(0) == 0.0 and t.beta(s) == pytest.approx(0.5) and t.beta(2 * s) == 1.0
+        assert not t.selectable(2 * s - 1) and t.selectable(2 * s)
+    m = HNVM(HNVMConfig(**SMALL, kl_anneal_epochs=2.0))
+    m.fit(ds, validation=NEXT_ITEM_VALIDATION, run_dir=tmp_path / "a",
+          train_cfg=TrainConfig(epochs=4, patience=0, seed=3))
+    log = [json.loads(x) for x in (tmp_path / "a" / "train_log.jsonl").read_text().splitlines()]
+    epochs = [r for r in log if r["type"] == "epoch"]
+    assert [r.get("selectable", True) for r in epochs] == [False, True, True, True]
+    assert m.result_.best_epoch >= 2  # epoch 1 may score best on validation; it is never chosen
+    # a run that ends inside its warm-up keeps its last epoch and says so
+    m = HNVM(HNVMConfig(**SMALL, kl_anneal_epochs=5.0))
+    m.fit(ds, validation=NEXT_ITEM_VALIDATION, run_dir=tmp_path / "b", train_cfg=TrainConfig(epochs=2, seed=3))
+    assert m.result_.best_epoch == 2
+    assert '"selection": "last"' in (tmp_path / "b" / "train_log.jsonl").read_text()

@@ -23,7 +23,7 @@ EXCLUDE_ALL = frozenset({"seed", "train_on", "use_valid", "mc_samples", "sample_
 EXCLUDE: dict[str, frozenset[str]] = {
     "gru4rec": frozenset({"embedding"}),  # constrained_embedding (default) ignores it
     # unknown_user_rate: validation users are all known, so the objective cannot judge cold start
-    "hnvm": frozenset({"max_len", "kl_anneal_steps", "unknown_user_rate"}),
+    "hnvm": frozenset({"max_len", "kl_anneal_epochs", "unknown_user_rate"}),
     "hrnn": frozenset({"max_len"}),
     "stamp": frozenset({"max_len"}),
 }

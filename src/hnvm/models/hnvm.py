@@ -51,7 +51,11 @@ class HNVMConfig:
     batch_size: int = field(default=64, metadata=rng(1, 100_000, "user windows per step"))
     window: int = field(default=8, metadata=rng(1, 10_000, "sessions per training window W"))
     max_len: int = field(default=0, metadata=rng(0, 100_000, "keep the last max_len items of longer sessions; 0 = all"))
-    kl_anneal_steps: int = field(default=300, metadata=rng(0, 10**9, "steps for beta 0 -> 1"))
+    # β rises linearly from 0 to 1 over this many epochs (a fraction of an epoch is fine), so the
+    # warm-up does not depend on the data size or the batch size; an epoch is only selected as the
+    # best once β = 1 (the full ELBO), see `_HNVMTrainable.selectable`
+    kl_anneal_epochs: float = field(default=1.0, metadata=rng(
+        0.0, 1000.0, "epochs for beta 0 -> 1; 0 = 1 from the start"))
     mc_samples: int = field(default=1, metadata=rng(1, 1000, "prior samples averaged at inference"))
     # Row 0 of the user tables is the unknown user (cold start). 0 (default): after training it becomes
     # the aggregate of the trained users' e (training untouched); > 0: that share of the training
@@ -262,6 +266,7 @@ class _HNVMTrainable:
         # known users with no training session (possible with a time split): their rows stay untrained
         self.untrained_users = torch.from_numpy(np.flatnonzero(n_train[1:] == 0) + 1)
         self.neg_probs = popularity_probs(counts, self.cfg.sample_alpha)
+        self.steps_per_epoch = max(-(-len(self.windows) // self.cfg.batch_size), 1)  # set per epoch
 
     def to(self, device: torch.device) -> None:
         self.neg_probs = self.neg_probs.to(device)
@@ -269,10 +274,23 @@ class _HNVMTrainable:
 
     def train_batches(self, epoch: int, rng: np.random.Generator, *, rank: int = 0,
                       world_size: int = 1) -> Any:
+        n_batches = -(-len(self.windows) // self.cfg.batch_size)
+        self.steps_per_epoch = max(-(-n_batches // max(world_size, 1)), 1)  # this process's steps
         return window_batches(self.seq, self.windows, self.cfg.batch_size, rng,
                               max_len=self.cfg.max_len or None,
                               max_prefix=None if self.cfg.use_history else 0,
                               rank=rank, world_size=world_size)
+
+    def beta(self, step: int) -> float:
+        """The KL weight at optimizer step `step` (0-based): linear from 0 to 1 over
+        kl_anneal_epochs epochs of this process's steps."""
+        total = self.cfg.kl_anneal_epochs * self.steps_per_epoch
+        return 1.0 if total <= 0 else min(1.0, step / total)
+
+    def selectable(self, step: int) -> bool:
+        """Whether the weights after `step` optimizer steps may be selected as the best epoch:
+        only once β has reached 1, i.e. for the model of the full ELBO (the paper's objective)."""
+        return self.beta(step) >= 1.0
 
     def batch_targets(self, batch: Any) -> int:
         return batch.n_targets
@@ -296,7 +314,7 @@ class _HNVMTrainable:
         targets = batch.window[mask]  # [K]
         rec = ranking_loss(c.loss, hidden, targets, score_all=net.score, score_items=net.score_items,
                            neg_probs=self.neg_probs, n_negatives=c.n_negatives, bpreg=c.bpreg)
-        beta = 1.0 if c.kl_anneal_steps == 0 else min(1.0, step / c.kl_anneal_steps)
+        beta = self.beta(step)
         n_sess = out.session_mask.sum(1).float()  # [B] sessions of each window
         w_u = n_sess / self.sessions_per_user[batch.users]  # the real user's share, even for row 0
         kl_z, kl_e = out.kl_z.sum(), (w_u * out.kl_e).sum()

@@ -40,7 +40,9 @@ class Trainable(Protocol):
     rank's shard (the same number of batches on every rank), otherwise the Trainer strides over
     the full sequence; a method `to(device)` moves the trainable's own tensors (sampling tables,
     ...) to the device; `fits_valid = True` says it trains on the validation split too, so
-    `hnvm.training.fit` does not validate on it."""
+    `hnvm.training.fit` does not validate on it; `selectable(step) -> bool` says whether the
+    weights after `step` optimizer steps may be selected as the best epoch (HNVM: once its KL
+    warm-up has ended)."""
 
     module: nn.Module
 

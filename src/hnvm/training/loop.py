@@ -255,7 +255,7 @@ class Trainer:
         self._progress("start", st, 0, 0.0, {})
         while st.epoch < cfg.epochs and not (cfg.patience and st.bad_epochs >= cfg.patience):
             record, figures = self._train_epoch(model, compute, opt, st)
-            validate = self._validate(module, validate, record, st)
+            validate = self._validate(model, validate, record, st)
             stop = self._end_epoch(module, opt, record, figures, st)
             st.epoch += 1
             if stop:
@@ -264,6 +264,13 @@ class Trainer:
             module.load_state_dict(st.best_weights)
         elif validate is not None and self.run_dir is not None and (self.run_dir / "best").exists():
             module.load_state_dict(read_weights(self.run_dir / "best"))  # resumed after the best
+        elif validate is not None and st.history:  # every epoch was before the end of a warm-up
+            msg = (f"no epoch was selectable (the KL warm-up did not end within {len(st.history)} epoch(s)); "
+                   "keeping the last epoch's weights, trained with beta < 1")
+            if ctx.is_main:
+                log.warning(msg)
+            self._log({"type": "warning", "selection": "last", "message": msg})
+            st.best_epoch = st.history[-1]["epoch"]
         ctx.barrier()  # no rank leaves (and, say, saves the model) before rank 0's checkpoint
         return TrainResult(st.best_epoch, st.best, len(st.history), st.history)
 
@@ -329,11 +336,13 @@ class Trainer:
             record["processes"] = ctx.world_size
         return record, (n_targets, secs, {n: v / max(n_batches, 1) for n, v in sums.items()})
 
-    def _validate(self, module: nn.Module, validate: Validate | None, record: dict[str, Any],
+    def _validate(self, model: Trainable, validate: Validate | None, record: dict[str, Any],
                   st: _State) -> Validate | None:
         """Score the epoch on validation (into `record`) and track the best epoch; returns the
-        validation callable to use from now on (None once there is nothing to validate on)."""
-        cfg, ctx = self.cfg, self.ctx
+        validation callable to use from now on (None once there is nothing to validate on).
+        A trainable with `selectable(step) -> bool` (HNVM: β = 1 reached) keeps the epochs
+        before it from being selected; they neither count as best nor against patience."""
+        cfg, ctx, module = self.cfg, self.ctx, model.module
         if validate is None:
             st.best_epoch = st.epoch + 1
             return None
@@ -349,6 +358,12 @@ class Trainer:
             self._no_validation(f"the validation split has no targets for {cfg.metric}")
             st.best_epoch = st.epoch + 1
             return None
+        selectable = getattr(model, "selectable", None)
+        if selectable is not None and not selectable(st.step):
+            record["selectable"] = False
+            if ctx.is_main:
+                log.info("epoch %d is not selectable yet (KL warm-up: beta < 1)", st.epoch + 1)
+            return validate
         if score > st.best:
             st.best, st.best_epoch, st.bad_epochs = score, st.epoch + 1, 0
             st.best_weights = {k: v.detach().clone() for k, v in module.state_dict().items()}
