@@ -23,7 +23,7 @@ EXCLUDE_ALL = frozenset({"seed", "train_on", "use_valid", "mc_samples", "sample_
 EXCLUDE: dict[str, frozenset[str]] = {
     "gru4rec": frozenset({"embedding"}),  # constrained_embedding (default) ignores it
     # unknown_user_rate: validation users are all known, so the objective cannot judge cold start
-    "hnvm": frozenset({"max_len", "kl_anneal_epochs", "unknown_user_rate"}),
+    "hnvm": frozenset({"max_len", "unknown_user_rate"}),
     "hrnn": frozenset({"max_len"}),
     "stamp": frozenset({"max_len"}),
 }
@@ -33,7 +33,7 @@ _SIZES = {"hidden": (16, 256), "emb_dim": (16, 256), "mlp_hidden": (16, 256), "d
           "d_z": (4, 128), "batch_size": (16, 512), "n_negatives": (32, 4096), "window": (2, 16),
           "bpreg": (0.01, 10.0), "elu_p": (0.0, 2.0), "logq": (0.0, 1.0)}
 OVERRIDE: dict[str, dict[str, tuple[float, float]]] = {
-    "hnvm": _SIZES,
+    "hnvm": {**_SIZES, "kl_anneal_epochs": (0.5, 5.0)},  # trials run a few epochs: end the warm-up in them
     "hrnn": {**_SIZES, "session_hidden": (16, 256), "user_hidden": (16, 256)},
     "gru4rec": {**_SIZES, "n_sample": (0, 4096)},
     "stamp": {**_SIZES, "d": (16, 256)},
