@@ -19,7 +19,9 @@ def _split_of(test: pl.Expr, valid: pl.Expr) -> pl.Expr:
 
 
 def split_user_last(df: pl.DataFrame) -> pl.DataFrame:
-    """Test = each user's last session, valid = the one before, train = the rest (paper, HRNN).
+    """Test = each user's last session, valid = the one before, train = the rest: HRNN's protocol
+    and the paper's next-*session* protocol (§5.4). The paper's next-item protocol (§4.2, Table 1)
+    is different: it holds out only the last item of each user's last session (leave-one-out).
 
     `df` is sessionize's layout: each user, and each session, a contiguous run of rows, the
     sessions of a user in time order. Adds `split` (Enum train|valid|test).
@@ -67,7 +69,9 @@ def next_item_targets(
 ) -> pl.DataFrame:
     """One row per target: (user, session, pos, item). Position t (0-based here) is predicted
     from the user's earlier sessions and items 0..t-1 of its own session. By default t >= 1
-    (the paper's positions >= 2 in 1-based terms)."""
+    (positions >= 2 in 1-based terms: our choice for the user-last protocol, where position 1
+    would be a next-session prediction; the paper does not say, and its Fig. 2 "Begin = the first
+    2 interactions" suggests it scored position 1 too, which `include_first` does)."""
     sel = events.filter(pl.col("split") == split)
     if not include_first:
         sel = sel.filter(pl.col("pos") >= 1)
