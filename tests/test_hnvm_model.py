@@ -393,3 +393,24 @@ def test_kl_warm_up_is_in_epochs_and_no_epoch_is_selected_before_beta_is_one(syn
     m.fit(ds, validation=NEXT_ITEM_VALIDATION, run_dir=tmp_path / "b", train_cfg=TrainConfig(epochs=2, seed=3))
     assert m.result_.best_epoch == 2
     assert '"selection": "last"' in (tmp_path / "b" / "train_log.jsonl").read_text()
+
+
+def test_latent_diagnostics_are_logged_and_do_not_change_training(synth, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each epoch's record carries KL per dimension and active units of z and e (Burda et al.);
+    computing them draws no random numbers, so the weights are the same without them."""
+    from hnvm.models.hnvm import _HNVMTrainable
+
+    ds, _ = synth
+    tc = TrainConfig(epochs=2, patience=0, seed=5)
+    a = HNVM(HNVMConfig(**SMALL)).fit(ds, validation=NEXT_ITEM_VALIDATION, run_dir=tmp_path / "a", train_cfg=tc)
+    epochs = [json.loads(x) for x in (tmp_path / "a" / "train_log.jsonl").read_text().splitlines()
+              if '"type": "epoch"' in x]
+    for r in epochs:
+        lat = r["latent"]
+        assert 0 <= lat["active_z"] <= SMALL["d_z"] and 0 <= lat["active_e"] <= SMALL["d_e"]
+        assert lat["kl_z_per_dim"] >= 0 and lat["kl_e_per_dim"] >= 0
+    monkeypatch.delattr(_HNVMTrainable, "diagnostics")
+    b = HNVM(HNVMConfig(**SMALL)).fit(ds, validation=NEXT_ITEM_VALIDATION, train_cfg=tc)
+    for (ka, va), (kb, vb) in zip(a.net.state_dict().items(), b.net.state_dict().items(), strict=True):
+        assert ka == kb and torch.equal(va, vb)

@@ -83,6 +83,10 @@ class Progress:
             if p.valid is not None:
                 line += f", valid {p.metric} {p.valid.get(p.metric, float('nan')):.4f}"
                 line += f" (best {p.best:.4f}, epoch {p.best_epoch})" if p.best is not None else ""
+            lat = getattr(p, "latent", None) or {}
+            for v in ("z", "e"):  # what the latents carry: KL per dimension, active units
+                if f"active_{v}" in lat:
+                    line += f", {v}: KL/dim {lat[f'kl_{v}_per_dim']:.4f}, {lat[f'active_{v}']} active"
             self._print(f"{line}, {p.epoch_s:.1f}s ({rate})")
             self._last_line = now
         elif not self.live and now - self._last_line >= self.every:

@@ -21,7 +21,7 @@ from hnvm.data.batches import Sequences, user_windows, window_batches
 from hnvm.data.sampling import popularity_probs, train_counts
 from hnvm.models.base import NetPersistence, register
 from hnvm.models.hnvm_net import HNVMNet
-from hnvm.models.layers import keep_last_items, ranking_loss
+from hnvm.models.layers import gaussian_kl_dims, keep_last_items, ranking_loss
 from hnvm.training import TrainConfig, fit
 
 if TYPE_CHECKING:
@@ -291,6 +291,46 @@ class _HNVMTrainable:
         """Whether the weights after `step` optimizer steps may be selected as the best epoch:
         only once β has reached 1, i.e. for the model of the full ELBO (the paper's objective)."""
         return self.beta(step) >= 1.0
+
+    @torch.no_grad()
+    def diagnostics(self, max_windows: int = 256) -> dict[str, float]:
+        """What the latents carry, for the train log after each epoch: the mean KL per dimension
+        of z (over the real sessions of the first `max_windows` training windows) and of e (over
+        the trained users), and the active units of each (Burda et al. 2016: dimensions whose
+        posterior mean varies across the data with variance > 0.01). Eval mode, no sampling and
+        no random draws, so training is the same with or without it."""
+        net, c = self.module, self.cfg
+        was_training = net.training
+        net.eval()
+        out: dict[str, float] = {}
+        if c.use_z and len(self.windows):
+            mus, kls = [], []
+            for batch in window_batches(self.seq, self.windows[:max_windows], c.batch_size, None,
+                                        max_len=c.max_len or None, max_prefix=None if c.use_history else 0):
+                dev = self.neg_probs.device
+                prefix, window, users = batch.prefix.to(dev), batch.window.to(dev), batch.users.to(dev)
+                h0 = net.encode_history(users, prefix) if prefix.shape[1] > 0 else None
+                o = net(users, window, h_con0=h0, sample=False)
+                assert o.z_gaussians is not None
+                mu_q, lv_q, mu_p, lv_p = o.z_gaussians
+                keep = o.session_mask
+                mus.append(mu_q[keep].float())
+                kls.append(gaussian_kl_dims(mu_q, lv_q, mu_p, lv_p)[keep].float())
+            mu, kl = torch.cat(mus), torch.cat(kls)  # [N, Dz]
+            out["kl_z_per_dim"] = float(kl.mean())
+            out["active_z"] = int((mu.var(0, unbiased=False) > 0.01).sum()) if len(mu) > 1 else 0
+        if c.use_e:
+            trained = torch.ones(net.e_post_mu.weight.shape[0], dtype=torch.bool, device=net.e_post_mu.weight.device)
+            trained[0] = False
+            trained[self.untrained_users.to(trained.device)] = False
+            rows = trained.nonzero().squeeze(1)
+            if len(rows):
+                mu_q, lv_q = net.e_post_mu(rows), net.e_post_logvar(rows) + net.log_var_scale
+                mu_p, lv_p = net.e_prior_mu(rows), net.e_prior_logvar(rows) + net.log_var_scale
+                out["kl_e_per_dim"] = float(gaussian_kl_dims(mu_q, lv_q, mu_p, lv_p).mean())
+                out["active_e"] = int((mu_q.var(0, unbiased=False) > 0.01).sum()) if len(rows) > 1 else 0
+        net.train(was_training)
+        return out
 
     def batch_targets(self, batch: Any) -> int:
         return batch.n_targets

@@ -56,6 +56,7 @@ class HNVMOutput:
     h_con: Tensor  # [B, W, H] context state after each session (carried over padding)
     item_mask: Tensor  # [B, W, T] bool, True = real item
     session_mask: Tensor  # [B, W] bool, True = non-empty session
+    z_gaussians: tuple[Tensor, Tensor, Tensor, Tensor] | None = None  # (mu_q, lv_q, mu_p, lv_p) [B, W, Dz]
 
 
 class HNVMNet(nn.Module):
@@ -261,7 +262,8 @@ class HNVMNet(nn.Module):
             out = out.view(S, -1, *out.shape[1:]).mean(0)  # [N, T', H]
             dec[real, : out.shape[1]] = out.to(dec.dtype)
         dec_hidden = self.drop(dec.view(B, W, T, H) * item_mask.unsqueeze(-1))
-        return HNVMOutput(dec_hidden, kl_z, kl_e, h_con, item_mask, session_mask)
+        z_gaussians = (mu_q, lv_q, mu_p, lv_p) if self.use_z else None
+        return HNVMOutput(dec_hidden, kl_z, kl_e, h_con, item_mask, session_mask, z_gaussians)
 
     def score(self, hidden: Tensor) -> Tensor:
         """Float[..., H] -> Float[..., n_items + 1] (column 0 = padding; callers mask it)."""

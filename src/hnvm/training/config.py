@@ -42,7 +42,8 @@ class Trainable(Protocol):
     ...) to the device; `fits_valid = True` says it trains on the validation split too, so
     `hnvm.training.fit` does not validate on it; `selectable(step) -> bool` says whether the
     weights after `step` optimizer steps may be selected as the best epoch (HNVM: once its KL
-    warm-up has ended)."""
+    warm-up has ended); `diagnostics() -> dict` adds figures to each epoch's record (under
+    "latent"; it must not draw random numbers)."""
 
     module: nn.Module
 

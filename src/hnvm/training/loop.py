@@ -67,6 +67,7 @@ class Progress:
     valid: dict[str, float] | None = None  # "epoch": validation metrics (None: not validated)
     best: float | None = None  # "epoch": best validation score so far
     best_epoch: int | None = None
+    latent: dict[str, float] | None = None  # "epoch": the trainable's diagnostics (HNVM: KL/dim, active units)
 
 
 ProgressCallback = Callable[[Progress], None]
@@ -180,7 +181,7 @@ class Trainer:
         self.report(Progress(kind, self.name or self._module_name, st.epoch + 1, self.cfg.epochs, st.step,
                              targets, epoch_s, time.perf_counter() - self._t0, losses, self.cfg.metric,
                              record.get("valid") if record else None, st.best if scored else None,
-                             st.best_epoch if scored else None))
+                             st.best_epoch if scored else None, record.get("latent") if record else None))
 
     # -- set-up -----------------------------------------------------------------------------------
     def _batches(self, model: Trainable, epoch: int, gen: np.random.Generator) -> Iterable[Any]:
@@ -256,7 +257,7 @@ class Trainer:
         while st.epoch < cfg.epochs and not (cfg.patience and st.bad_epochs >= cfg.patience):
             record, figures = self._train_epoch(model, compute, opt, st)
             validate = self._validate(model, validate, record, st)
-            stop = self._end_epoch(module, opt, record, figures, st)
+            stop = self._end_epoch(model, opt, record, figures, st)
             st.epoch += 1
             if stop:
                 break
@@ -374,16 +375,19 @@ class Trainer:
             st.bad_epochs += 1
         return validate
 
-    def _end_epoch(self, module: nn.Module, opt: torch.optim.Optimizer, record: dict[str, Any],
+    def _end_epoch(self, model: Trainable, opt: torch.optim.Optimizer, record: dict[str, Any],
                    figures: _Figures, st: _State) -> bool:
         """Log and checkpoint the epoch, report it, ask on_epoch; True = stop training."""
         ctx = self.ctx
+        diagnostics = getattr(model, "diagnostics", None)
+        if diagnostics is not None:  # e.g. what HNVM's latents carry (KL per dimension, active units)
+            record["latent"] = diagnostics()
         st.history.append(record)
         self._log(record)
         if ctx.is_main:
             log.info("epoch %d: %s", st.epoch + 1, record)
         if self.run_dir is not None and ctx.is_main:
-            write_checkpoint(self.run_dir / "last", module, opt, {
+            write_checkpoint(self.run_dir / "last", model.module, opt, {
                 "epoch": st.epoch, "step": st.step, "best": st.best, "best_epoch": st.best_epoch,
                 "bad_epochs": st.bad_epochs, "history": st.history})
         n_targets, secs, losses = figures
