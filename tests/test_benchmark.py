@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+from cli_checks import refused, snapshot
 from typer.testing import CliRunner
 
 from hnvm import report
@@ -269,26 +270,6 @@ def test_benchmark_both_on_a_catalogue_smaller_than_k(tmp_path: Path) -> None:
     assert r.exit_code == 0 and r.exception is None, r.output
 
 
-def _tree(path: Path) -> dict[str, bytes]:
-    """Every file under `path` (or the file) with its bytes: 'nothing written or changed'."""
-    if path.is_file():
-        return {str(path): path.read_bytes()}
-    if not path.exists():
-        return {}
-    return {str(p): p.read_bytes() if p.is_file() else b"<dir>" for p in sorted(path.rglob("*"))}
-
-
-def _one_line_refusal(args: list[str], *needles: str) -> str:
-    r = CliRunner().invoke(app, args)
-    assert r.exit_code == 2, r.output
-    assert r.exception is None or isinstance(r.exception, SystemExit), r.output
-    lines = [ln for ln in r.output.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in r.output, r.output
-    for n in needles:
-        assert n in r.output, r.output
-    return r.output
-
-
 def test_benchmark_refuses_an_out_that_is_a_file_a_dataset_a_run_or_holds_the_data(data: Path, tmp_path: Path) -> None:
     from hnvm.runs import train_run
 
@@ -303,10 +284,10 @@ def test_benchmark_refuses_an_out_that_is_a_file_a_dataset_a_run_or_holds_the_da
              (holder / "data", holder, "own input")]
     for ds, out, why in cases:
         for task in ("next-item", "both"):
-            before = {**_tree(data), **_tree(run), **_tree(notes), **_tree(holder)}
-            _one_line_refusal(["benchmark", str(ds), "--models", "pop", "--task", task, "--out", str(out),
+            before = {**snapshot(data), **snapshot(run), **snapshot(notes), **snapshot(holder)}
+            refused(["benchmark", str(ds), "--models", "pop", "--task", task, "--out", str(out),
                                "--set", "train.epochs=1"], "--out", why)
-            assert {**_tree(data), **_tree(run), **_tree(notes), **_tree(holder)} == before
+            assert {**snapshot(data), **snapshot(run), **snapshot(notes), **snapshot(holder)} == before
 
 
 def test_benchmark_refuses_a_results_file_with_damaged_fields(data: Path, tmp_path: Path) -> None:
@@ -333,10 +314,10 @@ def test_benchmark_refuses_a_results_file_with_damaged_fields(data: Path, tmp_pa
         res = json.loads(json.dumps(good))
         damage(res, how)
         (out / "results.json").write_text(json.dumps(res))
-        before = _tree(out)
-        _one_line_refusal(["benchmark", str(data), "--models", "pop", "--out", str(out), "--set", "train.epochs=1"],
+        before = snapshot(out)
+        refused(["benchmark", str(data), "--models", "pop", "--out", str(out), "--set", "train.epochs=1"],
                           "damaged results file", "models.pop", "move it away")
-        assert _tree(out) == before, how
+        assert snapshot(out) == before, how
         with pytest.raises(HnvmError, match="damaged results file"):
             run_benchmark(data, ["pop"], "next-item", out, ["train.epochs=1"])
 
@@ -347,18 +328,18 @@ def test_task_both_checks_both_results_files_before_any_training(data: Path, tmp
     for bad in ("{", json.dumps({"dataset": str(data.resolve()), "task": "next-session", "models": {"pop": 7}}),
                 json.dumps({"dataset": "/elsewhere", "task": "next-session", "models": {}})):
         (out / "next-session" / "results.json").write_text(bad)
-        before = _tree(out)
-        _one_line_refusal(["benchmark", str(data), "--models", "pop", "--task", "both", "--out", str(out),
+        before = snapshot(out)
+        refused(["benchmark", str(data), "--models", "pop", "--task", "both", "--out", str(out),
                            "--set", "train.epochs=1"], "next-session")
-        assert _tree(out) == before  # no OUT/runs, no OUT/next-item
+        assert snapshot(out) == before  # no OUT/runs, no OUT/next-item
     # a file where a task's folder goes: refused before training too
     (out / "next-session" / "results.json").unlink()
     (out / "next-session").rmdir()
     (out / "next-session").write_text("x")
-    before = _tree(out)
-    _one_line_refusal(["benchmark", str(data), "--models", "pop", "--task", "both", "--out", str(out)],
+    before = snapshot(out)
+    refused(["benchmark", str(data), "--models", "pop", "--task", "both", "--out", str(out)],
                       "is a file")
-    assert _tree(out) == before
+    assert snapshot(out) == before
 
 
 def test_benchmark_never_overwrites_report_files_it_did_not_write(data: Path, tmp_path: Path) -> None:
@@ -366,7 +347,7 @@ def test_benchmark_never_overwrites_report_files_it_did_not_write(data: Path, tm
     mine.mkdir()
     (mine / "results.csv").write_text("important\n")
     (mine / "table.md").write_text("notes\n")
-    before = _tree(mine)
-    _one_line_refusal(["benchmark", str(data), "--models", "pop", "--task", "next-item", "--out", str(mine)],
+    before = snapshot(mine)
+    refused(["benchmark", str(data), "--models", "pop", "--task", "next-item", "--out", str(mine)],
                       "results.csv", "not a benchmark")
-    assert _tree(mine) == before
+    assert snapshot(mine) == before

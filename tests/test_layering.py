@@ -96,3 +96,14 @@ def test_size_limits(path: Path) -> None:
             if n > 80 and "longer than 80 lines" not in doc:
                 long.append(f"{node.name} ({n} lines)")
     assert not long, f"{path}: functions over 80 lines without a stated reason: {', '.join(long)}"
+
+
+def test_offline_recommend_loads_nothing_of_the_http_service() -> None:
+    """Transitively too: importing `hnvm.recommend` (and the engine) loads no `hnvm.serve` module."""
+    import subprocess
+    import sys
+
+    code = ("import sys, hnvm.recommend, hnvm.online; "
+            "bad = sorted(m for m in sys.modules if m.startswith('hnvm.serve')); print(bad); assert not bad")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from cli_checks import refused
 from typer.testing import CliRunner
 
 from hnvm.benchmark import run_benchmark
@@ -78,17 +79,6 @@ def _snapshot(d: Path) -> dict[str, str]:
             for p in sorted(d.rglob("*")) if p.is_file()}
 
 
-def _fails(args: list[str], *needles: str) -> str:
-    """The CLI stops with exit status 2 and one line (no traceback) holding every needle."""
-    r = runner.invoke(app, args)
-    assert r.exit_code == 2, (r.exit_code, r.output, r.exception)
-    lines = [ln for ln in r.output.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), r.output
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-    return lines[0]
-
-
 def _train(data: Path, model: str, out: Path, sets: list[str] | None = None) -> Path:
     train_run(data, model, out, overrides=sets or [])
     return out
@@ -103,7 +93,7 @@ def test_evaluate_refuses_data_with_another_train_split(data: Path, data_time: P
     evaluate_run(run)
     before = _snapshot(run)
     # same vocabularies (the old check passed): its test targets include the run's train events
-    _fails(["evaluate", str(run), "--data", str(data)], str(data), "train split differs")
+    refused(["evaluate", str(run), "--data", str(data)], str(data), "train split differs")
     assert _snapshot(run) == before  # metrics.json not overwritten
 
 
@@ -200,7 +190,7 @@ def test_benchmark_damaged_results_file_is_one_line(data: Path, tmp_path: Path) 
     out = tmp_path / "bench"
     (out).mkdir()
     (out / "results.json").write_text('{"task": ')
-    _fails(["benchmark", str(data), "--models", "pop", "--out", str(out)], "results.json", "damaged")
+    refused(["benchmark", str(data), "--models", "pop", "--out", str(out)], "results.json", "damaged")
 
 
 # ---- 6: --resume checks before it writes; consistent advice for unfinished runs ------------
@@ -210,10 +200,10 @@ def test_resume_with_other_model_settings_changes_nothing(data: Path, tmp_path: 
     before = _snapshot(run)
     base = ["train", str(data), "--model", "bprmf", "--out", str(run), "--resume"]
     sets = [a for s in BPR for a in ("--set", s)]
-    _fails([*base, *sets, "--set", "model.dim=16"], "model.dim: 8 -> 16")
-    _fails([*base, *sets, "--set", "train.lr=0.01"], "train.lr")
-    _fails(["train", str(data), "--model", "pop", "--out", str(run), "--resume"], "bprmf run", "--model pop")
-    _fails([*base, *sets, "--force"], "not both")
+    refused([*base, *sets, "--set", "model.dim=16"], "model.dim: 8 -> 16")
+    refused([*base, *sets, "--set", "train.lr=0.01"], "train.lr")
+    refused(["train", str(data), "--model", "pop", "--out", str(run), "--resume"], "bprmf run", "--model pop")
+    refused([*base, *sets, "--force"], "not both")
     assert _snapshot(run) == before
 
 
@@ -229,11 +219,11 @@ def test_resume_may_change_epochs(data: Path, tmp_path: Path) -> None:
 
 def test_resume_of_a_missing_run_writes_nothing(data: Path, tmp_path: Path) -> None:
     run = tmp_path / "nope"
-    _fails(["train", str(data), "--model", "bprmf", "--out", str(run), "--resume"], str(run), "no run to resume")
+    refused(["train", str(data), "--model", "bprmf", "--out", str(run), "--resume"], str(run), "no run to resume")
     assert not run.exists()
     pop = _train(data, "pop", tmp_path / "pop")  # no checkpoint to continue from
     before = _snapshot(pop)
-    _fails(["train", str(data), "--model", "pop", "--out", str(pop), "--resume"], "nothing to resume", "--force")
+    refused(["train", str(data), "--model", "pop", "--out", str(pop), "--resume"], "nothing to resume", "--force")
     assert _snapshot(pop) == before
     # plain train on the missing run still works afterwards
     r = runner.invoke(app, ["train", str(data), "--model", "pop", "--out", str(run)])
@@ -248,19 +238,19 @@ def test_unfinished_runs_get_consistent_advice(data: Path, tmp_path: Path) -> No
             p.unlink() if p.is_file() else p.rmdir()
         (run / d).rmdir() if (run / d).exists() else None
     args = ["train", str(data), "--model", "bprmf", "--out", str(run), *(a for s in BPR for a in ("--set", s))]
-    line = _fails(args, "unfinished run", "--force")
+    line = refused(args, "unfinished run", "--force")
     assert "--resume" not in line
-    line = _fails(["evaluate", str(run)], "no finished model", "--force")
+    line = refused(["evaluate", str(run)], "no finished model", "--force")
     assert "--resume" not in line
-    _fails([*args, "--resume"], "nothing to resume", "--force")
+    refused([*args, "--resume"], "nothing to resume", "--force")
     # killed after an epoch: a checkpoint in last/ -> both advise --resume, which works
     run2 = _train(data, "bprmf", tmp_path / "run2", BPR)
     for p in (run2 / "model").iterdir():
         p.unlink()
     (run2 / "model").rmdir()
     args2 = ["train", str(data), "--model", "bprmf", "--out", str(run2), *(a for s in BPR for a in ("--set", s))]
-    _fails(args2, "unfinished run", "--resume")
-    _fails(["evaluate", str(run2)], "no finished model", "--resume")
+    refused(args2, "unfinished run", "--resume")
+    refused(["evaluate", str(run2)], "no finished model", "--resume")
     assert runner.invoke(app, [*args2, "--resume"]).exit_code == 0
     assert load_run(run2)[1]["model"] == "bprmf"
 
@@ -269,7 +259,7 @@ def test_force_never_replaces_a_directory_that_is_not_a_run(data: Path, tmp_path
     d = tmp_path / "mine"
     d.mkdir()
     (d / "notes.txt").write_text("keep me")
-    _fails(["train", str(data), "--model", "pop", "--out", str(d), "--force"], "not a run directory")
+    refused(["train", str(data), "--model", "pop", "--out", str(d), "--force"], "not a run directory")
     assert (d / "notes.txt").read_text() == "keep me"
     empty = tmp_path / "empty"
     empty.mkdir()  # an empty directory is fine to train into
@@ -281,7 +271,7 @@ def test_resume_from_a_damaged_checkpoint_is_one_line(data: Path, tmp_path: Path
     w = run / "last" / "weights.safetensors"
     w.write_bytes(w.read_bytes()[:100])
     before = _snapshot(run)
-    _fails(["train", str(data), "--model", "bprmf", "--out", str(run), "--resume",
+    refused(["train", str(data), "--model", "bprmf", "--out", str(run), "--resume",
             *(a for s in [*BPR, "train.epochs=2"] for a in ("--set", s))], "weights.safetensors")
     assert _snapshot(run) == before  # config.json keeps epochs=1
 
@@ -300,9 +290,9 @@ def test_export_ranks_into_a_new_folder(data: Path, tmp_path: Path) -> None:
 def test_export_ranks_destination_checked_before_evaluating(data: Path, tmp_path: Path) -> None:
     run = _train(data, "pop", tmp_path / "run")
     (tmp_path / "afile").write_text("x")
-    _fails(["evaluate", str(run), "--export-ranks", str(tmp_path / "afile" / "r.parquet")],
+    refused(["evaluate", str(run), "--export-ranks", str(tmp_path / "afile" / "r.parquet")],
            "--export-ranks", "afile")
-    _fails(["evaluate", str(run), "--export-ranks", str(tmp_path)], "--export-ranks", "is a directory")
+    refused(["evaluate", str(run), "--export-ranks", str(tmp_path)], "--export-ranks", "is a directory")
     assert not (run / "metrics.json").exists()
 
 
@@ -324,16 +314,16 @@ def test_damaged_model_files_are_one_line(data: Path, tmp_path: Path, model: str
     st = run / "model" / "model.safetensors"
     good = st.read_bytes()
     st.write_bytes(good[: len(good) // 2])  # truncated
-    _fails(["evaluate", str(run)], "model.safetensors", "damaged")
+    refused(["evaluate", str(run)], "model.safetensors", "damaged")
     st.write_bytes(good)
     mj = run / "model" / "model.json"
     meta = json.loads(mj.read_text())
     if model == "bprmf":  # weights that do not fit the recorded dimensions
         meta["n_items"] += 3
         mj.write_text(json.dumps(meta))
-        _fails(["evaluate", str(run)], "model", "do not fit")
+        refused(["evaluate", str(run)], "model", "do not fit")
     mj.write_text("{")
-    _fails(["evaluate", str(run)], "model.json", "damaged")
+    refused(["evaluate", str(run)], "model.json", "damaged")
     assert not (run / "metrics.json").exists()
 
 
@@ -341,16 +331,16 @@ def test_damaged_config_and_metrics_are_one_line(data: Path, tmp_path: Path) -> 
     run = _train(data, "pop", tmp_path / "run")
     (run / "metrics.json").write_text("[1, 2")
     before = _snapshot(run)
-    _fails(["evaluate", str(run)], "metrics.json", "damaged")
+    refused(["evaluate", str(run)], "metrics.json", "damaged")
     assert _snapshot(run) == before
     (run / "metrics.json").unlink()
     cfg = run / "config.json"
     text = cfg.read_text()
     cfg.write_text(text[: len(text) // 2])
-    _fails(["evaluate", str(run)], "config.json", "damaged")
-    _fails(["train", str(data), "--model", "pop", "--out", str(run), "--resume"], "config.json", "damaged")
+    refused(["evaluate", str(run)], "config.json", "damaged")
+    refused(["train", str(data), "--model", "pop", "--out", str(run), "--resume"], "config.json", "damaged")
     cfg.write_text(json.dumps({"format": "hnvm-run", "format_version": 1}))
-    _fails(["evaluate", str(run)], "config.json", "damaged")
+    refused(["evaluate", str(run)], "config.json", "damaged")
 
 
 # ---- empty validation split ----------------------------------------------------------------
@@ -358,8 +348,8 @@ def test_damaged_config_and_metrics_are_one_line(data: Path, tmp_path: Path) -> 
 def test_evaluate_a_split_without_targets_is_one_line(data: Path, tmp_path: Path) -> None:
     nv = _relabelled(data, tmp_path / "nv", valid_to_train=True)
     run = _train(nv, "pop", tmp_path / "run")
-    _fails(["evaluate", str(run), "--split", "valid"], "valid split has no next-item targets", str(nv))
-    _fails(["evaluate", str(run), "--split", "valid", "--task", "next-session"], "no next-session targets")
+    refused(["evaluate", str(run), "--split", "valid"], "valid split has no next-item targets", str(nv))
+    refused(["evaluate", str(run), "--split", "valid", "--task", "next-session"], "no next-session targets")
     assert not (run / "metrics.json").exists()
 
 
@@ -397,13 +387,13 @@ def test_export_never_replaces_the_runs_or_datasets_files(data: Path, tmp_path: 
     runner.invoke(app, ["evaluate", str(run)])
     before_run, before_data = _snapshot(run), _snapshot(data)
     for dest in (data / "events.parquet", run / "metrics.json", run / "items.parquet"):
-        _fails(["evaluate", str(run), "--export-ranks", str(dest), "--force"], "--export-ranks",
+        refused(["evaluate", str(run), "--export-ranks", str(dest), "--force"], "--export-ranks",
                "is inside")
     assert _snapshot(run) == before_run and _snapshot(data) == before_data
     # another existing file: only with --force
     other = tmp_path / "ranks.parquet"
     other.write_text("mine")
-    _fails(["evaluate", str(run), "--export-ranks", str(other)], "exists", "--force")
+    refused(["evaluate", str(run), "--export-ranks", str(other)], "exists", "--force")
     assert other.read_text() == "mine"
     r = runner.invoke(app, ["evaluate", str(run), "--export-ranks", str(other), "--force"])
     assert r.exit_code == 0, r.output
@@ -419,7 +409,7 @@ def test_damaged_run_vocabulary_is_one_line(data: Path, tmp_path: Path, name: st
     run = _train(data, "pop", tmp_path / "run")
     with open(run / name, "r+b") as fh:
         fh.truncate(20)
-    _fails(["recommend", str(run), "--user", "u1"], name, "damaged")
+    refused(["recommend", str(run), "--user", "u1"], name, "damaged")
 
 
 def test_dataset_table_without_its_columns_is_one_line(data: Path, tmp_path: Path) -> None:
@@ -428,13 +418,13 @@ def test_dataset_table_without_its_columns_is_one_line(data: Path, tmp_path: Pat
     bad = tmp_path / "d"
     shutil.copytree(data, bad)
     pl.DataFrame({"x": [1]}).write_parquet(bad / "events.parquet")
-    _fails(["stats", str(bad)], "events.parquet", "missing column")
+    refused(["stats", str(bad)], "events.parquet", "missing column")
 
 
 def test_benchmark_checks_every_setting_before_training(data: Path, tmp_path: Path) -> None:
     out = tmp_path / "b"
-    _fails(["benchmark", str(data), "--out", str(out), "--models", "bprmf,pop", "--set", "model.dim=8"],
+    refused(["benchmark", str(data), "--out", str(out), "--models", "bprmf,pop", "--set", "model.dim=8"],
            "pop", "no hyper-parameters")
-    _fails(["benchmark", str(data), "--out", str(out), "--models", "pop", "--epochs", "0"], "epochs")
-    _fails(["benchmark", str(tmp_path / "nope"), "--out", str(out), "--models", "pop"], "nope")
+    refused(["benchmark", str(data), "--out", str(out), "--models", "pop", "--epochs", "0"], "epochs")
+    refused(["benchmark", str(tmp_path / "nope"), "--out", str(out), "--models", "pop"], "nope")
     assert not out.exists()

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+from cli_checks import refused, snapshot
 from typer.testing import CliRunner
 
 from hnvm.cli import app
@@ -209,25 +210,6 @@ def test_study_refuses_data_reprepared_with_another_split(tmp_path: Path) -> Non
         tune(path, "itemknn", tmp_path / "knn", 2)
 
 
-def _snapshot(path: Path) -> dict[str, bytes]:
-    """Every file under `path` (or the file itself) with its bytes: 'nothing written or changed'."""
-    if path.is_file():
-        return {str(path): path.read_bytes()}
-    if not path.exists():
-        return {}
-    return {str(p): p.read_bytes() if p.is_file() else b"<dir>" for p in sorted(path.rglob("*"))}
-
-
-def _refused(args: list[str], *needles: str) -> None:
-    r = CliRunner().invoke(app, args)
-    assert r.exit_code == 2, r.output
-    assert "Traceback" not in r.output and (r.exception is None or isinstance(r.exception, SystemExit)), r.output
-    lines = [ln for ln in r.output.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), r.output
-    for n in needles:
-        assert n in r.output, r.output
-
-
 def test_tune_refuses_an_out_that_is_a_file_or_a_dataset_or_run_directory(data: Path, tmp_path: Path) -> None:
     from hnvm.runs import train_run
 
@@ -237,24 +219,24 @@ def test_tune_refuses_an_out_that_is_a_file_or_a_dataset_or_run_directory(data: 
     log_csv.write_text("a,b\n1,2\n")
     for out, why in ((log_csv, "is a file"), (data, "own input"), (run, "is a run directory"),
                      (data / "sub", "inside the dataset directory"), (run / "tune", "inside the run directory")):
-        before = {**_snapshot(data), **_snapshot(run), **_snapshot(log_csv)}
-        _refused(["tune", str(data), "--model", "itemknn", "--trials", "1", "--out", str(out)], "--out", why)
-        assert {**_snapshot(data), **_snapshot(run), **_snapshot(log_csv)} == before
+        before = {**snapshot(data), **snapshot(run), **snapshot(log_csv)}
+        refused(["tune", str(data), "--model", "itemknn", "--trials", "1", "--out", str(out)], "--out", why)
+        assert {**snapshot(data), **snapshot(run), **snapshot(log_csv)} == before
         assert not (data / "sub").exists() and not (run / "tune").exists()
 
 
 def test_tune_refuses_another_models_study_and_a_damaged_study(data: Path, tmp_path: Path) -> None:
     out = tmp_path / "study"
     tune(data, "itemknn", out, 1)
-    before = _snapshot(out)
-    _refused(["tune", str(data), "--model", "bprmf", "--trials", "1", "--set", "train.epochs=1", "--out", str(out)],
+    before = snapshot(out)
+    refused(["tune", str(data), "--model", "bprmf", "--trials", "1", "--set", "train.epochs=1", "--out", str(out)],
              "another model (itemknn)", "another --out")
-    assert _snapshot(out) == before
+    assert snapshot(out) == before
     # a best.toml of another model, without the study: refused too (it would be overwritten)
     other = tmp_path / "toml-only"
     other.mkdir()
     (other / "best.toml").write_bytes((out / "best.toml").read_bytes())
-    _refused(["tune", str(data), "--model", "bprmf", "--trials", "1", "--out", str(other)], "itemknn")
+    refused(["tune", str(data), "--model", "bprmf", "--trials", "1", "--out", str(other)], "itemknn")
     # optuna.db that is a text file, a directory, or an SQLite database of something else
     for kind in ("text", "dir", "foreign"):
         bad = tmp_path / kind
@@ -269,8 +251,8 @@ def test_tune_refuses_another_models_study_and_a_damaged_study(data: Path, tmp_p
 
             with sqlite3.connect(db) as conn:
                 conn.execute("CREATE TABLE notes (x TEXT)")
-        before = _snapshot(bad)
-        _refused(["tune", str(data), "--model", "itemknn", "--trials", "1", "--out", str(bad)], "optuna.db")
-        assert _snapshot(bad) == before
+        before = snapshot(bad)
+        refused(["tune", str(data), "--model", "itemknn", "--trials", "1", "--out", str(bad)], "optuna.db")
+        assert snapshot(bad) == before
     # the same model's study still resumes
     assert tune(data, "itemknn", out, 2)["n_trials"] == 2
