@@ -29,6 +29,7 @@ from hnvm import report
 from hnvm.atomic import atomic_file, atomic_json, atomic_text
 from hnvm.config import as_dict
 from hnvm.data.batches import Sequences
+from hnvm.data.splits import NO_SESSION_TASK
 from hnvm.data.store import Dataset, check_output_dir
 from hnvm.errors import HnvmError, one_line
 from hnvm.metrics import DEFAULT_KS, pad_item_sets, per_user_session_rank_metrics
@@ -202,6 +203,8 @@ def _plan(
     for d in (runs, out / "ranks"):
         _check_dir(d, "--out")
     ds = ds if ds is not None else Dataset.load(dataset)
+    if task == "next-session" and ds.held_out_items:
+        raise HnvmError(f"{dataset}: {NO_SESSION_TASK}")
     targets = ds.next_item_targets("test", include_first) if task == "next-item" else ds.next_session_targets("test")
     if targets.height == 0:
         first = " (positions >= 2; --include-first adds position 1)" if task == "next-item" and not \
@@ -265,7 +268,7 @@ def _execute(p: _Plan, seq: Sequences | None = None) -> dict[str, Any]:
     res_path = out / "results.json"
     runs.mkdir(parents=True, exist_ok=True)
     (out / "ranks").mkdir(parents=True, exist_ok=True)
-    seq = seq if seq is not None else Sequences.from_events(ds.events, ds.n_users)
+    seq = seq if seq is not None else Sequences.from_events(ds.events, ds.n_users, ds.held_out_items)
     results["include_first"] = include_first
     # what a result depends on besides the model's settings: the data (every event; the train
     # events for the run) and, for next-item, whether first positions are scored
@@ -372,7 +375,7 @@ def run_benchmarks(
                    show_progress, include_first, runs_dir=out / "runs",
                    tuned_dir=tuned_dir if tuned_dir is not None else out / "tuned",
                    model_overrides=model_overrides, ds=ds, on_progress=on_progress) for t in TASKS]
-    seq = Sequences.from_events(ds.events, ds.n_users)
+    seq = Sequences.from_events(ds.events, ds.n_users, ds.held_out_items)
     return {p.task: _execute(p, seq) for p in plans}
 
 

@@ -13,7 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from hnvm.cli_view import Progress as _Progress
-from hnvm.cli_view import benchmark_table, by_k_table, err, fail, out, print_stats
+from hnvm.cli_view import benchmark_table, by_k_table, err, fail, latent_line, out, print_stats
 from hnvm.errors import HnvmError
 
 app = typer.Typer(
@@ -65,8 +65,22 @@ def prepare(
                                                            show_default=False)] = None,
     min_sessions: Annotated[int | None, typer.Option(help="Minimum sessions per user. [default: 3; "
                                                      "yoochoose: 1]", show_default=False)] = None,
-    split: Annotated[str | None, typer.Option(help="user-last (paper) or time (global cut-off). "
-                                              "[default: user-last; yoochoose: time]", show_default=False)] = None,
+    split: Annotated[str | None, typer.Option(
+        help="user-last: each user's last session is test, the one before valid (HRNN; the paper's "
+             "next-session protocol); leave-one-out: each user's last item is test, the one before valid "
+             "(the paper's next-item protocol); shan: a random share of the last days' sessions holds out "
+             "one random item (the paper's IJC protocol, SHAN); time: a global cut-off. "
+             "[default: user-last; yoochoose: time; ijcai15: shan]", show_default=False)] = None,
+    valid_fraction: Annotated[float | None, typer.Option(help="time, shan: share of sessions held out for "
+                                                         "validation. [default: 0.1]", show_default=False)] = None,
+    test_fraction: Annotated[float | None, typer.Option(help="time, shan: share of sessions held out for test. "
+                                                        "[default: time 0.1; shan 0.2]", show_default=False)] = None,
+    holdout_days: Annotated[float | None, typer.Option(help="shan: held-out sessions start in the log's last "
+                                                       "days. [default: 30]", show_default=False)] = None,
+    min_item_users: Annotated[int | None, typer.Option(help="Minimum distinct users per item. [default: 1; "
+                                                       "ijcai15: 20]", show_default=False)] = None,
+    seed: Annotated[int | None, typer.Option(help="shan: seed of the held-out sessions and items. [default: 0]",
+                                             show_default=False)] = None,
     keep_duplicates: Annotated[bool, typer.Option(help="Keep exact duplicate rows (dropped by default).")] = False,
     force: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
 ) -> None:
@@ -80,6 +94,8 @@ def prepare(
             raise HnvmError("give exactly one of --preset NAME or --columns user=..,item=..,time=..")
         cfg = preset_config(preset, gap=gap, min_item_support=min_item_support,
                             min_session_length=min_session_length, min_sessions=min_sessions, split=split,
+                            valid_fraction=valid_fraction, test_fraction=test_fraction,
+                            holdout_days=holdout_days, min_item_users=min_item_users, seed=seed,
                             keep_duplicates=keep_duplicates or None)
         mapping = parse_columns(columns) if columns else None
         if mapping is not None and "time" not in mapping and gap is not None:
@@ -172,6 +188,8 @@ def evaluate(
     on = f" of {data}" if data is not None else ""  # --data: say which data set was scored
     out.print(by_k_table(res.metrics, f"{run.name}: {task}, {split}{on}, {res.n_targets:,} targets "
                                        f"(full ranking), {res.seconds:.1f}s"))
+    if "latent" in res.extra:
+        out.print(latent_line(res.extra["latent"]), highlight=False)
     if export_ranks:
         err.print(f"ranks written to {export_ranks}")
 

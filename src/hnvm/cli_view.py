@@ -83,10 +83,8 @@ class Progress:
             if p.valid is not None:
                 line += f", valid {p.metric} {p.valid.get(p.metric, float('nan')):.4f}"
                 line += f" (best {p.best:.4f}, epoch {p.best_epoch})" if p.best is not None else ""
-            lat = getattr(p, "latent", None) or {}
-            for v in ("z", "e"):  # what the latents carry: KL per dimension, active units
-                if f"active_{v}" in lat:
-                    line += f", {v}: KL/dim {lat[f'kl_{v}_per_dim']:.4f}, {lat[f'active_{v}']} active"
+            lat = latent_parts(getattr(p, "latent", None) or {})
+            line += f", {lat}" if lat else ""
             self._print(f"{line}, {p.epoch_s:.1f}s ({rate})")
             self._last_line = now
         elif not self.live and now - self._last_line >= self.every:
@@ -97,24 +95,48 @@ class Progress:
             self._status.update(f"{self.title}: {head}, {p.targets:,} targets, {loss}, {rate}")
 
 
+def latent_parts(lat: dict) -> str:
+    """What HNVM's latents carry, compact: "z: KL/dim 0.0123, 3 active, MI 0.41, e: ..."."""
+    parts = []
+    for v in ("z", "e"):
+        if f"active_{v}" in lat:
+            mi = f", MI {lat[f'mi_{v}']:.2f}" if f"mi_{v}" in lat else ""
+            parts.append(f"{v}: KL/dim {lat[f'kl_{v}_per_dim']:.4f}, {lat[f'active_{v}']} active{mi}")
+    return ", ".join(parts)
+
+
+def latent_line(lat: dict) -> str:
+    """`hnvm evaluate`'s line on the latents (KL per dimension in nats, active units: posterior
+    mean variance > 0.01, Burda et al. 2016; MI: I(x; z) under q in nats)."""
+    return f"latents on the training split: {latent_parts(lat)} (KL/dim and MI in nats)"
+
+
 def print_stats(s: dict, title: str) -> None:
     """The paper's Table 1 rows of a dataset (and its target counts) as a table on stdout."""
     t = Table(title=f"Dataset statistics: {title}", show_header=True)
     t.add_column("statistic")
     t.add_column("value", justify="right")
+    held_out = s.get("split") in ("leave-one-out", "shan")
+    test = s["test_sessions"]
+    training = s.get("table1_training_sessions", s["sessions"] - test)
     rows = [
+        ("Split", s.get("split", "?")),
         ("Users", s["users"]),
         ("Items", s["items"]),
         ("Sessions", s["sessions"]),
-        ("Training sessions", s["train_sessions"]),
-        ("Validation sessions", s["valid_sessions"]),
-        ("Test sessions", s["test_sessions"]),
+        ("Training sessions (Table 1)", training),
+        ("Test sessions (holding test targets)", test),
+        ("Training + test = sessions", "yes" if training + test == s["sessions"] else "no"),
+        ("Sessions holding validation targets", s["valid_sessions"]),
+        ("Sessions of training events only", s.get("train_only_sessions", s["train_sessions"])),
         ("Interactions per session", s["interactions_per_session"]),
         ("Events (train / valid / test)",
          f"{s['train_events']:,} / {s['valid_events']:,} / {s['test_events']:,}"),
         ("Next-item targets (valid / test)",
-         f"{s['valid_next_item_targets']:,} / {s['test_next_item_targets']:,}"),
+         f"{s['valid_next_item_targets']:,} / {s['test_next_item_targets']:,}"
+         + (" (every held-out item)" if held_out else " (positions >= 2)")),
         ("Next-session targets (valid / test)",
+         "none (held-out items)" if held_out else
          f"{s['valid_next_session_targets']:,} / {s['test_next_session_targets']:,}"),
     ]
     for k, v in rows:

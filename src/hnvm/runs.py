@@ -28,6 +28,7 @@ from hnvm.atomic import atomic_dir, atomic_file, atomic_json
 from hnvm.config import apply_overrides, as_dict, build, load_toml
 from hnvm.contract import Recommender
 from hnvm.data.batches import Sequences
+from hnvm.data.splits import NO_SESSION_TASK
 from hnvm.data.store import Dataset, check_output_dir, check_output_file, read_json_object
 from hnvm.errors import ConfigError, HnvmError, one_line
 from hnvm.evaluate import NEXT_ITEM_VALIDATION, EvalResult, evaluate_next_item, evaluate_next_session, export_ranks
@@ -278,9 +279,11 @@ def evaluate_run(
     if export is not None:  # an existing export needs `force`; the run's and data's files never go
         check_output_file(export, "--export-ranks", force=force, inputs=_sources(ds))
     check_dataset(run, cfg, ds, data_path)
+    if task == "next-session" and ds.held_out_items:
+        raise HnvmError(f"{data_path}: {NO_SESSION_TASK}")
     if ctx.device.type != "cpu" and callable(getattr(model, "to", None)):
         model.to(ctx.device)  # type: ignore[attr-defined]
-    seq = seq if seq is not None else Sequences.from_events(ds.events, ds.n_users)
+    seq = seq if seq is not None else Sequences.from_events(ds.events, ds.n_users, ds.held_out_items)
     keep = keep_ranks or export is not None
     if task == "next-item":
         res = evaluate_next_item(model, seq, split, keep_ranks=keep, include_first=include_first)
@@ -290,6 +293,9 @@ def evaluate_run(
         first = " (positions >= 2; --include-first adds position 1)" if task == "next-item" and not \
             include_first else ""
         raise HnvmError(f"{data_path}: the {split} split has no {task} targets{first}; nothing to evaluate")
+    diagnostics = getattr(model, "latent_diagnostics", None)
+    if callable(diagnostics):  # HNVM: what its latents carry (KL/dim, active units, MI)
+        res.extra["latent"] = diagnostics(ds)
     entry = res.to_json()
     if task == "next-item":
         entry["include_first"] = include_first

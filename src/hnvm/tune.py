@@ -278,7 +278,7 @@ def tune(
     out = Path(out)
     check_tune_out(out, model, inputs=(Path(dataset),) + ((Path(config_path),) if config_path else ()))
     ds = Dataset.load(dataset)
-    seq = Sequences.from_events(ds.events, ds.n_users)
+    seq = Sequences.from_events(ds.events, ds.n_users, ds.held_out_items)
     if not len(seq.sessions_of("valid")):
         raise HnvmError(f"{dataset}: the dataset has no validation sessions to tune on")
     try:

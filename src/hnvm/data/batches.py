@@ -22,7 +22,13 @@ SPLIT_CODE = {"train": 0, "valid": 1, "test": 2}
 
 @dataclass
 class Sequences:
-    """All sessions of a dataset, flat."""
+    """All sessions of a dataset, flat.
+
+    Whole-session protocols (user-last, time) give every event of a session the same split.
+    Held-out-item protocols (leave-one-out, shan) mix them: the session that holds a held-out
+    item has training events before it (docs/design.md, "Data preparation"). `session_split`
+    is then the highest split code in the session (test > valid > train), `item_split` keeps
+    each event's own, and `view(("train",))` is what training reads."""
 
     items: np.ndarray  # int64[n_events], items in (session, pos) order
     offsets: np.ndarray  # int64[n_sessions + 1]
@@ -30,19 +36,36 @@ class Sequences:
     session_split: np.ndarray  # int8[n_sessions]
     user_first: np.ndarray  # int64[n_users + 1]: first session of each user (index by user id)
     user_end: np.ndarray  # int64[n_users + 1]: one past the user's last session
+    item_split: np.ndarray | None = None  # int8[n_events]: a held-out-item split; None: whole sessions
+    session_ids: np.ndarray | None = None  # int64[n_sessions]: dataset ids (a view); None: = index
 
     @classmethod
-    def from_events(cls, events: pl.DataFrame, n_users: int) -> Sequences:
+    def from_events(cls, events: pl.DataFrame, n_users: int, held_out_items: bool | None = None) -> Sequences:
+        """From a data set's events; `held_out_items` says whether its split holds out single
+        items (`Dataset.held_out_items`; None: whether some session mixes splits)."""
         ev = events.sort("session", "pos")
         sess = ev.get_column("session").to_numpy().astype(np.int64)
+        codes = (ev.get_column("split").cast(pl.Utf8)
+                 .replace_strict(SPLIT_CODE, return_dtype=pl.Int8).to_numpy())
+        return cls._build(ev.get_column("item").to_numpy().astype(np.int64), sess,
+                          ev.get_column("user").to_numpy().astype(np.int64), codes, n_users,
+                          held_out_items=held_out_items)
+
+    @classmethod
+    def _build(cls, items: np.ndarray, sess: np.ndarray, users: np.ndarray, codes: np.ndarray,
+               n_users: int, session_ids: np.ndarray | None = None,
+               held_out_items: bool | None = None) -> Sequences:
+        """From per-event arrays in (session, pos) order; `sess` numbers sessions 0.. densely."""
         n_sessions = int(sess.max()) + 1 if len(sess) else 0
         counts = np.bincount(sess, minlength=n_sessions)
         offsets = np.zeros(n_sessions + 1, dtype=np.int64)
         np.cumsum(counts, out=offsets[1:])
         firsts = offsets[:-1]
-        session_user = ev.get_column("user").to_numpy().astype(np.int64)[firsts]
-        codes = ev.get_column("split").cast(pl.Utf8).replace_strict(SPLIT_CODE, return_dtype=pl.Int8)
-        session_split = codes.to_numpy()[firsts]
+        session_user = users[firsts]
+        session_split = np.maximum.reduceat(codes, firsts) if n_sessions else codes[:0]
+        mixed = bool(len(codes) and (codes != session_split[sess]).any())
+        if held_out_items is not None:
+            mixed = held_out_items
         user_first = np.zeros(n_users + 1, dtype=np.int64)
         user_end = np.zeros(n_users + 1, dtype=np.int64)
         order = np.arange(n_sessions)
@@ -51,8 +74,8 @@ class Sequences:
         user_first[:] = n_sessions
         np.minimum.at(user_first, session_user, order)
         user_first[user_end == 0] = 0
-        return cls(ev.get_column("item").to_numpy().astype(np.int64), offsets, session_user,
-                   session_split, user_first, user_end)
+        return cls(items, offsets, session_user, session_split.astype(np.int8), user_first, user_end,
+                   codes.astype(np.int8) if mixed else None, session_ids)
 
     @property
     def n_sessions(self) -> int:
@@ -65,16 +88,62 @@ class Sequences:
         return int(self.offsets[s + 1] - self.offsets[s])
 
     def sessions_of(self, split: str) -> np.ndarray:
-        return np.flatnonzero(self.session_split == SPLIT_CODE[split])
+        """Sessions holding events of `split` (for a held-out-item protocol, the session of a
+        held-out item is a session of its split and of "train")."""
+        code = SPLIT_CODE[split]
+        if self.item_split is None:
+            return np.flatnonzero(self.session_split == code)
+        ev_session = np.repeat(np.arange(self.n_sessions), np.diff(self.offsets))
+        return np.unique(ev_session[self.item_split == code])
+
+    def targets_in(self, s: int, split: str, include_first: bool) -> tuple[list[int], int]:
+        """(positions, end) of `split`'s next-item targets in session s: a whole session's
+        positions from 1 (from 0 with include_first), a mixed session's held-out positions
+        (position 0 included: the protocol scores every held-out item); `end` = one past the
+        last target, where the row's session is cut (later events are not shown)."""
+        n, code = self.length(s), SPLIT_CODE[split]
+        if self.item_split is None:
+            if self.session_split[s] != code:
+                return [], 0
+            return list(range(0 if include_first else 1, n)), n
+        pos = np.flatnonzero(self.item_split[self.offsets[s]:self.offsets[s + 1]] == code)
+        return pos.tolist(), (int(pos[-1]) + 1 if len(pos) else 0)
+
+    @property
+    def has_held_out_items(self) -> bool:
+        """Whether the split holds out single items (leave-one-out, shan)."""
+        return self.item_split is not None
+
+    def view(self, splits: tuple[str, ...] = ("train",)) -> Sequences:
+        """The events of `splits` only, as their own Sequences (sessions left empty are dropped,
+        `session_ids` maps back to this one's): what a model trains on. For a whole-session
+        split this is the sessions of `splits`; for a held-out-item protocol the held-out items
+        (and, for shan, the events after them) are gone from their sessions."""
+        codes = self.item_split if self.item_split is not None else np.repeat(
+            self.session_split, np.diff(self.offsets))
+        keep = np.isin(codes, [SPLIT_CODE[x] for x in splits])
+        base = self.session_ids if self.session_ids is not None else np.arange(self.n_sessions)
+        if keep.all():
+            return self
+        ev_session = np.repeat(np.arange(self.n_sessions), np.diff(self.offsets))[keep]
+        kept, dense = np.unique(ev_session, return_inverse=True)
+        return Sequences._build(self.items[keep], dense.astype(np.int64), self.session_user[ev_session],
+                                codes[keep], len(self.user_first) - 1, base[kept])
 
 
 def pad_sessions(
-    seq: Sequences, rows: list[list[int]], max_len: int | None = None
+    seq: Sequences, rows: list[list[int]], max_len: int | None = None,
+    last_end: list[int] | None = None,
 ) -> torch.Tensor:
     """Long[B, N, T]: each row's sessions right-aligned in N (empty sessions first).
-    A session longer than `max_len` keeps its last `max_len` items (only where a setting asks)."""
+    A session longer than `max_len` keeps its last `max_len` items (only where a setting asks);
+    `last_end[b]` cuts row b's last session after that many items (a held-out item's row)."""
     n = max((len(r) for r in rows), default=0)
-    t = max((seq.length(s) for r in rows for s in r), default=1)
+    if last_end is None:
+        t = max((seq.length(s) for r in rows for s in r), default=1)
+    else:
+        t = max((min(last_end[b], seq.length(s)) if j == len(r) - 1 else seq.length(s)
+                 for b, r in enumerate(rows) for j, s in enumerate(r)), default=1)
     if max_len is not None:
         t = min(t, max_len)
     out = np.zeros((len(rows), max(n, 1), max(t, 1)), dtype=np.int64)
@@ -82,6 +151,8 @@ def pad_sessions(
         shift = n - len(r)
         for j, s in enumerate(r):
             items = seq.session(s)
+            if last_end is not None and j == len(r) - 1:
+                items = items[:last_end[b]]
             if max_len is not None and len(items) > max_len:
                 items = items[-max_len:]
             out[b, shift + j, : len(items)] = items
@@ -107,40 +178,44 @@ def next_item_batches(
     world_size: int = 1,
 ) -> Iterator[Batch]:
     """Evaluation batches for next-item prediction: each row is one session of `split` (last
-    in the session axis) with the user's earlier sessions before it; targets are positions
-    >= 1 (>= 0 with include_first), at most about `max_targets` per batch. With world_size > 1
+    in the session axis) with the user's earlier sessions before it; targets are
+    `Sequences.targets_in` (a whole session's positions >= 1, >= 0 with include_first; a
+    held-out item wherever it is), at most about `max_targets` per batch. With world_size > 1
     only batches number rank, rank + world_size, ... are built (an evaluation shard)."""
-    start = 0 if include_first else 1
     n_batches = 0
     rows: list[list[int]] = []
+    ends: list[int] | None = [] if seq.has_held_out_items else None
     users: list[int] = []
     t_rows: list[int] = []
     t_pos: list[int] = []
     for s in seq.sessions_of(split):
         s = int(s)
-        n = seq.length(s)
-        if n <= start:
+        positions, end = seq.targets_in(s, split, include_first)
+        if not positions:
             continue
         rows.append([*history_of(seq, s, max_history), s])
+        if ends is not None:
+            ends.append(end)
         users.append(int(seq.session_user[s]))
-        t_rows.extend([len(rows) - 1] * (n - start))
-        t_pos.extend(range(start, n))
+        t_rows.extend([len(rows) - 1] * len(positions))
+        t_pos.extend(positions)
         if len(t_rows) >= max_targets:
             if n_batches % world_size == rank:
-                yield _batch(seq, users, rows, t_rows, t_pos)
+                yield _batch(seq, users, rows, t_rows, t_pos, last_end=ends)
             n_batches += 1
             rows, users, t_rows, t_pos = [], [], [], []
+            ends = [] if ends is not None else None
     if rows and n_batches % world_size == rank:
-        yield _batch(seq, users, rows, t_rows, t_pos)
+        yield _batch(seq, users, rows, t_rows, t_pos, last_end=ends)
 
 
 def _batch(seq: Sequences, users: list[int], rows: list[list[int]], t_rows: list[int],
-           t_pos: list[int], sessions: list[int] | None = None) -> Batch:
+           t_pos: list[int], sessions: list[int] | None = None, last_end: list[int] | None = None) -> Batch:
     return Batch(
         session_ids=torch.tensor(sessions if sessions is not None else [r[-1] if r else -1 for r in rows],
                                  dtype=torch.long),
         users=torch.tensor(users, dtype=torch.long),
-        sessions=pad_sessions(seq, rows),
+        sessions=pad_sessions(seq, rows, last_end=last_end),
         target_rows=torch.tensor(t_rows, dtype=torch.long),
         target_pos=torch.tensor(t_pos, dtype=torch.long),
     )
@@ -151,7 +226,11 @@ def next_session_batches(
     rank: int = 0, world_size: int = 1,
 ) -> Iterator[tuple[Batch, list[np.ndarray]]]:
     """Batches of history-only rows for next-session prediction, with each row's target set
-    (the unique items of the held-out session); rank's shard of them as in next_item_batches."""
+    (the unique items of the held-out session); rank's shard of them as in next_item_batches.
+    A held-out-item protocol has no held-out sessions: ValueError."""
+    if seq.has_held_out_items:
+        raise ValueError("the next-session task needs a whole-session split (user-last or time); this "
+                         "data set holds out single items (leave-one-out or shan)")
     n_batches = 0
     rows: list[list[int]] = []
     users: list[int] = []

@@ -15,8 +15,12 @@ from hnvm import __version__
 from hnvm.data.readers import PRESETS, read_events_info
 from hnvm.data.sessions import filter_fixed_point, parse_duration, run_starts, sessionize
 from hnvm.data.splits import (
+    HELD_OUT_ITEM_SPLITS,
     SPLIT_DTYPE,
+    WHOLE_SESSION_SPLITS,
     clean_eval_sessions,
+    split_leave_one_out,
+    split_shan,
     split_time,
     split_user_last,
 )
@@ -34,30 +38,42 @@ class PrepareConfig:
     min_item_support: int = 5
     min_session_length: int = 2
     min_sessions: int = 3
-    split: str = "user-last"  # user-last | time
-    valid_fraction: float = 0.1  # time split only
-    test_fraction: float = 0.1  # time split only
+    split: str = "user-last"  # user-last | time | leave-one-out | shan
+    valid_fraction: float | None = None  # time, shan; None: the split's default (fractions())
+    test_fraction: float | None = None  # time, shan
+    holdout_days: float = 30.0  # shan: test/valid sessions start in the log's last days
+    min_item_users: int = 1  # distinct users per item (SHAN: 20)
+    seed: int = 0  # shan: which sessions and items are held out
     # Exact duplicate rows (same user, item, timestamp to its finest unit, seq and session) are
     # logging artefacts far more often than real repeats, and each would become a target that
     # is trivially "predicted" by its twin: they are dropped (and counted in meta.json).
     keep_duplicates: bool = False
 
+    def fractions(self) -> tuple[float, float]:
+        """(valid, test) fractions: as given, else time 0.1/0.1, shan 0.1/0.2 (SHAN's 20%)."""
+        valid = 0.1 if self.valid_fraction is None else self.valid_fraction
+        test = (0.2 if self.split == "shan" else 0.1) if self.test_fraction is None else self.test_fraction
+        return valid, test
+
     def validate(self) -> None:
         parse_duration(self.gap)
-        if self.split not in ("user-last", "time"):
-            raise HnvmError(f"--split must be user-last or time, not '{self.split}'")
-        for name in ("min_item_support", "min_session_length", "min_sessions"):
+        if self.split not in WHOLE_SESSION_SPLITS + HELD_OUT_ITEM_SPLITS:
+            raise HnvmError(f"--split must be one of {', '.join(WHOLE_SESSION_SPLITS + HELD_OUT_ITEM_SPLITS)}, "
+                            f"not '{self.split}'")
+        for name in ("min_item_support", "min_session_length", "min_sessions", "min_item_users"):
             if getattr(self, name) < 1:
                 raise HnvmError(f"--{name.replace('_', '-')} must be >= 1")
         if self.split == "user-last" and self.min_sessions < 3:
             raise HnvmError(
                 "--split user-last needs --min-sessions >= 3 (train, valid and test sessions)"
             )
-        if not (0 < self.valid_fraction < 1 and 0 < self.test_fraction < 1
-                and self.valid_fraction + self.test_fraction < 1):
+        valid, test = self.fractions()
+        if not (0 < valid < 1 and 0 < test < 1 and valid + test < 1):
             raise HnvmError(
                 "--valid-fraction and --test-fraction must be in (0, 1) and sum below 1"
             )
+        if not self.holdout_days > 0:
+            raise HnvmError("--holdout-days must be > 0")
 
 
 def preset_config(preset: str | None, **given: Any) -> PrepareConfig:
@@ -84,8 +100,9 @@ def build_dataset(
     cfg.validate()
     t0 = time.perf_counter()
     where = f"{source.get('path')}: " if source and source.get("path") else ""
-    if cfg.split == "time" and source and source.get("time_unit", "?") is None:
-        raise HnvmError(f"{where}--split time needs a time column (this log has none); use --split user-last")
+    if cfg.split in ("time", "shan") and source and source.get("time_unit", "?") is None:
+        raise HnvmError(f"{where}--split {cfg.split} needs a time column (this log has none); "
+                        "use --split user-last or leave-one-out")
     raw, n_dup = (raw, 0) if cfg.keep_duplicates else _drop_duplicates(raw, where)
     df = sessionize(raw, parse_duration(cfg.gap))
     # (by design for yoochoose, where every session is its own user)
@@ -97,14 +114,13 @@ def build_dataset(
         min_item_support=cfg.min_item_support,
         min_session_length=cfg.min_session_length,
         min_sessions=cfg.min_sessions,
+        min_item_users=cfg.min_item_users,
     )
     if df.height == 0:
         trail = "; ".join(s.describe() for s in steps)
         raise HnvmError(f"{where}the filters leave no data ({one_each + '; ' if one_each else ''}{trail})")
-    df = split_user_last(df) if cfg.split == "user-last" else split_time(
-        df, cfg.valid_fraction, cfg.test_fraction
-    )
-    df = clean_eval_sessions(df, cfg.min_session_length)
+    df = _split(df, cfg)
+    df = clean_eval_sessions(df, cfg.min_session_length, held_out_items=cfg.split in HELD_OUT_ITEM_SPLITS)
     n_split = df.select((pl.col("split") == s).sum().alias(s) for s in ("train", "test")).row(0)
     if 0 in n_split:
         raise HnvmError(f"{where}the split leaves no train or no test events "
@@ -123,6 +139,18 @@ def build_dataset(
     meta["stats"] = dataset_stats(ds)
     log.info("built dataset in %.1fs: %s", time.perf_counter() - t0, meta["stats"])
     return ds
+
+
+def _split(df: pl.DataFrame, cfg: PrepareConfig) -> pl.DataFrame:
+    """`df` with `split` per event, by cfg.split (docs/design.md, "Data preparation")."""
+    valid, test = cfg.fractions()
+    if cfg.split == "user-last":
+        return split_user_last(df)
+    if cfg.split == "time":
+        return split_time(df, valid, test)
+    if cfg.split == "leave-one-out":
+        return split_leave_one_out(df)
+    return split_shan(df, test_fraction=test, valid_fraction=valid, holdout_days=cfg.holdout_days, seed=cfg.seed)
 
 
 def _drop_duplicates(raw: pl.DataFrame, where: str) -> tuple[pl.DataFrame, int]:
@@ -228,21 +256,32 @@ def prepare(
 
 
 def dataset_stats(ds: Dataset) -> dict[str, Any]:
-    """The paper's Table 1 rows plus target counts per split."""
+    """The paper's Table 1 rows plus target counts per split.
+
+    Sessions are counted the paper's way (§4.2, Table 1): a test session holds a test target,
+    every other session is a training session, so training + test sessions = sessions
+    (`table1_training_sessions`). `<split>_sessions` counts the sessions holding events of the
+    split (under leave-one-out a user's last session holds training, validation and test
+    events); `train_only_sessions` those with training events only."""
     ev = ds.events
+    held_out = ds.held_out_items
     per_split = ev.group_by("split").agg(
         pl.len().alias("events"), pl.col("session").n_unique().alias("sessions"),
         pl.col("user").n_unique().alias("users"),
-        (pl.col("pos") >= 1).sum().alias("targets"),  # = next_item_targets(split).height
+        # = next_item_targets(split).height: every held-out item, or positions >= 2
+        (pl.len() if held_out else (pl.col("pos") >= 1).sum()).alias("targets"),
     )
     by = {r["split"]: r for r in per_split.to_dicts()}
     n_sessions = ev.get_column("session").n_unique()
+    train_only = ev.group_by("session").agg((pl.col("split") == "train").all().alias("t")).get_column("t").sum()
     out: dict[str, Any] = {
         "users": ds.n_users,
         "items": ds.n_items,
         "events": ev.height,
         "sessions": n_sessions,
         "interactions_per_session": round(ev.height / max(n_sessions, 1), 3),
+        "split": (ds.meta.get("prepare") or {}).get("split", "held-out items" if held_out else "whole sessions"),
+        "train_only_sessions": int(train_only),
     }
     for split in ("train", "valid", "test"):
         r = by.get(split, {"events": 0, "sessions": 0, "users": 0, "targets": 0})
@@ -251,5 +290,6 @@ def dataset_stats(ds: Dataset) -> dict[str, Any]:
         out[f"{split}_users"] = int(r["users"])
         if split != "train":
             out[f"{split}_next_item_targets"] = int(r["targets"])
-            out[f"{split}_next_session_targets"] = int(r["sessions"])
+            out[f"{split}_next_session_targets"] = 0 if held_out else int(r["sessions"])
+    out["table1_training_sessions"] = n_sessions - out["test_sessions"]
     return out

@@ -102,15 +102,19 @@ PRESETS: dict[str, Preset] = {
              "event": "interaction_type"},
             time_format="s",
             drop_events=("4",),
-            description="RecSys Challenge 2016 interactions.csv; drops 'delete' (type 4) as "
-            "the paper",
+            description="RecSys Challenge 2016 interactions.csv; drops 'delete' (type 4) and holds out "
+            "each user's last item (leave-one-out) as the paper's RSC protocol",
+            defaults={"split": "leave-one-out"},
         ),
         Preset(
             "ijcai15",
             {"user": "user_id", "item": "item_id", "time": "time_stamp", "session": "_session"},
             time_format="mmdd",
             transform=_ijcai15,
-            description="IJCAI-15 Tmall user_log_format1.csv; a day is a session",
+            description="IJCAI-15 Tmall user_log_format1.csv; a day is a session; the paper's IJC "
+            "protocol by default (SHAN: items of >= 20 users, one-item sessions dropped, 20% of the "
+            "last 30 days' sessions hold out one random item)",
+            defaults={"split": "shan", "min_item_users": 20, "min_item_support": 1, "min_sessions": 1},
         ),
         Preset(
             "taobao",

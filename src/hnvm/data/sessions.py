@@ -137,11 +137,13 @@ def filter_fixed_point(
     min_item_support: int = 5,
     min_session_length: int = 2,
     min_sessions: int = 3,
+    min_item_users: int = 1,
     max_iterations: int = 100,
 ) -> tuple[pl.DataFrame, list[FilterStep]]:
     """Drop rare items, short sessions and users with few sessions until nothing changes.
 
-    `df` is sessionize's output (users and sessions contiguous). Item support counts events.
+    `df` is sessionize's output (users and sessions contiguous). Item support counts events;
+    `min_item_users` counts the distinct users of an item (SHAN's "observed by >= 20 users").
     Returns the filtered frame (positions renumbered) and the counts after every step, so a
     caller can say where the data ran out.
     """
@@ -167,6 +169,11 @@ def filter_fixed_point(
         )
         apply(~pl.col("item").is_in(rare.implode()) if rare.len() else None)
         steps.append(FilterStep(it, f"item support >= {min_item_support}", *counts))
+        if min_item_users > 1:
+            few = (df.group_by("item").agg(pl.col("user").n_unique().alias("n"))
+                   .filter(pl.col("n") < min_item_users).get_column("item"))
+            apply(~pl.col("item").is_in(few.implode()) if few.len() else None)
+            steps.append(FilterStep(it, f"users per item >= {min_item_users}", *counts))
         apply(run_length("sess") >= min_session_length if min_session_length > 1 else None)
         steps.append(FilterStep(it, f"session length >= {min_session_length}", *counts))
         apply(runs_within("user", "sess") >= min_sessions if min_sessions > 1 else None)

@@ -22,7 +22,13 @@ from typing import Any
 import polars as pl
 
 from hnvm.atomic import atomic_dir, atomic_json
-from hnvm.data.splits import SPLIT_DTYPE, next_item_targets, next_session_targets
+from hnvm.data.splits import (
+    HELD_OUT_ITEM_SPLITS,
+    SPLIT_DTYPE,
+    has_held_out_items,
+    next_item_targets,
+    next_session_targets,
+)
 from hnvm.errors import HnvmError, one_line
 
 FORMAT = "hnvm-dataset"
@@ -190,11 +196,24 @@ class Dataset:
     def split(self, name: str) -> pl.DataFrame:
         return self.events.filter(pl.col("split") == name)
 
+    @property
+    def held_out_items(self) -> bool:
+        """Whether its split holds out single items (leave-one-out, shan) rather than whole
+        sessions (user-last, time): from meta.json, else from the events."""
+        prep = self.meta.get("prepare")
+        split = prep.get("split") if isinstance(prep, dict) else None
+        if isinstance(split, str):
+            return split in HELD_OUT_ITEM_SPLITS
+        if "_held_out" not in self.__dict__:
+            self.__dict__["_held_out"] = has_held_out_items(self.events)
+        return bool(self.__dict__["_held_out"])
+
     def next_item_targets(self, split: str = "test", include_first: bool = False) -> pl.DataFrame:
-        return next_item_targets(self.events, split, include_first)
+        return next_item_targets(self.events, split, include_first, self.held_out_items)
 
     def next_session_targets(self, split: str = "test") -> pl.DataFrame:
-        return next_session_targets(self.events, split)
+        """ValueError for a held-out-item split (no held-out sessions)."""
+        return next_session_targets(self.events, split, self.held_out_items)
 
     def item_ids(self, idx: list[int] | pl.Series) -> list[str]:
         """Internal item indices -> original ids."""

@@ -213,7 +213,7 @@ class _CaserTrainable:
     def __init__(self, model: Caser, seq: Sequences, counts: Tensor) -> None:
         assert model.net is not None
         self.model, self.cfg, self.module = model, model.config, model.net
-        users, inputs, targets = training_examples(seq, self.cfg.L, self.cfg.T)
+        users, inputs, targets = training_examples(seq.view(("train",)), self.cfg.L, self.cfg.T)
         self.users, self.inputs = torch.from_numpy(users), torch.from_numpy(inputs)
         self.targets = torch.from_numpy(targets)
         # (user, item) pairs of training, as sorted keys user · (n_items + 1) + item

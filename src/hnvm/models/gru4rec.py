@@ -140,6 +140,7 @@ class GRU4Rec(NetPersistence):
         # Adam and gradient clipping need dense ones
         sparse = cfg.optimizer == "adagrad" and not cfg.grad_clip
         self.net = self._build(train.n_items, sparse=sparse, seed=cfg.seed)
+        seq = seq.view(splits)  # the events it trains on (no held-out item)
         order = training_order(seq, train.events, splits, self.config.session_order)
         trainable = _GRU4RecTrainable(self, seq, order, train_counts(train, splits))
         trainable.fits_valid = "valid" in splits  # then validation would read training data

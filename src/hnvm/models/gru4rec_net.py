@@ -86,9 +86,11 @@ def training_order(seq: Sequences, events: pl.DataFrame, splits: tuple[str, ...]
     """Sessions of `splits` with >= 2 events in the reference's session_order: by start time
     ("time", ties by session id) or by session id ("id": the dataset's order, user by user)."""
     ev = events.select("session", "ts")
-    start = np.full(seq.n_sessions, np.iinfo(np.int64).max, dtype=np.int64)
-    np.minimum.at(start, ev.get_column("session").to_numpy().astype(np.int64),
-                  ev.get_column("ts").to_numpy().astype(np.int64))
+    ids = ev.get_column("session").to_numpy().astype(np.int64)
+    start = np.full(int(ids.max(initial=-1)) + 1, np.iinfo(np.int64).max, dtype=np.int64)
+    np.minimum.at(start, ids, ev.get_column("ts").to_numpy().astype(np.int64))
+    if seq.session_ids is not None:  # a view (`Sequences.view`): its sessions' dataset ids
+        start = start[seq.session_ids]
     lengths = np.diff(seq.offsets)
     keep = np.isin(seq.session_split, [SPLIT_CODE[s] for s in splits]) & (lengths >= 2)
     sessions = np.flatnonzero(keep)

@@ -7,6 +7,7 @@ network itself (eq. 6-15) is `hnvm.models.hnvm_net`.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -21,7 +22,7 @@ from hnvm.data.batches import Sequences, user_windows, window_batches
 from hnvm.data.sampling import popularity_probs, train_counts
 from hnvm.models.base import NetPersistence, register
 from hnvm.models.hnvm_net import HNVMNet
-from hnvm.models.layers import gaussian_kl_dims, keep_last_items, ranking_loss
+from hnvm.models.layers import keep_last_items, ranking_loss
 from hnvm.training import TrainConfig, fit
 
 if TYPE_CHECKING:
@@ -56,6 +57,15 @@ class HNVMConfig:
     # best once β = 1 (the full ELBO), see `_HNVMTrainable.selectable`
     kl_anneal_epochs: float = field(default=1.0, metadata=rng(
         0.0, 1000.0, "epochs for beta 0 -> 1; 0 = 1 from the start"))
+    # Posterior-collapse remedies (docs/design.md, "HNVM": what each gave on the Instacart sample)
+    kl_schedule: str = field(default="linear", metadata=choices("linear", "cyclical"))
+    kl_cycles: int = field(default=4, metadata=rng(
+        1, 1000, "cyclical: cycles of kl_anneal_epochs epochs, beta 0 -> 1 over each first half (Fu et al. 2019)"))
+    free_bits: float = field(default=0.0, metadata=rng(
+        0.0, 10.0, "KL floor per latent dimension in nats, batch-averaged (Kingma et al. 2016); 0 = off"))
+    word_dropout: float = field(default=0.0, metadata=rng(
+        0.0, 0.99, "share of decoder input items replaced by a zero vector in training (Bowman et al. 2016)"))
+    var_scale_in_kl: bool = True  # False: the KL sees unscaled Gaussians, var_scale only scales sampling
     mc_samples: int = field(default=1, metadata=rng(1, 1000, "prior samples averaged at inference"))
     # Row 0 of the user tables is the unknown user (cold start). 0 (default): after training it becomes
     # the aggregate of the trained users' e (training untouched); > 0: that share of the training
@@ -90,11 +100,21 @@ class HNVM(NetPersistence):
         return HNVMNet(n_items=n_items, n_users=n_users, hidden=c.hidden, emb_dim=c.emb_dim,
                        d_e=c.d_e, d_z=c.d_z, mlp_hidden=c.mlp_hidden, dropout=c.dropout,
                        var_scale=c.var_scale, init_var=c.init_var, use_e=c.use_e, use_z=c.use_z,
-                       sparse=c.sparse and c.loss != "full-softmax")  # full softmax scores every row
+                       sparse=c.sparse and c.loss != "full-softmax",  # full softmax scores every row
+                       var_scale_in_kl=c.var_scale_in_kl, word_dropout=c.word_dropout)
 
     def fit(self, train: Dataset, **options: Any) -> HNVM:
         """Train on `train` (options: `hnvm.training.fit`); returns self."""
         return fit(self, train, **options)
+
+    def latent_diagnostics(self, data: Dataset) -> dict[str, float]:
+        """What the trained latents carry on `data`'s training split: KL per dimension, active
+        units and mutual information of z and e (`latent_diagnostics`; shown by `hnvm evaluate`)."""
+        seq = Sequences.from_events(data.events, data.n_users, data.held_out_items).view(("train",))
+        c = self.config
+        n_train = np.bincount(seq.session_user, minlength=len(seq.user_first))
+        return latent_diagnostics(self.network(), c, seq, user_windows(seq, c.window if c.use_history else 1),
+                                  untrained_users(n_train))
 
     def trainable(self, train: Dataset, seq: Sequences, cfg: TrainConfig) -> _HNVMTrainable:
         """A fresh network and what the generic Trainer needs to fit it."""
@@ -255,6 +275,8 @@ class _HNVMTrainable:
     """What the generic Trainer needs: the module, batches and the loss (eq. 18-24)."""
 
     def __init__(self, model: HNVM, seq: Sequences, counts: Tensor) -> None:
+        # the training events only (a held-out-item protocol's held-out items are not in it)
+        seq = seq.view(("train",))
         self.model, self.seq, self.cfg = model, seq, model.config
         assert model.net is not None
         self.module = model.net
@@ -263,8 +285,7 @@ class _HNVMTrainable:
         # epoch of session-level batches counts it once (the sequence-level bound, eq. 19/22)
         n_train = np.bincount(seq.session_user[seq.session_split == 0], minlength=len(seq.user_first))
         self.sessions_per_user = torch.from_numpy(np.maximum(n_train, 1).astype(np.float32))
-        # known users with no training session (possible with a time split): their rows stay untrained
-        self.untrained_users = torch.from_numpy(np.flatnonzero(n_train[1:] == 0) + 1)
+        self.untrained_users = untrained_users(n_train)
         self.neg_probs = popularity_probs(counts, self.cfg.sample_alpha)
         self.steps_per_epoch = max(-(-len(self.windows) // self.cfg.batch_size), 1)  # set per epoch
 
@@ -282,55 +303,29 @@ class _HNVMTrainable:
                               rank=rank, world_size=world_size)
 
     def beta(self, step: int) -> float:
-        """The KL weight at optimizer step `step` (0-based): linear from 0 to 1 over
-        kl_anneal_epochs epochs of this process's steps."""
-        total = self.cfg.kl_anneal_epochs * self.steps_per_epoch
-        return 1.0 if total <= 0 else min(1.0, step / total)
+        """The KL weight at optimizer step `step` (0-based). linear: from 0 to 1 over
+        kl_anneal_epochs epochs of this process's steps, then 1. cyclical (Fu et al. 2019, R =
+        0.5): kl_cycles cycles of kl_anneal_epochs epochs, in each from 0 to 1 over the first
+        half and 1 over the second; 1 after the last cycle."""
+        c = self.cfg
+        total = c.kl_anneal_epochs * self.steps_per_epoch
+        if total <= 0:
+            return 1.0
+        if c.kl_schedule == "linear":
+            return min(1.0, step / total)
+        if step >= c.kl_cycles * total:
+            return 1.0
+        return min(1.0, (step % total) / (0.5 * total))
 
     def selectable(self, step: int) -> bool:
         """Whether the weights after `step` optimizer steps may be selected as the best epoch:
         only once β has reached 1, i.e. for the model of the full ELBO (the paper's objective)."""
         return self.beta(step) >= 1.0
 
-    @torch.no_grad()
     def diagnostics(self, max_windows: int = 256) -> dict[str, float]:
-        """What the latents carry, for the train log after each epoch: the mean KL per dimension
-        of z (over the real sessions of the first `max_windows` training windows) and of e (over
-        the trained users), and the active units of each (Burda et al. 2016: dimensions whose
-        posterior mean varies across the data with variance > 0.01). Eval mode, no sampling and
-        no random draws, so training is the same with or without it."""
-        net, c = self.module, self.cfg
-        was_training = net.training
-        net.eval()
-        out: dict[str, float] = {}
-        if c.use_z and len(self.windows):
-            mus, kls = [], []
-            for batch in window_batches(self.seq, self.windows[:max_windows], c.batch_size, None,
-                                        max_len=c.max_len or None, max_prefix=None if c.use_history else 0):
-                dev = self.neg_probs.device
-                prefix, window, users = batch.prefix.to(dev), batch.window.to(dev), batch.users.to(dev)
-                h0 = net.encode_history(users, prefix) if prefix.shape[1] > 0 else None
-                o = net(users, window, h_con0=h0, sample=False)
-                assert o.z_gaussians is not None
-                mu_q, lv_q, mu_p, lv_p = o.z_gaussians
-                keep = o.session_mask
-                mus.append(mu_q[keep].float())
-                kls.append(gaussian_kl_dims(mu_q, lv_q, mu_p, lv_p)[keep].float())
-            mu, kl = torch.cat(mus), torch.cat(kls)  # [N, Dz]
-            out["kl_z_per_dim"] = float(kl.mean())
-            out["active_z"] = int((mu.var(0, unbiased=False) > 0.01).sum()) if len(mu) > 1 else 0
-        if c.use_e:
-            trained = torch.ones(net.e_post_mu.weight.shape[0], dtype=torch.bool, device=net.e_post_mu.weight.device)
-            trained[0] = False
-            trained[self.untrained_users.to(trained.device)] = False
-            rows = trained.nonzero().squeeze(1)
-            if len(rows):
-                mu_q, lv_q = net.e_post_mu(rows), net.e_post_logvar(rows) + net.log_var_scale
-                mu_p, lv_p = net.e_prior_mu(rows), net.e_prior_logvar(rows) + net.log_var_scale
-                out["kl_e_per_dim"] = float(gaussian_kl_dims(mu_q, lv_q, mu_p, lv_p).mean())
-                out["active_e"] = int((mu_q.var(0, unbiased=False) > 0.01).sum()) if len(rows) > 1 else 0
-        net.train(was_training)
-        return out
+        """What the latents carry, for the train log after each epoch (`latent_diagnostics`)."""
+        return latent_diagnostics(self.module, self.cfg, self.seq, self.windows, self.untrained_users,
+                                  max_windows=max_windows)
 
     def batch_targets(self, batch: Any) -> int:
         return batch.n_targets
@@ -359,6 +354,97 @@ class _HNVMTrainable:
         w_u = n_sess / self.sessions_per_user[batch.users]  # the real user's share, even for row 0
         kl_z, kl_e = out.kl_z.sum(), (w_u * out.kl_e).sum()
         k = max(int(mask.sum()), 1)
-        loss = (rec + beta * (kl_z + kl_e)) / k  # the negative ELBO per target
+        kl = kl_z + kl_e
+        if c.free_bits > 0:
+            kl = free_bits_kl(out, w_u, c.free_bits)
+        loss = (rec + beta * kl) / k  # the negative ELBO per target (free bits: its bound)
         return {"loss": loss, "rec": rec.detach() / k, "kl_z": kl_z.detach() / k,
                 "kl_e": kl_e.detach() / k, "beta": torch.tensor(beta)}
+
+
+def free_bits_kl(out: Any, w_u: Tensor, floor: float) -> Tensor:
+    """The KL terms with free bits (Kingma et al. 2016, KL thresholding): each latent
+    dimension's KL is averaged over the batch (z: its real sessions; e: its users, weighted by
+    w_u) and counts at least `floor` nats, so a dimension below the floor gets no gradient to
+    collapse further. out: HNVMOutput (kl_z_dims [B, W, Dz], kl_e_dims [B, De]); -> scalar,
+    summed like the plain KL (z over sessions, e with weights w_u [B])."""
+    total = out.kl_z.new_zeros(())
+    if out.kl_z_dims is not None:
+        n = out.session_mask.sum().clamp(min=1).float()
+        per_dim = out.kl_z_dims.sum((0, 1)) / n  # [Dz]: masked sessions hold 0
+        total = total + n * per_dim.clamp(min=floor).sum()
+    if out.kl_e_dims is not None:
+        w = w_u.sum().clamp(min=1e-12)
+        per_dim = (w_u[:, None] * out.kl_e_dims).sum(0) / w  # [De]
+        total = total + w * per_dim.clamp(min=floor).sum()
+    return total
+
+
+@torch.no_grad()
+def latent_diagnostics(net: HNVMNet, c: HNVMConfig, seq: Sequences, windows: np.ndarray, untrained: Tensor,
+                       *, max_windows: int = 256, max_mi: int = 512) -> dict[str, float]:
+    """What the latents carry: the mean KL per dimension of z (over the real sessions of the
+    first `max_windows` training windows of `seq`, a training view) and of e (over the trained
+    users, i.e. not row 0 nor `untrained`), the active units of each (Burda et al. 2016:
+    dimensions whose posterior mean varies across the data with variance > 0.01) and the
+    mutual information I(x; z) and I(u; e) under q (`mutual_information`, on at most `max_mi`
+    sessions / users). Eval mode; its one random draw uses its own generator, so training is the
+    same with or without it."""
+    was_training = net.training
+    net.eval()
+    out: dict[str, float] = {}
+    dev = next(net.parameters()).device
+    gen = torch.Generator(device=dev).manual_seed(0)
+    if c.use_z and len(windows):
+        mus, lvs, kls = [], [], []
+        for batch in window_batches(seq, windows[:max_windows], c.batch_size, None,
+                                    max_len=c.max_len or None, max_prefix=None if c.use_history else 0):
+            prefix, window, users = batch.prefix.to(dev), batch.window.to(dev), batch.users.to(dev)
+            h0 = net.encode_history(users, prefix) if prefix.shape[1] > 0 else None
+            o = net(users, window, h_con0=h0, sample=False)
+            assert o.z_gaussians is not None and o.kl_z_dims is not None
+            mu_q, lv_q = o.z_gaussians[:2]
+            keep = o.session_mask
+            mus.append(mu_q[keep].float())
+            lvs.append(lv_q[keep].float())
+            kls.append(o.kl_z_dims[keep].float())
+        mu, lv, kl = torch.cat(mus), torch.cat(lvs), torch.cat(kls)  # [N, Dz]
+        out["kl_z_per_dim"] = float(kl.mean())
+        out["active_z"] = int((mu.var(0, unbiased=False) > 0.01).sum()) if len(mu) > 1 else 0
+        out["mi_z"] = mutual_information(mu[:max_mi], lv[:max_mi], gen)
+    if c.use_e:
+        trained = torch.ones(net.e_post_mu.weight.shape[0], dtype=torch.bool, device=dev)
+        trained[0] = False
+        trained[untrained.to(dev)] = False
+        rows = trained.nonzero().squeeze(1)
+        if len(rows):
+            mu_q, lv_q, mu_p, lv_p = net.e_gaussians(rows)
+            out["kl_e_per_dim"] = float(net.kl_dims(mu_q, lv_q, mu_p, lv_p).mean())
+            out["active_e"] = int((mu_q.var(0, unbiased=False) > 0.01).sum()) if len(rows) > 1 else 0
+            out["mi_e"] = mutual_information(mu_q[:max_mi].float(), lv_q[:max_mi].float(), gen)
+    net.train(was_training)
+    return out
+
+
+def mutual_information(mu: Tensor, logvar: Tensor, generator: torch.Generator | None = None) -> float:
+    """I(x; z) under q, the estimate of the posterior-collapse literature (Hoffman & Johnson
+    2016; He et al., ICLR 2019): E_x E_q(z|x)[log q(z|x)] - E_q(z)[log q(z)], with the
+    aggregate posterior q(z) the mixture of the N given posteriors and one z drawn from each.
+    mu, logvar: Float[N, D] (N >= 2) -> nats (0 when z carries nothing about x; at most log N)."""
+    n, d = mu.shape
+    if n < 2:
+        return 0.0
+    z = mu + (0.5 * logvar).exp() * torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+    # log q(z_j | x_i) for every pair: [N (j), N (i)]
+    dev = (z[:, None, :] - mu[None]) ** 2 / logvar.exp()[None]
+    log_q = -0.5 * (dev + logvar[None] + math.log(2 * math.pi)).sum(-1)
+    log_agg = torch.logsumexp(log_q, dim=1) - math.log(n)  # [N]
+    # both terms on the same draws (log q(z_j|x_j) is the diagonal): no sampling noise when the
+    # posteriors are all alike, where the estimate must be 0
+    return float((log_q.diagonal() - log_agg).mean())
+
+
+def untrained_users(n_train: np.ndarray) -> Tensor:
+    """Long[U']: known users with no training session (possible with a time split), whose rows
+    stay untrained; n_train: int[n_users + 1] training sessions per user id."""
+    return torch.from_numpy(np.flatnonzero(n_train[1:] == 0) + 1)

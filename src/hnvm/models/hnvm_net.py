@@ -33,6 +33,11 @@ Interpretation choices (the paper leaves these open; see docs/design.md, "HNVM")
   training exactly as the paper's; with `unknown_user_rate` > 0 a share of the training windows is
   read as user 0 (KL weighted by the real user's share), so row 0 is learned directly. Either way,
   users without training events get row 0 as their rows.
+* Posterior-collapse remedies (not in the paper; off by default except where docs/design.md,
+  "HNVM" says): `var_scale_in_kl=False` computes both KL terms on the unscaled Gaussians, so
+  var_scale is only a sampling temperature (inside the KL it multiplies the mean-difference term
+  by 1/var_scale = 20); `word_dropout` replaces a share of the decoder's input items by a zero
+  vector during training (Bowman et al. 2016), so the decoder must lean on [h_con; z].
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hnvm.models.layers import GaussianHead, ItemOutput, gaussian_kl, init_uniform_, reparameterize
+from hnvm.models.layers import GaussianHead, ItemOutput, gaussian_kl_dims, init_uniform_, reparameterize
 
 
 @dataclass
@@ -57,6 +62,8 @@ class HNVMOutput:
     item_mask: Tensor  # [B, W, T] bool, True = real item
     session_mask: Tensor  # [B, W] bool, True = non-empty session
     z_gaussians: tuple[Tensor, Tensor, Tensor, Tensor] | None = None  # (mu_q, lv_q, mu_p, lv_p) [B, W, Dz]
+    kl_z_dims: Tensor | None = None  # [B, W, Dz] per dimension (kl_z = its sum); 0 on padded sessions
+    kl_e_dims: Tensor | None = None  # [B, De] per dimension (kl_e = its sum)
 
 
 class HNVMNet(nn.Module):
@@ -77,6 +84,8 @@ class HNVMNet(nn.Module):
         use_z: bool = True,
         length_buckets: int = 8,
         sparse: bool = False,
+        var_scale_in_kl: bool = True,
+        word_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         if n_items < 1 or n_users < 0:
@@ -87,6 +96,11 @@ class HNVMNet(nn.Module):
         self.length_buckets = length_buckets  # speed only: see _by_length
         self.bos = n_items + 1
         self.log_var_scale = math.log(var_scale)
+        # the KL terms see logvar - kl_shift: 0 = the scaled Gaussians (paper), else unscaled
+        self.kl_shift = 0.0 if var_scale_in_kl else self.log_var_scale
+        if not 0.0 <= word_dropout < 1.0:
+            raise ValueError(f"word_dropout must be in [0, 1), got {word_dropout}")
+        self.word_dropout = word_dropout
         H = hidden
 
         # sparse: the item and user tables get sparse gradients, so that a training step costs
@@ -139,6 +153,10 @@ class HNVMNet(nn.Module):
         are junk or 0, which the caller masks."""
         N, T = seqs.shape
         x_ids = torch.cat([seqs.new_full((N, 1), self.bos), seqs[:, :-1]], dim=1)  # [N, T]
+        if self.training and self.word_dropout > 0:
+            # Bowman et al. 2016: an input item becomes the zero vector (padding row), BOS stays
+            drop = torch.rand(x_ids.shape, device=x_ids.device) < self.word_dropout
+            x_ids = x_ids.masked_fill(drop & (x_ids != self.bos), 0)
 
         def run(rows: Tensor, t: int) -> Tensor:
             x = self.item_emb(x_ids[rows, :t])  # [n, t, E]
@@ -161,18 +179,25 @@ class HNVMNet(nn.Module):
             after.append(h)
         return torch.stack(prev, 1), torch.stack(after, 1)
 
+    def kl_dims(self, mu_q: Tensor, lv_q: Tensor, mu_p: Tensor, lv_p: Tensor) -> Tensor:
+        """KL(q || p) per dimension [..., D] of two of this network's Gaussians (log-variances
+        with var_scale in them), as the objective counts it (see `var_scale_in_kl`)."""
+        return gaussian_kl_dims(mu_q, lv_q - self.kl_shift, mu_p, lv_p - self.kl_shift)
+
+    def e_gaussians(self, users: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """users: Long[B] -> (mu_q, lv_q, mu_p, lv_p) of q(e|u) and p(e|u), each [B, d_e]."""
+        return (self.e_post_mu(users), self.e_post_logvar(users) + self.log_var_scale,
+                self.e_prior_mu(users), self.e_prior_logvar(users) + self.log_var_scale)
+
     def _user_e(
         self, users: Tensor, sample: bool, generator: torch.Generator | None
-    ) -> tuple[Tensor | None, Tensor]:
-        """users: Long[B] -> (e Float[B, d_e] or None, kl_e Float[B])."""
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """users: Long[B] -> (e Float[B, d_e] or None, KL per dimension Float[B, d_e] or None)."""
         if not self.use_e:
-            return None, users.new_zeros(users.shape, dtype=torch.float)
-        mu_q = self.e_post_mu(users)
-        lv_q = self.e_post_logvar(users) + self.log_var_scale
-        mu_p = self.e_prior_mu(users)
-        lv_p = self.e_prior_logvar(users) + self.log_var_scale
+            return None, None
+        mu_q, lv_q, mu_p, lv_p = self.e_gaussians(users)
         e = reparameterize(mu_q, lv_q, generator) if sample else mu_q
-        return e, gaussian_kl(mu_q, lv_q, mu_p, lv_p)
+        return e, self.kl_dims(mu_q, lv_q, mu_p, lv_p)
 
     def _prior_z(self, h_prev: Tensor, e: Tensor | None) -> tuple[Tensor, Tensor]:
         """h_prev: [B, ..., H], e: [B, d_e] (broadcast) -> (mu, logvar), each [B, ..., d_z]."""
@@ -236,12 +261,14 @@ class HNVMNet(nn.Module):
         h_prev, h_con = self._context(h_enc, session_mask, h_con0)  # [B, W, H] each
 
         # latents
-        e, kl_e = self._user_e(users, sample, generator)
-        z, kl_z, S = None, h_enc.new_zeros(B, W), 1
+        e, kl_e_dims = self._user_e(users, sample, generator)
+        kl_e = kl_e_dims.sum(-1) if kl_e_dims is not None else users.new_zeros(users.shape, dtype=torch.float)
+        z, kl_z, kl_z_dims, S = None, h_enc.new_zeros(B, W), None, 1
         if self.use_z:
             mu_p, lv_p = self._prior_z(h_prev, e)  # [B, W, Dz]
             mu_q, lv_q = self.z_post(torch.cat([h_prev, h_enc], -1))
-            kl_z = gaussian_kl(mu_q, lv_q, mu_p, lv_p) * session_mask  # [B, W]
+            kl_z_dims = self.kl_dims(mu_q, lv_q, mu_p, lv_p) * session_mask.unsqueeze(-1)  # [B, W, Dz]
+            kl_z = kl_z_dims.sum(-1)  # [B, W]
             if sample:
                 z = reparameterize(mu_q, lv_q, generator)
             elif mc_samples > 1:
@@ -263,7 +290,8 @@ class HNVMNet(nn.Module):
             dec[real, : out.shape[1]] = out.to(dec.dtype)
         dec_hidden = self.drop(dec.view(B, W, T, H) * item_mask.unsqueeze(-1))
         z_gaussians = (mu_q, lv_q, mu_p, lv_p) if self.use_z else None
-        return HNVMOutput(dec_hidden, kl_z, kl_e, h_con, item_mask, session_mask, z_gaussians)
+        return HNVMOutput(dec_hidden, kl_z, kl_e, h_con, item_mask, session_mask, z_gaussians,
+                          kl_z_dims, kl_e_dims)
 
     def score(self, hidden: Tensor) -> Tensor:
         """Float[..., H] -> Float[..., n_items + 1] (column 0 = padding; callers mask it)."""

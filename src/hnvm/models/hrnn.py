@@ -208,6 +208,7 @@ class _HRNNTrainable:
 
     def __init__(self, model: HRNN, seq: Sequences, counts: Tensor) -> None:
         assert model.net is not None
+        seq = seq.view(("train",))  # the training events only
         self.model, self.seq, self.cfg, self.module = model, seq, model.config, model.net
         self.windows = user_windows(seq, self.cfg.window)
         self.neg_probs = popularity_probs(counts, self.cfg.sample_alpha)

@@ -206,6 +206,7 @@ class _STAMPTrainable:
     def __init__(self, model: STAMP, seq: Sequences, counts: Tensor) -> None:
         assert model.net is not None
         self.model, self.cfg, self.module = model, model.config, model.net
+        seq = seq.view(("train",))  # the training events only
         self.items = torch.from_numpy(np.concatenate([seq.items, [0]]))  # index -1 = padding
         starts, ends = training_prefixes(seq)
         if self.cfg.max_len:  # the same items the net would read of a longer prefix

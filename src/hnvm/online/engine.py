@@ -105,7 +105,7 @@ class Engine:
             ds = Dataset.load(path)
             if vocab_digest(ds) != cfg["dataset"]["vocab_sha256"]:
                 raise HnvmError(f"{path}: item/user vocabulary does not match the one {run} was trained on")
-            history = Sequences.from_events(ds.events, ds.n_users)
+            history = Sequences.from_events(ds.events, ds.n_users, ds.held_out_items)
             if gap_s is None:  # (an explicit --gap wins: the dataset's is not read)
                 gap = dataset_gap(path, ds.meta)
         else:

@@ -64,7 +64,7 @@ def fit(model: M, train: Dataset, *, train_cfg: TrainConfig | None = None, valid
     an unknown keyword (a misspelt option) is a TypeError, never silently ignored.
     """
     cfg = train_cfg or TrainConfig()
-    seq = seq if seq is not None else Sequences.from_events(train.events, train.n_users)
+    seq = seq if seq is not None else Sequences.from_events(train.events, train.n_users, train.held_out_items)
     torch.manual_seed(cfg.seed)  # the network's initial weights
     trainable = model.trainable(train, seq, cfg)
     validate = None
