@@ -70,7 +70,8 @@ def test_cyclical_annealing_rises_over_each_first_half_then_holds_one() -> None:
     t = _trainable(kl_schedule="cyclical", kl_anneal_epochs=2.0, kl_cycles=3)  # cycles of 20 steps
     got = [t.beta(s) for s in (0, 5, 10, 15, 19, 20, 25, 30, 59, 60, 500)]
     assert got == [0.0, 0.5, 1.0, 1.0, 1.0, 0.0, 0.5, 1.0, 1.0, 1.0, 1.0]
-    assert [t.selectable(s) for s in (5, 10, 20, 60)] == [False, True, False, True]
+    # the weights after `step` steps are selectable when the last step's beta was 1
+    assert [t.selectable(s) for s in (5, 10, 11, 20, 21, 60)] == [False, False, True, True, False, True]
     linear = _trainable(kl_anneal_epochs=2.0)
     assert [linear.beta(s) for s in (0, 10, 20, 45)] == [0.0, 0.5, 1.0, 1.0]
 

@@ -319,7 +319,11 @@ class _HNVMTrainable:
 
     def selectable(self, step: int) -> bool:
         """Whether the weights after `step` optimizer steps may be selected as the best epoch:
-        only once β has reached 1, i.e. for the model of the full ELBO (the paper's objective)."""
+        only once β has reached 1, i.e. for the model of the full ELBO (the paper's objective).
+        linear: once the warm-up is over; cyclical: when the last step's β was 1 (so the end of
+        every cycle is selectable, its start is not)."""
+        if self.cfg.kl_schedule == "cyclical":
+            return self.beta(max(step - 1, 0)) >= 1.0
         return self.beta(step) >= 1.0
 
     def diagnostics(self, max_windows: int = 256) -> dict[str, float]:
@@ -431,7 +435,7 @@ def mutual_information(mu: Tensor, logvar: Tensor, generator: torch.Generator | 
     2016; He et al., ICLR 2019): E_x E_q(z|x)[log q(z|x)] - E_q(z)[log q(z)], with the
     aggregate posterior q(z) the mixture of the N given posteriors and one z drawn from each.
     mu, logvar: Float[N, D] (N >= 2) -> nats (0 when z carries nothing about x; at most log N)."""
-    n, d = mu.shape
+    n = mu.shape[0]
     if n < 2:
         return 0.0
     z = mu + (0.5 * logvar).exp() * torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)

@@ -182,7 +182,9 @@ class HNVMNet(nn.Module):
     def kl_dims(self, mu_q: Tensor, lv_q: Tensor, mu_p: Tensor, lv_p: Tensor) -> Tensor:
         """KL(q || p) per dimension [..., D] of two of this network's Gaussians (log-variances
         with var_scale in them), as the objective counts it (see `var_scale_in_kl`)."""
-        return gaussian_kl_dims(mu_q, lv_q - self.kl_shift, mu_p, lv_p - self.kl_shift)
+        if self.kl_shift:  # (no-op subtraction otherwise: it would reorder gradient accumulation)
+            lv_q, lv_p = lv_q - self.kl_shift, lv_p - self.kl_shift
+        return gaussian_kl_dims(mu_q, lv_q, mu_p, lv_p)
 
     def e_gaussians(self, users: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """users: Long[B] -> (mu_q, lv_q, mu_p, lv_p) of q(e|u) and p(e|u), each [B, d_e]."""
