@@ -65,7 +65,7 @@ def model_for(name: str, paper: bool, dense: bool = False) -> object:
         return cls()
     values = {}
     if paper and name == "hnvm":
-        values = load_toml(ROOT / "configs" / "paper.toml")["model"]
+        values = load_toml(ROOT / "src" / "hnvm" / "paper_configs" / "hnvm.toml")["model"]
     cfg = build(cfg_cls, values, "model")
     if dense and hasattr(cfg, "sparse"):
         cfg = dataclasses.replace(cfg, sparse=False)
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="skip the 1-epoch fit of SGD models above this many train events (the "
                          "step throughput and the evaluation still run)")
     ap.add_argument("--default-config", action="store_true",
-                    help="HNVM with its defaults instead of the paper's sizes (configs/paper.toml)")
+                    help="HNVM with its defaults instead of the paper's sizes (src/hnvm/paper_configs/hnvm.toml)")
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "hnvm-bench")
     ap.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     ap.add_argument("--optimizer", default="adagrad", help="of the timed steps: adagrad (paper) or adam")

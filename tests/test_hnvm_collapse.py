@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 
 from hnvm.cli import app
 from hnvm.data.samples import synthetic_dataset
-from hnvm.models.hnvm import HNVM, HNVMConfig, _HNVMTrainable, free_bits_kl, mutual_information
+from hnvm.models.hnvm import HNVM, HNVMConfig, _HNVMTrainable
+from hnvm.models.hnvm_latent import free_bits_kl, mutual_information
 from hnvm.models.hnvm_net import HNVMNet
 from hnvm.models.layers import gaussian_kl_dims
 from hnvm.training import TrainConfig

@@ -134,7 +134,7 @@ def test_config_errors_list_valid_keys_and_ranges(tmp_path: Path) -> None:
         resolve_config("hnvm", None, ["model.loss=hinge"])
     with pytest.raises(ConfigError, match=r"unknown key 'train\.lrr'"):
         resolve_config("hnvm", None, ["train.lrr=1"])
-    paper = Path(__file__).resolve().parents[1] / "configs" / "paper.toml"
+    paper = Path(__file__).resolve().parents[1] / "src" / "hnvm" / "paper_configs" / "hnvm.toml"
     rc = resolve_config("hnvm", paper, [])
     assert rc.model_config.hidden == 200 and rc.model_config.loss == "bpr"
     assert rc.train.optimizer == "adagrad"

@@ -193,3 +193,29 @@ def test_prepare_refuses_unknown_split_and_shan_without_time(tmp_path: Path) -> 
     assert not (tmp_path / "x").exists()
     refused(["prepare", str(log), "--columns", "user=uid,item=iid,time=ts", "--split", "shan",
              "--test-fraction", "0.95", "--out", str(tmp_path / "y")], "--test-fraction")
+
+
+def test_benchmark_protocol_paper_runs_and_refuses_other_splits(loo: Dataset, tmp_path: Path) -> None:
+    from hnvm.paper import PAPER_MODELS, paper_configs
+
+    assert {"gru4rec", "hrnn", "hnvm"} <= {p.stem for p in paper_configs().glob("*.toml")}
+    assert PAPER_MODELS[-1] == "hnvm" and "ptopfreq" not in PAPER_MODELS
+    out = tmp_path / "bench"
+    r = runner.invoke(app, ["benchmark", str(loo.path), "--protocol", "paper", "--models", "pop,gru4rec",
+                            "--epochs", "1", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    import json
+
+    res = json.loads((out / "results.json").read_text())
+    assert res["protocol"] == "paper"
+    g = res["models"]["gru4rec"]
+    assert g["config"].endswith("paper_configs/gru4rec.toml") and g["resolved"]["model_config"]["loss"] == "bpr"
+    assert g["resolved"]["train"]["optimizer"] == "adagrad" and g["n_targets"] == loo.n_users
+    # the paper's next-item protocol needs held-out items; its next-session one user-last
+    ul = prepare(rsc_log(tmp_path / "log2.csv"), tmp_path / "ul", columns=COLS,
+                 config=PrepareConfig(min_item_support=1))
+    refused(["benchmark", str(ul.path), "--protocol", "paper", "--out", str(tmp_path / "b2")],
+            "--split leave-one-out")
+    refused(["benchmark", str(loo.path), "--protocol", "paper", "--task", "next-session",
+             "--out", str(tmp_path / "b3")], "whole-session")
+    refused(["benchmark", str(loo.path), "--protocol", "theirs", "--out", str(tmp_path / "b4")], "--protocol")

@@ -35,6 +35,7 @@ from hnvm.errors import HnvmError, one_line
 from hnvm.metrics import DEFAULT_KS, pad_item_sets, per_user_session_rank_metrics
 from hnvm.models import BUILTIN
 from hnvm.models.base import REGISTRY, get_model_class
+from hnvm.paper import PROTOCOLS, check_paper_protocol, paper_configs
 from hnvm.rundir import data_digest, train_digest
 from hnvm.runs import evaluate_run, resolve_config, train_run
 from hnvm.training import ProgressCallback
@@ -51,8 +52,6 @@ TASKS = ("next-item", "next-session")
 # what a benchmark writes into OUT (per task) besides results.json, runs/ and ranks/
 REPORT_FILES = ("results.csv", "table.md", "significance.json", "position.png", "history.png")
 BOTH = "both"  # --task both: OUT/next-item/ and OUT/next-session/ share OUT/runs and OUT/tuned
-
-
 def all_models() -> list[str]:
     """Every registered model: the built-ins in the paper's order (baselines, then HNVM), then
     any others."""
@@ -187,10 +186,13 @@ def _plan(
     model_overrides: dict[str, list[str]] | None = None,
     ds: Dataset | None = None,
     on_progress: ProgressCallback | None = None,
+    protocol: str = "ours",
 ) -> _Plan:
     """Everything of `run_benchmark` that can refuse, before anything is trained or written."""
     if task not in TASKS:
         raise HnvmError(f"--task must be one of {', '.join(TASKS)}")
+    if protocol not in PROTOCOLS:
+        raise HnvmError(f"--protocol must be one of {', '.join(PROTOCOLS)} (got {protocol!r})")
     dataset, out = Path(dataset).resolve(), Path(out)
     check_output_dir(out, "--out", inputs=(dataset,))
     # the report files are rewritten on every run: only over a benchmark's own (results.json beside)
@@ -205,6 +207,8 @@ def _plan(
     ds = ds if ds is not None else Dataset.load(dataset)
     if task == "next-session" and ds.held_out_items:
         raise HnvmError(f"{dataset}: {NO_SESSION_TASK}")
+    if protocol == "paper":
+        check_paper_protocol(ds, task, dataset)
     targets = ds.next_item_targets("test", include_first) if task == "next-item" else ds.next_session_targets("test")
     if targets.height == 0:
         first = " (positions >= 2; --include-first adds position 1)" if task == "next-item" and not \
@@ -219,6 +223,8 @@ def _plan(
         # OUT/tuned/MODEL.toml, or the best.toml that `hnvm tune --out OUT/tuned/MODEL` writes
         candidates = [tuned_root / f"{n}.toml" for n in (name, base)]
         candidates += [tuned_root / n / "best.toml" for n in (name, base)]
+        if protocol == "paper":  # then the paper's training of this model, where we ship one
+            candidates.append(paper_configs() / f"{base}.toml")
         tuned = next((p for p in candidates if p.exists()), None)
         settings = extra + list((model_overrides or {}).get(name, [])) + ablation
         try:
@@ -229,6 +235,7 @@ def _plan(
         _check_dir(runs / name, "--out")
         if (out / "ranks" / f"{name}.parquet").is_dir():
             raise HnvmError(f"--out {out}: {out / 'ranks' / f'{name}.parquet'} is a directory; move it away")
+    results["protocol"] = protocol
     return _Plan(dataset, ds, task, out, runs, results, plan, include_first, show_progress,
                  on_step or (lambda _msg: None), on_progress)
 
@@ -248,16 +255,18 @@ def run_benchmark(
     tuned_dir: str | Path | None = None,
     model_overrides: dict[str, list[str]] | None = None,
     on_progress: ProgressCallback | None = None,
+    protocol: str = "ours",
 ) -> dict[str, Any]:
     """Train, evaluate and report each model; resumable. Returns the results.json content
     plus "significance" and "files".
 
     `runs_dir` / `tuned_dir` default to OUT/runs and OUT/tuned; `model_overrides` adds per-model
     settings after the shared `overrides` (the demo's short schedules); `on_progress` gets the
-    training loop's progress reports."""
+    training loop's progress reports. `protocol` "paper": the data must be split the paper's way
+    (`check_paper_protocol`) and models without a tuned config use hnvm/paper_configs."""
     return _execute(_plan(dataset, models, task, out, overrides, epochs, on_step, show_progress, include_first,
                           runs_dir=runs_dir, tuned_dir=tuned_dir, model_overrides=model_overrides,
-                          on_progress=on_progress))
+                          on_progress=on_progress, protocol=protocol))
 
 
 def _execute(p: _Plan, seq: Sequences | None = None) -> dict[str, Any]:
@@ -358,6 +367,7 @@ def run_benchmarks(
     model_overrides: dict[str, list[str]] | None = None,
     data_in_out: bool = False,
     on_progress: ProgressCallback | None = None,
+    protocol: str = "ours",
 ) -> dict[str, dict[str, Any]]:
     """`run_benchmark` for one task, or for `both` (OUT/next-item, OUT/next-session; one training
     per model in OUT/runs, tuned configs from OUT/tuned). Returns {task: result}. An OUT holding
@@ -365,7 +375,7 @@ def run_benchmarks(
     if task != BOTH:
         return {task: run_benchmark(dataset, models, task, out, overrides, epochs, on_step, show_progress,
                                     include_first, tuned_dir=tuned_dir, model_overrides=model_overrides,
-                                    on_progress=on_progress)}
+                                    on_progress=on_progress, protocol=protocol)}
     out = Path(out)
     say = on_step or (lambda _msg: None)
     check_output_dir(out, "--out", inputs=() if data_in_out else (Path(dataset),))
@@ -374,7 +384,8 @@ def run_benchmarks(
     plans = [_plan(dataset, models, t, out / t, overrides, epochs, lambda m, t=t: say(f"{t}: {m}"),
                    show_progress, include_first, runs_dir=out / "runs",
                    tuned_dir=tuned_dir if tuned_dir is not None else out / "tuned",
-                   model_overrides=model_overrides, ds=ds, on_progress=on_progress) for t in TASKS]
+                   model_overrides=model_overrides, ds=ds, on_progress=on_progress, protocol=protocol)
+             for t in TASKS]
     seq = Sequences.from_events(ds.events, ds.n_users, ds.held_out_items)
     return {p.task: _execute(p, seq) for p in plans}
 

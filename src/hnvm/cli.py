@@ -65,22 +65,19 @@ def prepare(
                                                            show_default=False)] = None,
     min_sessions: Annotated[int | None, typer.Option(help="Minimum sessions per user. [default: 3; "
                                                      "yoochoose: 1]", show_default=False)] = None,
-    split: Annotated[str | None, typer.Option(
-        help="user-last: each user's last session is test, the one before valid (HRNN; the paper's "
-             "next-session protocol); leave-one-out: each user's last item is test, the one before valid "
-             "(the paper's next-item protocol); shan: a random share of the last days' sessions holds out "
-             "one random item (the paper's IJC protocol, SHAN); time: a global cut-off. "
-             "[default: user-last; yoochoose: time; ijcai15: shan]", show_default=False)] = None,
-    valid_fraction: Annotated[float | None, typer.Option(help="time, shan: share of sessions held out for "
-                                                         "validation. [default: 0.1]", show_default=False)] = None,
-    test_fraction: Annotated[float | None, typer.Option(help="time, shan: share of sessions held out for test. "
-                                                        "[default: time 0.1; shan 0.2]", show_default=False)] = None,
+    split: Annotated[str | None, typer.Option(help="user-last (last session: HRNN, the paper's next session), "
+        "leave-one-out (last item: the paper's next item), shan (one random item of recent sessions: the paper's "
+        "IJC), time (cut-off). [default: user-last; xing2016: leave-one-out; ijcai15: shan; yoochoose: time]",
+        show_default=False)] = None,
+    valid_fraction: Annotated[float | None, typer.Option(help="time, shan: validation share. [default: 0.1]",
+                                                         show_default=False)] = None,
+    test_fraction: Annotated[float | None, typer.Option(help="time, shan: test share. [default: time 0.1; "
+                                                        "shan 0.2]", show_default=False)] = None,
     holdout_days: Annotated[float | None, typer.Option(help="shan: held-out sessions start in the log's last "
                                                        "days. [default: 30]", show_default=False)] = None,
-    min_item_users: Annotated[int | None, typer.Option(help="Minimum distinct users per item. [default: 1; "
-                                                       "ijcai15: 20]", show_default=False)] = None,
-    seed: Annotated[int | None, typer.Option(help="shan: seed of the held-out sessions and items. [default: 0]",
-                                             show_default=False)] = None,
+    min_item_users: Annotated[int | None, typer.Option(help="Minimum users per item. [default: 1; ijcai15: "
+                                                       "20]", show_default=False)] = None,
+    seed: Annotated[int | None, typer.Option(help="shan: seed of the draws. [default: 0]", show_default=False)] = None,
     keep_duplicates: Annotated[bool, typer.Option(help="Keep exact duplicate rows (dropped by default).")] = False,
     force: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
 ) -> None:
@@ -208,11 +205,14 @@ def benchmark(
     tuned: Annotated[Path | None, typer.Option(help="Directory of tuned configs (MODEL.toml or "
                                                "MODEL/best.toml); default OUT/tuned.")] = None,
     include_first: Annotated[bool, typer.Option(help="Also score each session's first item.")] = False,
+    protocol: Annotated[str, typer.Option(help="ours, or paper: its §4.3 models (for all), its training of "
+        "GRU4Rec/HRNN/HNVM (BPR, Adagrad with momentum) without OUT/tuned, data split its way.")] = "ours",
 ) -> None:
     """Train and evaluate several models; paper-style tables (Table 2/3), significance test
     and, for next-item, the position / history figures (Fig. 2/3). Uses OUT/tuned/MODEL.toml
     where present."""
     from hnvm.benchmark import BOTH, TASKS, parse_models, run_benchmarks
+    from hnvm.paper import PAPER_MODELS
 
     t0 = time.perf_counter()
     try:
@@ -220,10 +220,11 @@ def benchmark(
             raise HnvmError(f"--task must be one of {', '.join((*TASKS, BOTH))} (got {task!r})")
         if tuned is not None and not tuned.is_dir():
             raise HnvmError(f"--tuned {tuned}: not a directory")
-        names = parse_models(models)
+        names = list(PAPER_MODELS) if protocol == "paper" and models == "all" else parse_models(models)
         with _Progress(f"benchmark of {len(names)} model(s)") as view:
             res = run_benchmarks(dataset, names, task, out_dir, set_ or [], epochs=epochs, on_step=view.step,
-                                 include_first=include_first, tuned_dir=tuned, on_progress=view.train)
+                                 include_first=include_first, tuned_dir=tuned, on_progress=view.train,
+                                 protocol=protocol)
     except HnvmError as exc:
         fail(exc)
     for r in res.values():
