@@ -251,6 +251,17 @@ def test_adagrad_momentum_sparse_rows_only_as_the_reference() -> None:
     v1 = -0.1 * torch.tensor([1.0, 0.0, 2.0]) / (a + 1e-6).sqrt()
     v2 = 0.5 * v1 - 0.1 * torch.tensor([1.0, 0.0, 2.0]) / (2 * a + 1e-6).sqrt()
     torch.testing.assert_close(w.detach(), 1 + v1 + v2)
+    # an initial accumulator G0 (TensorFlow's 0.1) replaces the sign-like first step lr·g/|g|
+    for sparse in (False, True):
+        e = torch.nn.Embedding(2, 1, sparse=sparse)
+        with torch.no_grad():
+            e.weight.fill_(1.0)
+        opt = AdagradMomentum(e.parameters(), lr=0.1, initial_accumulator=0.1)
+        opt.zero_grad()
+        (e(torch.tensor([0])) * 0.01).sum().backward()
+        opt.step()
+        want = torch.tensor([[1 - 0.1 * 0.01 / (0.1 + 1e-4 + 1e-6) ** 0.5], [1.0]])
+        torch.testing.assert_close(e.weight.detach(), want)
 
 
 def test_sparse_lookup_gives_the_embedding_gradient_already_coalesced() -> None:

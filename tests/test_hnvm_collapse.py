@@ -117,7 +117,7 @@ def synth():
 
 
 @pytest.mark.parametrize("remedy", [{"free_bits": 0.1}, {"kl_schedule": "cyclical", "kl_anneal_epochs": 1.0},
-                                    {"word_dropout": 0.3}, {"var_scale_in_kl": False}])
+                                    {"word_dropout": 0.3}, {"var_scale_in_kl": True}])
 def test_each_remedy_trains_and_changes_training(remedy: dict, synth) -> None:
     tc = TrainConfig(epochs=2, patience=0, seed=2)
     base = HNVM(HNVMConfig(**SMALL)).fit(synth, train_cfg=tc)

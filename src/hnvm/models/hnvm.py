@@ -65,7 +65,9 @@ class HNVMConfig:
         0.0, 10.0, "KL floor per latent dimension in nats, batch-averaged (Kingma et al. 2016); 0 = off"))
     word_dropout: float = field(default=0.0, metadata=rng(
         0.0, 0.99, "share of decoder input items replaced by a zero vector in training (Bowman et al. 2016)"))
-    var_scale_in_kl: bool = True  # False: the KL sees unscaled Gaussians, var_scale only scales sampling
+    # False (default): the KL sees the unscaled Gaussians and var_scale only scales sampling (a
+    # temperature); True: the paper read literally, which collapses z (docs/design.md, "HNVM")
+    var_scale_in_kl: bool = False
     mc_samples: int = field(default=1, metadata=rng(1, 1000, "prior samples averaged at inference"))
     # Row 0 of the user tables is the unknown user (cold start). 0 (default): after training it becomes
     # the aggregate of the trained users' e (training untouched); > 0: that share of the training

@@ -22,6 +22,8 @@ class TrainConfig:
     optimizer: str = field(default="adam", metadata=choices("adagrad", "adam"))
     lr: float = field(default=0.002, metadata=rng(1e-6, 10.0))
     momentum: float = field(default=0.0, metadata=rng(0.0, 0.999, "Adagrad momentum (paper)"))
+    adagrad_initial_accumulator: float = field(default=0.0, metadata=rng(
+        0.0, 100.0, "Adagrad's initial sum of squared gradients (0: torch, GRU4Rec; TensorFlow: 0.1)"))
     weight_decay: float = field(default=0.0, metadata=rng(0.0, 1.0))
     grad_clip: float = field(default=0.0, metadata=rng(0.0, 1e6, "max grad norm; 0 = off"))
     patience: int = field(default=3, metadata=rng(0, 1000, "epochs without improvement; 0 = off"))

@@ -15,16 +15,18 @@ from hnvm.training.config import TrainConfig
 
 class AdagradMomentum(torch.optim.Optimizer):
     """Adagrad with (heavy-ball) momentum, as GRU4Rec's reference code and the paper use:
-    G += g²;  v = μ v - lr g / sqrt(G + eps);  p += v.
+    G += g²;  v = μ v - lr g / sqrt(G + eps);  p += v,  G starting at `initial_accumulator`
+    (0 as in torch and GRU4Rec's code, which makes the first step lr·sign(g) for every weight;
+    TensorFlow's Adagrad starts at 0.1).
 
     A sparse gradient (nn.Embedding(sparse=True)) updates only the rows it holds, as the
     reference's IndexedAdagradM does: G, v and the parameter of every other row stay as they
     are (their momentum is neither applied nor decayed)."""
 
     def __init__(self, params: Iterable[Any], lr: float = 0.05, momentum: float = 0.0,
-                 eps: float = 1e-6, weight_decay: float = 0.0) -> None:
+                 eps: float = 1e-6, weight_decay: float = 0.0, initial_accumulator: float = 0.0) -> None:
         super().__init__(params, {"lr": lr, "momentum": momentum, "eps": eps,
-                                  "weight_decay": weight_decay})
+                                  "weight_decay": weight_decay, "initial_accumulator": initial_accumulator})
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
@@ -35,7 +37,7 @@ class AdagradMomentum(torch.optim.Optimizer):
                 g = p.grad
                 st = self.state[p]
                 if not st:
-                    st["sum"] = torch.zeros_like(p)
+                    st["sum"] = torch.full_like(p, group.get("initial_accumulator", 0.0))
                     if group["momentum"]:
                         st["velocity"] = torch.zeros_like(p)
                 if g.is_sparse:
@@ -143,7 +145,8 @@ def make_optimizer(params: Iterable[Any] | nn.Module, cfg: TrainConfig) -> torch
         if sparse:
             return LazyAdam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return AdagradMomentum(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return AdagradMomentum(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                           initial_accumulator=cfg.adagrad_initial_accumulator)
 
 
 def clip_grad_norm(params: Iterable[nn.Parameter], max_norm: float) -> None:
