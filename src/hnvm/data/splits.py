@@ -27,7 +27,7 @@ def _split_of(test: pl.Expr, valid: pl.Expr) -> pl.Expr:
 def split_user_last(df: pl.DataFrame) -> pl.DataFrame:
     """Test = each user's last session, valid = the one before, train = the rest: HRNN's protocol
     and the paper's next-*session* protocol (§5.4). The paper's next-item protocol (§4.2, Table 1)
-    is different: it holds out only the last item of each user's last session (leave-one-out).
+    is different: it holds out only the last item of each user's last session (`split_leave_one_out`).
 
     `df` is sessionize's layout: each user, and each session, a contiguous run of rows, the
     sessions of a user in time order. Adds `split` (Enum train|valid|test).
