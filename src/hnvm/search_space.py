@@ -45,6 +45,7 @@ OVERRIDE: dict[str, dict[str, tuple[float, float]]] = {
             "batch_size": (256, 8192), "init_std": (1e-4, 0.1)},
     "itemknn": {"neighbours": (10, 1000)},
     "sknn": {"k": (10, 500), "sample_size": (100, 5000)},
+    "tifuknn": {"k": (10, 1000), "n_groups": (1, 20)},
 }
 # train.* parameters searched for models fitted by the generic Trainer
 TRAIN_SPACE: dict[str, dict[str, Any]] = {

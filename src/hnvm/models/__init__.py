@@ -12,7 +12,8 @@ from hnvm.models import (  # noqa: F401
     ptopfreq,
     sknn,
     stamp,
+    tifuknn,
 )
 
-BUILTIN = ("pop", "ptopfreq", "itemknn", "sknn", "bprmf", "ncf", "gru4rec", "hrnn", "caser",
+BUILTIN = ("pop", "ptopfreq", "tifuknn", "itemknn", "sknn", "bprmf", "ncf", "gru4rec", "hrnn", "caser",
            "stamp", "hnvm")

@@ -1,0 +1,171 @@
+"""TIFU-KNN (Hu, He, Gao & Zhang, SIGIR 2020, "Modeling Personalized Item Frequency Information
+for Next-basket Recommendation"): time-decayed personal item frequency, blended with the
+user's nearest neighbours.
+
+A user's history of sessions (baskets) b_1 .. b_n, oldest first, becomes one vector over the
+catalogue, as the authors' code (TIFUKNN.py, `temporal_decay_sum_history`) builds it:
+
+    basket j (1-based)    v_j = within_decay^(n - j) * onehot(b_j)      (an item counts once)
+    groups                the n baskets in order cut into n_groups consecutive groups (the first
+                          ones floor(n / n_groups) baskets long, the last n mod n_groups ones a
+                          basket longer; with n < n_groups each basket is its own group)
+    group vector          g_i = mean of the v_j of group i
+    user vector           u = sum_i group_decay^(n_groups - 1 - i) * g_i / (number of groups)
+
+(the code's `group_size` is this number of groups; with n < n_groups it keeps the exponent
+n_groups - 1 - i, so even the newest group is decayed, which we keep). The score of the next
+basket is alpha * u + (1 - alpha) * mean of the k nearest training users' vectors (Euclidean,
+brute force over every user with training sessions, the user itself excluded).
+
+Both tasks read the user's history only: next session = the sessions before it; next item =
+the sessions before the current one, plus (`include_current`) the current prefix as the
+newest basket. TIFU-KNN is a next-basket model; items rarely recur inside one basket, so by
+default the prefix is not counted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from hnvm.config import rng
+from hnvm.contract import Batch
+from hnvm.data.batches import Sequences
+from hnvm.models.base import load_model_files, register, save_model_files
+
+if TYPE_CHECKING:
+    from hnvm.data.store import Dataset
+
+
+@dataclass(frozen=True)
+class TIFUKNNConfig:
+    """Hyper-parameters of TIFU-KNN; defaults are the authors' settings for Instacart
+    (README of their code: k 300, within 0.9, across 0.7, alpha 0.7, 7 groups; the paper's
+    Table 3 lists alpha 0.9 for Instacart)."""
+
+    k: int = field(default=300, metadata=rng(1, 100_000, "nearest neighbours"))
+    within_decay: float = field(default=0.9, metadata=rng(0.0, 1.0, "decay between baskets, r_b"))
+    group_decay: float = field(default=0.7, metadata=rng(0.0, 1.0, "decay between groups, r_g"))
+    n_groups: int = field(default=7, metadata=rng(1, 1000, "groups of baskets (the code's group_size)"))
+    alpha: float = field(default=0.9, metadata=rng(0.0, 1.0, "weight of the user's own vector"))
+    include_current: bool = False  # next item: count the current prefix as the newest basket
+
+
+def user_vector(baskets: list[np.ndarray], cfg: TIFUKNNConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(items int64[m], weights float64[m]): the TIFU vector of one user's baskets (item-id
+    arrays, oldest first), sparse: only the items the user has (see the module docstring)."""
+    n = len(baskets)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0)
+    items, inverse = np.unique(np.concatenate(baskets), return_inverse=True)
+    vecs = np.zeros((n, len(items)))
+    start = 0
+    for j, b in enumerate(baskets):
+        vecs[j, inverse[start:start + len(b)]] = cfg.within_decay ** (n - 1 - j)
+        start += len(b)
+    if n < cfg.n_groups:
+        groups = vecs
+    else:
+        base, extra = divmod(n, cfg.n_groups)
+        bounds = np.cumsum([0] + [base] * (cfg.n_groups - extra) + [base + 1] * extra)
+        groups = np.stack([vecs[lo:hi].mean(0) for lo, hi in itertools.pairwise(bounds)])
+    weights = cfg.group_decay ** (cfg.n_groups - 1 - np.arange(len(groups)))
+    return items, (weights[:, None] * groups).sum(0) / len(groups)
+
+
+def user_vectors(sessions: list[list[np.ndarray]], n_cols: int, cfg: TIFUKNNConfig) -> sp.csr_matrix:
+    """CSR float32 [U, n_cols]: `user_vector` of each user's baskets (column 0, padding, empty)."""
+    rows = [user_vector([b[b > 0] for b in baskets], cfg) for baskets in sessions]
+    indptr = np.cumsum([0] + [len(i) for i, _ in rows])
+    indices = np.concatenate([i for i, _ in rows]) if rows else np.zeros(0, dtype=np.int64)
+    data = np.concatenate([w for _, w in rows]) if rows else np.zeros(0)
+    return sp.csr_matrix((data.astype(np.float32), indices, indptr), shape=(len(sessions), n_cols))
+
+
+@register("tifuknn")
+class TIFUKNN:
+    """TIFU-KNN as a Recommender: `TIFUKNN(TIFUKNNConfig(...)).fit(dataset)`."""
+
+    name = "tifuknn"
+    config_class = TIFUKNNConfig
+
+    def __init__(self, config: TIFUKNNConfig | None = None, **overrides: Any) -> None:
+        self.config = dataclasses.replace(config or TIFUKNNConfig(), **overrides)
+        self.vectors_: sp.csr_matrix | None = None  # [U', n_items + 1]: training users' vectors
+        self.users_: torch.Tensor | None = None  # Long[U']: their user ids
+
+    def fit(self, train: Dataset, **_: Any) -> TIFUKNN:
+        """The vector of every user with training sessions (their training events only)."""
+        seq = Sequences.from_events(train.events, train.n_users, train.held_out_items).view(("train",))
+        users = np.flatnonzero(seq.user_end > seq.user_first)
+        baskets = [[seq.session(s) for s in range(seq.user_first[u], seq.user_end[u])] for u in users]
+        self.vectors_ = user_vectors(baskets, train.n_items + 1, self.config)
+        self.users_ = torch.from_numpy(users.astype(np.int64))
+        return self
+
+    def _query(self, sessions: torch.Tensor) -> torch.Tensor:
+        """Float[B, n_items + 1]: the TIFU vectors of the rows' sessions [B, N, T] (empty
+        sessions are padding)."""
+        assert self.vectors_ is not None, "fit or load the model first"
+        rows = [[s.numpy() for s in row if bool((s > 0).any())] for row in sessions]
+        return torch.from_numpy(user_vectors(rows, self.vectors_.shape[1], self.config).toarray())
+
+    def _blend(self, query: torch.Tensor, users: torch.Tensor) -> torch.Tensor:
+        """alpha * query + (1 - alpha) * mean of each row's k nearest training users."""
+        assert self.vectors_ is not None and self.users_ is not None
+        c, train = self.config, self.vectors_
+        k = min(c.k, train.shape[0] - 1)
+        if k <= 0 or c.alpha >= 1.0:
+            return query
+        # squared Euclidean distances [B, U'] from one sparse product (no [B, U', I] differences)
+        q = query.numpy()
+        cross = torch.from_numpy(np.asarray(train @ q.T).T.astype(np.float32))  # [B, U']
+        sq = torch.from_numpy(np.asarray(train.multiply(train).sum(1)).ravel().astype(np.float32))
+        d = query.pow(2).sum(1, keepdim=True) + sq[None] - 2 * cross
+        d = d.masked_fill(users[:, None] == self.users_[None], float("inf"))  # not the user itself
+        idx = d.topk(k, dim=1, largest=False).indices.numpy()  # [B, k]
+        neighbours = np.stack([np.asarray(train[r].mean(0)).ravel() for r in idx])  # [B, n_items + 1]
+        return c.alpha * query + (1 - c.alpha) * torch.from_numpy(neighbours.astype(np.float32))
+
+    def score(self, batch: Batch) -> torch.Tensor:
+        """Float[K, n_items + 1]: next item from the earlier sessions (and, with
+        include_current, the prefix as the newest basket)."""
+        history = batch.sessions[:, :-1]
+        if not self.config.include_current:
+            scores = self._blend(self._query(history), batch.users)
+            return scores[batch.target_rows]
+        cur = batch.sessions[batch.target_rows, -1]  # [K, T]
+        t = torch.arange(cur.shape[1]).unsqueeze(0)
+        prefix = torch.where(t < batch.target_pos.unsqueeze(1), cur, torch.zeros_like(cur))
+        rows = torch.cat([history[batch.target_rows], prefix.unsqueeze(1)], dim=1)  # [K, N, T]
+        return self._blend(self._query(rows), batch.users[batch.target_rows])
+
+    def score_sessions(self, batch: Batch) -> torch.Tensor:
+        """Float[B, n_items + 1]: the next session from the rows' history."""
+        return self._blend(self._query(batch.sessions), batch.users)
+
+    def save(self, path: Path) -> None:
+        assert self.vectors_ is not None and self.users_ is not None
+        v = self.vectors_
+        save_model_files(Path(path), self.name, {**dataclasses.asdict(self.config), "n_cols": v.shape[1]},
+                         {"indptr": torch.from_numpy(v.indptr.astype(np.int64)),
+                          "indices": torch.from_numpy(v.indices.astype(np.int64)),
+                          "data": torch.from_numpy(v.data), "users": self.users_})
+
+    @classmethod
+    def load(cls, path: Path) -> TIFUKNN:
+        meta, t = load_model_files(Path(path))
+        cfg = dict(meta["config"])
+        n_cols = cfg.pop("n_cols")
+        m = cls(TIFUKNNConfig(**cfg))
+        m.vectors_ = sp.csr_matrix((t["data"].numpy(), t["indices"].numpy(), t["indptr"].numpy()),
+                                   shape=(len(t["users"]), n_cols))
+        m.users_ = t["users"]
+        return m
