@@ -219,3 +219,57 @@ def test_benchmark_protocol_paper_runs_and_refuses_other_splits(loo: Dataset, tm
     refused(["benchmark", str(loo.path), "--protocol", "paper", "--task", "next-session",
              "--out", str(tmp_path / "b3")], "whole-session")
     refused(["benchmark", str(loo.path), "--protocol", "theirs", "--out", str(tmp_path / "b4")], "--protocol")
+
+
+def test_no_row_shows_a_held_out_item_of_a_later_split() -> None:
+    """A shan test session can precede the same user's validation session: the validation row
+    must not show its test item (item 3 below), not even in the earlier session; the test row
+    may show earlier validation items (they are the user's past)."""
+    ev = pl.DataFrame({
+        "user": [1] * 7, "session": [0, 0, 0, 1, 1, 2, 2], "pos": [0, 1, 2, 0, 1, 0, 1],
+        "item": [1, 2, 3, 4, 5, 6, 7], "ts": list(range(7)),
+        "split": ["train", "train", "test", "train", "valid", "train", "train"],
+    }).with_columns(pl.col("split").cast(pl.Enum(["train", "valid", "test"])))
+    seq = Sequences.from_events(ev, 1, held_out_items=True)
+    (valid,) = list(next_item_batches(seq, "valid"))
+    assert 3 not in valid.sessions.tolist()[0][0] and valid.targets.tolist() == [5]
+    assert valid.session_ids.tolist() == [1]  # the data set's session id, not the view's
+    (test,) = list(next_item_batches(seq, "test"))
+    assert test.targets.tolist() == [3] and test.target_pos.tolist() == [2]
+    assert seq.view(("train",)).items.tolist() == [1, 2, 4, 6, 7]
+
+
+def test_online_state_keeps_the_row_of_a_user_whose_sessions_all_hold_held_out_items(tmp_path: Path) -> None:
+    from hnvm.online.engine import Engine
+
+    ds = prepare(ijcai_log(tmp_path / "user_log_format1.csv"), tmp_path / "d", preset="ijcai15",
+                 config=PrepareConfig(split="shan", min_item_users=20, min_item_support=1, min_sessions=1,
+                                      test_fraction=0.5, valid_fraction=0.4, holdout_days=200))
+    per = ds.events.group_by("user", "session").agg((pl.col("split") != "train").any().alias("held"))
+    all_held = per.group_by("user").agg(pl.col("held").all()).filter(pl.col("held")).get_column("user")
+    assert all_held.len() > 0
+    runner.invoke(app, ["train", str(tmp_path / "d"), "--model", "pop", "--out", str(tmp_path / "run")])
+    eng = Engine.from_run(tmp_path / "run")
+    user = ds.user_ids([int(all_held[0])])[0]
+    assert eng.state(user).uid == int(all_held[0])  # trained on its events: not the unknown user
+
+
+def test_sknn_never_takes_the_session_being_scored_as_its_neighbour(loo: Dataset, tmp_path: Path) -> None:
+    from hnvm.models.sknn import SKNN
+
+    m = SKNN().fit(loo)
+    seq = Sequences.from_events(loo.events, loo.n_users, loo.held_out_items)
+    batch = next(next_item_batches(seq, "test", max_targets=100))
+    sessions = loo.events.filter(pl.col("split") == "train").get_column("session").unique().sort()
+    # under leave-one-out the scored session holds training events (unless it is only 2 long)
+    for r in range(len(batch.users)):
+        has_train = int(batch.session_ids[r]) in set(sessions.to_list())
+        assert (m._own_rank(batch, r) >= 0) == has_train
+    assert m.rank_of_session_ is not None and set(np.flatnonzero(m.rank_of_session_ >= 0)) == set(sessions.to_list())
+    ul = prepare(rsc_log(tmp_path / "log2.csv"), tmp_path / "ul", columns=COLS,
+                 config=PrepareConfig(min_item_support=1))
+    m2 = SKNN().fit(ul)
+    b2 = next(next_item_batches(Sequences.from_events(ul.events, ul.n_users), "test", max_targets=100))
+    assert all(m2._own_rank(b2, r) == -1 for r in range(len(b2.users)))  # whole sessions: nothing to exclude
+    m.save(tmp_path / "m")
+    assert torch.equal(SKNN.load(tmp_path / "m").score(batch), m.score(batch))

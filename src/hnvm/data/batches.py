@@ -127,8 +127,9 @@ class Sequences:
             return self
         ev_session = np.repeat(np.arange(self.n_sessions), np.diff(self.offsets))[keep]
         kept, dense = np.unique(ev_session, return_inverse=True)
+        mixed = None if self.item_split is None else None if splits == ("train",) else True
         return Sequences._build(self.items[keep], dense.astype(np.int64), self.session_user[ev_session],
-                                codes[keep], len(self.user_first) - 1, base[kept])
+                                codes[keep], len(self.user_first) - 1, base[kept], held_out_items=mixed)
 
 
 def pad_sessions(
@@ -182,6 +183,10 @@ def next_item_batches(
     `Sequences.targets_in` (a whole session's positions >= 1, >= 0 with include_first; a
     held-out item wherever it is), at most about `max_targets` per batch. With world_size > 1
     only batches number rank, rank + world_size, ... are built (an evaluation shard)."""
+    if split == "valid" and seq.has_held_out_items:
+        # no test item in a validation row, not even in an earlier session (shan can hold a
+        # user's test session before their validation session)
+        seq = seq.view(("train", "valid"))
     n_batches = 0
     rows: list[list[int]] = []
     ends: list[int] | None = [] if seq.has_held_out_items else None
@@ -211,9 +216,11 @@ def next_item_batches(
 
 def _batch(seq: Sequences, users: list[int], rows: list[list[int]], t_rows: list[int],
            t_pos: list[int], sessions: list[int] | None = None, last_end: list[int] | None = None) -> Batch:
+    ids = sessions if sessions is not None else [r[-1] if r else -1 for r in rows]
+    if seq.session_ids is not None:  # a view: the data set's session ids
+        ids = [int(seq.session_ids[i]) if i >= 0 else -1 for i in ids]
     return Batch(
-        session_ids=torch.tensor(sessions if sessions is not None else [r[-1] if r else -1 for r in rows],
-                                 dtype=torch.long),
+        session_ids=torch.tensor(ids, dtype=torch.long),
         users=torch.tensor(users, dtype=torch.long),
         sessions=pad_sessions(seq, rows, last_end=last_end),
         target_rows=torch.tensor(t_rows, dtype=torch.long),

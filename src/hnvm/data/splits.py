@@ -61,12 +61,15 @@ def split_shan(
     validation set). The held-out item is moved to the end of its session (SHAN's short-term set
     is the session's other items, an unordered set; a sequence model reads them as the prefix)
     and the other items of the session are training events, as in the paper's RSC protocol
-    (SHAN did not train on them). Needs a time column. Adds `split` per event."""
+    (SHAN did not train on them). Sessions of a user after their test session stay training
+    data (SHAN's random choice of test sessions, not a temporal cut). Needs a time column. Adds
+    `split` per event."""
     rng = np.random.default_rng(seed)
     first = run_starts("sess")
     starts = df.select(pl.col("ts").filter(first)).to_series().to_numpy()
     lengths = df.select(run_length("sess").filter(first)).to_series().to_numpy()
-    recent = np.flatnonzero(starts >= starts.max(initial=0) - holdout_days * 86400)
+    last = df.select(pl.col("ts").max()).item() if df.height else 0  # the log's last event
+    recent = np.flatnonzero(starts >= last - holdout_days * 86400)
     chosen = rng.permutation(recent)
     n_test = round(test_fraction * len(recent))
     n_valid = round(valid_fraction * len(recent))

@@ -315,7 +315,7 @@ class _HNVMTrainable:
             return 1.0
         if c.kl_schedule == "linear":
             return min(1.0, step / total)
-        if step >= c.kl_cycles * total:
+        if step >= c.kl_cycles * total or total < 2:  # (a cycle under 2 steps cannot rise)
             return 1.0
         return min(1.0, (step % total) / (0.5 * total))
 

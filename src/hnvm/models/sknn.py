@@ -93,6 +93,8 @@ class SKNN:
         self.item_ptr_: np.ndarray | None = None  # int64[n_items + 2]
         self.item_sessions_: np.ndarray | None = None  # int64[nnz]: sessions per item, ascending
         self.pop_: torch.Tensor | None = None  # Double[n_items + 1] in [0, 1)
+        # rank_of_session_[dataset session id] = its index above, -1 if not a training session
+        self.rank_of_session_: np.ndarray | None = None
 
     def fit(self, train: Dataset, **_: Any) -> SKNN:
         n_rows = train.n_items + 1
@@ -104,14 +106,27 @@ class SKNN:
         ranks = pairs.get_column("rank").to_numpy()
         items = pairs.get_column("item").to_numpy().astype(np.int64)
         self.session_ptr_, self.session_items_ = _csr(ranks, items, order.height)
+        ids = order.get_column("session").to_numpy().astype(np.int64)
+        self.rank_of_session_ = np.full(int(train.events.get_column("session").max()) + 1, -1, dtype=np.int64)
+        self.rank_of_session_[ids] = order.get_column("rank").to_numpy()
         self.item_ptr_, self.item_sessions_ = _csr(items, ranks, n_rows)
         counts = train_counts(train).double()
         self.pop_ = counts / (counts.max() + 1.0)
         return self
 
     # -- the neighbourhood of one query -----------------------------------------------------------
-    def _query_scores(self, query: np.ndarray, out: np.ndarray) -> None:
-        """out += Σ_neighbours sim · binary(neighbour) for one query (items, oldest first)."""
+    def _own_rank(self, batch: Batch, row: int) -> int:
+        """The index of the row's own session among the training sessions, or -1: under a
+        held-out-item split (leave-one-out, shan) the session being scored has training events
+        and must not be its own neighbour."""
+        ids, ranks = batch.session_ids, self.rank_of_session_
+        if ids is None or ranks is None or not 0 <= int(ids[row]) < len(ranks):
+            return -1
+        return int(ranks[int(ids[row])])
+
+    def _query_scores(self, query: np.ndarray, out: np.ndarray, exclude: int = -1) -> None:
+        """out += Σ_neighbours sim · binary(neighbour) for one query (items, oldest first);
+        `exclude`: a training session that is not a candidate (the query's own)."""
         assert self.item_ptr_ is not None and self.item_sessions_ is not None
         assert self.session_ptr_ is not None and self.session_items_ is not None
         c = self.config
@@ -127,6 +142,11 @@ class SKNN:
             return
         sess = self.item_sessions_[_ranges(self.item_ptr_[q_items], lens)]
         wts = np.repeat(w, lens)
+        if exclude >= 0:
+            mine = sess != exclude
+            sess, wts = sess[mine], wts[mine]
+            if len(sess) == 0:
+                return
         cand = np.unique(sess)
         if len(cand) > c.sample_size:  # the most recent sample_size candidates
             keep = sess >= cand[-c.sample_size]
@@ -154,7 +174,7 @@ class SKNN:
         scores = out.numpy()
         for k, (row, pos) in enumerate(zip(batch.target_rows.tolist(), batch.target_pos.tolist(),
                                            strict=True)):
-            self._query_scores(cur[row, :pos], scores[k])
+            self._query_scores(cur[row, :pos], scores[k], self._own_rank(batch, row))
         return out
 
     def score_sessions(self, batch: Batch) -> torch.Tensor:
@@ -162,7 +182,7 @@ class SKNN:
         last = batch.sessions[:, -1].numpy()
         scores = out.numpy()
         for b in range(len(last)):
-            self._query_scores(last[b], scores[b])
+            self._query_scores(last[b], scores[b], self._own_rank(batch, b))
         return out
 
     # -- persistence ------------------------------------------------------------------------------
@@ -170,7 +190,8 @@ class SKNN:
         if self.pop_ is None:
             raise RuntimeError("fit the model before saving it")
         arrays = {"session_ptr": self.session_ptr_, "session_items": self.session_items_,
-                  "item_ptr": self.item_ptr_, "item_sessions": self.item_sessions_}
+                  "item_ptr": self.item_ptr_, "item_sessions": self.item_sessions_,
+                  "rank_of_session": self.rank_of_session_}
         save_model_files(Path(path), self.name, dataclasses.asdict(self.config),
                          {**{k: torch.from_numpy(v) for k, v in arrays.items()}, "pop": self.pop_})
 
@@ -181,4 +202,6 @@ class SKNN:
         m.session_ptr_, m.session_items_ = t["session_ptr"].numpy(), t["session_items"].numpy()
         m.item_ptr_, m.item_sessions_ = t["item_ptr"].numpy(), t["item_sessions"].numpy()
         m.pop_ = t["pop"]
+        if "rank_of_session" in t:  # (models saved before it: nothing to exclude)
+            m.rank_of_session_ = t["rank_of_session"].numpy()
         return m

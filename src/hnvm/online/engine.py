@@ -124,7 +124,9 @@ class Engine:
                 h = self.history
                 span = range(int(h.user_first[uid]), int(h.user_end[uid]))
                 hist = [h.session(s) for s in span]
-                if not (h.session_split[span.start:span.stop] == 0).any():
+                codes = (h.session_split[span.start:span.stop] if h.item_split is None else
+                         h.item_split[h.offsets[span.start]:h.offsets[span.stop]])
+                if not (codes == 0).any():
                     uid = 0  # no training events (time split): the model never learnt this user's row
             st = UserState(uid, hist, len(hist), seen={int(i) for s in hist for i in s})
             self.users[user] = st
