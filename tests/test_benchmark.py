@@ -216,8 +216,10 @@ def test_benchmark_next_session_export_reproduces_every_number(data: Path, tmp_p
     for name, r in res["models"].items():
         ranks = pl.read_parquet(out / "ranks" / f"{name}.parquet")
         assert {"targets", "target_ranks", "n_targets", "first_hit_rank", "topk"} <= set(ranks.columns)
-        assert set(r["metrics"]) == {f"{n}@{k}" for n in ("recall", "precision", "mrr", "ndcg", "phr")
-                                     for k in (5, 10, 20)}
+        breakdown = {f"recall_{n}@{k}" for n in ("repeat", "explore") for k in (5, 10, 20)}
+        assert set(r["metrics"]) - breakdown == {f"{n}@{k}" for n in ("recall", "precision", "mrr", "ndcg", "phr")
+                                                 for k in (5, 10, 20)}
+        assert set(r["metrics"]) & breakdown == set(repeat_explore_from_export(ranks))
         for k in (5, 10, 20):
             per_user = _session_metrics_from_export(ranks, k)
             for metric, vals in per_user.items():
@@ -351,3 +353,14 @@ def test_benchmark_never_overwrites_report_files_it_did_not_write(data: Path, tm
     refused(["benchmark", str(data), "--models", "pop", "--task", "next-item", "--out", str(mine)],
                       "results.csv", "not a benchmark")
     assert snapshot(mine) == before
+
+
+def repeat_explore_from_export(ranks: pl.DataFrame) -> dict[str, float]:
+    """The repeat/explore breakdown recomputed from an export's target_ranks and target_repeat."""
+    import torch
+
+    from hnvm.metrics import pad_item_sets, repeat_explore_metrics
+
+    r = pad_item_sets([torch.tensor(x) for x in ranks["target_ranks"].to_list()])
+    rep = pad_item_sets([torch.tensor(x, dtype=torch.long) for x in ranks["target_repeat"].to_list()]).bool()
+    return repeat_explore_metrics(r, rep)

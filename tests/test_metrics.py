@@ -447,3 +447,17 @@ def test_session_rank_metrics_equal_list_metrics_without_ties(data: st.DataObjec
             assert v == approx(by_list[name]), name
         elif not name.startswith("ndcg"):  # the list's DCG may place hits differently
             assert v <= by_list[name] + 1e-12, name
+
+
+def test_repeat_explore_recall_per_kind_over_users_with_that_kind() -> None:
+    from hnvm.metrics import repeat_explore_metrics
+
+    ranks = torch.tensor([[1, 7, 3], [2, 9, 0], [4, 0, 0]])
+    repeat = torch.tensor([[True, True, False], [False, False, False], [True, False, False]])
+    m = repeat_explore_metrics(ranks, repeat, ks=(5,))
+    # repeat: user 0 has 2 (rank 1 hits, 7 not) -> 1/2, user 2 has 1 (rank 4 hits) -> 1; mean .75
+    # explore: user 0 one (rank 3 hits) -> 1, user 1 two (2 hits, 9 not) -> 1/2; mean .75
+    assert m == {"recall_repeat@5": 0.75, "recall_explore@5": 0.75}
+    assert "recall_repeat@5" not in repeat_explore_metrics(ranks, torch.zeros_like(repeat), ks=(5,))
+    with pytest.raises(ValueError, match="do not match"):
+        repeat_explore_metrics(ranks, repeat[:, :2], ks=(5,))

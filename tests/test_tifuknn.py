@@ -102,3 +102,26 @@ def test_include_current_counts_the_prefix_as_the_newest_basket() -> None:
     later[row, -1, pos:] = 1
     b2 = current.score(Batch(batch.users, later, batch.target_rows, batch.target_pos, batch.session_ids))
     assert torch.equal(b2[k], b[k])
+
+
+def test_repeat_explore_breakdown_is_recomputable_from_the_export() -> None:
+    """Next-session metrics carry recall on repeat and on explore targets; the export's
+    target_repeat flags (was the item in the user's history?) recompute them, and a model that
+    only recommends what the user had (P-TopFreq) explores far less well than it repeats."""
+    from hnvm.metrics import pad_item_sets, repeat_explore_metrics
+    from hnvm.models.ptopfreq import PTopFreq
+
+    ds = synthetic_dataset(n_users=80, n_items=60, n_topics=4, seed=9, sessions_per_user=(5, 8))
+    seq = Sequences.from_events(ds.events, ds.n_users)
+    res = evaluate_next_session(PTopFreq().fit(ds), seq, "test", keep_ranks=True)
+    assert res.ranks is not None
+    f = res.ranks
+    hist = {u: set(ds.events.filter((ds.events["user"] == u) & (ds.events["session"] < s))["item"].to_list())
+            for u, s in zip(f["user"].to_list(), f["session"].to_list(), strict=True)}
+    want = [[t in hist[u] for t in ts] for u, ts in zip(f["user"].to_list(), f["targets"].to_list(), strict=True)]
+    assert f["target_repeat"].to_list() == want
+    ranks = pad_item_sets([torch.tensor(r) for r in f["target_ranks"].to_list()])
+    rep = pad_item_sets([torch.tensor(r, dtype=torch.long) for r in f["target_repeat"].to_list()]).bool()
+    again = repeat_explore_metrics(ranks, rep)
+    assert again == {k: v for k, v in res.metrics.items() if "repeat" in k or "explore" in k}
+    assert res.metrics["recall_repeat@10"] > 2 * res.metrics["recall_explore@10"]

@@ -28,6 +28,7 @@ from hnvm.metrics import (
     conservative_ranks,
     item_metrics,
     pad_item_sets,
+    repeat_explore_metrics,
     session_rank_metrics,
     session_target_ranks,
     topk_items,
@@ -155,13 +156,16 @@ def evaluate_next_session(
     first_hit_rank (the best of them) and topk (the max(ks) items a user would be shown, ties
     to the lower id, 0-padded beyond the catalogue: informative, not used by the metrics).
     Every reported metric can be recomputed from target_ranks with
-    `metrics.session_rank_metrics`."""
+    `metrics.session_rank_metrics`; target_repeat (aligned with targets: was the item in the
+    user's earlier sessions?) gives the repeat/explore breakdown, recall_repeat@k and
+    recall_explore@k (`metrics.repeat_explore_metrics`)."""
     t0 = time.perf_counter()
     ctx, dev = distributed.current(), _device(model)
     kmax = max(ks)
     tops: list[torch.Tensor] = []
     sets: list[torch.Tensor] = []  # per user: target ids [|S|]
     tranks: list[torch.Tensor] = []  # per user: their conservative ranks [|S|]
+    repeats: list[torch.Tensor] = []  # per user: whether each target was in the user's history [|S|]
     users: list[torch.Tensor] = []
     sids: list[torch.Tensor] = []
     keys: list[torch.Tensor] = []
@@ -174,6 +178,7 @@ def evaluate_next_session(
         # [b, m]: one pass over `scores` per set slot; 0 in the padding slots
         r = session_target_ranks(scores, padded.to(scores.device)).cpu()
         tranks.extend(r[j, : len(t)] for j, t in enumerate(tsets))
+        repeats.extend(torch.isin(t, batch.sessions[j]) for j, t in enumerate(tsets))  # in its history?
         sets.extend(tsets)
         if keep_ranks:
             tops.append(topk_items(scores, kmax).cpu())
@@ -190,25 +195,29 @@ def evaluate_next_session(
     key = cat(keys, (0,))
     topk, users_t, sids_t = cat(tops, (0, kmax)), cat(users, (0,)), cat(sids, (0,))
     if ctx.distributed:
-        # the target sets and their ranks travel flat (+ lengths) and are put back in order
-        g_key, g_len, flat, flat_r = ctx.gather_rows(
-            [key, torch.tensor([len(s) for s in sets], dtype=torch.long), cat(sets, (0,)), cat(tranks, (0,))])
+        # the target sets, their ranks and repeat flags travel flat (+ lengths), back in order
+        g_key, g_len, flat, flat_r, flat_rep = ctx.gather_rows(
+            [key, torch.tensor([len(s) for s in sets], dtype=torch.long), cat(sets, (0,)), cat(tranks, (0,)),
+             cat([x.long() for x in repeats], (0,))])
         order = torch.sort(g_key, stable=True).indices.tolist()
         lens = g_len.tolist()
-        g_sets, g_ranks = flat.split(lens), flat_r.split(lens)
+        g_sets, g_ranks, g_rep = flat.split(lens), flat_r.split(lens), flat_rep.split(lens)
         sets, tranks = [g_sets[j] for j in order], [g_ranks[j] for j in order]
+        repeats = [g_rep[j].bool() for j in order]
         users_t, sids_t, *rest = _in_order(ctx, key, users_t, sids_t, *([topk] if keep_ranks else []))
         topk = rest[0] if keep_ranks else topk
     if not sets:
         return EvalResult("next-session", split, {}, 0, time.perf_counter() - t0)
     ranks = pad_item_sets(tranks)  # [n_users, max |S|], 0 = padding
-    metrics = session_rank_metrics(ranks, ks)
-    frame = _session_frame(users_t, sids_t, sets, tranks, ranks, topk) if keep_ranks else None
+    repeat = pad_item_sets([x.long() for x in repeats]).bool()
+    metrics = {**session_rank_metrics(ranks, ks), **repeat_explore_metrics(ranks, repeat, ks)}
+    frame = _session_frame(users_t, sids_t, sets, tranks, ranks, topk, repeats) if keep_ranks else None
     return EvalResult("next-session", split, metrics, len(sets), time.perf_counter() - t0, frame)
 
 
 def _session_frame(users: torch.Tensor, sessions: torch.Tensor, sets: list[torch.Tensor],
-                   tranks: list[torch.Tensor], ranks: torch.Tensor, topk: torch.Tensor) -> pl.DataFrame:
+                   tranks: list[torch.Tensor], ranks: torch.Tensor, topk: torch.Tensor,
+                   repeats: list[torch.Tensor]) -> pl.DataFrame:
     """The next-session ranks export: one row per user (see evaluate_next_session)."""
     first = ranks.masked_fill(ranks == 0, torch.iinfo(torch.long).max).amin(dim=1)
     return pl.DataFrame({
@@ -217,9 +226,11 @@ def _session_frame(users: torch.Tensor, sessions: torch.Tensor, sets: list[torch
         "n_targets": np.array([len(s) for s in sets], dtype=np.int64),
         "targets": [s.tolist() for s in sets],
         "target_ranks": [r.tolist() for r in tranks],
+        "target_repeat": [x.tolist() for x in repeats],
         "first_hit_rank": first.numpy(),
         "topk": topk.numpy().tolist(),
     }, schema_overrides={"targets": pl.List(pl.Int64), "target_ranks": pl.List(pl.Int64),
+                         "target_repeat": pl.List(pl.Boolean),
                          "topk": pl.List(pl.Int64)})
 
 
