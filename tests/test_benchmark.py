@@ -216,7 +216,7 @@ def test_benchmark_next_session_export_reproduces_every_number(data: Path, tmp_p
     for name, r in res["models"].items():
         ranks = pl.read_parquet(out / "ranks" / f"{name}.parquet")
         assert {"targets", "target_ranks", "n_targets", "first_hit_rank", "topk"} <= set(ranks.columns)
-        breakdown = {f"recall_{n}@{k}" for n in ("repeat", "explore") for k in (5, 10, 20)}
+        breakdown = {f"{n}@{k}" for n in ("recall_repeat", "recall_explore", "repeat_share") for k in (5, 10, 20)}
         assert set(r["metrics"]) - breakdown == {f"{n}@{k}" for n in ("recall", "precision", "mrr", "ndcg", "phr")
                                                  for k in (5, 10, 20)}
         assert set(r["metrics"]) & breakdown == set(repeat_explore_from_export(ranks))
@@ -359,8 +359,10 @@ def repeat_explore_from_export(ranks: pl.DataFrame) -> dict[str, float]:
     """The repeat/explore breakdown recomputed from an export's target_ranks and target_repeat."""
     import torch
 
-    from hnvm.metrics import pad_item_sets, repeat_explore_metrics
+    from hnvm.basket_metrics import repeat_explore_metrics, repeat_share
+    from hnvm.metrics import pad_item_sets
 
     r = pad_item_sets([torch.tensor(x) for x in ranks["target_ranks"].to_list()])
     rep = pad_item_sets([torch.tensor(x, dtype=torch.long) for x in ranks["target_repeat"].to_list()]).bool()
-    return repeat_explore_metrics(r, rep)
+    shown = torch.tensor(ranks["topk"].to_list())
+    return {**repeat_explore_metrics(r, rep), **repeat_share(shown, torch.tensor(ranks["topk_repeat"].to_list()))}

@@ -450,7 +450,7 @@ def test_session_rank_metrics_equal_list_metrics_without_ties(data: st.DataObjec
 
 
 def test_repeat_explore_recall_per_kind_over_users_with_that_kind() -> None:
-    from hnvm.metrics import repeat_explore_metrics
+    from hnvm.basket_metrics import repeat_explore_metrics
 
     ranks = torch.tensor([[1, 7, 3], [2, 9, 0], [4, 0, 0]])
     repeat = torch.tensor([[True, True, False], [False, False, False], [True, False, False]])
@@ -461,3 +461,13 @@ def test_repeat_explore_recall_per_kind_over_users_with_that_kind() -> None:
     assert "recall_repeat@5" not in repeat_explore_metrics(ranks, torch.zeros_like(repeat), ks=(5,))
     with pytest.raises(ValueError, match="do not match"):
         repeat_explore_metrics(ranks, repeat[:, :2], ks=(5,))
+
+
+def test_repeat_share_counts_shown_items_only() -> None:
+    from hnvm.basket_metrics import repeat_share
+
+    top = torch.tensor([[5, 3, 0], [1, 2, 4]])
+    rep = torch.tensor([[True, False, False], [True, True, True]])
+    # user 0: 1 of 2 shown items (0 = padding) at k = 3; user 1: 3 of 3
+    assert repeat_share(top, rep, ks=(1, 3)) == {"repeat_share@1": 1.0, "repeat_share@3": 0.75}
+    assert repeat_share(top[:0], rep[:0], ks=(1,)) == {}

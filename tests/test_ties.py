@@ -73,11 +73,13 @@ def recompute_next_session(ranks: pl.DataFrame, ks: tuple[int, ...] = DEFAULT_KS
 
 def _assert_reproduced(reported: dict[str, float], ranks: pl.DataFrame) -> None:
     again = recompute_next_session(ranks)
-    from hnvm.metrics import pad_item_sets, repeat_explore_metrics
+    from hnvm.basket_metrics import repeat_explore_metrics, repeat_share
+    from hnvm.metrics import pad_item_sets
 
     rep = pad_item_sets([torch.tensor(x, dtype=torch.long) for x in ranks["target_repeat"].to_list()]).bool()
     again.update(repeat_explore_metrics(pad_item_sets([torch.tensor(x) for x in ranks["target_ranks"].to_list()]),
                                         rep))
+    again.update(repeat_share(torch.tensor(ranks["topk"].to_list()), torch.tensor(ranks["topk_repeat"].to_list())))
     base = {f"{n}@{k}" for n in NAMES for k in DEFAULT_KS}
     assert set(reported) == set(again) and base <= set(reported)
     for name, value in reported.items():

@@ -108,7 +108,8 @@ def test_repeat_explore_breakdown_is_recomputable_from_the_export() -> None:
     """Next-session metrics carry recall on repeat and on explore targets; the export's
     target_repeat flags (was the item in the user's history?) recompute them, and a model that
     only recommends what the user had (P-TopFreq) explores far less well than it repeats."""
-    from hnvm.metrics import pad_item_sets, repeat_explore_metrics
+    from hnvm.basket_metrics import repeat_explore_metrics, repeat_share
+    from hnvm.metrics import pad_item_sets
     from hnvm.models.ptopfreq import PTopFreq
 
     ds = synthetic_dataset(n_users=80, n_items=60, n_topics=4, seed=9, sessions_per_user=(5, 8))
@@ -122,6 +123,10 @@ def test_repeat_explore_breakdown_is_recomputable_from_the_export() -> None:
     assert f["target_repeat"].to_list() == want
     ranks = pad_item_sets([torch.tensor(r) for r in f["target_ranks"].to_list()])
     rep = pad_item_sets([torch.tensor(r, dtype=torch.long) for r in f["target_repeat"].to_list()]).bool()
-    again = repeat_explore_metrics(ranks, rep)
+    again = {**repeat_explore_metrics(ranks, rep),
+             **repeat_share(torch.tensor(f["topk"].to_list()), torch.tensor(f["topk_repeat"].to_list()))}
     assert again == {k: v for k, v in res.metrics.items() if "repeat" in k or "explore" in k}
     assert res.metrics["recall_repeat@10"] > 2 * res.metrics["recall_explore@10"]
+    # P-TopFreq shows what the user had first: its top 5 is nearly all repeats, POP's is not
+    pop = evaluate_next_session(Pop().fit(ds), seq, "test").metrics
+    assert res.metrics["repeat_share@5"] > 0.9 and pop["repeat_share@5"] < res.metrics["repeat_share@5"]

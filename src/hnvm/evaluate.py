@@ -21,6 +21,7 @@ import torch
 
 from hnvm import distributed
 from hnvm.atomic import atomic_file
+from hnvm.basket_metrics import repeat_explore_metrics, repeat_share
 from hnvm.contract import Recommender
 from hnvm.data.batches import Sequences, next_item_batches, next_session_batches
 from hnvm.metrics import (
@@ -28,7 +29,6 @@ from hnvm.metrics import (
     conservative_ranks,
     item_metrics,
     pad_item_sets,
-    repeat_explore_metrics,
     session_rank_metrics,
     session_target_ranks,
     topk_items,
@@ -154,15 +154,16 @@ def evaluate_next_session(
     With `keep_ranks`, `ranks` has one row per user: user, session, n_targets (|S|), targets
     (the ids of S, ascending), target_ranks (each target's rank, aligned with targets),
     first_hit_rank (the best of them) and topk (the max(ks) items a user would be shown, ties
-    to the lower id, 0-padded beyond the catalogue: informative, not used by the metrics).
+    to the lower id, 0-padded beyond the catalogue; only repeat_share@k reads it).
     Every reported metric can be recomputed from target_ranks with
     `metrics.session_rank_metrics`; target_repeat (aligned with targets: was the item in the
     user's earlier sessions?) gives the repeat/explore breakdown, recall_repeat@k and
-    recall_explore@k (`metrics.repeat_explore_metrics`)."""
+    recall_explore@k, and topk_repeat repeat_share@k (`hnvm.basket_metrics`)."""
     t0 = time.perf_counter()
     ctx, dev = distributed.current(), _device(model)
     kmax = max(ks)
     tops: list[torch.Tensor] = []
+    top_rep: list[torch.Tensor] = []  # per user: which of the shown items were in the user's history
     sets: list[torch.Tensor] = []  # per user: target ids [|S|]
     tranks: list[torch.Tensor] = []  # per user: their conservative ranks [|S|]
     repeats: list[torch.Tensor] = []  # per user: whether each target was in the user's history [|S|]
@@ -180,8 +181,10 @@ def evaluate_next_session(
         tranks.extend(r[j, : len(t)] for j, t in enumerate(tsets))
         repeats.extend(torch.isin(t, batch.sessions[j]) for j, t in enumerate(tsets))  # in its history?
         sets.extend(tsets)
-        if keep_ranks:
-            tops.append(topk_items(scores, kmax).cpu())
+        top = topk_items(scores, kmax).cpu()  # what each user would be shown
+        tops.append(top)
+        top_rep.append(torch.stack([torch.isin(top[j], batch.sessions[j]) for j in range(len(top))])
+                       if len(top) else torch.zeros((0, kmax), dtype=torch.bool))
         users.append(batch.users)
         assert batch.session_ids is not None
         sids.append(batch.session_ids)
@@ -194,30 +197,38 @@ def evaluate_next_session(
 
     key = cat(keys, (0,))
     topk, users_t, sids_t = cat(tops, (0, kmax)), cat(users, (0,)), cat(sids, (0,))
+    topk_rep = torch.cat(top_rep) if top_rep else torch.zeros((0, kmax), dtype=torch.bool)
     if ctx.distributed:
-        # the target sets, their ranks and repeat flags travel flat (+ lengths), back in order
-        g_key, g_len, flat, flat_r, flat_rep = ctx.gather_rows(
-            [key, torch.tensor([len(s) for s in sets], dtype=torch.long), cat(sets, (0,)), cat(tranks, (0,)),
-             cat([x.long() for x in repeats], (0,))])
-        order = torch.sort(g_key, stable=True).indices.tolist()
-        lens = g_len.tolist()
-        g_sets, g_ranks, g_rep = flat.split(lens), flat_r.split(lens), flat_rep.split(lens)
-        sets, tranks = [g_sets[j] for j in order], [g_ranks[j] for j in order]
-        repeats = [g_rep[j].bool() for j in order]
-        users_t, sids_t, *rest = _in_order(ctx, key, users_t, sids_t, *([topk] if keep_ranks else []))
-        topk = rest[0] if keep_ranks else topk
+        sets, tranks, rep_long = _gather_ragged(ctx, key, sets, tranks, [x.long() for x in repeats])
+        repeats = [x.bool() for x in rep_long]
+        users_t, sids_t, topk, rep_l = _in_order(ctx, key, users_t, sids_t, topk, topk_rep.long())
+        topk_rep = rep_l.bool()
     if not sets:
         return EvalResult("next-session", split, {}, 0, time.perf_counter() - t0)
     ranks = pad_item_sets(tranks)  # [n_users, max |S|], 0 = padding
     repeat = pad_item_sets([x.long() for x in repeats]).bool()
-    metrics = {**session_rank_metrics(ranks, ks), **repeat_explore_metrics(ranks, repeat, ks)}
-    frame = _session_frame(users_t, sids_t, sets, tranks, ranks, topk, repeats) if keep_ranks else None
+    metrics = {**session_rank_metrics(ranks, ks), **repeat_explore_metrics(ranks, repeat, ks),
+               **repeat_share(topk, topk_rep, ks)}
+    frame = _session_frame(users_t, sids_t, sets, tranks, ranks, topk, repeats, topk_rep) if keep_ranks else None
     return EvalResult("next-session", split, metrics, len(sets), time.perf_counter() - t0, frame)
+
+
+def _gather_ragged(ctx: distributed.DistContext, key: torch.Tensor,
+                   *columns: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """Per-user ragged columns (target sets, their ranks, ...: one tensor of |S| values per user,
+    aligned across columns) from every rank, in single-process order: they travel flat with
+    their lengths."""
+    lens_t = torch.tensor([len(x) for x in columns[0]], dtype=torch.long)
+    flat = [torch.cat(c) if c else torch.zeros(0, dtype=torch.long) for c in columns]
+    g_key, g_len, *g_flat = ctx.gather_rows([key, lens_t, *flat])
+    order = torch.sort(g_key, stable=True).indices.tolist()
+    lens = g_len.tolist()
+    return [[parts[j] for j in order] for parts in (f.split(lens) for f in g_flat)]
 
 
 def _session_frame(users: torch.Tensor, sessions: torch.Tensor, sets: list[torch.Tensor],
                    tranks: list[torch.Tensor], ranks: torch.Tensor, topk: torch.Tensor,
-                   repeats: list[torch.Tensor]) -> pl.DataFrame:
+                   repeats: list[torch.Tensor], topk_repeat: torch.Tensor) -> pl.DataFrame:
     """The next-session ranks export: one row per user (see evaluate_next_session)."""
     first = ranks.masked_fill(ranks == 0, torch.iinfo(torch.long).max).amin(dim=1)
     return pl.DataFrame({
@@ -229,9 +240,10 @@ def _session_frame(users: torch.Tensor, sessions: torch.Tensor, sets: list[torch
         "target_repeat": [x.tolist() for x in repeats],
         "first_hit_rank": first.numpy(),
         "topk": topk.numpy().tolist(),
+        "topk_repeat": topk_repeat.numpy().tolist(),
     }, schema_overrides={"targets": pl.List(pl.Int64), "target_ranks": pl.List(pl.Int64),
                          "target_repeat": pl.List(pl.Boolean),
-                         "topk": pl.List(pl.Int64)})
+                         "topk": pl.List(pl.Int64), "topk_repeat": pl.List(pl.Boolean)})
 
 
 def export_ranks(result: EvalResult, path: Path) -> None:

@@ -39,7 +39,6 @@ __all__ = [
     "per_target_item_metrics",
     "per_user_session_metrics",
     "per_user_session_rank_metrics",
-    "repeat_explore_metrics",
     "session_first_hit_ranks",
     "session_metrics",
     "session_rank_metrics",
@@ -421,30 +420,4 @@ def session_rank_metrics(target_ranks: Tensor, ks: Iterable[int] = DEFAULT_KS) -
     out: dict[str, float] = {}
     for k in ks:
         out.update({name: float(v.mean()) for name, v in _session_ranks_at_k(ranks, size, k).items()})
-    return out
-
-
-def repeat_explore_metrics(target_ranks: Tensor, repeat: Tensor, ks: Iterable[int] = DEFAULT_KS) -> dict[str, float]:
-    """The repeat/explore breakdown of next-basket recall (Li et al., "A Next Basket
-    Recommendation Reality Check", TOIS 2023): a target is a *repeat* item when the user had it
-    in an earlier session, else an *explore* item. recall_repeat@k is the mean, over users with
-    at least one repeat target, of the share of their repeat targets ranked <= k; recall_explore@k
-    likewise over users with an explore target. target_ranks: Long[n_users, m] conservative
-    ranks (0 = padding); repeat: Bool[n_users, m] aligned with them. Keys are absent when no
-    user has that kind of target."""
-    ks = _check_ks(ks)
-    ranks, _ = _check_target_ranks(target_ranks)
-    repeat = torch.as_tensor(repeat, dtype=torch.bool)
-    if repeat.shape != ranks.shape:
-        raise ValueError(f"repeat flags {tuple(repeat.shape)} do not match the ranks {tuple(ranks.shape)}")
-    real = ranks > 0
-    out: dict[str, float] = {}
-    for name, kind in (("repeat", repeat & real), ("explore", ~repeat & real)):
-        n = kind.sum(1)
-        users = n > 0
-        if not bool(users.any()):
-            continue
-        for k in ks:
-            hits = (kind & (ranks <= k)).sum(1)
-            out[f"recall_{name}@{k}"] = float((hits[users].double() / n[users].double()).mean())
     return out
