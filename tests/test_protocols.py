@@ -110,7 +110,7 @@ def test_models_train_and_evaluate_under_leave_one_out(name: str, loo: Dataset) 
              "gru4rec": {"layers": (8,), "batch_size": 4, "n_sample": 4, "sample_cache_size": 64},
              "hrnn": {"emb_dim": 8, "session_hidden": 8, "user_hidden": 8, "n_negatives": 4}}
     model = get_model_class(name)(**small.get(name, {}))
-    model.fit(loo, train_cfg=TrainConfig(epochs=1, seed=0)) if name not in ("pop", "ptopfreq") else model.fit(loo)
+    model.fit(loo, train_cfg=TrainConfig(epochs=1, seed=0))  # (pop and ptopfreq ignore it)
     seq = Sequences.from_events(loo.events, loo.n_users, loo.held_out_items)
     res = evaluate_next_item(model, seq, "test", keep_ranks=True)
     assert res.n_targets == loo.n_users

@@ -295,7 +295,7 @@ def evaluate_run(
         raise HnvmError(f"{data_path}: the {split} split has no {task} targets{first}; nothing to evaluate")
     diagnostics = getattr(model, "latent_diagnostics", None)
     if callable(diagnostics):  # HNVM: what its latents carry (KL/dim, active units, MI)
-        res.extra["latent"] = diagnostics(ds)
+        res.extra["latent"] = diagnostics(ds, seq)
     entry = res.to_json()
     if task == "next-item":
         entry["include_first"] = include_first

@@ -127,9 +127,10 @@ class Sequences:
             return self
         ev_session = np.repeat(np.arange(self.n_sessions), np.diff(self.offsets))[keep]
         kept, dense = np.unique(ev_session, return_inverse=True)
-        mixed = None if self.item_split is None else None if splits == ("train",) else True
+        # a view keeps the held-out-item marking when it keeps held-out items (train + valid)
+        held = True if self.item_split is not None and splits != ("train",) else None
         return Sequences._build(self.items[keep], dense.astype(np.int64), self.session_user[ev_session],
-                                codes[keep], len(self.user_first) - 1, base[kept], held_out_items=mixed)
+                                codes[keep], len(self.user_first) - 1, base[kept], held_out_items=held)
 
 
 def pad_sessions(

@@ -109,10 +109,12 @@ class HNVM(NetPersistence):
         """Train on `train` (options: `hnvm.training.fit`); returns self."""
         return fit(self, train, **options)
 
-    def latent_diagnostics(self, data: Dataset) -> dict[str, float]:
+    def latent_diagnostics(self, data: Dataset, seq: Sequences | None = None) -> dict[str, float]:
         """What the trained latents carry on `data`'s training split: KL per dimension, active
-        units and mutual information of z and e (`latent_diagnostics`; shown by `hnvm evaluate`)."""
-        seq = Sequences.from_events(data.events, data.n_users, data.held_out_items).view(("train",))
+        units and mutual information of z and e (`latent_diagnostics`; shown by `hnvm evaluate`).
+        `seq`: `data` as Sequences when the caller has it (built here otherwise)."""
+        seq = seq if seq is not None else Sequences.from_events(data.events, data.n_users, data.held_out_items)
+        seq = seq.view(("train",))
         c = self.config
         n_train = np.bincount(seq.session_user, minlength=len(seq.user_first))
         return latent_diagnostics(self.network(), c, seq, user_windows(seq, c.window if c.use_history else 1),

@@ -100,6 +100,7 @@ class TIFUKNN:
         self.config = dataclasses.replace(config or TIFUKNNConfig(), **overrides)
         self.vectors_: sp.csr_matrix | None = None  # [U', n_items + 1]: training users' vectors
         self.users_: torch.Tensor | None = None  # Long[U']: their user ids
+        self._sq: torch.Tensor | None = None  # their squared norms (derived, see _sq_norms)
 
     def fit(self, train: Dataset, **_: Any) -> TIFUKNN:
         """The vector of every user with training sessions (their training events only)."""
@@ -107,6 +108,7 @@ class TIFUKNN:
         users = np.flatnonzero(seq.user_end > seq.user_first)
         baskets = [[seq.session(s) for s in range(seq.user_first[u], seq.user_end[u])] for u in users]
         self.vectors_ = user_vectors(baskets, train.n_items + 1, self.config)
+        self._sq = None
         self.users_ = torch.from_numpy(users.astype(np.int64))
         return self
 
@@ -116,6 +118,14 @@ class TIFUKNN:
         assert self.vectors_ is not None, "fit or load the model first"
         rows = [[s.numpy() for s in row if bool((s > 0).any())] for row in sessions]
         return torch.from_numpy(user_vectors(rows, self.vectors_.shape[1], self.config).toarray())
+
+    def _sq_norms(self) -> torch.Tensor:
+        """Float[U']: the training users' squared norms (computed once, on first use)."""
+        if self._sq is None:
+            assert self.vectors_ is not None
+            v = self.vectors_
+            self._sq = torch.from_numpy(np.asarray(v.multiply(v).sum(1)).ravel().astype(np.float32))
+        return self._sq
 
     def _blend(self, query: torch.Tensor, users: torch.Tensor) -> torch.Tensor:
         """alpha * query + (1 - alpha) * mean of each row's k nearest training users."""
@@ -127,8 +137,7 @@ class TIFUKNN:
         # squared Euclidean distances [B, U'] from one sparse product (no [B, U', I] differences)
         q = query.numpy()
         cross = torch.from_numpy(np.asarray(train @ q.T).T.astype(np.float32))  # [B, U']
-        sq = torch.from_numpy(np.asarray(train.multiply(train).sum(1)).ravel().astype(np.float32))
-        d = query.pow(2).sum(1, keepdim=True) + sq[None] - 2 * cross
+        d = query.pow(2).sum(1, keepdim=True) + self._sq_norms()[None] - 2 * cross
         d = d.masked_fill(users[:, None] == self.users_[None], float("inf"))  # not the user itself
         idx = d.topk(k, dim=1, largest=False).indices.numpy()  # [B, k]
         neighbours = np.stack([np.asarray(train[r].mean(0)).ravel() for r in idx])  # [B, n_items + 1]
