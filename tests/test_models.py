@@ -30,6 +30,8 @@ FAST: dict[str, dict] = {
     "caser": {"L": 3, "T": 2, "d": 8, "nv": 2, "nh": 4, "batch_size": 64},
     "hrnn": {"emb_dim": 16, "session_hidden": 16, "user_hidden": 16, "n_negatives": 32, "batch_size": 32},
 }
+FAST["hnvm-repeat"] = {**FAST["hnvm"], "repeat": True}  # HNVM with its repeat channel keeps the contract too
+CASES = [*sorted(REGISTRY), "hnvm-repeat"]
 TRAIN = TrainConfig(epochs=2, optimizer="adam", lr=0.01, seed=3)
 
 
@@ -40,7 +42,7 @@ def tiny():
 
 
 def make(name: str):
-    cls = get_model_class(name)
+    cls = get_model_class(name.removesuffix("-repeat"))
     cfg_cls = getattr(cls, "config_class", None)
     return cls(cfg_cls(**FAST.get(name, {}))) if cfg_cls else cls()
 
@@ -50,7 +52,7 @@ def fit(name: str, ds):
     return make(name).fit(ds, validation=NEXT_ITEM_VALIDATION, train_cfg=TRAIN)
 
 
-@pytest.mark.parametrize("name", sorted(REGISTRY))
+@pytest.mark.parametrize("name", CASES)
 def test_scores_have_catalogue_shape(name: str, tiny) -> None:
     ds, seq = tiny
     m = fit(name, ds)
@@ -62,7 +64,7 @@ def test_scores_have_catalogue_shape(name: str, tiny) -> None:
     assert m.score_sessions(batch).shape == (7, ds.n_items + 1)
 
 
-@pytest.mark.parametrize("name", sorted(REGISTRY))
+@pytest.mark.parametrize("name", CASES)
 def test_save_load_identical_scores(name: str, tiny, tmp_path: Path) -> None:
     ds, seq = tiny
     m = fit(name, ds)
@@ -74,14 +76,14 @@ def test_save_load_identical_scores(name: str, tiny, tmp_path: Path) -> None:
     assert torch.equal(m.score_sessions(hb), m2.score_sessions(hb))
 
 
-@pytest.mark.parametrize("name", sorted(REGISTRY))
+@pytest.mark.parametrize("name", CASES)
 def test_same_seed_same_scores(name: str, tiny) -> None:
     ds, seq = tiny
     batch = next(next_item_batches(seq, "test", max_targets=60))
     assert torch.equal(fit(name, ds).score(batch), fit(name, ds).score(batch))
 
 
-@pytest.mark.parametrize("name", sorted(REGISTRY))
+@pytest.mark.parametrize("name", CASES)
 def test_no_leakage_from_items_at_or_after_target(name: str, tiny) -> None:
     ds, seq = tiny
     m = fit(name, ds)
@@ -113,7 +115,7 @@ def tiny_loo():
     return ds, Dataset(events=swapped, items=ds.items, users=ds.users, meta=ds.meta)
 
 
-@pytest.mark.parametrize("name", sorted(REGISTRY))
+@pytest.mark.parametrize("name", CASES)
 def test_training_never_reads_held_out_items(name: str, tiny_loo) -> None:
     """Under a held-out-item split (leave-one-out) what a model learns does not depend on the
     held-out items: replacing them all leaves its scores bit-identical."""

@@ -84,28 +84,39 @@ def _model_scores(engine: Engine, uid: int, sessions: list[list[int]], prefix: l
     return m.score(Batch(torch.tensor([uid]), rows, torch.tensor([0]), torch.tensor([len(prefix)])))
 
 
-def test_incremental_hnvm_equals_model_scoring(run_dir: Path) -> None:
-    eng = Engine.from_run(run_dir)
-    assert eng.scorer.incremental
+@pytest.fixture(scope="module")
+def repeat_run_dir(data_dir: Path) -> Path:
+    out = data_dir.parent / "run-repeat"
+    train_run(data_dir, "hnvm", out, overrides=[*SMALL, "model.repeat=true"])
+    return out
+
+
+@pytest.mark.parametrize("repeat", [False, True])
+def test_incremental_hnvm_equals_model_scoring(run_dir: Path, repeat_run_dir: Path, repeat: bool) -> None:
+    """Also with the repeat channel, whose per-user memory is folded session by session."""
+    eng = Engine.from_run(repeat_run_dir if repeat else run_dir)
+    assert eng.scorer.incremental and (eng.scorer.ranker is None) == repeat
     seq = eng.history
     assert seq is not None
     uid = 3
     user = next(u for u, i in eng.user_index.items() if i == uid)
     hist = [seq.session(s).tolist() for s in range(int(seq.user_first[uid]), int(seq.user_end[uid]))]
     online = [[1, 2, 3], [4, 5]]  # two online sessions (explicit keys), the second left open
+    if repeat:  # items the user had: the repeat terms are not all 0
+        online = [[*hist[-1][:2], 3], [hist[-1][0], 5]]
     t = 2e9
     for key, sess in zip(("a", "b"), online, strict=True):
         for i in sess[:-1] if key == "b" else sess:
             t += 1
             eng.apply(Event(user, eng.item_ids[i], t, key))
     # prefix of the open session = [4]; then [4, 5] after one more event
-    for prefix in ([4], [4, 5]):
+    for prefix in (online[1][:1], online[1]):
         got = eng.scorer.scores([(eng.users[user], [], False)])
         want = _model_scores(eng, uid, [*hist, online[0]], prefix)
         torch.testing.assert_close(got[:, 1:], want[:, 1:], atol=1e-5, rtol=1e-5)
-        if prefix == [4]:
+        if len(prefix) == 1:
             t += 1
-            eng.apply(Event(user, eng.item_ids[5], t, "b"))
+            eng.apply(Event(user, eng.item_ids[online[1][1]], t, "b"))
     # the next session, from history only (a new key closes "b")
     got = eng.scorer.scores([(eng.users[user], [], True)])
     want = _model_scores(eng, uid, [*hist, *online], [])

@@ -22,6 +22,7 @@ from hnvm.data.sampling import popularity_probs, train_counts
 from hnvm.models.base import NetPersistence, register
 from hnvm.models.hnvm_latent import free_bits_kl, latent_diagnostics
 from hnvm.models.hnvm_net import HNVMNet
+from hnvm.models.hnvm_repeat import RepeatMemory, history_pairs, loss_scorers, prefix_pairs
 from hnvm.models.layers import keep_last_items, ranking_loss
 from hnvm.training import TrainConfig, fit
 
@@ -77,6 +78,9 @@ class HNVMConfig:
         0.0, 0.5, "share of training windows read as the unknown user 0 (trains the cold-start e); "
         "0 = row 0 is the trained users' aggregate"))
     sparse: bool = True  # sparse item/user-table updates (sampled losses); False = dense as before
+    # Not in the paper: the repeat channel (hnvm.models.hnvm_repeat), a learned, state-gated score
+    # term from what the user did with each item before; False = the paper's HNVM exactly
+    repeat: bool = False
 
 
 @register("hnvm")
@@ -103,7 +107,7 @@ class HNVM(NetPersistence):
                        d_e=c.d_e, d_z=c.d_z, mlp_hidden=c.mlp_hidden, dropout=c.dropout,
                        var_scale=c.var_scale, init_var=c.init_var, use_e=c.use_e, use_z=c.use_z,
                        sparse=c.sparse and c.loss != "full-softmax",  # full softmax scores every row
-                       var_scale_in_kl=c.var_scale_in_kl, word_dropout=c.word_dropout)
+                       var_scale_in_kl=c.var_scale_in_kl, word_dropout=c.word_dropout, repeat=c.repeat)
 
     def fit(self, train: Dataset, **options: Any) -> HNVM:
         """Train on `train` (options: `hnvm.training.fit`); returns self."""
@@ -175,20 +179,42 @@ class HNVM(NetPersistence):
         """Keep the last max_len items of each session (only if the setting asks)."""
         return keep_last_items(items, self.config.max_len)
 
+    def _repeat_history(self, sessions: Tensor) -> Tensor:
+        """The closed sessions the repeat channel reads, as the context GRU reads them."""
+        if sessions.shape[1] == 0 or not self.config.use_history:
+            return sessions.new_zeros(len(sessions), 0, 1)
+        return self._trim(sessions)
+
     @torch.no_grad()
     def score(self, batch: Batch) -> Tensor:
         net = self.network()
         h = self._history(batch.users, batch.sessions[:, :-1])  # [B, H]
-        out = net(batch.users, batch.sessions[:, -1:], h_con0=h, sample=False,
-                  mc_samples=self.config.mc_samples)
+        last = batch.sessions[:, -1:]
+        out = net(batch.users, last, h_con0=h, sample=False, mc_samples=self.config.mc_samples)
         hidden = out.dec_hidden[batch.target_rows, 0, batch.target_pos]  # [K, H]
-        return net.score(hidden)
+        scores = net.score(hidden)
+        if net.repeat is None:
+            return scores
+        terms = net.repeat.terms(
+            net.session_condition(h, net.general_preference(batch.users)),
+            history_pairs(self._repeat_history(batch.sessions[:, :-1]), last), hidden, batch.target_rows,
+            prefix_pairs(last[:, 0], batch.target_rows, batch.target_pos), self.n_items)
+        return terms.add_to(scores)
 
     @torch.no_grad()
     def score_sessions(self, batch: Batch) -> Tensor:
         net = self.network()
         h = self._history(batch.users, batch.sessions)
-        return net.score(net.next_session_hidden(batch.users, h, self.config.mc_samples))
+        hidden = net.next_session_hidden(batch.users, h, self.config.mc_samples)
+        scores = net.score(hidden)
+        if net.repeat is None:
+            return scores
+        rows = torch.arange(len(batch.users), device=hidden.device)
+        terms = net.repeat.terms(
+            net.session_condition(h, net.general_preference(batch.users)),
+            history_pairs(self._repeat_history(batch.sessions), batch.sessions.new_zeros(len(rows), 1, 1)),
+            hidden, rows, None, self.n_items)
+        return terms.add_to(scores)
 
     # -- online inference: the same scores one closed session and one event at a time ---------------
     # For a user u with closed sessions s_1..s_{n-1} and the first L items i_1..i_L of session n:
@@ -266,6 +292,40 @@ class HNVM(NetPersistence):
     def score_state(self, h_dec: Tensor) -> Tensor:
         """Scores from decoder states: Float[B, H] -> Float[B, n_items + 1] (column 0 = padding)."""
         return self._net().score(h_dec)
+
+    # the repeat channel online: a RepeatMemory per user, folded one closed session at a time
+    def repeat_memory(self, sessions: Sequence[np.ndarray] = ()) -> RepeatMemory | None:
+        """A user's repeat statistics after `sessions` (closed, oldest first); None without the
+        repeat channel (config.repeat False)."""
+        if not self.config.repeat:
+            return None
+        memory = RepeatMemory()
+        for s in sessions:
+            self.repeat_fold(memory, s)
+        return memory
+
+    def repeat_fold(self, memory: RepeatMemory, items: np.ndarray | Sequence[int]) -> None:
+        """One closed session into the memory, trimmed as `fold_session` trims it (nothing when
+        config.use_history is False: every session on its own)."""
+        if self.config.use_history:
+            items = np.asarray(items, dtype=np.int64)
+            memory.fold(items[-self.config.max_len:] if self.config.max_len else items)
+
+    @torch.no_grad()
+    def add_repeat(self, scores: Tensor, memory: RepeatMemory, prefix: Sequence[int], cond: Tensor,
+                   h_dec: Tensor) -> Tensor:
+        """scores Float[1, n_items + 1] of `score_state(h_dec)` plus the repeat channel's terms for
+        a user with `memory` (closed sessions) and the open session's `prefix` items, the session
+        input `cond` Float[1, C] and decoder state `h_dec` Float[1, H]: what `score` /
+        `score_sessions` return for the same history (prefix empty: the next session)."""
+        net = self._net()
+        assert net.repeat is not None, "add_repeat needs config.repeat"
+        pre = None
+        if len(prefix):
+            row = torch.tensor([[*prefix, 0]], dtype=torch.long)
+            pre = prefix_pairs(row, torch.zeros(1, dtype=torch.long), torch.tensor([len(prefix)]))
+        zero = torch.zeros(1, dtype=torch.long)
+        return net.repeat.terms(cond, memory.features(), h_dec, zero, pre, self.n_items).add_to(scores)
 
     def output_layer(self) -> tuple[Tensor, Tensor]:
         """The output layer score_j = W[j]·h + b_j, detached: (W Float[n_items + 1, H],
@@ -355,7 +415,10 @@ class _HNVMTrainable:
         mask = out.item_mask  # [B, W, T]
         hidden = out.dec_hidden[mask]  # [K, H]
         targets = batch.window[mask]  # [K]
-        rec = ranking_loss(c.loss, hidden, targets, score_all=net.score, score_items=net.score_items,
+        score_all, score_items = net.score, net.score_items
+        if net.repeat is not None:
+            score_all, score_items = loss_scorers(net, batch.prefix, batch.window, out, hidden)
+        rec = ranking_loss(c.loss, hidden, targets, score_all=score_all, score_items=score_items,
                            neg_probs=self.neg_probs, n_negatives=c.n_negatives, bpreg=c.bpreg)
         beta = self.beta(step)
         n_sess = out.session_mask.sum(1).float()  # [B] sessions of each window

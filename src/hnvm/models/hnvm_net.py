@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hnvm.models.hnvm_repeat import RepeatChannel
 from hnvm.models.layers import GaussianHead, ItemOutput, gaussian_kl_dims, init_uniform_, reparameterize
 
 
@@ -64,6 +65,7 @@ class HNVMOutput:
     z_gaussians: tuple[Tensor, Tensor, Tensor, Tensor] | None = None  # (mu_q, lv_q, mu_p, lv_p) [B, W, Dz]
     kl_z_dims: Tensor | None = None  # [B, W, Dz] per dimension (kl_z = its sum); 0 on padded sessions
     kl_e_dims: Tensor | None = None  # [B, De] per dimension (kl_e = its sum)
+    cond: Tensor | None = None  # [B, W, C] the decoder's session input [h_con_{n-1}; z_n] (one draw)
 
 
 class HNVMNet(nn.Module):
@@ -86,6 +88,7 @@ class HNVMNet(nn.Module):
         sparse: bool = False,
         var_scale_in_kl: bool = True,
         word_dropout: float = 0.0,
+        repeat: bool = False,
     ) -> None:
         super().__init__()
         if n_items < 1 or n_users < 0:
@@ -121,6 +124,9 @@ class HNVMNet(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.out = ItemOutput(H, n_items + 1, sparse)  # column 0 = padding, callers mask it
         init_uniform_(self, math.sqrt(init_var))
+        # the repeat channel (not in the paper; hnvm_repeat): built after the paper's init, so
+        # that without it the network and its random stream are the paper's
+        self.repeat = RepeatChannel(cond_dim, H, n_items, sparse) if repeat else None
 
     # ---- building blocks ------------------------------------------------------------------
 
@@ -279,9 +285,10 @@ class HNVMNet(nn.Module):
             else:
                 z = mu_p
         if S == 1:
-            cond = self._cond(h_prev, e, z)  # [B, W, C]
+            cond = session_cond = self._cond(h_prev, e, z)  # [B, W, C]
         else:
             cond = torch.cat([h_prev.expand(S, -1, -1, -1), z], -1)  # [S, B, W, C]
+            session_cond = cond.mean(0)
         cond = cond.reshape(S, B * W, cond.shape[-1])[:, real].flatten(0, 1)  # [S*N, C]
 
         # decoder over all real sessions (and MC draws) at once: one GRU call per length bucket
@@ -293,7 +300,7 @@ class HNVMNet(nn.Module):
         dec_hidden = self.drop(dec.view(B, W, T, H) * item_mask.unsqueeze(-1))
         z_gaussians = (mu_q, lv_q, mu_p, lv_p) if self.use_z else None
         return HNVMOutput(dec_hidden, kl_z, kl_e, h_con, item_mask, session_mask, z_gaussians,
-                          kl_z_dims, kl_e_dims)
+                          kl_z_dims, kl_e_dims, session_cond)
 
     def score(self, hidden: Tensor) -> Tensor:
         """Float[..., H] -> Float[..., n_items + 1] (column 0 = padding; callers mask it)."""

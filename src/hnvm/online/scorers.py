@@ -57,6 +57,10 @@ class StepModel(Protocol):
     def session_condition(self, h_con: Tensor, e: Tensor | None) -> Tensor: ...
     def decoder_step(self, item: int, h_dec: Tensor | None, cond: Tensor) -> Tensor: ...
     def output_layer(self) -> tuple[Tensor, Tensor]: ...
+    def repeat_memory(self, sessions: Sequence[np.ndarray] = ()) -> Any: ...
+    def repeat_fold(self, memory: Any, items: Any) -> None: ...
+    def add_repeat(self, scores: Tensor, memory: Any, prefix: Sequence[int], cond: Tensor,
+                   h_dec: Tensor) -> Tensor: ...
 
 
 def make_scorer(model: Recommender, scoring: str = "auto") -> Scorer:
@@ -135,6 +139,7 @@ class _StepCache:
     cond: Tensor | None = None  # [1, C] decoder input [h_con; z] of that session
     h_dec: Tensor | None = None  # [1, H] after BOS + open_items[:n_dec]
     n_dec: int = 0
+    memory: Any = None  # the repeat channel's RepeatMemory after the n_folded sessions (or None)
 
 
 class StepScorer(Scorer):
@@ -151,21 +156,33 @@ class StepScorer(Scorer):
         self.bos = model.bos
         weight, bias = model.output_layer()  # [n_items + 1, H], [n_items + 1]
         n_items = weight.shape[0] - 1
-        self.ranker = LinearRanker(weight, bias,
-                                   bf16=scoring == "bf16" or (scoring == "auto" and n_items >= AUTO_BF16_ITEMS))
-        self.scoring = self.ranker.scoring
+        # the repeat channel adds sparse per-user terms to h @ W^T + b: its rows are scored here
+        # in fp32 and ranked by top_k (no bf16 shortlist, no ranking process)
+        self.repeat = model.repeat_memory() is not None
+        self.linear = LinearRanker(weight, bias, bf16=not self.repeat and (
+            scoring == "bf16" or (scoring == "auto" and n_items >= AUTO_BF16_ITEMS)))
+        self.ranker = None if self.repeat else self.linear
+        self.scoring = self.linear.scoring
         if model.config.mc_samples > 1:
             log.warning("serving %s with the prior mean of z (mc_samples=%d is for evaluation)",
                         model.name.upper(), model.config.mc_samples)
 
     def scores(self, views: Sequence[View]) -> Tensor:
-        return self.ranker.scores(self.prepare(views))
+        prepared = self.prepare(views)
+        return prepared if self.repeat else self.linear.scores(prepared)
 
     def prepare(self, views: Sequence[View]) -> Tensor:
-        return torch.cat([self._hidden(*v) for v in views])  # [B, H]
+        """[B, H] decoder states; with the repeat channel, their scores [B, n_items + 1]."""
+        if not self.repeat:
+            return torch.cat([self._hidden(*v)[0] for v in views])  # [B, H]
+        rows = []
+        for v in views:
+            h, cond, memory, prefix = self._hidden(*v)
+            rows.append(self.model.add_repeat(self.linear.scores(h), memory, prefix, cond, h))
+        return torch.cat(rows)
 
-    def rank(self, hidden: Tensor, k: int, exclude: Sequence[Sequence[int]]) -> Ranked:
-        return self.ranker.rank(hidden, k, exclude)
+    def rank(self, prepared: Tensor, k: int, exclude: Sequence[Sequence[int]]) -> Ranked:
+        return top_k(prepared, k, exclude) if self.repeat else self.linear.rank(prepared, k, exclude)
 
     # the per-user steps -------------------------------------------------------------------------
     def _cache(self, st: UserState) -> _StepCache:
@@ -176,9 +193,12 @@ class StepScorer(Scorer):
             users = torch.tensor([st.uid])
             if st.n_dataset:  # the dataset history in one pass, as evaluation encodes it
                 h = m.encode_history(users, one_user_sessions(st.history[: st.n_dataset]))
-            c = st.cache = _StepCache(m.general_preference(users), h, st.n_dataset)
+            c = st.cache = _StepCache(m.general_preference(users), h, st.n_dataset,
+                                      memory=m.repeat_memory(st.history[: st.n_dataset]))
         while c.n_folded < len(st.history):
             c.h_con = m.fold_session(c.h_con, st.history[c.n_folded])
+            if c.memory is not None:
+                m.repeat_fold(c.memory, st.history[c.n_folded])
             c.n_folded += 1
             c.open_id = -1
         return c
@@ -186,14 +206,21 @@ class StepScorer(Scorer):
     def advance(self, st: UserState) -> None:
         self._hidden(st, [], False)
 
-    def _hidden(self, st: UserState, extra: list[int], expired: bool) -> Tensor:
-        """The decoder state [1, H] after the user's current session plus `extra` (the request's
-        items); `expired`: the open session timed out, so it is history and a new one starts."""
+    def _hidden(self, st: UserState, extra: list[int], expired: bool) -> tuple[Tensor, Tensor, Any, list[int]]:
+        """(h, cond, memory, prefix): the decoder state h [1, H] after the user's current session
+        plus `extra` (the request's items), the session input cond [1, C], the repeat memory of
+        the closed sessions (None without a repeat channel) and the session's items so far;
+        `expired`: the open session timed out, so it is history and a new one starts."""
         m, c = self.model, self._cache(st)
+        memory = c.memory
         if expired:  # the open session timed out: close it in a scratch copy of the state
             h_con = m.fold_session(c.h_con, np.asarray(st.open_items)) if st.open_items else c.h_con
+            if memory is not None and st.open_items:
+                memory = memory.copy()
+                m.repeat_fold(memory, st.open_items)
             cond = m.session_condition(h_con, c.e)
             h = m.decoder_step(self.bos, None, cond)
+            prefix = list(extra)
         else:
             if c.open_id != st.open_id or c.cond is None or c.h_dec is None:
                 c.open_id, c.cond, c.n_dec = st.open_id, m.session_condition(c.h_con, c.e), 0
@@ -202,6 +229,7 @@ class StepScorer(Scorer):
                 c.h_dec = m.decoder_step(st.open_items[c.n_dec], c.h_dec, c.cond)
                 c.n_dec += 1
             h, cond = c.h_dec, c.cond
+            prefix = [*st.open_items, *extra] if memory is not None else []
         for item in extra:
             h = m.decoder_step(item, h, cond)
-        return h
+        return h, cond, memory, prefix
