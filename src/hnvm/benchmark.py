@@ -215,13 +215,17 @@ def _plan(
             include_first else ""
         raise HnvmError(f"{dataset}: the test split has no {task} targets{first}; nothing to benchmark")
     results = _load_results(out / "results.json", dataset, task)
-    extra = list(overrides or []) + ([f"train.epochs={epochs}"] if epochs is not None else [])
+    # a task's models early-stop on that task's validation (a later --set may say otherwise)
+    extra = ([f"train.validate={task}"] if task != "next-item" else []) + list(overrides or []) \
+        + ([f"train.epochs={epochs}"] if epochs is not None else [])
     # every model's settings resolve (or refuse) before anything is trained or written
     plan = []
     for name in models:
         base, ablation = ABLATIONS.get(name, (name, []))
-        # OUT/tuned/MODEL.toml, or the best.toml that `hnvm tune --out OUT/tuned/MODEL` writes
-        candidates = [tuned_root / f"{n}.toml" for n in (name, base)]
+        # OUT/tuned/TASK/MODEL.toml (tuned for this task), OUT/tuned/MODEL.toml, or the best.toml
+        # that `hnvm tune --out OUT/tuned/MODEL` writes
+        candidates = [tuned_root / task / f"{n}.toml" for n in (name, base)]
+        candidates += [tuned_root / f"{n}.toml" for n in (name, base)]
         candidates += [tuned_root / n / "best.toml" for n in (name, base)]
         if protocol == "paper":  # then the paper's training of this model, where we ship one
             candidates.append(paper_configs() / f"{base}.toml")
@@ -369,8 +373,9 @@ def run_benchmarks(
     on_progress: ProgressCallback | None = None,
     protocol: str = "ours",
 ) -> dict[str, dict[str, Any]]:
-    """`run_benchmark` for one task, or for `both` (OUT/next-item, OUT/next-session; one training
-    per model in OUT/runs, tuned configs from OUT/tuned). Returns {task: result}. An OUT holding
+    """`run_benchmark` for one task, or for `both` (OUT/next-item, OUT/next-session; each task
+    trains its own runs, early-stopped on its own validation: OUT/runs and OUT/runs-next-session;
+    tuned configs from OUT/tuned/TASK or OUT/tuned). Returns {task: result}. An OUT holding
     the dataset is refused unless `data_in_out` (the demo keeps its data set in OUT by design)."""
     if task != BOTH:
         return {task: run_benchmark(dataset, models, task, out, overrides, epochs, on_step, show_progress,
@@ -382,7 +387,7 @@ def run_benchmarks(
     ds = Dataset.load(dataset)
     # both tasks are checked (results files, settings, targets) before either trains anything
     plans = [_plan(dataset, models, t, out / t, overrides, epochs, lambda m, t=t: say(f"{t}: {m}"),
-                   show_progress, include_first, runs_dir=out / "runs",
+                   show_progress, include_first, runs_dir=out / ("runs" if t == "next-item" else f"runs-{t}"),
                    tuned_dir=tuned_dir if tuned_dir is not None else out / "tuned",
                    model_overrides=model_overrides, ds=ds, on_progress=on_progress, protocol=protocol)
              for t in TASKS]

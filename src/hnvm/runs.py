@@ -31,7 +31,7 @@ from hnvm.data.batches import Sequences
 from hnvm.data.splits import NO_SESSION_TASK
 from hnvm.data.store import Dataset, check_output_dir, check_output_file, read_json_object
 from hnvm.errors import ConfigError, HnvmError, one_line
-from hnvm.evaluate import NEXT_ITEM_VALIDATION, EvalResult, evaluate_next_item, evaluate_next_session, export_ranks
+from hnvm.evaluate import EvalResult, ValidationPolicy, evaluate_next_item, evaluate_next_session, export_ranks
 from hnvm.models.base import get_model_class
 from hnvm.rundir import (
     RUN_FORMAT,
@@ -165,7 +165,7 @@ def train_run(
 ) -> tuple[Recommender, Path]:
     """Train `model` on a prepared dataset; write the run directory. Under torchrun every
     process runs this; rank 0 alone writes the run directory (see hnvm.distributed).
-    Early stopping reads next-item validation (`NEXT_ITEM_VALIDATION`); on_progress/on_epoch
+    Early stopping reads validation of the task train.validate (`validation_policy`); on_progress/on_epoch
     are the training loop's callbacks; `loaded` is the dataset (and its Sequences) when the
     caller has already loaded `dataset`.
 
@@ -179,6 +179,7 @@ def train_run(
     check_output_dir(out, "--out", inputs=(Path(dataset),), may_be=("run",))
     ctx = distributed.context(rc.train.device)  # joins torchrun's process group, if any
     ds, seq = loaded if loaded is not None else (Dataset.load(dataset), None)
+    validation = validation_policy(rc.train, ds, dataset)
     cfg_json = {
         "format": RUN_FORMAT, "format_version": RUN_VERSION, "model": model,
         "model_config": as_dict(rc.model_config) if rc.model_config is not None else {},
@@ -207,7 +208,7 @@ def train_run(
 
     ctx.main_first(setup)
     rec = make_model(rc)
-    rec.fit(ds, train_cfg=rc.train, validation=NEXT_ITEM_VALIDATION, seq=seq, run_dir=out, resume=resume,
+    rec.fit(ds, train_cfg=rc.train, validation=validation, seq=seq, run_dir=out, resume=resume,
             show_progress=show_progress, on_progress=on_progress, on_epoch=on_epoch)
 
     def save() -> None:
@@ -217,6 +218,14 @@ def train_run(
 
     ctx.main_first(save)
     return rec, out
+
+
+def validation_policy(train: TrainConfig, ds: Dataset, dataset: str | Path) -> ValidationPolicy:
+    """What early stopping reads: train.validate's task on the validation split; the next-session
+    task on a held-out-item split is refused (HnvmError)."""
+    if train.validate == "next-session" and ds.held_out_items:
+        raise HnvmError(f"{dataset}: train.validate = next-session: {NO_SESSION_TASK}")
+    return ValidationPolicy(task=train.validate)
 
 
 def _with_original_ids(res: EvalResult, ds: Dataset) -> EvalResult:

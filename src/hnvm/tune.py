@@ -37,9 +37,9 @@ from hnvm.config import as_dict
 from hnvm.data.batches import Sequences
 from hnvm.data.store import Dataset, check_output_dir
 from hnvm.errors import HnvmError, one_line
-from hnvm.evaluate import NEXT_ITEM_VALIDATION, evaluate_next_item
+from hnvm.evaluate import ValidationPolicy
 from hnvm.rundir import data_digest, vocab_digest
-from hnvm.runs import make_model, resolve_config
+from hnvm.runs import make_model, resolve_config, validation_policy
 from hnvm.search_space import OBJECTIVE, Param, base_settings, default_params, search_space
 from hnvm.training import ProgressCallback, TrainingDiverged
 
@@ -176,6 +176,7 @@ class _Search:
         params = {p.name: p.suggest(trial) for p in self.space}
         rc = resolve_config(self.model, self.config_path, self.overrides + [f"{k}={v}" for k, v in params.items()])
         rec = make_model(rc)
+        validation = ValidationPolicy(task=rc.train.validate)  # the task tuned for
         t0 = time.monotonic()
         self.say(f"trial {trial.number} ({next(self.started)} of {self.missing} to run): "
                  + ", ".join(f"{k}={_short(v)}" for k, v in params.items()))
@@ -190,13 +191,12 @@ class _Search:
             return self.trial_timeout is not None and time.monotonic() - t0 > self.trial_timeout
 
         try:
-            rec.fit(self.ds, train_cfg=rc.train, validation=NEXT_ITEM_VALIDATION, seq=self.seq,
+            rec.fit(self.ds, train_cfg=rc.train, validation=validation, seq=self.seq,
                     show_progress=self.show_progress, on_progress=self.on_progress, on_epoch=on_epoch)
         except TrainingDiverged as exc:  # a bad lr: counts as a (pruned) trial, the study goes on
             trial.set_user_attr("error", str(exc))
             raise optuna.TrialPruned(str(exc)) from exc
-        res = evaluate_next_item(rec, self.seq, "valid")
-        value = res.metrics.get(OBJECTIVE, math.nan)
+        value = validation(rec, self.seq).get(OBJECTIVE, math.nan)
         log.info("trial %d: %s = %.5f %s", trial.number, OBJECTIVE, value, params)
         return value
 
@@ -260,8 +260,8 @@ def tune(
     on_step: Callable[[str], None] | None = None,
     on_progress: ProgressCallback | None = None,
 ) -> dict[str, Any]:
-    """Search `model`'s hyper-parameters for validation MRR@5; `trials` is the total number of
-    finished (complete or pruned) trials wanted, counting those of an earlier run in `out`.
+    """Search `model`'s hyper-parameters for validation MRR@5 (of train.validate's task); `trials`
+    is the total number of finished (complete or pruned) trials wanted, counting those of an earlier run in `out`.
     `timeout` stops starting trials after that many seconds; `trial_timeout` ends a trial after
     the epoch that crosses it. `on_step` gets a line when each trial starts and ends,
     `on_progress` the training loop's progress reports; `show_progress` is passed to the trials'
@@ -271,7 +271,7 @@ def tune(
     overrides = list(base_overrides or [])
     if trials < 1:
         raise HnvmError(f"--trials must be at least 1 (got {trials})")
-    resolve_config(model, config_path, overrides)  # unknown model / bad base config fail here
+    rc = resolve_config(model, config_path, overrides)  # unknown model / bad base config fail here
     base = base_settings(model, config_path, overrides)
     space = search_space(model, frozenset(f"{s}.{k}" for s, vals in base.items() for k in vals))
     names = [p.name for p in space]
@@ -281,6 +281,7 @@ def tune(
     seq = Sequences.from_events(ds.events, ds.n_users, ds.held_out_items)
     if not len(seq.sessions_of("valid")):
         raise HnvmError(f"{dataset}: the dataset has no validation sessions to tune on")
+    validation_policy(rc.train, ds, dataset)  # train.validate = next-session needs whole sessions
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -29,6 +29,9 @@ class TrainConfig:
     patience: int = field(default=3, metadata=rng(0, 1000, "epochs without improvement; 0 = off"))
     metric: str = field(default="mrr@5", metadata=choices(
         "mrr@5", "recall@5", "ndcg@5", "mrr@10", "recall@10", "mrr@20", "recall@20"))
+    # what early stopping, best-epoch selection and `hnvm tune` read on the validation split
+    validate: str = field(default="next-item", metadata=choices(
+        "next-item", "next-session", doc="validation task of early stopping and tuning (train.metric on it)"))
     seed: int = field(default=0, metadata=rng(0, 2**31 - 1))
     log_every: int = field(default=50, metadata=rng(1, 10**9))
     device: str = field(default="auto", metadata=choices(
