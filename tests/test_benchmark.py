@@ -143,7 +143,7 @@ def test_benchmark_resumes(data: Path, tmp_path: Path) -> None:
     assert not (out / "position.png").exists()  # figures are next-item only
 
 
-def test_task_both_trains_each_model_once(data: Path, tmp_path: Path) -> None:
+def test_task_both_trains_each_task_on_its_own_validation(data: Path, tmp_path: Path) -> None:
     out = _out(tmp_path)
     r = CliRunner().invoke(app, ["benchmark", str(data), "--models", "pop,bprmf,hnvm", "--task", "both",
                                  "--out", str(out), "--set", "train.epochs=1"])
@@ -154,16 +154,29 @@ def test_task_both_trains_each_model_once(data: Path, tmp_path: Path) -> None:
         assert res["models"]["hnvm"]["config"].endswith("hnvm.toml")  # OUT/tuned is shared
         assert (out / task / "table.md").exists()
     assert (out / "next-item" / "position.png").exists() and not (out / "next-session" / "position.png").exists()
-    # one run per model, shared: the second task reused it (same train time recorded)
-    item = json.loads((out / "next-item" / "results.json").read_text())["models"]
-    sess = json.loads((out / "next-session" / "results.json").read_text())["models"]
-    assert all(item[n]["train_s"] == sess[n]["train_s"] for n in item)
-    assert sorted(p.name for p in (out / "runs").iterdir()) == ["bprmf", "hnvm", "pop"]
+    # one run per model and task, each early-stopped on its task's validation
+    for runs, task in (("runs", "next-item"), ("runs-next-session", "next-session")):
+        assert sorted(p.name for p in (out / runs).iterdir()) == ["bprmf", "hnvm", "pop"]
+        cfg = json.loads((out / runs / "hnvm" / "config.json").read_text())
+        assert cfg["train"]["validate"] == task
+        log = [json.loads(line) for line in (out / runs / "hnvm" / "train_log.jsonl").read_text().splitlines()]
+        valid = next(r["valid"] for r in log if "valid" in r)
+        assert ("phr@5" in valid) == (task == "next-session")  # the next-session metrics
+
+
+def test_tuned_config_of_the_task_comes_first(data: Path, tmp_path: Path) -> None:
+    out = _out(tmp_path)
+    (out / "tuned" / "next-session").mkdir(parents=True)
+    (out / "tuned" / "next-session" / "bprmf.toml").write_text("[model]\ndim = 6\n")
+    (out / "tuned" / "bprmf.toml").write_text("[model]\ndim = 5\n")
+    for task, dim in (("next-item", 5), ("next-session", 6)):
+        run_benchmark(data, ["bprmf"], task, out / task, ["train.epochs=1"], tuned_dir=out / "tuned")
+        assert json.loads((out / task / "runs" / "bprmf" / "config.json").read_text())["model_config"]["dim"] == dim
 
 
 def test_changed_settings_retrain_a_shared_run(data: Path, tmp_path: Path) -> None:
     out, steps = _out(tmp_path), []
-    run_benchmark(data, ["bprmf"], "next-item", out / "a", ["train.epochs=1"], runs_dir=out / "runs")
+    run_benchmark(data, ["bprmf"], "next-session", out / "a", ["train.epochs=1"], runs_dir=out / "runs")
     run_benchmark(data, ["bprmf"], "next-session", out / "b", ["train.epochs=1"], runs_dir=out / "runs",
                   on_step=steps.append)
     assert any("reusing" in s for s in steps)
@@ -173,6 +186,10 @@ def test_changed_settings_retrain_a_shared_run(data: Path, tmp_path: Path) -> No
     assert any("training bprmf" in s for s in steps) and not any("reusing" in s for s in steps)
     cfg = json.loads((out / "runs" / "bprmf" / "config.json").read_text())
     assert cfg["model_config"]["dim"] == 8
+    steps.clear()  # the next-item task validates on next item: another run
+    run_benchmark(data, ["bprmf"], "next-item", out / "d", ["train.epochs=1", "model.dim=8"], runs_dir=out / "runs",
+                  on_step=steps.append)
+    assert any("training bprmf" in s for s in steps)
 
 
 def test_benchmark_rejects_bad_task(data: Path, tmp_path: Path) -> None:
@@ -230,6 +247,16 @@ def test_benchmark_next_session_export_reproduces_every_number(data: Path, tmp_p
     a = _session_metrics_from_export(pl.read_parquet(out / "ranks" / "hnvm.parquet"), 5)["mrr@5"]
     b = _session_metrics_from_export(pl.read_parquet(out / "ranks" / f"{sig['baseline']}.parquet"), 5)["mrr@5"]
     assert sig["n"] == len(a) and sig["mean_diff"] == pytest.approx(float((a - b).mean()), abs=1e-12)
+    # and each headline column: hnvm against that column's best baseline, from the same export
+    assert [c["metric"] for c in sig["columns"]] == ["recall@10", "ndcg@10", "phr@10", "mrr@5"]
+    for c in sig["columns"]:
+        k = int(c["metric"].split("@")[1])
+        a = _session_metrics_from_export(pl.read_parquet(out / "ranks" / "hnvm.parquet"), k)[c["metric"]]
+        b = _session_metrics_from_export(pl.read_parquet(out / "ranks" / f"{c['baseline']}.parquet"), k)[c["metric"]]
+        assert c["value"] == pytest.approx(float(a.mean())) and c["baseline_value"] == pytest.approx(float(b.mean()))
+        assert c["mean_diff"] == pytest.approx(float((a - b).mean()), abs=1e-12)
+    md = (out / "table.md").read_text()
+    assert "### Next-basket metrics" in md and "Rec-rep@10" in md and "| phr@10 |" in md
 
 
 def test_unit_values_use_conservative_target_ranks() -> None:

@@ -15,7 +15,7 @@ from hnvm.data.prepare import PrepareConfig, build_dataset
 from hnvm.data.samples import synthetic_dataset
 from hnvm.evaluate import evaluate_next_session
 from hnvm.models.hnvm import HNVM, HNVMConfig
-from hnvm.models.hnvm_repeat import RepeatChannel, RepeatMemory, history_pairs, prefix_pairs
+from hnvm.models.hnvm_repeat import DECAYS, RepeatChannel, RepeatMemory, history_pairs, prefix_pairs
 from hnvm.training import TrainConfig
 
 SMALL = dict(hidden=16, emb_dim=16, d_e=4, d_z=4, mlp_hidden=16, n_negatives=16, batch_size=16)
@@ -44,7 +44,10 @@ def test_history_and_prefix_features_equal_a_direct_count() -> None:
             for item in set().union(*before):
                 c = sum(item in s for s in before)
                 since = len(before) - max(n for n, s in enumerate(before) if item in s)
-                want[(b * 3 + w, item)] = [1.0, float(np.log1p(c)), c / len(before), 1 / since, float(since == 1)]
+                decayed = [sum(r ** (len(before) - 1 - n) for n, s in enumerate(before) if item in s)
+                           / sum(r**i for i in range(len(before))) for r in DECAYS]
+                want[(b * 3 + w, item)] = [1.0, float(np.log1p(c)), c / len(before), 1 / since, float(since == 1),
+                                           *decayed]
     assert got.keys() == want.keys()
     for key, f in want.items():
         np.testing.assert_allclose(got[key], f, rtol=1e-6)
@@ -70,10 +73,11 @@ def test_memory_features_equal_history_pairs() -> None:
     for s in hist[0]:
         memory.fold(s[s > 0].numpy())
     pairs = history_pairs(hist, torch.zeros(1, 1, 1, dtype=torch.long))
-    a = sorted(zip(pairs.item.tolist(), pairs.feat.tolist(), strict=True))
     m = memory.features()
-    b = sorted(zip(m.item.tolist(), m.feat.tolist(), strict=True))
-    assert a == b  # bit-identical: the same integers through the same function
+    assert sorted(pairs.item.tolist()) == sorted(m.item.tolist())
+    a, b = pairs.feat[pairs.item.argsort()], m.feat[m.item.argsort()]
+    assert torch.equal(a[:, :5], b[:, :5])  # the same integers through the same function
+    torch.testing.assert_close(a, b)  # the decayed shares: another summation order
 
 
 def test_sparse_terms_agree_dense_shared_and_per_target() -> None:
@@ -94,6 +98,35 @@ def test_sparse_terms_agree_dense_shared_and_per_target() -> None:
     torch.testing.assert_close(terms.shared(ids), dense[:, ids])
     items = torch.from_numpy(g.integers(1, n_items + 1, len(rows)))
     torch.testing.assert_close(terms.at(items), dense[torch.arange(len(rows)), items])
+
+
+def test_terms_follow_the_formula() -> None:
+    """score += g_k·(rho_j·had + a_n·phi(n, j)) + c_k·psi(k, j), written out for every (k, j)."""
+    torch.manual_seed(1)
+    n_items = 9
+    g = np.random.default_rng(3)
+    hist, win = _random_sessions(g, 2, 3, 4, n_items), _random_sessions(g, 2, 2, 5, n_items)
+    channel = RepeatChannel(cond_dim=3, hidden=4, n_items=n_items, sparse=False)
+    for p in channel.parameters():
+        torch.nn.init.normal_(p)
+    b, w, t = (win > 0).nonzero(as_tuple=True)
+    rows = b * 2 + w
+    cond, hidden = torch.randn(4, 3), torch.randn(len(rows), 4)
+    hp, pp = history_pairs(hist, win), prefix_pairs(win.reshape(4, 5), rows, t)
+    got = channel.terms(cond, hp, hidden, rows, pp, n_items).add_to(torch.zeros(len(rows), n_items + 1))
+    gain = 10.0
+    a = cond @ channel.session_gate.weight.T + gain * channel.session_gate.bias  # [4, 7]
+    tg = hidden @ channel.target_gate.weight.T + gain * channel.target_gate.bias  # [K, 3]
+    want = torch.zeros_like(got)
+    for k in range(len(rows)):
+        for r, i, f in zip(hp.row.tolist(), hp.item.tolist(), hp.feat, strict=True):
+            if r == int(rows[k]):
+                rho = gain * channel.propensity.weight[i, 0]
+                want[k, i] += (1 + torch.tanh(tg[k, 0])) * (rho * f[0] + a[r] @ f)
+        for q, i, f in zip(pp.row.tolist(), pp.item.tolist(), pp.feat, strict=True):
+            if q == k:
+                want[k, i] += tg[k, 1:] @ f
+    torch.testing.assert_close(got, want)
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +155,25 @@ def _session_row(sessions: list[list[int]]) -> torch.Tensor:
     for j, s in enumerate(sessions):
         out[0, j, : len(s)] = torch.tensor(s)
     return out
+
+
+def test_a_batch_scores_each_row_as_it_would_alone(small_data) -> None:
+    """Rows of one evaluation batch (histories and prefixes of different lengths) get the scores
+    they get alone: the sparse terms never cross rows."""
+    seq = Sequences.from_events(small_data.events, small_data.n_users)
+    m = HNVM(HNVMConfig(**SMALL, repeat=True)).fit(small_data, train_cfg=TrainConfig(epochs=2, seed=1))
+    batch = next(next_item_batches(seq, "test", max_targets=40))
+    full = m.score(batch)
+    for k in range(batch.n_targets):
+        r = int(batch.target_rows[k])
+        one = Batch(batch.users[r:r + 1], batch.sessions[r:r + 1], torch.tensor([0]), batch.target_pos[k:k + 1])
+        torch.testing.assert_close(full[k:k + 1], m.score(one), atol=1e-5, rtol=1e-5)
+    sb = next(next_session_batches(seq, "test"))[0]
+    full = m.score_sessions(sb)
+    for r in range(len(sb.users)):
+        one = Batch(sb.users[r:r + 1], sb.sessions[r:r + 1], torch.zeros(0, dtype=torch.long),
+                    torch.zeros(0, dtype=torch.long))
+        torch.testing.assert_close(full[r:r + 1], m.score_sessions(one), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("overrides", [{}, {"max_len": 2}, {"use_e": False, "use_history": False}])

@@ -121,6 +121,14 @@ def test_incremental_hnvm_equals_model_scoring(run_dir: Path, repeat_run_dir: Pa
     got = eng.scorer.scores([(eng.users[user], [], True)])
     want = _model_scores(eng, uid, [*hist, *online], [])
     torch.testing.assert_close(got[:, 1:], want[:, 1:], atol=1e-5, rtol=1e-5)
+    # a request's own items (extra), in the open session and after it timed out
+    extra = [hist[0][0], 2]
+    got = eng.scorer.scores([(eng.users[user], extra, False)])
+    want = _model_scores(eng, uid, [*hist, online[0]], [*online[1], *extra])
+    torch.testing.assert_close(got[:, 1:], want[:, 1:], atol=1e-5, rtol=1e-5)
+    got = eng.scorer.scores([(eng.users[user], extra, True)])
+    want = _model_scores(eng, uid, [*hist, *online], extra)
+    torch.testing.assert_close(got[:, 1:], want[:, 1:], atol=1e-5, rtol=1e-5)
 
 
 def test_session_closes_after_the_gap_or_a_new_key(engine: Engine) -> None:

@@ -47,11 +47,12 @@ ABLATIONS: dict[str, tuple[str, list[str]]] = {
     "hnvm-no-e": ("hnvm", ["model.use_e=false"]),
     "hnvm-no-z": ("hnvm", ["model.use_z=false"]),
     "hnvm-no-history": ("hnvm", ["model.use_history=false"]),
+    "hnvm-no-repeat": ("hnvm", ["model.repeat=false"]),  # the paper's HNVM (no repeat channel)
 }
 TASKS = ("next-item", "next-session")
 # what a benchmark writes into OUT (per task) besides results.json, runs/ and ranks/
 REPORT_FILES = ("results.csv", "table.md", "significance.json", "position.png", "history.png")
-BOTH = "both"  # --task both: OUT/next-item/ and OUT/next-session/ share OUT/runs and OUT/tuned
+BOTH = "both"  # --task both: OUT/next-item/ and OUT/next-session/ (runs: OUT/runs, OUT/runs-next-session)
 def all_models() -> list[str]:
     """Every registered model: the built-ins in the paper's order (baselines, then HNVM), then
     any others."""
@@ -215,9 +216,9 @@ def _plan(
             include_first else ""
         raise HnvmError(f"{dataset}: the test split has no {task} targets{first}; nothing to benchmark")
     results = _load_results(out / "results.json", dataset, task)
-    # a task's models early-stop on that task's validation (a later --set may say otherwise)
-    extra = ([f"train.validate={task}"] if task != "next-item" else []) + list(overrides or []) \
-        + ([f"train.epochs={epochs}"] if epochs is not None else [])
+    # a task's models early-stop on that task's validation, whatever a tuned config says (a --set
+    # may say otherwise); under the paper's protocol "hnvm" is the paper's model (no repeat channel)
+    extra = [f"train.validate={task}", *(overrides or []), *([f"train.epochs={epochs}"] if epochs is not None else [])]
     # every model's settings resolve (or refuse) before anything is trained or written
     plan = []
     for name in models:
@@ -230,7 +231,8 @@ def _plan(
         if protocol == "paper":  # then the paper's training of this model, where we ship one
             candidates.append(paper_configs() / f"{base}.toml")
         tuned = next((p for p in candidates if p.exists()), None)
-        settings = extra + list((model_overrides or {}).get(name, [])) + ablation
+        paper = ["model.repeat=false"] if protocol == "paper" and base == "hnvm" else []
+        settings = paper + extra + list((model_overrides or {}).get(name, [])) + ablation
         try:
             resolved = _resolved(base, tuned, settings)
         except HnvmError as exc:
@@ -341,7 +343,7 @@ def _resolved(model: str, config_path: Path | None, overrides: list[str]) -> dic
 def _reusable_run(run_dir: Path, resolved: dict[str, Any], data_ref: dict[str, Any]) -> float | None:
     """The training time of a finished run in `run_dir` trained with exactly the `resolved`
     settings on this data (same path and train-event digest), else None (also for a damaged
-    run: it is retrained). Lets both tasks of `--task both` share one training per model."""
+    run: it is retrained). Lets a re-run (or another benchmark over the same runs) reuse a run."""
     cfg_path, time_path = run_dir / "config.json", run_dir / "train_time.json"
     if not ((run_dir / "model" / "model.json").exists() and cfg_path.exists() and time_path.exists()):
         return None
@@ -395,25 +397,13 @@ def run_benchmarks(
     return {p.task: _execute(p, seq) for p in plans}
 
 
-def _significance(out: Path, done: dict[str, Any], task: str) -> dict[str, Any]:
-    base = report.best_baseline(done, "mrr@5")
-    if "hnvm" not in done or base is None:
-        return {"note": "needs hnvm and at least one baseline"}
-    ra = pl.read_parquet(out / "ranks" / "hnvm.parquet")
-    rb = pl.read_parquet(out / "ranks" / f"{base}.parquet")
-    pt = report.compare(ra, rb, task, "mrr@5")
-    return {"model": "hnvm", "baseline": base, "metric": "mrr@5",
-            "unit": "target" if task == "next-item" else "user",
-            "test": "wilcoxon signed-rank (two-sided); paired t-test", **pt.to_json()}
-
-
 def _fmt_p(p: Any) -> str:
     return "n/a" if p is None else f"{p:.3g}"
 
 
 def _write_reports(out: Path, done: dict[str, Any], task: str) -> dict[str, str]:
     files: dict[str, str] = {}
-    sig = _significance(out, done, task)
+    sig = report.significance(done, task, lambda name: pl.read_parquet(out / "ranks" / f"{name}.parquet"))
     atomic_json(out / "significance.json", sig)
     title = "Next-item (Table 2 layout)" if task == "next-item" else "Next-session (Table 3 layout)"
     md = [f"## {title}: test split, full ranking, conservative ties", "",
@@ -424,8 +414,12 @@ def _write_reports(out: Path, done: dict[str, Any], task: str) -> dict[str, str]
         md.append(f"Significance (hnvm vs {sig['baseline']}, MRR@5 per {sig['unit']}, n = {sig['n']}): "
                   f"Wilcoxon p = {_fmt_p(sig['p'])}, paired t-test p = {_fmt_p(sig['t_p'])}, "
                   f"mean difference = {sig['mean_diff']:+.4f}")
+        md += ["", "### hnvm against the best baseline of each column (paired tests per "
+               f"{sig['unit']})", "", report.headline_table(sig["columns"])]
     else:
         md.append(f"Significance: {sig['note']}")
+    if task == "next-session":
+        md += ["", "### Next-basket metrics (repeat = items the user had before)", "", report.basket_table(done)]
     atomic_text(out / "table.md", "\n".join(md) + "\n")
     files["table"] = str(out / "table.md")
     metric_names = sorted({m for r in done.values() for m in r["metrics"]})

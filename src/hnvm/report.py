@@ -19,7 +19,7 @@ evaluation ran with `include_first`.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -61,7 +61,10 @@ def improvement(results: Mapping[str, Mapping[str, Any]], metric: str, target: s
 
 
 def _table(results: Mapping[str, Mapping[str, Any]], ks: tuple[int, ...], target: str) -> str:
-    cols = [(f"{label}@{k}", f"{key}@{k}") for k in ks for label, key in PAPER_COLUMNS]
+    return _rows(results, [(f"{label}@{k}", f"{key}@{k}") for k in ks for label, key in PAPER_COLUMNS], target)
+
+
+def _rows(results: Mapping[str, Mapping[str, Any]], cols: list[tuple[str, str]], target: str) -> str:
     lines = ["| model | " + " | ".join(c for c, _ in cols) + " |",
              "|---|" + "---:|" * len(cols)]
     for name, r in results.items():
@@ -78,6 +81,66 @@ def paper_table(results: Mapping[str, Mapping[str, Any]], task: str, target: str
     improvement over the best baseline of each column (hnvm* variants are not baselines)."""
     del task  # same layout for both tasks; the caller titles the table
     return _table(results, (5,), target)
+
+
+# the columns HNVM is judged on (issue #15's "done when"): per task, against the best baseline of each
+HEADLINE = {"next-item": ("recall@5", "mrr@5", "recall@20"),
+            "next-session": ("recall@10", "ndcg@10", "phr@10", "mrr@5")}
+
+
+def basket_table(results: Mapping[str, Mapping[str, Any]], target: str = "hnvm") -> str:
+    """Next-basket metrics as the NBR literature reports them (Li et al. 2023): Recall, NDCG and
+    PHR @5/10/20 (the relevant set: the held-out session's distinct items), then @10 the
+    repeat/explore breakdown (recall on items the user had before / new to the user) and the
+    share of repeat items among the 10 shown."""
+    cols = [(f"{label}@{k}", f"{key}@{k}") for k in (5, 10, 20)
+            for label, key in (("Recall", "recall"), ("NDCG", "ndcg"), ("PHR", "phr"))]
+    cols += [("Rec-rep@10", "recall_repeat@10"), ("Rec-expl@10", "recall_explore@10"),
+             ("Rep-share@10", "repeat_share@10")]
+    return _rows(results, cols, target)
+
+
+def headline_tests(results: Mapping[str, Mapping[str, Any]], task: str,
+                   ranks: Callable[[str], pl.DataFrame], target: str = "hnvm") -> list[dict[str, Any]]:
+    """For each HEADLINE metric of `task`: `target` against the best baseline of that column,
+    the relative improvement and the paired tests over targets (next item) or users (next
+    session); `ranks(name)` reads a model's exported ranks."""
+    out = []
+    for metric in HEADLINE[task]:
+        base = best_baseline(results, metric)
+        if target not in results or base is None:
+            continue
+        ours, theirs = results[target]["metrics"].get(metric), results[base]["metrics"].get(metric)
+        if ours is None or theirs is None:
+            continue
+        pt = compare(ranks(target), ranks(base), task, metric)
+        out.append({"metric": metric, "model": target, "value": ours, "baseline": base, "baseline_value": theirs,
+                    "improvement": improvement(results, metric, target), **pt.to_json()})
+    return out
+
+
+def significance(results: Mapping[str, Mapping[str, Any]], task: str,
+                 ranks: Callable[[str], pl.DataFrame]) -> dict[str, Any]:
+    """A benchmark's significance.json: hnvm against the best baseline by MRR@5 (paired tests
+    per target or user), and under "columns" `headline_tests`."""
+    base = best_baseline(results, "mrr@5")
+    if "hnvm" not in results or base is None:
+        return {"note": "needs hnvm and at least one baseline"}
+    pt = compare(ranks("hnvm"), ranks(base), task, "mrr@5")
+    return {"model": "hnvm", "baseline": base, "metric": "mrr@5",
+            "unit": "target" if task == "next-item" else "user",
+            "test": "wilcoxon signed-rank (two-sided); paired t-test", **pt.to_json(),
+            "columns": headline_tests(results, task, ranks)}
+
+
+def headline_table(tests: list[dict[str, Any]]) -> str:
+    """Markdown of `headline_tests`: one row per metric."""
+    lines = ["| metric | hnvm | best baseline | improv. | Wilcoxon p | t-test p |", "|---|---:|---|---:|---:|---:|"]
+    for t in tests:
+        p, tp = (("n/a" if v is None else f"{v:.3g}") for v in (t["p"], t["t_p"]))
+        lines.append(f"| {t['metric']} | {t['value']:.4f} | {t['baseline']} {t['baseline_value']:.4f} | "
+                     f"{t['improvement']} | {p} | {tp} |")
+    return "\n".join(lines)
 
 
 def cutoff_table(results: Mapping[str, Mapping[str, Any]], ks: tuple[int, ...] = (10, 20),

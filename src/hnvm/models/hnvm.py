@@ -22,7 +22,7 @@ from hnvm.data.sampling import popularity_probs, train_counts
 from hnvm.models.base import NetPersistence, register
 from hnvm.models.hnvm_latent import free_bits_kl, latent_diagnostics
 from hnvm.models.hnvm_net import HNVMNet
-from hnvm.models.hnvm_repeat import RepeatMemory, history_pairs, loss_scorers, prefix_pairs
+from hnvm.models.hnvm_repeat import Pairs, RepeatMemory, history_pairs, loss_scorers, prefix_pairs
 from hnvm.models.layers import keep_last_items, ranking_loss
 from hnvm.training import TrainConfig, fit
 
@@ -222,7 +222,8 @@ class HNVM(NetPersistence):
     #                                                        from initial_context())
     #     cond  = session_condition(general_preference(u), h_con)
     #     h     = decoder_step(bos, None, cond);  h = decoder_step(i_t, h, cond) for t = 1..L
-    #     score_state(h) = score(...) of the item i_{L+1}  (L = 0: score_sessions(...))
+    #     score_state(h) = score(...) of the item i_{L+1}  (L = 0: score_sessions(...)); with the
+    #     repeat channel add_repeat(score_state(h), memory, prefix, cond, h) (repeat_memory/_fold)
     # with z at the prior mean, i.e. what `score` / `score_sessions` compute with mc_samples = 1.
     # A caller (hnvm.online) keeps h_con, cond and h per user and advances them as events come.
 
@@ -320,12 +321,14 @@ class HNVM(NetPersistence):
         `score_sessions` return for the same history (prefix empty: the next session)."""
         net = self._net()
         assert net.repeat is not None, "add_repeat needs config.repeat"
-        pre = None
+        dev, pre = cond.device, None
+        zero = torch.zeros(1, dtype=torch.long, device=dev)
         if len(prefix):
-            row = torch.tensor([[*prefix, 0]], dtype=torch.long)
-            pre = prefix_pairs(row, torch.zeros(1, dtype=torch.long), torch.tensor([len(prefix)]))
-        zero = torch.zeros(1, dtype=torch.long)
-        return net.repeat.terms(cond, memory.features(), h_dec, zero, pre, self.n_items).add_to(scores)
+            row = torch.tensor([[*prefix, 0]], dtype=torch.long, device=dev)
+            pre = prefix_pairs(row, zero, torch.tensor([len(prefix)], device=dev))
+        hist = memory.features()
+        hist = Pairs(hist.row.to(dev), hist.item.to(dev), hist.feat.to(dev))
+        return net.repeat.terms(cond, hist, h_dec, zero, pre, self.n_items).add_to(scores)
 
     def output_layer(self) -> tuple[Tensor, Tensor]:
         """The output layer score_j = W[j]·h + b_j, detached: (W Float[n_items + 1, H],

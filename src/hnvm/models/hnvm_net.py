@@ -33,6 +33,9 @@ Interpretation choices (the paper leaves these open; see docs/design.md, "HNVM")
   training exactly as the paper's; with `unknown_user_rate` > 0 a share of the training windows is
   read as user 0 (KL weighted by the real user's share), so row 0 is learned directly. Either way,
   users without training events get row 0 as their rows.
+* Repeat channel (not in the paper; `repeat=True`, hnvm_repeat): a sparse, state-gated score term
+  from what the user did with each item before; built after the paper's init, so without it the
+  network (and its random stream) is the paper's.
 * Posterior-collapse remedies (not in the paper; off by default except where docs/design.md,
   "HNVM" says): `var_scale_in_kl=False` computes both KL terms on the unscaled Gaussians, so
   var_scale is only a sampling temperature (inside the KL it multiplies the mean-difference term
@@ -65,7 +68,9 @@ class HNVMOutput:
     z_gaussians: tuple[Tensor, Tensor, Tensor, Tensor] | None = None  # (mu_q, lv_q, mu_p, lv_p) [B, W, Dz]
     kl_z_dims: Tensor | None = None  # [B, W, Dz] per dimension (kl_z = its sum); 0 on padded sessions
     kl_e_dims: Tensor | None = None  # [B, De] per dimension (kl_e = its sum)
-    cond: Tensor | None = None  # [B, W, C] the decoder's session input [h_con_{n-1}; z_n] (one draw)
+    # [B, W, C] the session input at inference, [h_con_{n-1}; prior mean of z_n]: what the repeat
+    # channel's gate reads in training too, so that it never sees the session it scores
+    cond: Tensor | None = None
 
 
 class HNVMNet(nn.Module):
@@ -285,10 +290,10 @@ class HNVMNet(nn.Module):
             else:
                 z = mu_p
         if S == 1:
-            cond = session_cond = self._cond(h_prev, e, z)  # [B, W, C]
+            cond = self._cond(h_prev, e, z)  # [B, W, C]
         else:
             cond = torch.cat([h_prev.expand(S, -1, -1, -1), z], -1)  # [S, B, W, C]
-            session_cond = cond.mean(0)
+        session_cond = self._cond(h_prev, e, mu_p if self.use_z else None) if self.repeat is not None else None
         cond = cond.reshape(S, B * W, cond.shape[-1])[:, real].flatten(0, 1)  # [S*N, C]
 
         # decoder over all real sessions (and MC draws) at once: one GRU call per length bucket

@@ -11,11 +11,14 @@ memorising every (user, item) pair. The channel (docs/design.md, "Repeat channel
                 + g_k · (rho_j·had + a_n·phi(n, j))           the user's earlier sessions
                 + c_k·psi(k, j)                               the current session's prefix
 
-    phi(n, j) = [had, log(1 + c), c / N, 1 / d, [d = 1]]      0 for items the user never had;
+    phi(n, j) = [had, log(1 + c), c / N, 1 / d, [d = 1], f_0.9, f_0.6]    0 for items never had;
         c = closed sessions before session n holding j, N = closed sessions before n,
-        d = sessions since the last one holding j (1 = the previous session)
+        d = sessions since the last one holding j (1 = the previous session),
+        f_r = sum of r^(d_s - 1) over the sessions s holding j (d_s sessions ago) / sum_{i<N} r^i, the
+        time-decayed share of TIFU-KNN's user vectors (Hu et al. 2020) at two decay rates
     psi(k, j) = [log(1 + m), [j = i_{t-1}]]                    m = times j is in i_1..i_{t-1}
-    a_n = A·cond_n + a_0       cond_n = [h_con_{n-1}; z_n], the decoder's session input (eq. 11)
+    a_n = A·cond_n + a_0       cond_n = [h_con_{n-1}; z_n] with z_n the prior mean (eq. 12), also in
+                               training: the gate never reads the posterior of the session it scores
     g_k = 1 + tanh(v·h_k + v_0),  c_k = C·h_k + c_0            h_k: the decoder state of target k
     rho_j                      a learned per-item repeat propensity (milk comes back, a kettle not)
 
@@ -44,20 +47,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-N_SESSION = 5  # phi
+N_SESSION = 7  # phi
+DECAYS = (0.9, 0.6)  # the decay rates of phi's decayed shares
 N_PREFIX = 2  # psi
 # The gate biases and rho are read times GAIN: Adam and Adagrad move a weight by about lr per
 # step, and a small data set's few hundred steps at lr 0.002 would leave them near 0.
 GAIN = 10.0
 
 
-def session_features(count: Tensor, since: Tensor, n_prev: Tensor) -> Tensor:
+def session_features(count: Tensor, since: Tensor, n_prev: Tensor, decayed: Tensor) -> Tensor:
     """phi of items a user had: count (closed sessions holding the item, >= 1), since (sessions
-    since the last one holding it, >= 1), n_prev (closed sessions, >= 1); each Long[P]
-    -> Float[P, N_SESSION]."""
-    c = count.to(torch.float32)
-    return torch.stack([torch.ones_like(c), torch.log1p(c), c / n_prev.to(torch.float32),
-                        1.0 / since.to(torch.float32), (since == 1).to(torch.float32)], -1)
+    since the last one holding it, >= 1), n_prev (closed sessions, >= 1), each Long[P]; decayed
+    Float[P, len(DECAYS)]: sum of r^(since - 1) over the sessions holding it -> Float[P, N_SESSION]."""
+    c, n = count.to(torch.float32), n_prev.to(torch.float32)
+    rates = torch.tensor(DECAYS, device=c.device)
+    norm = (1 - rates.pow(n[:, None])) / (1 - rates)  # sum_{i<N} r^i
+    return torch.cat([torch.stack([torch.ones_like(c), torch.log1p(c), c / n, 1.0 / since.to(torch.float32),
+                                   (since == 1).to(torch.float32)], -1), decayed / norm], -1)
 
 
 def prefix_features(count: Tensor, is_last: Tensor) -> Tensor:
@@ -99,6 +105,17 @@ def history_pairs(history: Tensor, window: Tensor, wanted: Tensor | None = None)
     last = torch.zeros(n_v, dtype=torch.long, device=dev).scatter_reduce_(0, v[old], order[old], "amax")
     in_w = torch.zeros(n_v, W, dtype=torch.long, device=dev)
     in_w[v[~old], s[~old] - S] = 1
+    # the decayed counts: r^(sessions since) summed over the history (at the window's start),
+    # then carried across the window, times r at each real session
+    rates = torch.tensor(DECAYS, device=dev)
+    since_old = (before[b_v[v], S] - order)[old].to(torch.float32)
+    decayed = torch.zeros(n_v, len(DECAYS), device=dev).index_add_(0, v[old], rates.pow(since_old[:, None]))
+    real_w = real[b_v, S:]  # [V, W]
+    cols = []
+    for w in range(W):
+        cols.append(decayed)
+        decayed = torch.where(real_w[:, w, None], rates * decayed + in_w[:, w, None], decayed)
+    decayed = torch.stack(cols, 1)  # [V, W, len(DECAYS)]
     # before window session w: the history plus window sessions < w
     count = count[:, None] + in_w.cumsum(1) - in_w  # [V, W]
     seen = (in_w * before[b_v, S:] + in_w).cummax(1).values  # last ordinal up to and including w
@@ -108,7 +125,7 @@ def history_pairs(history: Tensor, window: Tensor, wanted: Tensor | None = None)
     if wanted is not None:
         keep &= wanted[b_v]
     vi, wi = keep.nonzero(as_tuple=True)
-    feat = session_features(count[vi, wi], n_prev[vi, wi] - last[vi, wi] + 1, n_prev[vi, wi])
+    feat = session_features(count[vi, wi], n_prev[vi, wi] - last[vi, wi] + 1, n_prev[vi, wi], decayed[vi, wi])
     return Pairs(b_v[vi] * W + wi, item_v[vi], feat)
 
 
@@ -140,7 +157,7 @@ class RepeatChannel(nn.Module):
 
     def session_values(self, cond: Tensor, pairs: Pairs) -> Tensor:
         """cond Float[R, C] (row r's session input), pairs of phi -> Float[P]: rho·had + a_r·phi."""
-        gates = F.linear(cond, self.session_gate.weight) + GAIN * self.session_gate.bias  # [R, 5]
+        gates = F.linear(cond, self.session_gate.weight) + GAIN * self.session_gate.bias  # [R, N_SESSION]
         rho = GAIN * self.propensity(pairs.item).squeeze(-1)
         return rho * pairs.feat[:, 0] + (gates.index_select(0, pairs.row) * pairs.feat).sum(-1)
 
@@ -182,7 +199,8 @@ class RepeatTerms:
     tgt_val: Tensor  # Float[Q]
 
     def add_to(self, scores: Tensor) -> Tensor:
-        """scores Float[K, n_items + 1] (full catalogue) + the repeat terms (a new tensor)."""
+        """scores Float[K, n_items + 1] (full catalogue) + the repeat terms: a new tensor where
+        autograd records, else `scores` itself, updated in place."""
         order = torch.argsort(self.sess_row, stable=True)
         n_of = torch.bincount(self.sess_row, minlength=self.n_rows)
         start = n_of.cumsum(0) - n_of
@@ -191,8 +209,10 @@ class RepeatTerms:
         idx = order[start[self.target_row][k] + torch.arange(len(k), device=k.device) - (n_k.cumsum(0) - n_k)[k]]
         rows = torch.cat([k, self.tgt_k])
         cols = torch.cat([self.sess_item[idx], self.tgt_item])
-        vals = torch.cat([self.g[k] * self.sess_val[idx], self.tgt_val])
-        return scores.index_put((rows, cols), vals.to(scores.dtype), accumulate=True)
+        vals = torch.cat([self.g[k] * self.sess_val[idx], self.tgt_val]).to(scores.dtype)
+        if torch.is_grad_enabled() and (scores.requires_grad or vals.requires_grad):
+            return scores.index_put((rows, cols), vals, accumulate=True)
+        return scores.index_put_((rows, cols), vals, accumulate=True)  # scoring: no copy
 
     def shared(self, ids: Tensor) -> Tensor:
         """The terms of shared candidates ids Long[M] -> Float[K, M]."""
@@ -240,6 +260,8 @@ def loss_scorers(net: Any, prefix: Tensor, window: Tensor, out: Any, hidden: Ten
                              hidden, rows, prefix_pairs(window.reshape(B * W, T), rows, t), net.n_items)
 
     def score_items(h: Tensor, ids: Tensor) -> Tensor:
+        if ids.dim() == 2 and ids.shape[1] != 1:
+            raise ValueError("per-row candidates: one per row ([K, 1]); shared ones: [M]")
         extra = terms.at(ids[:, 0])[:, None] if ids.dim() == 2 else terms.shared(ids)
         return net.score_items(h, ids) + extra
 
@@ -256,6 +278,7 @@ class RepeatMemory:
         self.items: list[int] = []
         self.count: list[int] = []
         self.last: list[int] = []
+        self.decayed: list[list[float]] = []  # per DECAYS rate: sum of r^(last - session) at `last`
         self.n = 0  # closed sessions
 
     def fold(self, items: np.ndarray | list[int]) -> None:
@@ -271,20 +294,25 @@ class RepeatMemory:
                 self.items.append(i)
                 self.count.append(1)
                 self.last.append(self.n)
+                self.decayed.append([1.0] * len(DECAYS))
             else:
+                gap = self.n - self.last[j]
+                self.decayed[j] = [d * r**gap + 1.0 for d, r in zip(self.decayed[j], DECAYS, strict=True)]
                 self.count[j] += 1
                 self.last[j] = self.n
 
     def copy(self) -> RepeatMemory:
         out = RepeatMemory()
         out.index, out.items, out.n = dict(self.index), list(self.items), self.n
-        out.count, out.last = list(self.count), list(self.last)
+        out.count, out.last, out.decayed = list(self.count), list(self.last), [list(d) for d in self.decayed]
         return out
 
     def features(self) -> Pairs:
         """phi of every item had, for the next session: Pairs with row 0."""
         items = torch.tensor(self.items, dtype=torch.long)
         n_prev = torch.full_like(items, self.n)
-        feat = session_features(torch.tensor(self.count, dtype=torch.long),
-                                n_prev - torch.tensor(self.last, dtype=torch.long) + 1, n_prev)
+        since = n_prev - torch.tensor(self.last, dtype=torch.long) + 1
+        decayed = torch.tensor(self.decayed, dtype=torch.float32).reshape(-1, len(DECAYS))
+        decayed = decayed * torch.tensor(DECAYS).pow((since - 1).to(torch.float32)[:, None])
+        feat = session_features(torch.tensor(self.count, dtype=torch.long), since, n_prev, decayed)
         return Pairs(torch.zeros_like(items), items, feat.reshape(-1, N_SESSION))

@@ -7,7 +7,9 @@
   sessions and the decoder state of the open session (`_StepCache`), so a closed session costs
   one encoder pass + one context step, an event one decoder step, and a recommendation one
   scoring pass (`ranking.LinearRanker`: exact fp32, or a certified bf16 shortlist). Its passes
-  hand [B, H] states to the ranker, which may run in another process (`worker`).
+  hand [B, H] states to the ranker, which may run in another process (`worker`). With HNVM's
+  repeat channel it also keeps the user's `RepeatMemory`, and its passes are full fp32 score
+  rows (the linear scores plus the sparse repeat terms), ranked in this process.
 * `GenericScorer`, for every other Recommender: it builds the user's history as a `Batch` and
   calls the model's own `score` / `score_sessions` (cost grows with the history, as in
   evaluation).
@@ -163,6 +165,8 @@ class StepScorer(Scorer):
             scoring == "bf16" or (scoring == "auto" and n_items >= AUTO_BF16_ITEMS)))
         self.ranker = None if self.repeat else self.linear
         self.scoring = self.linear.scoring
+        if self.repeat and scoring == "bf16":
+            log.warning("scoring bf16 ignored: the repeat channel's scores are ranked exactly in fp32")
         if model.config.mc_samples > 1:
             log.warning("serving %s with the prior mean of z (mc_samples=%d is for evaluation)",
                         model.name.upper(), model.config.mc_samples)
