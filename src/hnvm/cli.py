@@ -298,7 +298,7 @@ def demo(
     item, sess = res["results"]["next-item"], res["results"]["next-session"]
     out.print(benchmark_table(item, "Next item (test split, full ranking, conservative ties)",
                                ("recall@5", "mrr@5", "recall@20", "mrr@20")))
-    out.print(benchmark_table(sess, "Next session = next basket (test split: the whole last order, from history)",
+    out.print(benchmark_table(sess, "Next session = next basket (test split: the last order, from history)",
                                ("recall@10", "ndcg@10", "phr@10", "mrr@5", "recall_repeat@10",
                                 "recall_explore@10", "repeat_share@10")))
     for line in verdict(res["results"]):

@@ -155,6 +155,19 @@ def by_k_table(m: dict[str, float], title: str, ks: tuple[int, ...] = (5, 10, 20
     return t
 
 
+# short column headers, so that the next-basket table fits 80 columns
+SHORT = (("recall_repeat", "rep R"), ("recall_explore", "expl R"), ("repeat_share", "rep shr"), ("recall", "R"),
+         ("ndcg", "NDCG"), ("phr", "PHR"), ("mrr", "MRR"), ("precision", "P"))
+
+
+def short(metric: str) -> str:
+    """recall_repeat@10 -> rep R@10, ndcg@10 -> NDCG@10, ..."""
+    for long, abbrev in SHORT:
+        if metric.startswith(long):
+            return abbrev + metric[len(long):]
+    return metric
+
+
 def benchmark_table(res: dict, title: str, cols: tuple[str, ...]) -> Table:
     """Rows = a benchmark's models (+ HNVM's improvement), columns = the given metrics."""
     from hnvm import report
@@ -162,11 +175,13 @@ def benchmark_table(res: dict, title: str, cols: tuple[str, ...]) -> Table:
     t = Table(title=title)
     t.add_column("model")
     for c in cols:
-        t.add_column(c, justify="right")
+        t.add_column(short(c), justify="right")
     t.add_column("train s", justify="right")
     for name, r in res["models"].items():
         mark = report.DAGGER if r["untuned"] else ""
-        t.add_row(name + mark, *(f"{r['metrics'].get(c, float('nan')):.4f}" for c in cols), f"{r['train_s']:.0f}")
+        # .4197, not 0.4197: the columns stay narrow
+        t.add_row(name + mark, *(f"{r['metrics'].get(c, float('nan')):.4f}".removeprefix("0") for c in cols),
+                  f"{r['train_s']:.0f}")
     base = {c: report.best_baseline(res["models"], c) for c in cols}
     if "hnvm" in res["models"]:
         t.add_row("Improv.", *(report.improvement(res["models"], c) for c in cols), "")

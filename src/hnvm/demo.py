@@ -35,7 +35,7 @@ DEMO_MODELS = ["pop", "ptopfreq", "tifuknn", "bprmf", "gru4rec", "hrnn", "hnvm"]
 # Epoch caps (early stopping still applies): the slow-per-epoch baselines get a few; HNVM gets 3,
 # where its validation MRR@5 peaked in tuning for both tasks (next item: epoch 3 of 5, then it
 # falls; next session: .7025 at epoch 3, .7029 at 5), so the cap costs it nothing measurable
-DEMO_EPOCHS: dict[str, int] = {"bprmf": 3, "ncf": 1, "gru4rec": 2, "hrnn": 1, "caser": 1, "stamp": 2, "hnvm": 3}
+DEMO_EPOCHS: dict[str, int] = {"bprmf": 2, "ncf": 1, "gru4rec": 1, "hrnn": 1, "caser": 1, "stamp": 2, "hnvm": 3}
 
 
 def demo_config_dir() -> Path:
