@@ -22,12 +22,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_eval import load_data, train_throughput  # noqa: E402
+from train_eval import load_data, train_throughput
 
-from hnvm.config import build, load_toml  # noqa: E402
-from hnvm.data.batches import Sequences, next_item_batches  # noqa: E402
-from hnvm.metrics import conservative_ranks  # noqa: E402
-from hnvm.models.hnvm import HNVM, HNVMConfig  # noqa: E402
+from hnvm.config import build, load_toml
+from hnvm.data.batches import Sequences, next_item_batches
+from hnvm.metrics import conservative_ranks
+from hnvm.models.hnvm import HNVM, HNVMConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {"demo": ROOT / "src/hnvm/demo_configs/hnvm.toml", "paper": ROOT / "src/hnvm/paper_configs/hnvm.toml"}
