@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_eval import load_data, train_throughput
+from train_eval import first_test_batches, load_data, train_throughput
 
 from hnvm.config import build, load_toml
-from hnvm.data.batches import Sequences, next_item_batches
+from hnvm.data.batches import Sequences
 from hnvm.metrics import conservative_ranks
 from hnvm.models.hnvm import HNVM, HNVMConfig
 
@@ -58,12 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     for dname in args.datasets.split(","):
         ds = load_data(dname, args.workdir)
         seq = Sequences.from_events(ds.events, ds.n_users)
-        batches, n = [], 0
-        for b in next_item_batches(seq, "test", max_targets=512):
-            batches.append(b)
-            n += b.n_targets
-            if n >= args.eval_targets:
-                break
+        batches = first_test_batches(seq, args.eval_targets)
         print(f"\n== {dname}: {ds.n_users:,} users, {ds.n_items:,} items")
         ratios: dict[str, list[float]] = {"train": [], "eval": []}
         for r in range(args.rounds):

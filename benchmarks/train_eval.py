@@ -112,6 +112,17 @@ def train_throughput(model: object, ds: Dataset, steps: int, device: torch.devic
     return n_targets / max(elapsed, 1e-9), n_targets, trainable
 
 
+def first_test_batches(seq: Sequences, n_targets: int) -> list:
+    """Next-item test batches (512 targets each) until they hold at least n_targets targets."""
+    kept, n = [], 0
+    for b in next_item_batches(seq, "test", max_targets=512):
+        kept.append(b)
+        n += b.n_targets
+        if n >= n_targets:
+            break
+    return kept
+
+
 def bare_scoring(ds: Dataset, hidden: int, n_targets: int, chunk: int = 512,
                  device: torch.device | None = None) -> float:
     """Targets/s of the floor: scores = h W^T + b over all items, then the conservative rank."""
@@ -178,12 +189,8 @@ def main(argv: list[str] | None = None) -> None:
             if device.type != "cpu" and getattr(model, "net", None) is not None:
                 model.to(device)  # type: ignore[attr-defined]
             # evaluation speed on the first --eval-targets test targets
-            kept, n = [], 0
-            for b in next_item_batches(seq, "test", max_targets=512):
-                kept.append(b)
-                n += b.n_targets
-                if n >= args.eval_targets:
-                    break
+            kept = first_test_batches(seq, args.eval_targets)
+            n = sum(b.n_targets for b in kept)
             if device.type != "cpu" and getattr(model, "net", None) is not None:
                 kept = [b.to(device) for b in kept]
             _sync(device)

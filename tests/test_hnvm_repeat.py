@@ -80,18 +80,26 @@ def test_memory_features_equal_history_pairs() -> None:
     torch.testing.assert_close(a, b)  # the decayed shares: another summation order
 
 
-def test_sparse_terms_agree_dense_shared_and_per_target() -> None:
-    torch.manual_seed(0)
-    n_items = 11
-    g = np.random.default_rng(2)
-    hist, win = _random_sessions(g, 3, 3, 4, n_items), _random_sessions(g, 3, 2, 5, n_items)
-    channel = RepeatChannel(cond_dim=6, hidden=5, n_items=n_items, sparse=False)
+def _random_channel(seed: int, B: int, n_items: int, cond_dim: int, hidden: int) -> tuple:
+    """A channel with random weights and the inputs of every target of B rows x 2 window sessions:
+    (channel, cond [2B, cond_dim], history pairs, hidden [K, hidden], rows [K], prefix pairs)."""
+    torch.manual_seed(seed)
+    g = np.random.default_rng(seed + 2)
+    hist, win = _random_sessions(g, B, 3, 4, n_items), _random_sessions(g, B, 2, 5, n_items)
+    channel = RepeatChannel(cond_dim=cond_dim, hidden=hidden, n_items=n_items, sparse=False)
     for p in channel.parameters():
         torch.nn.init.normal_(p)
     b, w, t = (win > 0).nonzero(as_tuple=True)
     rows = b * 2 + w
-    terms = channel.terms(torch.randn(6, 6), history_pairs(hist, win), torch.randn(len(rows), 5), rows,
-                          prefix_pairs(win.reshape(6, 5), rows, t), n_items)
+    return (channel, torch.randn(2 * B, cond_dim), history_pairs(hist, win), torch.randn(len(rows), hidden), rows,
+            prefix_pairs(win.reshape(2 * B, 5), rows, t))
+
+
+def test_sparse_terms_agree_dense_shared_and_per_target() -> None:
+    n_items = 11
+    g = np.random.default_rng(2)
+    channel, cond, hp, hidden, rows, pp = _random_channel(0, 3, n_items, cond_dim=6, hidden=5)
+    terms = channel.terms(cond, hp, hidden, rows, pp, n_items)
     dense = terms.add_to(torch.zeros(len(rows), n_items + 1))
     assert (dense != 0).any()
     ids = torch.tensor([3, 1, 3, 7, 11, 2])  # shared candidates, with a duplicate
@@ -102,17 +110,8 @@ def test_sparse_terms_agree_dense_shared_and_per_target() -> None:
 
 def test_terms_follow_the_formula() -> None:
     """score += g_k·(rho_j·had + a_n·phi(n, j)) + c_k·psi(k, j), written out for every (k, j)."""
-    torch.manual_seed(1)
     n_items = 9
-    g = np.random.default_rng(3)
-    hist, win = _random_sessions(g, 2, 3, 4, n_items), _random_sessions(g, 2, 2, 5, n_items)
-    channel = RepeatChannel(cond_dim=3, hidden=4, n_items=n_items, sparse=False)
-    for p in channel.parameters():
-        torch.nn.init.normal_(p)
-    b, w, t = (win > 0).nonzero(as_tuple=True)
-    rows = b * 2 + w
-    cond, hidden = torch.randn(4, 3), torch.randn(len(rows), 4)
-    hp, pp = history_pairs(hist, win), prefix_pairs(win.reshape(4, 5), rows, t)
+    channel, cond, hp, hidden, rows, pp = _random_channel(1, 2, n_items, cond_dim=3, hidden=4)
     got = channel.terms(cond, hp, hidden, rows, pp, n_items).add_to(torch.zeros(len(rows), n_items + 1))
     gain = 10.0
     a = cond @ channel.session_gate.weight.T + gain * channel.session_gate.bias  # [4, 7]

@@ -192,29 +192,33 @@ class HNVM(NetPersistence):
         last = batch.sessions[:, -1:]
         out = net(batch.users, last, h_con0=h, sample=False, mc_samples=self.config.mc_samples)
         hidden = out.dec_hidden[batch.target_rows, 0, batch.target_pos]  # [K, H]
-        scores = net.score(hidden)
         if net.repeat is None:
-            return scores
-        terms = net.repeat.terms(
-            net.session_condition(h, net.general_preference(batch.users)),
-            history_pairs(self._repeat_history(batch.sessions[:, :-1]), last), hidden, batch.target_rows,
-            prefix_pairs(last[:, 0], batch.target_rows, batch.target_pos), self.n_items)
-        return terms.add_to(scores)
+            return net.score(hidden)
+        return self._with_repeat(net.score(hidden), batch.users, h, batch.sessions[:, :-1], last, hidden,
+                                 batch.target_rows, prefix_pairs(last[:, 0], batch.target_rows, batch.target_pos))
 
     @torch.no_grad()
     def score_sessions(self, batch: Batch) -> Tensor:
         net = self.network()
         h = self._history(batch.users, batch.sessions)
         hidden = net.next_session_hidden(batch.users, h, self.config.mc_samples)
-        scores = net.score(hidden)
         if net.repeat is None:
-            return scores
-        rows = torch.arange(len(batch.users), device=hidden.device)
-        terms = net.repeat.terms(
-            net.session_condition(h, net.general_preference(batch.users)),
-            history_pairs(self._repeat_history(batch.sessions), batch.sessions.new_zeros(len(rows), 1, 1)),
-            hidden, rows, None, self.n_items)
-        return terms.add_to(scores)
+            return net.score(hidden)
+        B = len(batch.users)
+        return self._with_repeat(net.score(hidden), batch.users, h, batch.sessions, batch.sessions.new_zeros(B, 1, 1),
+                                 hidden, torch.arange(B, device=hidden.device), None)
+
+    def _with_repeat(self, scores: Tensor, users: Tensor, h_con: Tensor, history: Tensor, current: Tensor,
+                     hidden: Tensor, rows: Tensor, prefix: Pairs | None) -> Tensor:
+        """scores Float[K, n_items + 1] plus the repeat channel's terms: phi of each row's `current`
+        session (Long[B, 1, T]) from its closed sessions `history` (Long[B, N, T]), gated by the
+        session input (prior-mean z after h_con Float[B, H]) and the states hidden Float[K, H] of
+        the K targets in rows Long[K]; `prefix`: the targets' psi (None: next session)."""
+        net = self.network()
+        assert net.repeat is not None
+        cond = net.session_condition(h_con, net.general_preference(users))
+        hist = history_pairs(self._repeat_history(history), current)
+        return net.repeat.terms(cond, hist, hidden, rows, prefix, self.n_items).add_to(scores)
 
     # -- online inference: the same scores one closed session and one event at a time ---------------
     # For a user u with closed sessions s_1..s_{n-1} and the first L items i_1..i_L of session n:
@@ -315,8 +319,8 @@ class HNVM(NetPersistence):
     @torch.no_grad()
     def add_repeat(self, scores: Tensor, memory: RepeatMemory, prefix: Sequence[int], cond: Tensor,
                    h_dec: Tensor) -> Tensor:
-        """scores Float[1, n_items + 1] of `score_state(h_dec)` plus the repeat channel's terms for
-        a user with `memory` (closed sessions) and the open session's `prefix` items, the session
+        """scores Float[1, n_items + 1] of `score_state(h_dec)` plus (in place) the repeat channel's
+        terms for a user with `memory` (closed sessions) and the open session's `prefix` items, the session
         input `cond` Float[1, C] and decoder state `h_dec` Float[1, H]: what `score` /
         `score_sessions` return for the same history (prefix empty: the next session)."""
         net = self._net()

@@ -179,11 +179,11 @@ class StepScorer(Scorer):
         """[B, H] decoder states; with the repeat channel, their scores [B, n_items + 1]."""
         if not self.repeat:
             return torch.cat([self._hidden(*v)[0] for v in views])  # [B, H]
-        rows = []
-        for v in views:
-            h, cond, memory, prefix = self._hidden(*v)
-            rows.append(self.model.add_repeat(self.linear.scores(h), memory, prefix, cond, h))
-        return torch.cat(rows)
+        states = [self._hidden(*v) for v in views]
+        scores = self.linear.scores(torch.cat([s[0] for s in states]))  # one matmul for the batch
+        for i, (h, cond, memory, prefix) in enumerate(states):  # each row's sparse terms, in place
+            self.model.add_repeat(scores[i: i + 1], memory, prefix, cond, h)
+        return scores
 
     def rank(self, prepared: Tensor, k: int, exclude: Sequence[Sequence[int]]) -> Ranked:
         return top_k(prepared, k, exclude) if self.repeat else self.linear.rank(prepared, k, exclude)
