@@ -23,7 +23,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-MODELS = ("pop", "ptopfreq", "itemknn", "sknn", "bprmf", "ncf", "gru4rec", "hrnn", "caser", "stamp", "hnvm")
+MODELS = ("pop", "ptopfreq", "itemknn", "sknn", "tifuknn", "bprmf", "ncf", "gru4rec", "hrnn", "caser", "stamp", "hnvm",
+          "hnvm-repeat")
+# fingerprinted variants: name -> (registered model, extra --set options)
+VARIANTS = {"hnvm-repeat": ("hnvm", ("--set", "model.repeat=true"))}
 TIMING_KEYS = {"seconds", "targets_per_s", "fit_seconds", "seconds_per_epoch", "duration", "datetime_start",
                "datetime_complete", "elapsed_s", "train_seconds", "eval_seconds", "score_seconds", "when",
                "created", "started", "finished", "time", "wall_s"}
@@ -78,8 +81,9 @@ def main() -> None:
         print("dataset", _sha(data / "events.parquet"))
         for m in filter(None, a.models.split(",")):
             run = root / m
-            _hnvm("train", str(data), "--model", m, "--out", str(run), "--set", f"train.epochs={a.epochs}",
-                  "--device", "cpu")
+            model, extra = VARIANTS.get(m, (m, ()))
+            _hnvm("train", str(data), "--model", model, "--out", str(run), "--set", f"train.epochs={a.epochs}",
+                  "--device", "cpu", *extra)
             for task in ("next-item", "next-session"):
                 _hnvm("evaluate", str(run), "--task", task, "--device", "cpu",
                       "--export-ranks", str(root / f"{m}-{task}.parquet"))

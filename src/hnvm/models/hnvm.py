@@ -191,7 +191,8 @@ class HNVM(NetPersistence):
         h = self._history(batch.users, batch.sessions[:, :-1])  # [B, H]
         last = batch.sessions[:, -1:]
         out = net(batch.users, last, h_con0=h, sample=False, mc_samples=self.config.mc_samples)
-        hidden = out.dec_hidden[batch.target_rows, 0, batch.target_pos]  # [K, H]
+        lengths = out.item_mask[:, 0].sum(-1)  # [B]; out.states holds every real position, row by row
+        hidden = out.states[(torch.cumsum(lengths, 0) - lengths)[batch.target_rows] + batch.target_pos]  # [K, H]
         if net.repeat is None:
             return net.score(hidden)
         return self._with_repeat(net.score(hidden), batch.users, h, batch.sessions[:, :-1], last, hidden,
@@ -420,7 +421,7 @@ class _HNVMTrainable:
             users = users.masked_fill(unknown, 0)
         out = net(users, batch.window, h_con0=h0, sample=True)
         mask = out.item_mask  # [B, W, T]
-        hidden = out.dec_hidden[mask]  # [K, H]
+        hidden = out.states  # [K, H], the order of window[mask]
         targets = batch.window[mask]  # [K]
         score_all, score_items = net.score, net.score_items
         if net.repeat is not None:

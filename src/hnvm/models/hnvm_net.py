@@ -46,11 +46,10 @@ Interpretation choices (the paper leaves these open; see docs/design.md, "HNVM")
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hnvm.models.hnvm_repeat import RepeatChannel
@@ -59,7 +58,7 @@ from hnvm.models.layers import GaussianHead, ItemOutput, gaussian_kl_dims, init_
 
 @dataclass
 class HNVMOutput:
-    dec_hidden: Tensor  # [B, W, T, H] state predicting items[b, w, t]; 0 at padding
+    states: Tensor  # [K, H] decoder state predicting each real item, in the order of items[item_mask]
     kl_z: Tensor  # [B, W] KL(q(z_n) || p(z_n | e)); 0 on padded sessions
     kl_e: Tensor  # [B] KL(q(e) || p(e))
     h_con: Tensor  # [B, W, H] context state after each session (carried over padding)
@@ -71,6 +70,13 @@ class HNVMOutput:
     # [B, W, C] the session input at inference, [h_con_{n-1}; prior mean of z_n]: what the repeat
     # channel's gate reads in training too, so that it never sees the session it scores
     cond: Tensor | None = None
+
+    @property
+    def dec_hidden(self) -> Tensor:
+        """[B, W, T, H]: `states` at their items' places, 0 at padding (built on each call)."""
+        dec = self.states.new_zeros(*self.item_mask.shape, self.states.shape[-1])
+        dec[self.item_mask] = self.states
+        return dec
 
 
 class HNVMNet(nn.Module):
@@ -89,7 +95,7 @@ class HNVMNet(nn.Module):
         init_var: float = 0.01,
         use_e: bool = True,
         use_z: bool = True,
-        length_buckets: int = 8,
+        step_rows: float = 20.0,
         sparse: bool = False,
         var_scale_in_kl: bool = True,
         word_dropout: float = 0.0,
@@ -101,7 +107,7 @@ class HNVMNet(nn.Module):
         self.n_items, self.n_users, self.hidden = n_items, n_users, hidden
         self.d_e, self.d_z = d_e, d_z
         self.use_e, self.use_z = use_e, use_z
-        self.length_buckets = length_buckets  # speed only: see _by_length
+        self.step_rows = step_rows  # speed only: see _buckets
         self.bos = n_items + 1
         self.log_var_scale = math.log(var_scale)
         # the KL terms see logvar - kl_shift: 0 = the scaled Gaussians (paper), else unscaled
@@ -135,46 +141,67 @@ class HNVMNet(nn.Module):
 
     # ---- building blocks ------------------------------------------------------------------
 
-    def _by_length(self, run: Callable[[Tensor, int], Tensor], lengths: Tensor) -> Tensor:
-        """Run a GRU over length buckets: run(rows, t) -> [len(rows), t, H] for rows trimmed to
-        t steps; returns [N, max(lengths), H], zero past each bucket's longest row.
-        Padded, not packed: on CPU torch's packed GRU is several times slower. Bucketing rows
-        by length keeps short sessions from paying for the longest one; rows of a GRU are
-        independent and causal, so valid positions are exact either way."""
-        T = int(lengths.max())
+    def _buckets(self, lengths: Tensor) -> list[Tensor]:
+        """Row indices grouped by length, shortest first. A GRU runs per group, padded to the
+        group's longest row: padded, not packed (on CPU torch's packed GRU is several times
+        slower). Rows of a GRU are independent and causal, so valid positions are exact (bit for
+        bit) whatever the grouping; the grouping only sets the cost, which `length_groups`
+        minimises."""
         order = lengths.argsort()
-        outs = []
-        for rows in order.tensor_split(min(self.length_buckets, len(order))):
-            t = int(lengths[rows].max())
-            outs.append(F.pad(run(rows, t), (0, 0, 0, T - t)))
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(len(order), device=order.device)
-        return torch.cat(outs)[inverse]
+        cuts = length_groups(lengths[order].cpu().numpy(), self.step_rows)
+        return list(order.tensor_split(cuts))
 
     def _encode(self, seqs: Tensor, lengths: Tensor) -> Tensor:
         """seqs: Long[N, T] right-padded, lengths: Long[N] >= 1 -> h_enc Float[N, H] (the state
-        after each session's last real item)."""
-        run = lambda rows, t: self.encoder(self.item_emb(seqs[rows, :t]))[0]  # noqa: E731
-        out = self._by_length(run, lengths)  # [N, T, H]
-        return out[torch.arange(len(lengths), device=out.device), lengths - 1]
+        after each session's last real item). Only that state is gathered from each group's GRU
+        output, never a padded [N, T, H] copy."""
+        parts, order = [], []
+        for rows in self._buckets(lengths):
+            n = lengths[rows]
+            out = self.encoder(self.item_emb(seqs[rows, : int(n.max())]))[0]  # [n, t, H]
+            parts.append(out[torch.arange(len(rows), device=out.device), n - 1])
+            order.append(rows)
+        return _unsort(torch.cat(parts), torch.cat(order))
 
-    def _decode(self, seqs: Tensor, lengths: Tensor, cond: Tensor) -> Tensor:
-        """Decoder over (BOS, seqs[:, :-1]). seqs: Long[N, T] right-padded, lengths: Long[N],
-        cond: Float[N, C] per-session input -> Float[N, T, H]; states past a session's length
-        are junk or 0, which the caller masks."""
-        N, T = seqs.shape
+    def _decoder_input(self, seqs: Tensor) -> Tensor:
+        """(BOS, seqs[:, :-1]): Long[N, T], with word dropout in training."""
+        N = seqs.shape[0]
         x_ids = torch.cat([seqs.new_full((N, 1), self.bos), seqs[:, :-1]], dim=1)  # [N, T]
         if self.training and self.word_dropout > 0:
             # Bowman et al. 2016: an input item becomes the zero vector (padding row), BOS stays
             drop = torch.rand(x_ids.shape, device=x_ids.device) < self.word_dropout
             x_ids = x_ids.masked_fill(drop & (x_ids != self.bos), 0)
+        return x_ids
 
-        def run(rows: Tensor, t: int) -> Tensor:
+    def _decode_valid(self, seqs: Tensor, lengths: Tensor, cond: Tensor) -> Tensor:
+        """Decoder over (BOS, seqs[:, :-1]), the states at real positions only: seqs Long[N, T]
+        right-padded, lengths Long[N] >= 1, cond Float[N, C] -> Float[sum(lengths), H] in
+        (row, position) order, i.e. the order of out[arange(T) < lengths[:, None]] for a padded
+        out. Gathering per length group avoids padded [N, T, H] copies (training's largest
+        non-GRU cost) and makes dropout act on real states only."""
+        x_ids = self._decoder_input(seqs)
+        starts = torch.cumsum(lengths, 0) - lengths  # [N] first flat index of each row
+        parts, where = [], []
+        for rows in self._buckets(lengths):
+            n = lengths[rows]
+            t = int(n.max())
             x = self.item_emb(x_ids[rows, :t])  # [n, t, E]
             c = cond[rows].unsqueeze(1).expand(-1, t, -1)  # the same [h_con; z] at every step
-            return self.decoder(torch.cat([x, c], dim=-1))[0]  # [n, t, H]
+            out = self.decoder(torch.cat([x, c], dim=-1))[0]  # [n, t, H]
+            steps = torch.arange(t, device=out.device)
+            valid = steps < n[:, None]  # [n, t]
+            parts.append(out[valid])
+            where.append((starts[rows, None] + steps)[valid])
+        return _unsort(torch.cat(parts), torch.cat(where))
 
-        return F.pad(self._by_length(run, lengths), (0, 0, 0, T - int(lengths.max())))
+    def _decode(self, seqs: Tensor, lengths: Tensor, cond: Tensor) -> Tensor:
+        """Decoder over (BOS, seqs[:, :-1]). seqs: Long[N, T] right-padded, lengths: Long[N],
+        cond: Float[N, C] per-session input -> Float[N, T, H], 0 past a session's length."""
+        N, T = seqs.shape
+        states = self._decode_valid(seqs, lengths, cond)
+        out = states.new_zeros(N, T, states.shape[-1])
+        out[torch.arange(T, device=seqs.device) < lengths[:, None]] = states
+        return out
 
     def _context(
         self, h_enc: Tensor, session_mask: Tensor, h_con0: Tensor | None
@@ -266,7 +293,7 @@ class HNVMNet(nn.Module):
         prior draws with the decoder states averaged)."""
         if sample and mc_samples != 1:
             raise ValueError("mc_samples > 1 is for inference (sample=False)")
-        B, W, T = items.shape
+        B, W, _ = items.shape
         H = self.hidden
         h_enc, item_mask, session_mask, real, seqs, seq_len = self._sessions(items)
 
@@ -296,15 +323,15 @@ class HNVMNet(nn.Module):
         session_cond = self._cond(h_prev, e, mu_p if self.use_z else None) if self.repeat is not None else None
         cond = cond.reshape(S, B * W, cond.shape[-1])[:, real].flatten(0, 1)  # [S*N, C]
 
-        # decoder over all real sessions (and MC draws) at once: one GRU call per length bucket
-        dec = h_enc.new_zeros(B * W, T, H)
+        # decoder over all real sessions (and MC draws) at once: one GRU call per length group;
+        # only real positions are kept (a padded [B, W, T, H] copy cost more than the scoring)
+        states = h_enc.new_zeros(0, H)
         if real.numel():
-            out = self._decode(seqs.repeat(S, 1), seq_len.repeat(S), cond)  # [S*N, T', H]
-            out = out.view(S, -1, *out.shape[1:]).mean(0)  # [N, T', H]
-            dec[real, : out.shape[1]] = out.to(dec.dtype)
-        dec_hidden = self.drop(dec.view(B, W, T, H) * item_mask.unsqueeze(-1))
+            out = self._decode_valid(seqs.repeat(S, 1), seq_len.repeat(S), cond)  # [S*K, H]
+            states = out.view(S, -1, H).mean(0).to(h_enc.dtype)  # [K, H]
+        states = self.drop(states)
         z_gaussians = (mu_q, lv_q, mu_p, lv_p) if self.use_z else None
-        return HNVMOutput(dec_hidden, kl_z, kl_e, h_con, item_mask, session_mask, z_gaussians,
+        return HNVMOutput(states, kl_z, kl_e, h_con, item_mask, session_mask, z_gaussians,
                           kl_z_dims, kl_e_dims, session_cond)
 
     def score(self, hidden: Tensor) -> Tensor:
@@ -361,8 +388,8 @@ class HNVMNet(nn.Module):
         lengths = (prefix > 0).sum(-1) + 1  # + the BOS step
         # pad one slot so that the decoder also consumes the last prefix item
         seqs = torch.cat([prefix, prefix.new_zeros(B, 1)], 1).repeat(S, 1)  # [S*B, L+1]
-        out = self._decode(seqs, lengths.repeat(S), cond)  # [S*B, L+1, H]
-        last = out[torch.arange(S * B, device=out.device), lengths.repeat(S) - 1]  # [S*B, H]
+        lengths = lengths.repeat(S)
+        last = self._decode_valid(seqs, lengths, cond)[torch.cumsum(lengths, 0) - 1]  # [S*B, H]
         return self.drop(last.view(S, B, -1).mean(0))
 
     def next_session_hidden(
@@ -408,3 +435,42 @@ class HNVMNet(nn.Module):
         d = self.decoder
         x = torch.cat([self.item_emb.weight[item: item + 1], cond], -1)
         return torch.gru_cell(x, h_dec, d.weight_ih_l0, d.weight_hh_l0, d.bias_ih_l0, d.bias_hh_l0)
+
+
+def _unsort(rows: Tensor, where: Tensor) -> Tensor:
+    """rows[i] belongs at position where[i] (a permutation of 0..len-1): the rows in place."""
+    inverse = torch.empty_like(where)
+    inverse[where] = torch.arange(len(where), device=where.device)
+    return rows[inverse]
+
+
+def length_groups(sorted_lengths: np.ndarray, step_rows: float, min_rows: int = 8) -> list[int]:
+    """Where to cut rows sorted by length (int[N], ascending) into groups, each run as one
+    padded GRU call: the cuts minimising sum over groups of (step_rows + rows) * longest row,
+    i.e. GRU time when one time step costs as much fixed overhead as `step_rows` rows (about
+    20 at H = 100..200 on CPU, forward and backward). Every group holds at least `min_rows`
+    rows (one group when there are fewer): a GEMM of 1-4 rows takes another kernel path whose
+    last bits differ, and a row's result must not depend on its neighbours. Exact dynamic
+    programme over the m distinct lengths (O(m^2)). -> the positions of the cuts (tensor_split)."""
+    if len(sorted_lengths) == 0:
+        return []
+    u, counts = np.unique(sorted_lengths, return_counts=True)  # m distinct lengths, ascending
+    c = np.concatenate([[0], np.cumsum(counts)]).astype(np.float64)  # rows up to each length
+    m = len(u)
+    best = np.full(m + 1, np.inf)
+    best[0] = 0.0
+    prev = np.zeros(m + 1, dtype=np.int64)
+    for j in range(1, m + 1):  # best[j]: rows of the j shortest lengths; last group (i, j]
+        rows = c[j] - c[:j]
+        cost = best[:j] + (step_rows + rows) * u[j - 1]
+        cost[rows < min_rows] = np.inf
+        if j == m:  # one group of every row is always allowed (fewer than min_rows in all)
+            cost[0] = (step_rows + c[m]) * u[m - 1]
+        prev[j] = int(np.argmin(cost))
+        best[j] = cost[prev[j]]
+    cuts, j = [], m
+    while j > 0:
+        j = int(prev[j])
+        if j > 0:
+            cuts.append(int(c[j]))
+    return cuts[::-1]
