@@ -168,7 +168,9 @@ class Caser(NetPersistence):
     def score(self, batch: Batch) -> Tensor:
         net = self.network()
         B, _, T = batch.sessions.shape
-        history = batch.sessions[:, :-1].reshape(B, -1)[batch.target_rows]  # [K, (N-1)·T]
+        # each row's last L history items once, not its whole history once per target: the
+        # last L items of (history, prefix) are those of (last L of history, prefix)
+        history = last_items(batch.sessions[:, :-1].reshape(B, -1), net.L)[batch.target_rows]  # [K, L]
         current = batch.sessions[batch.target_rows, -1]  # [K, T]
         before = torch.arange(T, device=current.device).unsqueeze(0) < batch.target_pos.unsqueeze(1)  # [K, T]
         items = torch.cat([history, current * before], 1)  # nothing at or after the target

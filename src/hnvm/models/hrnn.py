@@ -29,6 +29,7 @@ item of the session (`predict_first`), which is what scores a next session from 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -93,34 +94,56 @@ class HRNNNet(nn.Module):
     def forward(self, items: Tensor, user0: Tensor | None = None) -> HRNNOutput:
         """items: Long[B, W, T] (sessions oldest first, an all-zero session is padding and
         leaves the user state unchanged); user0: Float[B, U] entering the window (None = 0)."""
-        B, W, T = items.shape
+        B, _, T = items.shape
+        empty = items.new_zeros(B, T, self.session_gru.hidden_size, dtype=torch.float)
+        pred: list[Tensor] = []
+
+        def keep(w: int, rows: Tensor | None, states: Tensor | None) -> None:
+            if rows is None or states is None:
+                pred.append(empty)
+                return
+            t = states.shape[1] - 1
+            # .to: bf16 under autocast, the buffers stay fp32
+            pred.append(empty.index_copy(0, rows, F.pad(states[:, :t], (0, 0, 0, T - t)).to(empty.dtype)))
+
+        user, user_in = self._sessions(items, user0, keep)
+        return HRNNOutput(torch.stack(pred, 1), user_in, user)
+
+    def _sessions(self, items: Tensor, user0: Tensor | None,
+                  keep: Callable[[int, Tensor | None, Tensor | None], None] | None = None) -> tuple[Tensor, Tensor]:
+        """Run the sessions of items Long[B, W, T] in order -> (user state after them Float[B, U],
+        user state entering each session Float[B, W, U]). keep(w, rows, states) receives each
+        session slot's session states ([n, t + 1, S] of the n rows with a real session; None,
+        None where there is none): the training forward keeps them, the user state does not."""
+        B, W, _ = items.shape
         lengths = (items > 0).sum(-1)  # [B, W]
         user = items.new_zeros(B, self.user_hidden, dtype=torch.float) if user0 is None else user0
-        empty = items.new_zeros(B, T, self.session_gru.hidden_size, dtype=torch.float)
-        pred, user_in = [], []
+        user_in = []
         for w in range(W):  # sessions in order: the user state must see them one by one
             user_in.append(user)
             rows = (lengths[:, w] > 0).nonzero().squeeze(1)  # [n] rows with a real session
             if rows.numel() == 0:
-                pred.append(empty)
+                if keep is not None:
+                    keep(w, None, None)
                 continue
             t = int(lengths[rows, w].max())
             states = self.run_session(items[rows, w, :t], user[rows])  # [n, t + 1, S]
-            # .to: bf16 under autocast, the buffers stay fp32
-            pred.append(empty.index_copy(0, rows, F.pad(states[:, :t], (0, 0, 0, T - t)).to(empty.dtype)))
+            if keep is not None:
+                keep(w, rows, states)
             last = states[torch.arange(len(rows), device=states.device), lengths[rows, w]]  # s_{m,N_m}: [n, S]
             new = self.drop_user(self.user_gru(last, user[rows]))  # c_m only at the session end
             user = user.index_copy(0, rows, new.to(user.dtype))
-        return HRNNOutput(torch.stack(pred, 1), torch.stack(user_in, 1), user)
+        return user, torch.stack(user_in, 1) if user_in else user.new_zeros(B, 0, self.user_hidden)
 
     @torch.no_grad()
     def user_state(self, items: Tensor, user0: Tensor | None = None) -> Tensor:
-        """User state after the given sessions Long[B, N, T] -> Float[B, U]."""
+        """User state after the given sessions Long[B, N, T] -> Float[B, U] (the session states
+        are not kept: only each session's last one feeds the user GRU)."""
         B, N, _ = items.shape
         if N == 0:
             zero = items.new_zeros(B, self.user_hidden, dtype=torch.float)
             return zero if user0 is None else user0
-        return self.forward(items, user0).user_out
+        return self._sessions(items, user0)[0]
 
     def score_items(self, hidden: Tensor, item_ids: Tensor) -> Tensor:
         """hidden: Float[K, S]; item_ids: Long[K, M] per-row or Long[M] shared -> Float[K, M]."""
