@@ -123,13 +123,13 @@ def first_test_batches(seq: Sequences, n_targets: int) -> list:
     return kept
 
 
-def bare_scoring(ds: Dataset, hidden: int, n_targets: int, chunk: int = 512,
+def bare_scoring(n_items: int, hidden: int, n_targets: int, chunk: int = 512,
                  device: torch.device | None = None) -> float:
-    """Targets/s of the floor: scores = h W^T + b over all items, then the conservative rank."""
+    """Targets/s of the floor: scores = h W^T + b over all n_items items, then the conservative rank."""
     device = device or torch.device("cpu")
-    w = torch.randn(ds.n_items + 1, hidden, device=device) * 0.1
-    b = torch.zeros(ds.n_items + 1, device=device)
-    targets = torch.randint(1, ds.n_items + 1, (n_targets,), device=device)
+    w = torch.randn(n_items + 1, hidden, device=device) * 0.1
+    b = torch.zeros(n_items + 1, device=device)
+    targets = torch.randint(1, n_items + 1, (n_targets,), device=device)
     _sync(device)
     t0 = time.perf_counter()
     for lo in range(0, n_targets, chunk):
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
             _sync(device)
             ev = n / (time.perf_counter() - t0)
             hidden = getattr(getattr(model, "config", None), "hidden", 100)
-            floor = bare_scoring(ds, hidden, n, device=device)
+            floor = bare_scoring(ds.n_items, hidden, n, device=device)
             print(f"{'':>10}  eval  {ev:>9,.0f} targets/s (full ranking, {n:,} targets); "
                   f"bare matmul+rank {floor:,.0f} targets/s (H={hidden}); ratio {ev / floor:.2f}")
         del ds, seq

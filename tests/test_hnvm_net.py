@@ -1,10 +1,12 @@
+import itertools
 import time
 from collections.abc import Iterator
 
+import numpy as np
 import pytest
 import torch
 
-from hnvm.models.hnvm_net import HNVMNet
+from hnvm.models.hnvm_net import HNVMNet, length_groups
 from hnvm.models.layers import bpr_loss, full_softmax_loss
 
 N_ITEMS, N_USERS = 30, 5
@@ -147,6 +149,51 @@ def test_padding_invariance() -> None:
     assert torch.allclose(out.dec_hidden[:3, :3, :5], ref.dec_hidden, atol=1e-6)
     assert torch.allclose(out.h_con[:3, :3], ref.h_con, atol=1e-6)
     assert torch.allclose(out.kl_z[:3, :3], ref.kl_z, atol=1e-6)
+
+
+def _group_cost(lengths: np.ndarray, cuts: list[int], step_rows: float) -> float:
+    return sum((step_rows + len(g)) * int(g.max()) for g in np.split(lengths, cuts) if len(g))
+
+
+def test_length_groups_is_the_cheapest_grouping_with_enough_rows() -> None:
+    rng = np.random.default_rng(0)
+    for trial in range(30):
+        lengths = np.sort(rng.integers(1, 12, size=int(rng.integers(1, 40))))
+        step_rows, min_rows = float(rng.choice([0.0, 5.0, 20.0, 200.0])), int(rng.choice([1, 4, 8]))
+        cuts = length_groups(lengths, step_rows, min_rows)
+        groups = np.split(lengths, cuts)
+        assert sum(map(len, groups)) == len(lengths) and all(len(g) for g in groups)
+        assert len(groups) == 1 or min(map(len, groups)) >= min_rows
+        # cuts only between different lengths, and no cheaper valid set of cuts exists
+        assert all(lengths[c - 1] != lengths[c] for c in cuts)
+        bounds = [i for i in range(1, len(lengths)) if lengths[i - 1] != lengths[i]]
+        best = min(_group_cost(lengths, list(c), step_rows)
+                   for r in range(len(bounds) + 1) for c in itertools.combinations(bounds, r)
+                   if r == 0 or min(map(len, np.split(lengths, list(c)))) >= min_rows)
+        assert _group_cost(lengths, cuts, step_rows) == pytest.approx(best), trial
+    assert length_groups(np.array([], dtype=np.int64), 20.0) == []
+    assert length_groups(np.array([1, 1, 2, 90]), 20.0) == []  # fewer than 8 rows: one group
+
+
+def test_grouping_never_changes_a_state() -> None:
+    """Sessions run in length groups give the states of one padded run (or any other grouping),
+    in the order of items[item_mask]; only the cost differs. (Bit for bit with the CPU GEMMs
+    measured, groups of >= 8 rows; the tolerance leaves room for other BLAS builds.)"""
+    net = make_net(hidden=32, emb_dim=24).eval()
+    g = torch.Generator().manual_seed(5)
+    lengths = torch.cat([torch.randint(1, 4, (40,), generator=g), torch.randint(10, 25, (20,), generator=g)])
+    seqs = torch.randint(1, N_ITEMS + 1, (60, 25), generator=g) * (torch.arange(25) < lengths[:, None])
+    cond = torch.randn(60, net.decoder.input_size - net.item_emb.embedding_dim, generator=g)
+    with torch.no_grad():
+        grouped = [net._decode_valid(seqs, lengths, cond), net._encode(seqs, lengths)]
+        assert len(net._buckets(lengths)) > 1
+        net.step_rows = 1e9  # one group: every row padded to the longest
+        assert len(net._buckets(lengths)) == 1
+        single = [net._decode_valid(seqs, lengths, cond), net._encode(seqs, lengths)]
+        x = torch.cat([torch.full((60, 1), net.bos), seqs[:, :-1]], 1)
+        plain = net.decoder(torch.cat([net.item_emb(x), cond[:, None].expand(-1, 25, -1)], -1))[0]
+    assert torch.allclose(grouped[0], single[0], atol=1e-6) and torch.allclose(grouped[1], single[1], atol=1e-6)
+    assert torch.allclose(grouped[0], plain[torch.arange(25) < lengths[:, None]], atol=1e-6)
 
 
 def test_empty_middle_session_is_skipped() -> None:

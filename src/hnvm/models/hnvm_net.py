@@ -144,9 +144,9 @@ class HNVMNet(nn.Module):
     def _buckets(self, lengths: Tensor) -> list[Tensor]:
         """Row indices grouped by length, shortest first. A GRU runs per group, padded to the
         group's longest row: padded, not packed (on CPU torch's packed GRU is several times
-        slower). Rows of a GRU are independent and causal, so valid positions are exact (bit for
-        bit) whatever the grouping; the grouping only sets the cost, which `length_groups`
-        minimises."""
+        slower). Rows of a GRU are independent and causal, so valid positions are exact whatever
+        the grouping (bit for bit with groups of >= 8 rows, measured: evaluation's exported ranks
+        did not change); the grouping only sets the cost, which `length_groups` minimises."""
         order = lengths.argsort()
         cuts = length_groups(lengths[order].cpu().numpy(), self.step_rows)
         return list(order.tensor_split(cuts))

@@ -1,0 +1,148 @@
+"""Every speed figure of the project in one run, as ratios where a reference exists.
+
+    python benchmarks/speed.py                                   # everything but the GRU4Rec reference
+    python benchmarks/speed.py --gru4rec-reference PATH/gru4rec_pytorch.py
+    python benchmarks/speed.py --only models --datasets instacart --models hnvm,hrnn
+
+Sections (each also runs on its own with the command it prints):
+
+  models    per data set (Instacart sample, synthetic 60,750 items) and model: training
+            throughput (target items/s of timed optimizer steps for SGD models, train events/s
+            of one `fit` for the others) and next-item evaluation throughput (full ranking,
+            conservative ties) as a ratio to the bare floor: a [K, H] x [H, n_items] matmul
+            plus the conservative rank, measured in the same process, alternating with the
+            model, median of --rounds rounds. HNVM twice: the paper's sizes and the defaults.
+  gru4rec   our GRU4Rec against its authors' PyTorch code (benchmarks/gru4rec_reference.py;
+            only with --gru4rec-reference, the file is not shipped)
+  prepare   `hnvm prepare` of the 30M-event synthetic log (benchmarks/prepare.py)
+  serve     `hnvm serve` latency and throughput (benchmarks/serve.py, shortened phases)
+
+The child benchmarks run as separate processes (their memory and threads do not mix with the
+models section) and their output is printed as they print it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hnvm.data.batches import Sequences, next_item_batches
+from hnvm.metrics import conservative_ranks
+from hnvm.models.base import REGISTRY, get_model_class
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_eval import bare_scoring, load_data, model_for, train_throughput
+
+HERE = Path(__file__).resolve().parent
+SECTIONS = ("models", "gru4rec", "prepare", "serve")
+
+
+def eval_ratio(model: object, seq: Sequences, n_items: int, hidden: int, targets: int,
+               rounds: int) -> tuple[float, float, float]:
+    """(model targets/s, floor targets/s, ratio): medians over `rounds` alternating rounds of the
+    first `targets` next-item test targets (batches of 512, as `hnvm evaluate`)."""
+    batches, n = [], 0
+    for b in next_item_batches(seq, "test", max_targets=512):
+        batches.append(b)
+        n += b.n_targets
+        if n >= targets:
+            break
+    speeds, floors = [], []
+    with torch.no_grad():
+        for b in batches[:1]:  # warm-up (allocations, first-call set-up)
+            conservative_ranks(model.score(b), b.targets)  # type: ignore[attr-defined]
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            for b in batches:
+                conservative_ranks(model.score(b), b.targets)  # type: ignore[attr-defined]
+            speeds.append(n / (time.perf_counter() - t0))
+            floors.append(bare_scoring(n_items, hidden, n))
+    ratios = [s / f for s, f in zip(speeds, floors, strict=True)]
+    return statistics.median(speeds), statistics.median(floors), statistics.median(ratios)
+
+
+def models_section(args: argparse.Namespace) -> None:
+    names = args.models.split(",") if args.models != "all" else None
+    get_model_class("pop")  # registers the built-in models
+    for dname in args.datasets.split(","):
+        ds = load_data(dname, args.workdir)
+        seq = Sequences.from_events(ds.events, ds.n_users)
+        n_train = ds.meta["stats"]["train_events"]
+        print(f"\n== models on {dname}: {ds.n_users:,} users, {ds.n_items:,} items, {n_train:,} train events")
+        print(f"   (python benchmarks/speed.py --only models --datasets {dname} --models NAME)")
+        print(f"{'model':>12} | {'train':>26} | {'eval targets/s':>14} | {'floor/s':>8} | ratio")
+        todo = [(n, False) for n in (names or sorted(REGISTRY))]
+        if names is None or "hnvm" in names:
+            todo.insert(0, ("hnvm", True))  # the paper's sizes first, then the defaults
+        for name, paper in todo:
+            torch.manual_seed(0)
+            model = model_for(name, paper=paper)
+            label = f"{name}{' (paper)' if paper else ''}"
+            tr = train_throughput(model, ds, args.steps) if hasattr(model, "trainable") else None
+            if tr is not None:
+                train = f"{tr[0]:>9,.0f} target items/s"
+            else:
+                t0 = time.perf_counter()
+                model.fit(ds)  # type: ignore[attr-defined]
+                train = f"{n_train / (time.perf_counter() - t0):>9,.0f} events/s (fit)"
+            hidden = getattr(getattr(model, "config", None), "hidden", 100)
+            ev, floor, ratio = eval_ratio(model, seq, ds.n_items, hidden, args.eval_targets, args.rounds)
+            print(f"{label:>12} | {train:>26} | {ev:>14,.0f} | {floor:>8,.0f} | {ratio:.2f}", flush=True)
+        del ds, seq
+
+
+def child(title: str, cmd: list[str]) -> None:
+    """Run a child benchmark, printing its command line and its output as it comes."""
+    print(f"\n== {title}\n   ({' '.join(cmd[1:]) if cmd[0] == sys.executable else ' '.join(cmd)})", flush=True)
+    proc = subprocess.run([sys.executable, *cmd[1:]] if cmd[0] == sys.executable else cmd, check=False)
+    if proc.returncode:
+        print(f"   (exit status {proc.returncode})")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections: {', '.join(SECTIONS)}")
+    ap.add_argument("--datasets", default="instacart,synthetic60k")
+    ap.add_argument("--models", default="all", help="comma-separated, or 'all'")
+    ap.add_argument("--steps", type=int, default=30, help="timed training steps per SGD model")
+    ap.add_argument("--eval-targets", type=int, default=3000, help="next-item targets per evaluation round")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating model/floor evaluation rounds")
+    ap.add_argument("--gru4rec-reference", type=Path, help="the authors' gru4rec_pytorch.py (GRU4Rec section)")
+    ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "hnvm-bench")
+    args = ap.parse_args(argv)
+    only = set(args.only.split(","))
+    if unknown := only - set(SECTIONS):
+        raise SystemExit(f"unknown section(s) {', '.join(sorted(unknown))} (known: {', '.join(SECTIONS)})")
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    np.random.seed(0)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; python benchmarks/speed.py "
+          + " ".join(argv if argv is not None else sys.argv[1:]), flush=True)
+    t0 = time.perf_counter()
+    if "models" in only:
+        models_section(args)
+    if "gru4rec" in only:
+        if args.gru4rec_reference is None:
+            print("\n== GRU4Rec against its authors' code: skipped (give --gru4rec-reference PATH)")
+        else:
+            child("GRU4Rec against its authors' code (CPU time per epoch, one thread, alternating pairs)",
+                  [sys.executable, str(HERE / "gru4rec_reference.py"), "--reference", str(args.gru4rec_reference),
+                   "--pairs", "2", "--no-eval"])
+    if "prepare" in only:
+        child("prepare, 30M synthetic events", [sys.executable, str(HERE / "prepare.py")])
+    if "serve" in only:
+        child("serve (shortened: 10 s per phase)",
+              [sys.executable, str(HERE / "serve.py"), "--recommend", "5000", "--seconds", "10",
+               "--events", "50000", "--single-events", "3000"])
+    print(f"\nspeed.py: {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
