@@ -138,9 +138,10 @@ def main(argv: list[str] | None = None) -> None:
     if "prepare" in only:
         child("prepare, 30M synthetic events", [sys.executable, str(HERE / "prepare.py")])
     if "serve" in only:
-        child("serve (shortened: 10 s per phase)",
-              [sys.executable, str(HERE / "serve.py"), "--recommend", "5000", "--seconds", "10",
-               "--events", "50000", "--single-events", "3000"])
+        with tempfile.TemporaryDirectory() as serve_dir:  # a fresh run: never one of an older version
+            child("serve (shortened: 10 s per phase)",
+                  [sys.executable, str(HERE / "serve.py"), "--recommend", "5000", "--seconds", "10",
+                   "--events", "50000", "--single-events", "3000", "--workdir", serve_dir])
     print(f"\nspeed.py: {time.perf_counter() - t0:.0f} s")
 
 

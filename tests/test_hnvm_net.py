@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from hnvm.models.hnvm_net import HNVMNet, length_groups
-from hnvm.models.layers import bpr_loss, full_softmax_loss
+from hnvm.models.hnvm_net import HNVMNet
+from hnvm.models.layers import bpr_loss, full_softmax_loss, length_groups
 
 N_ITEMS, N_USERS = 30, 5
 SMALL = dict(hidden=16, emb_dim=12, d_e=4, d_z=6, mlp_hidden=16)

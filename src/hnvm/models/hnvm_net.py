@@ -48,12 +48,19 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from hnvm.models.hnvm_repeat import RepeatChannel
-from hnvm.models.layers import GaussianHead, ItemOutput, gaussian_kl_dims, init_uniform_, reparameterize
+from hnvm.models.layers import (
+    GaussianHead,
+    ItemOutput,
+    gaussian_kl_dims,
+    init_uniform_,
+    length_groups,
+    reparameterize,
+    unsort_rows,
+)
 
 
 @dataclass
@@ -161,7 +168,7 @@ class HNVMNet(nn.Module):
             out = self.encoder(self.item_emb(seqs[rows, : int(n.max())]))[0]  # [n, t, H]
             parts.append(out[torch.arange(len(rows), device=out.device), n - 1])
             order.append(rows)
-        return _unsort(torch.cat(parts), torch.cat(order))
+        return unsort_rows(torch.cat(parts), torch.cat(order))
 
     def _decoder_input(self, seqs: Tensor) -> Tensor:
         """(BOS, seqs[:, :-1]): Long[N, T], with word dropout in training."""
@@ -192,7 +199,7 @@ class HNVMNet(nn.Module):
             valid = steps < n[:, None]  # [n, t]
             parts.append(out[valid])
             where.append((starts[rows, None] + steps)[valid])
-        return _unsort(torch.cat(parts), torch.cat(where))
+        return unsort_rows(torch.cat(parts), torch.cat(where))
 
     def _decode(self, seqs: Tensor, lengths: Tensor, cond: Tensor) -> Tensor:
         """Decoder over (BOS, seqs[:, :-1]). seqs: Long[N, T] right-padded, lengths: Long[N],
@@ -436,41 +443,3 @@ class HNVMNet(nn.Module):
         x = torch.cat([self.item_emb.weight[item: item + 1], cond], -1)
         return torch.gru_cell(x, h_dec, d.weight_ih_l0, d.weight_hh_l0, d.bias_ih_l0, d.bias_hh_l0)
 
-
-def _unsort(rows: Tensor, where: Tensor) -> Tensor:
-    """rows[i] belongs at position where[i] (a permutation of 0..len-1): the rows in place."""
-    inverse = torch.empty_like(where)
-    inverse[where] = torch.arange(len(where), device=where.device)
-    return rows[inverse]
-
-
-def length_groups(sorted_lengths: np.ndarray, step_rows: float, min_rows: int = 8) -> list[int]:
-    """Where to cut rows sorted by length (int[N], ascending) into groups, each run as one
-    padded GRU call: the cuts minimising sum over groups of (step_rows + rows) * longest row,
-    i.e. GRU time when one time step costs as much fixed overhead as `step_rows` rows (about
-    20 at H = 100..200 on CPU, forward and backward). Every group holds at least `min_rows`
-    rows (one group when there are fewer): a GEMM of 1-4 rows takes another kernel path whose
-    last bits differ, and a row's result must not depend on its neighbours. Exact dynamic
-    programme over the m distinct lengths (O(m^2)). -> the positions of the cuts (tensor_split)."""
-    if len(sorted_lengths) == 0:
-        return []
-    u, counts = np.unique(sorted_lengths, return_counts=True)  # m distinct lengths, ascending
-    c = np.concatenate([[0], np.cumsum(counts)]).astype(np.float64)  # rows up to each length
-    m = len(u)
-    best = np.full(m + 1, np.inf)
-    best[0] = 0.0
-    prev = np.zeros(m + 1, dtype=np.int64)
-    for j in range(1, m + 1):  # best[j]: rows of the j shortest lengths; last group (i, j]
-        rows = c[j] - c[:j]
-        cost = best[:j] + (step_rows + rows) * u[j - 1]
-        cost[rows < min_rows] = np.inf
-        if j == m:  # one group of every row is always allowed (fewer than min_rows in all)
-            cost[0] = (step_rows + c[m]) * u[m - 1]
-        prev[j] = int(np.argmin(cost))
-        best[j] = cost[prev[j]]
-    cuts, j = [], m
-    while j > 0:
-        j = int(prev[j])
-        if j > 0:
-            cuts.append(int(c[j]))
-    return cuts[::-1]
