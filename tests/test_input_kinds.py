@@ -435,3 +435,21 @@ def test_a_short_row_is_named_as_missing_not_as_none(tmp_path: Path) -> None:
     msg = _fails(["prepare", str(src), "--columns", COLS, "--out", str(tmp_path / "d")], "row 3", "missing timestamp",
                  out=tmp_path / "d")
     assert "None" not in msg
+
+
+def test_duplicate_rows_are_dropped_as_unique_first_would() -> None:
+    """The hash-first duplicate filter keeps exactly the rows `unique(keep="first")` keeps, in
+    order, with text ids that differ only in leading zeros and null times among them."""
+    import random
+
+    from hnvm.data.prepare import _drop_duplicates
+
+    rnd = random.Random(3)
+    rows = [(rnd.choice(["7", "07", "007", "u1", "u2"]), rnd.choice(["a", "b", "0b", "c"]),
+             rnd.choice([1, 2, 3, None])) for _ in range(400)]
+    raw = pl.DataFrame(rows, schema={"user": pl.Utf8, "item": pl.Utf8, "ts": pl.Int64}, orient="row")
+    out, n = _drop_duplicates(raw, "")
+    want = raw.unique(subset=["user", "item", "ts"], keep="first", maintain_order=True)
+    assert out.equals(want) and n == raw.height - want.height > 0
+    same, none = _drop_duplicates(want, "")
+    assert same is want and none == 0

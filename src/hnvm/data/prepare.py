@@ -156,10 +156,18 @@ def _split(df: pl.DataFrame, cfg: PrepareConfig) -> pl.DataFrame:
 def _drop_duplicates(raw: pl.DataFrame, where: str) -> tuple[pl.DataFrame, int]:
     """The frame without exact duplicate rows (first kept, order kept) and how many went."""
     key = [c for c in ("user", "item", "ts", "seq", "session") if c in raw.columns]
-    deduped = raw.unique(subset=key, keep="first", maintain_order=True)
-    n_dup = raw.height - deduped.height
-    if not n_dup:
+    # one 64-bit hash per row first: `unique` over the text ids of every row held ~3x the log in
+    # memory (8 GiB at 30M events); only rows whose hash repeats are compared exactly
+    shared = raw.select(pl.struct(key).hash().is_duplicated()).to_series()
+    if not shared.any():
         return raw, 0
+    candidates = raw.with_row_index("_row").filter(shared)
+    first = candidates.unique(subset=key, keep="first", maintain_order=True).get_column("_row")
+    dropped = candidates.get_column("_row").filter(~candidates.get_column("_row").is_in(first.implode()))
+    if dropped.is_empty():  # hash collisions only
+        return raw, 0
+    deduped = raw.with_row_index("_row").filter(~pl.col("_row").is_in(dropped.implode())).drop("_row")
+    n_dup = raw.height - deduped.height
     log.warning("%sdropped %d exact duplicate rows (same %s; --keep-duplicates keeps them)",
                 where, n_dup, ", ".join(key))
     return deduped, n_dup
