@@ -140,7 +140,13 @@ class TIFUKNN:
         d = query.pow(2).sum(1, keepdim=True) + self._sq_norms()[None] - 2 * cross
         d = d.masked_fill(users[:, None] == self.users_[None], float("inf"))  # not the user itself
         idx = d.topk(k, dim=1, largest=False).indices.numpy()  # [B, k]
-        neighbours = np.stack([np.asarray(train[r].mean(0)).ravel() for r in idx])  # [B, n_items + 1]
+        # the mean of each row's k neighbours as one sparse product: S [B, U'] holds 1/k at each
+        # row's neighbours, in topk order (the order `train[r].mean(0)` sums them in, so that
+        # the floats are the same as row by row)
+        B = idx.shape[0]
+        pick = sp.csr_matrix((np.full(B * k, 1.0 / k, dtype=train.dtype), idx.ravel(), np.arange(0, B * k + 1, k)),
+                             shape=(B, train.shape[0]))
+        neighbours = (pick @ train).toarray()  # [B, n_items + 1]
         return c.alpha * query + (1 - c.alpha) * torch.from_numpy(neighbours.astype(np.float32))
 
     def score(self, batch: Batch) -> torch.Tensor:
