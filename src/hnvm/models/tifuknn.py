@@ -116,7 +116,8 @@ class TIFUKNN:
         """Float[B, n_items + 1]: the TIFU vectors of the rows' sessions [B, N, T] (empty
         sessions are padding)."""
         assert self.vectors_ is not None, "fit or load the model first"
-        rows = [[s.numpy() for s in row if bool((s > 0).any())] for row in sessions]
+        arr = sessions.cpu().numpy()  # numpy per session: a torch op per session cost more than the vectors
+        rows = [[s for s in row if s.any()] for row in arr]
         return torch.from_numpy(user_vectors(rows, self.vectors_.shape[1], self.config).toarray())
 
     def _sq_norms(self) -> torch.Tensor:
