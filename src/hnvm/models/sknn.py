@@ -147,11 +147,11 @@ class SKNN:
             sess, wts = sess[mine], wts[mine]
             if len(sess) == 0:
                 return
-        cand = np.unique(sess)
+        cand, inv = np.unique(sess, return_inverse=True)  # one unique (it is most of a query's cost)
         if len(cand) > c.sample_size:  # the most recent sample_size candidates
-            keep = sess >= cand[-c.sample_size]
-            sess, wts = sess[keep], wts[keep]
-        cand, inv = np.unique(sess, return_inverse=True)
+            cut = len(cand) - c.sample_size
+            keep = inv >= cut
+            wts, inv, cand = wts[keep], inv[keep] - cut, cand[cut:]
         dot = np.bincount(inv, weights=wts)
         n_len = (self.session_ptr_[cand + 1] - self.session_ptr_[cand]).astype(np.float64)
         sim = dot / (np.sqrt((w * w).sum()) * np.sqrt(n_len))
