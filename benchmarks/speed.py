@@ -34,12 +34,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hnvm.data.batches import Sequences, next_item_batches
+from hnvm.data.batches import Sequences
 from hnvm.metrics import conservative_ranks
 from hnvm.models.base import REGISTRY, get_model_class
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_eval import bare_scoring, load_data, model_for, train_throughput
+from train_eval import bare_scoring, first_test_batches, load_data, model_for, train_throughput
 
 HERE = Path(__file__).resolve().parent
 SECTIONS = ("models", "gru4rec", "prepare", "serve")
@@ -49,12 +49,8 @@ def eval_ratio(model: object, seq: Sequences, n_items: int, hidden: int, targets
                rounds: int) -> tuple[float, float, float]:
     """(model targets/s, floor targets/s, ratio): medians over `rounds` alternating rounds of the
     first `targets` next-item test targets (batches of 512, as `hnvm evaluate`)."""
-    batches, n = [], 0
-    for b in next_item_batches(seq, "test", max_targets=512):
-        batches.append(b)
-        n += b.n_targets
-        if n >= targets:
-            break
+    batches = first_test_batches(seq, targets)
+    n = sum(b.n_targets for b in batches)
     speeds, floors = [], []
     with torch.no_grad():
         for b in batches[:1]:  # warm-up (allocations, first-call set-up)
