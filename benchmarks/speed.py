@@ -65,6 +65,14 @@ def eval_ratio(model: object, seq: Sequences, n_items: int, hidden: int, targets
     return statistics.median(speeds), statistics.median(floors), statistics.median(ratios)
 
 
+def score_width(model: object) -> int:
+    """H of the model's final [K, H] x [H, n_items] product, the floor's width: HNVM's `hidden`,
+    BPR-MF's `dim`, else 100 (GRU4Rec's and HRNN's GRU size, STAMP's d, Caser's 2d at the
+    defaults; the KNN models and NCF have no such product)."""
+    cfg = getattr(model, "config", None)
+    return int(getattr(cfg, "hidden", None) or getattr(cfg, "dim", None) or 100)
+
+
 def models_section(args: argparse.Namespace) -> None:
     names = args.models.split(",") if args.models != "all" else None
     get_model_class("pop")  # registers the built-in models
@@ -89,7 +97,7 @@ def models_section(args: argparse.Namespace) -> None:
                 t0 = time.perf_counter()
                 model.fit(ds)  # type: ignore[attr-defined]
                 train = f"{n_train / (time.perf_counter() - t0):>9,.0f} events/s (fit)"
-            hidden = getattr(getattr(model, "config", None), "hidden", 100)
+            hidden = score_width(model)
             ev, floor, ratio = eval_ratio(model, seq, ds.n_items, hidden, args.eval_targets, args.rounds)
             print(f"{label:>12} | {train:>26} | {ev:>14,.0f} | {floor:>8,.0f} | {ratio:.2f}", flush=True)
         del ds, seq

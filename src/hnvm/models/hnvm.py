@@ -192,6 +192,8 @@ class HNVM(NetPersistence):
         last = batch.sessions[:, -1:]
         out = net(batch.users, last, h_con0=h, sample=False, mc_samples=self.config.mc_samples)
         lengths = out.item_mask[:, 0].sum(-1)  # [B]; out.states holds every real position, row by row
+        if bool((batch.target_pos >= lengths[batch.target_rows]).any()):
+            raise ValueError("a target position is not an item of its row's last session")
         hidden = out.states[(torch.cumsum(lengths, 0) - lengths)[batch.target_rows] + batch.target_pos]  # [K, H]
         if net.repeat is None:
             return net.score(hidden)
