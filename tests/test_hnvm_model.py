@@ -414,3 +414,18 @@ def test_latent_diagnostics_are_logged_and_do_not_change_training(synth, tmp_pat
     b = HNVM(HNVMConfig(**SMALL)).fit(ds, validation=NEXT_ITEM_VALIDATION, train_cfg=tc)
     for (ka, va), (kb, vb) in zip(a.net.state_dict().items(), b.net.state_dict().items(), strict=True):
         assert ka == kb and torch.equal(va, vb)
+
+
+def test_score_refuses_a_target_outside_its_session() -> None:
+    """score reads each target's state from the packed decoder states: a target position past
+    its row's last session must be an error, not another row's state."""
+    from hnvm.contract import Batch
+
+    model = HNVM(HNVMConfig(hidden=8, emb_dim=8, d_e=2, d_z=2, mlp_hidden=8))
+    model.net = model._build(n_items=10, n_users=3)
+    sessions = torch.tensor([[[1, 2, 3, 0]], [[4, 5, 0, 0]]])  # [B=2, N=1, T=4]
+    ok = Batch(torch.tensor([1, 2]), sessions, torch.tensor([0, 0, 1]), torch.tensor([1, 2, 1]))
+    assert model.score(ok).shape == (3, 11)
+    bad = Batch(torch.tensor([1, 2]), sessions, torch.tensor([0, 1]), torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="not an item"):
+        model.score(bad)
