@@ -422,7 +422,7 @@ def test_score_refuses_a_target_outside_its_session() -> None:
     from hnvm.contract import Batch
 
     model = HNVM(HNVMConfig(hidden=8, emb_dim=8, d_e=2, d_z=2, mlp_hidden=8))
-    model.net = model._build(n_items=10, n_users=3)
+    model.net, model.counts_ = model._build(n_items=10, n_users=3), torch.zeros(11)
     sessions = torch.tensor([[[1, 2, 3, 0]], [[4, 5, 0, 0]]])  # [B=2, N=1, T=4]
     ok = Batch(torch.tensor([1, 2]), sessions, torch.tensor([0, 0, 1]), torch.tensor([1, 2, 1]))
     assert model.score(ok).shape == (3, 11)
