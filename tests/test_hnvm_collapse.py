@@ -93,8 +93,8 @@ def test_word_dropout_acts_in_training_only_and_keeps_bos() -> None:
     assert torch.equal(a, dropped(users, items, sample=False).dec_hidden)  # eval: no dropout
     dropped.train()
     torch.manual_seed(1)
-    b = dropped._decode(items[:, 0], torch.full((4,), 6), torch.zeros(4, 8 + 3))
-    c = plain._decode(items[:, 0], torch.full((4,), 6), torch.zeros(4, 8 + 3))
+    b = dropped._decode_valid(items[:, 0], torch.full((4,), 6), torch.zeros(4, 8 + 3)).view(4, 6, -1)
+    c = plain._decode_valid(items[:, 0], torch.full((4,), 6), torch.zeros(4, 8 + 3)).view(4, 6, -1)
     assert torch.equal(b[:, 0], c[:, 0])  # the BOS step is never dropped
     assert not torch.allclose(b[:, 1:], c[:, 1:])
     with pytest.raises(ValueError, match="word_dropout"):

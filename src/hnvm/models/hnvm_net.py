@@ -201,15 +201,6 @@ class HNVMNet(nn.Module):
             where.append((starts[rows, None] + steps)[valid])
         return unsort_rows(torch.cat(parts), torch.cat(where))
 
-    def _decode(self, seqs: Tensor, lengths: Tensor, cond: Tensor) -> Tensor:
-        """Decoder over (BOS, seqs[:, :-1]). seqs: Long[N, T] right-padded, lengths: Long[N],
-        cond: Float[N, C] per-session input -> Float[N, T, H], 0 past a session's length."""
-        N, T = seqs.shape
-        states = self._decode_valid(seqs, lengths, cond)
-        out = states.new_zeros(N, T, states.shape[-1])
-        out[torch.arange(T, device=seqs.device) < lengths[:, None]] = states
-        return out
-
     def _context(
         self, h_enc: Tensor, session_mask: Tensor, h_con0: Tensor | None
     ) -> tuple[Tensor, Tensor]:
