@@ -31,7 +31,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from hnvm.data.batches import Sequences
@@ -39,7 +38,7 @@ from hnvm.metrics import conservative_ranks
 from hnvm.models.base import REGISTRY, get_model_class
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_eval import bare_scoring, first_test_batches, load_data, model_for, train_throughput
+from train_eval import bare_scoring, first_test_batches, load_data, model_for, score_width, train_throughput
 
 HERE = Path(__file__).resolve().parent
 SECTIONS = ("models", "gru4rec", "prepare", "serve")
@@ -63,14 +62,6 @@ def eval_ratio(model: object, seq: Sequences, n_items: int, hidden: int, targets
             floors.append(bare_scoring(n_items, hidden, n))
     ratios = [s / f for s, f in zip(speeds, floors, strict=True)]
     return statistics.median(speeds), statistics.median(floors), statistics.median(ratios)
-
-
-def score_width(model: object) -> int:
-    """H of the model's final [K, H] x [H, n_items] product, the floor's width: HNVM's `hidden`,
-    BPR-MF's `dim`, else 100 (GRU4Rec's and HRNN's GRU size, STAMP's d, Caser's 2d at the
-    defaults; the KNN models and NCF have no such product)."""
-    cfg = getattr(model, "config", None)
-    return int(getattr(cfg, "hidden", None) or getattr(cfg, "dim", None) or 100)
 
 
 def models_section(args: argparse.Namespace) -> None:
@@ -126,7 +117,6 @@ def main(argv: list[str] | None = None) -> None:
     if unknown := only - set(SECTIONS):
         raise SystemExit(f"unknown section(s) {', '.join(sorted(unknown))} (known: {', '.join(SECTIONS)})")
     args.workdir.mkdir(parents=True, exist_ok=True)
-    np.random.seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; python benchmarks/speed.py "
           + " ".join(argv if argv is not None else sys.argv[1:]), flush=True)
     t0 = time.perf_counter()

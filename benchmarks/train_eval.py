@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from hnvm.config import build, load_toml
+from hnvm.contract import Batch
 from hnvm.data.batches import Sequences, next_item_batches
 from hnvm.data.prepare import prepare
 from hnvm.data.samples import instacart_sample_path, synthetic_dataset
@@ -112,7 +113,7 @@ def train_throughput(model: object, ds: Dataset, steps: int, device: torch.devic
     return n_targets / max(elapsed, 1e-9), n_targets, trainable
 
 
-def first_test_batches(seq: Sequences, n_targets: int) -> list:
+def first_test_batches(seq: Sequences, n_targets: int) -> list[Batch]:
     """Next-item test batches (512 targets each) until they hold at least n_targets targets."""
     kept, n = [], 0
     for b in next_item_batches(seq, "test", max_targets=512):
@@ -121,6 +122,14 @@ def first_test_batches(seq: Sequences, n_targets: int) -> list:
         if n >= n_targets:
             break
     return kept
+
+
+def score_width(model: object) -> int:
+    """H of the model's final [K, H] x [H, n_items] product, the floor's width: HNVM's `hidden`,
+    BPR-MF's `dim`, else 100 (GRU4Rec's and HRNN's GRU size, STAMP's d, Caser's 2d at the
+    defaults; the KNN models and NCF have no such product)."""
+    cfg = getattr(model, "config", None)
+    return int(getattr(cfg, "hidden", None) or getattr(cfg, "dim", None) or 100)
 
 
 def bare_scoring(n_items: int, hidden: int, n_targets: int, chunk: int = 512,
@@ -200,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
                     conservative_ranks(model.score(b), b.targets)  # type: ignore[attr-defined]
             _sync(device)
             ev = n / (time.perf_counter() - t0)
-            hidden = getattr(getattr(model, "config", None), "hidden", 100)
+            hidden = score_width(model)
             floor = bare_scoring(ds.n_items, hidden, n, device=device)
             print(f"{'':>10}  eval  {ev:>9,.0f} targets/s (full ranking, {n:,} targets); "
                   f"bare matmul+rank {floor:,.0f} targets/s (H={hidden}); ratio {ev / floor:.2f}")

@@ -113,6 +113,17 @@ def test_caser_shapes_and_training_windows(L: int, T: int) -> None:
         assert inp[e].tolist() == want_in and tgt[e].tolist() == want_t
 
 
+def test_caser_last_items_of_history_then_prefix_need_only_the_history_tail() -> None:
+    """Caser.score takes each row's last L history items once: the last L items of (history,
+    prefix) are those of (last L of history, prefix), whatever the padding or prefix length."""
+    g = torch.Generator().manual_seed(0)
+    for L in (1, 3, 5):
+        history = torch.randint(0, 4, (50, 12), generator=g)  # 0 = padding anywhere
+        prefix = torch.randint(0, 4, (50, 4), generator=g)
+        full = last_items(torch.cat([history, prefix], 1), L)
+        assert torch.equal(last_items(torch.cat([last_items(history, L), prefix], 1), L), full)
+
+
 def test_caser_last_items_flattens_history_in_time_order() -> None:
     items = torch.tensor([[1, 2, 0, 3, 0, 0, 4, 5, 0], [0, 0, 0, 0, 0, 0, 6, 0, 0]])
     assert last_items(items, 3).tolist() == [[3, 4, 5], [0, 0, 6]]

@@ -167,7 +167,7 @@ def _drop_duplicates(raw: pl.DataFrame, where: str) -> tuple[pl.DataFrame, int]:
     if dropped.is_empty():  # hash collisions only
         return raw, 0
     deduped = raw.with_row_index("_row").filter(~pl.col("_row").is_in(dropped.implode())).drop("_row")
-    n_dup = raw.height - deduped.height
+    n_dup = len(dropped)
     log.warning("%sdropped %d exact duplicate rows (same %s; --keep-duplicates keeps them)",
                 where, n_dup, ", ".join(key))
     return deduped, n_dup

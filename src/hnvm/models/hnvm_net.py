@@ -433,4 +433,3 @@ class HNVMNet(nn.Module):
         d = self.decoder
         x = torch.cat([self.item_emb.weight[item: item + 1], cond], -1)
         return torch.gru_cell(x, h_dec, d.weight_ih_l0, d.weight_hh_l0, d.bias_ih_l0, d.bias_hh_l0)
-

@@ -98,7 +98,7 @@ class HRNNNet(nn.Module):
         empty = items.new_zeros(B, T, self.session_gru.hidden_size, dtype=torch.float)
         pred: list[Tensor] = []
 
-        def keep(w: int, rows: Tensor | None, states: Tensor | None) -> None:
+        def keep(rows: Tensor | None, states: Tensor | None) -> None:
             if rows is None or states is None:
                 pred.append(empty)
                 return
@@ -110,9 +110,9 @@ class HRNNNet(nn.Module):
         return HRNNOutput(torch.stack(pred, 1), user_in, user)
 
     def _sessions(self, items: Tensor, user0: Tensor | None,
-                  keep: Callable[[int, Tensor | None, Tensor | None], None] | None = None) -> tuple[Tensor, Tensor]:
+                  keep: Callable[[Tensor | None, Tensor | None], None] | None = None) -> tuple[Tensor, Tensor]:
         """Run the sessions of items Long[B, W, T] in order -> (user state after them Float[B, U],
-        user state entering each session Float[B, W, U]). keep(w, rows, states) receives each
+        user state entering each session Float[B, W, U]). keep(rows, states) receives each
         session slot's session states ([n, t + 1, S] of the n rows with a real session; None,
         None where there is none): the training forward keeps them, the user state does not."""
         B, W, _ = items.shape
@@ -124,12 +124,12 @@ class HRNNNet(nn.Module):
             rows = (lengths[:, w] > 0).nonzero().squeeze(1)  # [n] rows with a real session
             if rows.numel() == 0:
                 if keep is not None:
-                    keep(w, None, None)
+                    keep(None, None)
                 continue
             t = int(lengths[rows, w].max())
             states = self.run_session(items[rows, w, :t], user[rows])  # [n, t + 1, S]
             if keep is not None:
-                keep(w, rows, states)
+                keep(rows, states)
             last = states[torch.arange(len(rows), device=states.device), lengths[rows, w]]  # s_{m,N_m}: [n, S]
             new = self.drop_user(self.user_gru(last, user[rows]))  # c_m only at the session end
             user = user.index_copy(0, rows, new.to(user.dtype))
