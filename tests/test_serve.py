@@ -726,3 +726,116 @@ def test_event_timestamps_out_of_any_clock_are_refused(data_dir: Path, tmp_path:
         assert c.get("/v1/users/x2").json()["online_events"] == 0  # nothing stored
         ok = c.post("/v1/events", json={"events": [{"user": "x2", "item": item, "ts": time.time()}]})
         assert ok.status_code == 200
+
+
+# ---- warm-up: users' dataset contexts in fixed blocks ------------------------------------------------
+
+
+@pytest.fixture
+def small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("hnvm.online.contexts.BLOCK_USERS", 6)  # 40 users: several blocks
+
+
+def test_block_contexts_equal_one_user_encoding(run_dir: Path, small_blocks: None) -> None:
+    from hnvm.online.scorers import one_user_sessions as _pad
+
+    eng = Engine.from_run(run_dir)
+    ctx, seq = eng.contexts, eng.history
+    assert ctx is not None and seq is not None and len(ctx.blocks) > 3 and not ctx.ready
+    n_sessions = seq.user_end - seq.user_first
+    order = np.concatenate(ctx.blocks)  # every user with sessions once, by number of sessions
+    assert sorted(order.tolist()) == np.flatnonzero(n_sessions > 0).tolist()
+    assert (np.diff(n_sessions[order]) >= 0).all()
+    for u in range(1, len(seq.user_end)):
+        got = ctx.context(u)
+        sessions = [seq.session(s) for s in range(int(seq.user_first[u]), int(seq.user_end[u]))]
+        want = eng.model.encode_history(torch.tensor([u]), _pad(sessions))  # type: ignore[attr-defined]
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        assert got.abs().sum() > 0
+    assert ctx.ready and ctx.warm_users == ctx.total == len(order)
+    assert ctx.context(0).abs().sum() == 0  # no dataset user: the initial context
+
+
+def test_user_state_does_not_depend_on_warm_up_or_request_order(run_dir: Path, small_blocks: None) -> None:
+    """Warmed on another thread, or encoded block by block as requests come (in another order):
+    bit-identical scores."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    warm, lazy = Engine.from_run(run_dir), Engine.from_run(run_dir)
+    assert warm.contexts is not None and lazy.contexts is not None
+    with ThreadPoolExecutor(1) as pool:
+        for b, states in zip(warm.contexts.pending(), pool.map(warm.contexts.encode_block, warm.contexts.pending()),
+                             strict=True):
+            warm.contexts.install(b, states)
+    users = list(warm.user_index)
+    queries = [Query(u, [], 10, False, 0.0) for u in users]
+    got_lazy = [lazy.recommend(q) for q in reversed(queries)][::-1]
+    assert lazy.contexts.ready  # every block was encoded on the requests' path
+    got_warm = [warm.recommend(q) for q in queries]  # (one per pass: a pass's size may move last bits)
+    assert [(r.items, r.scores) for r in got_warm] == [(r.items, r.scores) for r in got_lazy]
+    assert torch.equal(warm.contexts.table, lazy.contexts.table)
+
+
+def test_saved_contexts_load_only_for_the_same_key(run_dir: Path, tmp_path: Path) -> None:
+    eng = Engine.from_run(run_dir)
+    ctx = eng.contexts
+    assert ctx is not None
+    for b in ctx.pending():
+        ctx.install(b, ctx.encode_block(b))
+    key = ctx.digest(eng.model.net.state_dict().values())  # type: ignore[attr-defined]
+    path = tmp_path / "ctx.safetensors"
+    ctx.save(path, key)
+    fresh = Engine.from_run(run_dir).contexts
+    assert fresh is not None and not fresh.load(path, "other key") and not fresh.ready
+    assert fresh.load(path, key) and fresh.ready
+    torch.testing.assert_close(fresh.table, ctx.table, atol=1e-5, rtol=1e-5)
+    path.write_bytes(path.read_bytes()[:100])  # damaged: encoded afresh, never a crash
+    assert not Engine.from_run(run_dir).contexts.load(path, key)  # type: ignore[union-attr]
+
+
+def test_service_warms_in_the_background_and_reports_readiness(run_dir: Path, tmp_path: Path,
+                                                               small_blocks: None,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before the warm-up: /v1/ready 503, a request encodes its own block (same answer as after);
+    after: ready, the contexts saved next to the log; a restart loads them, ready at once."""
+    import threading
+
+    from hnvm.online.contexts import HistoryContexts
+
+    gate = threading.Event()
+    encode = HistoryContexts.encode_block
+
+    def gated(self: HistoryContexts, b: int) -> torch.Tensor:  # the warm-up waits for the gate
+        if threading.current_thread().name.startswith("hnvm-warm"):
+            gate.wait(30)
+        return encode(self, b)
+
+    monkeypatch.setattr(HistoryContexts, "encode_block", gated)
+    db = tmp_path / "ev.sqlite"
+    user = next(iter(Engine.from_run(run_dir).user_index))
+    with client(run_dir, db) as c:
+        h = c.get("/v1/health").json()
+        assert not h["ready"] and h["warm_up"]["users"] == 0 and h["warm_up"]["total"] == 40
+        assert c.get("/v1/ready").status_code == 503
+        first = c.post("/v1/recommend", json={"user": user, "k": 5}).json()
+        assert c.get("/v1/health").json()["warm_up"]["users"] >= 1  # its block, encoded on the way
+        gate.set()
+        for _ in range(300):
+            if (r := c.get("/v1/ready")).status_code == 200:
+                break
+            time.sleep(0.02)
+        assert r.status_code == 200 and r.json()["warm_up"]["users"] == 40
+        assert c.post("/v1/recommend", json={"user": user, "k": 5}).json() == first
+        svc = c.app.state.service  # type: ignore[attr-defined]
+        want = Engine.from_run(run_dir).contexts
+        for b in want.pending():  # type: ignore[union-attr]
+            want.install(b, want.encode_block(b))  # type: ignore[union-attr]
+        assert torch.equal(svc.engine.contexts.table, want.table)  # type: ignore[union-attr]
+    saved = Path(f"{db}-contexts.safetensors")
+    assert saved.is_file()
+    svc = Service.open(run_dir, db)
+    try:
+        assert svc.ready and svc.health()["warm_up"]["source"] == "file"
+    finally:
+        svc.engine.close()
+        svc.log.close()

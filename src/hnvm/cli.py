@@ -398,18 +398,20 @@ def serve(
         "--rank-process/--no-rank-process", help="Rank HNVM's passes in a child process, in parallel with the "
         "HTTP loop (default: on from 20,000 items with 2+ cores).")] = None,
 ) -> None:
-    """HTTP service: POST /v1/events, POST /v1/recommend, GET /v1/users/{id}, GET /v1/health;
-    OpenAPI docs at /docs. Events are durable (SQLite WAL, synchronous=FULL) and replayed at start."""
+    """HTTP service: POST /v1/events, POST /v1/recommend, GET /v1/users/{id}, GET /v1/health, GET
+    /v1/ready; OpenAPI docs at /docs. Events are durable (SQLite WAL, synchronous=FULL) and replayed at start;
+    HNVM users' states warm in the background (kept next to --db for the next start)."""
 
     from hnvm.data.sessions import parse_duration
     from hnvm.serve.app import serve as run_serve
 
     def ready(svc: object) -> None:
         h = svc.health()  # type: ignore[attr-defined]
-        how = f"{h['scoring']} scoring" + (", ranking process" if h["rank_process"] else "")
-        err.print(f"serving {run} ({h['model']}, {h['items']:,} items, {how}) on http://{host}:{port} "
-                  f"(docs: /docs); event log {db}: {h['replayed_at_start']:,} events replayed", highlight=False,
-                  markup=False)
+        how, w = f"{h['scoring']} scoring" + (", ranking process" if h["rank_process"] else ""), h["warm_up"]
+        warm = f"; {w['total']:,} users' states " + ("loaded" if w["source"] == "file" else "warming (GET /v1/ready)")
+        err.print(f"serving {run} ({h['model']}, {h['items']:,} items, {how}) on http://{host}:{port} (docs: /docs); "
+                  f"event log {db}: {h['replayed_at_start']:,} events replayed" + (warm if w["total"] else ""),
+                  highlight=False, markup=False)
 
     try:
         try:

@@ -67,6 +67,8 @@ class Engine:
         self.users: dict[str, UserState] = {}
         self.n_events = 0
         self.scorer: Scorer = make_scorer(model, scoring)
+        # the users' dataset contexts, encoded in blocks (lazily, or warmed: `hnvm serve`)
+        self.contexts = self.scorer.use_history(history) if history is not None else None
         self.rank_worker: RankWorker | None = None  # when ranking runs in a process
 
     def start_rank_process(self) -> bool:
@@ -118,7 +120,7 @@ class Engine:
     def state(self, user: str) -> UserState:
         st = self.users.get(user)
         if st is None:
-            uid = self.user_index.get(user, 0)
+            uid = row = self.user_index.get(user, 0)
             hist: list[np.ndarray] = []
             if uid and self.history is not None and uid < len(self.history.user_end):
                 h = self.history
@@ -128,7 +130,7 @@ class Engine:
                          h.item_split[h.offsets[span.start]:h.offsets[span.stop]])
                 if not (codes == 0).any():
                     uid = 0  # no training events (time split): the model never learnt this user's row
-            st = UserState(uid, hist, len(hist), seen={int(i) for s in hist for i in s})
+            st = UserState(uid, hist, len(hist), seen={int(i) for s in hist for i in s}, row=row if hist else 0)
             self.users[user] = st
         return st
 

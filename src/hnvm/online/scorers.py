@@ -14,9 +14,11 @@
   calls the model's own `score` / `score_sessions` (cost grows with the history, as in
   evaluation).
 
-Determinism: every per-user tensor is computed by the same per-user operations, in the same
-order, whenever they run (lazily, at the first recommendation that needs them, or in
-`advance`), so a state rebuilt by replaying the same events gives bit-identical scores.
+Determinism: every per-user tensor is computed by the same operations, in the same order,
+whenever they run (lazily, at the first recommendation that needs them, or in `advance`); a
+user's dataset context is always its fixed block's encoding (`online.contexts`), warmed in the
+background or encoded at first use. So a state rebuilt by replaying the same events gives
+bit-identical scores.
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ import torch
 from torch import Tensor
 
 from hnvm.contract import Batch, Recommender
+from hnvm.data.batches import Sequences
 from hnvm.errors import HnvmError
+from hnvm.online.contexts import HistoryContexts
 from hnvm.online.ranking import LinearRanker, top_k
 from hnvm.online.sessions import UserState
 
@@ -94,6 +98,11 @@ class Scorer:
 
     def advance(self, st: UserState) -> None:
         """Update the user's cached model state to the applied events (if the scorer keeps one)."""
+
+    def use_history(self, history: Sequences) -> HistoryContexts | None:
+        """Start users from block-encoded dataset contexts (`online.contexts`), where the scorer
+        keeps per-user model state; returns them, or None."""
+        return None
 
 
 class GenericScorer(Scorer):
@@ -167,6 +176,7 @@ class StepScorer(Scorer):
         self.scoring = self.linear.scoring
         if self.repeat and scoring == "bf16":
             log.warning("scoring bf16 ignored: the repeat channel's scores are ranked exactly in fp32")
+        self.contexts: HistoryContexts | None = None
         if model.config.mc_samples > 1:
             log.warning("serving %s with the prior mean of z (mc_samples=%d is for evaluation)",
                         model.name.upper(), model.config.mc_samples)
@@ -188,6 +198,11 @@ class StepScorer(Scorer):
     def rank(self, prepared: Tensor, k: int, exclude: Sequence[Sequence[int]]) -> Ranked:
         return top_k(prepared, k, exclude) if self.repeat else self.linear.rank(prepared, k, exclude)
 
+    def use_history(self, history: Sequences) -> HistoryContexts:
+        h0 = self.model.initial_context(1)  # [1, H]
+        self.contexts = HistoryContexts(self.model.encode_history, history, h0.shape[1], device=h0.device)
+        return self.contexts
+
     # the per-user steps -------------------------------------------------------------------------
     def _cache(self, st: UserState) -> _StepCache:
         """The user's cache, with every closed session folded into h_con."""
@@ -195,7 +210,9 @@ class StepScorer(Scorer):
         if c is None:
             h = m.initial_context(1)
             users = torch.tensor([st.uid])
-            if st.n_dataset:  # the dataset history in one pass, as evaluation encodes it
+            if st.n_dataset and self.contexts is not None and st.row:  # its block, warm or encoded now
+                h = self.contexts.context(st.row)
+            elif st.n_dataset:  # the dataset history in one pass, as evaluation encodes it
                 h = m.encode_history(users, one_user_sessions(st.history[: st.n_dataset]))
             c = st.cache = _StepCache(m.general_preference(users), h, st.n_dataset,
                                       memory=m.repeat_memory(st.history[: st.n_dataset]))

@@ -82,6 +82,7 @@ class UserState:
     seen: set[int] = field(default_factory=set)
     closed_keys: set[str] = field(default_factory=set)  # keys of the user's closed online sessions
     cache: Any = None  # the scorer's per-user tensors
+    row: int = 0  # the user's id in the dataset whose sessions open `history` (0: none)
 
 
 @dataclass

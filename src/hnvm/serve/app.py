@@ -4,7 +4,8 @@
     POST /v1/events      a batch of events -> appended to the log (one transaction), then applied
     POST /v1/recommend   top-k for a user and the current session
     GET  /v1/users/{id}  the user's state (debugging); the id may contain `/` (percent-encoded or not)
-    GET  /v1/health      liveness, model, counts, durability setting
+    GET  /v1/health      liveness, model, counts, durability setting, warm-up progress and `ready`
+    GET  /v1/ready       200 once every user's state is warm, 503 before (for a load balancer)
     GET  /docs           OpenAPI UI (schema at /openapi.json)
 
 This module holds the app factory (`create_app`: routes, error handlers, middlewares) and the
@@ -119,7 +120,15 @@ def create_app(service: Service) -> FastAPI:
 
     @app.get("/v1/health")
     async def health() -> dict[str, Any]:
+        """Liveness and counts; `ready` and `warm_up` (users warm / total) tell whether every
+        user's dataset context is encoded yet (before, a user's first request encodes its block)."""
         return service.health()
+
+    @app.get("/v1/ready", responses={503: {"description": "still warming the users' states"}})
+    async def ready() -> JSONResponse:
+        """Readiness for a load balancer: 200 once every user's state is warm, else 503."""
+        h = service.health()
+        return JSONResponse({"ready": h["ready"], "warm_up": h["warm_up"]}, status_code=200 if h["ready"] else 503)
 
     return app
 

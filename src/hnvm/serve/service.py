@@ -12,6 +12,13 @@ which owns the states; the scoring product and top-k (`Engine.rank`, which reads
 prepared tensors and the weights) run on a scoring thread, so that the loop parses, validates and
 answers other requests meanwhile (torch releases the GIL), or, with `rank_process`, in a child
 process that the scoring thread hands the pass to (`hnvm.online.worker`).
+
+Warm-up (HNVM): once the loop runs, a warm-up task encodes the users' dataset contexts block by
+block (`hnvm.online.contexts`) on a thread of its own and stores each block on the loop; a
+request for a user whose block is not warm yet encodes that block itself. `/v1/health` reports
+the progress and `ready` (every block warm). A finished warm-up is saved next to the event log
+(`<db>-contexts.safetensors`, keyed by the weights, the data and the arithmetic) and loaded at
+the next start, which is then ready at once.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
+import torch
 from fastapi.responses import JSONResponse
 
 from hnvm.online import AUTO_BF16_ITEMS, Engine, Event, Job, Query, QueryError, Recommendation
@@ -56,6 +64,12 @@ class Service:
         self._wake: asyncio.Event | None = None
         self._writer: asyncio.Task[None] | None = None
         self._pending: list[tuple[Query, asyncio.Future[Recommendation]]] = []
+        self._warm_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hnvm-warm")
+        self._warmer: asyncio.Task[None] | None = None
+        self.contexts_file: Path | None = None  # where a finished warm-up is saved (None: not saved)
+        self.contexts_key = ""
+        self.warm: dict[str, Any] = {"source": "none" if engine.contexts is None else "encoded", "seconds": 0.0,
+                                     "error": None}
         self.stats = {"recommend_requests": 0, "recommend_passes": 0, "event_posts": 0, "event_commits": 0}
 
     @classmethod
@@ -69,6 +83,7 @@ class Service:
                                  scoring=scoring)
         svc = cls(engine, EventLog(db), run=str(run), limits=limits)
         svc.replay()
+        svc.load_contexts(Path(f"{db}-contexts.safetensors"))
         if rank_process is None:
             rank_process = engine.n_items >= AUTO_BF16_ITEMS and (os.cpu_count() or 1) >= 2
         if rank_process and not engine.start_rank_process():
@@ -85,6 +100,42 @@ class Service:
         self.replayed = n
         log.info("replayed %d events from %s in %.2fs", n, self.log.path, time.perf_counter() - t0)
         return n
+
+    def load_contexts(self, path: Path) -> None:
+        """Take the users' dataset contexts from `path` if a warm-up for the same weights, data and
+        arithmetic saved them there; the warm-up saves them there otherwise."""
+        ctx, net = self.engine.contexts, getattr(self.engine.model, "net", None)
+        if ctx is None or not isinstance(net, torch.nn.Module):
+            return
+        self.contexts_file, self.contexts_key = path, ctx.digest(net.state_dict().values())
+        if ctx.load(path, self.contexts_key):
+            self.warm["source"] = "file"
+            log.info("user contexts loaded from %s (%d users)", path, ctx.total)
+
+    async def _warm_up(self) -> None:
+        """Encode every cold block of user contexts, one block per call on the warm-up thread
+        (the loop serves meanwhile and stores each block), then save them."""
+        ctx, loop = self.engine.contexts, asyncio.get_running_loop()
+        if ctx is None or ctx.ready:
+            return
+        t0 = time.perf_counter()
+        try:
+            for b in ctx.pending():
+                if not ctx.done[b]:  # (a request may have encoded it meanwhile)
+                    ctx.install(b, await loop.run_in_executor(self._warm_pool, ctx.encode_block, b))
+            self.warm["seconds"] = round(time.perf_counter() - t0, 2)
+            log.info("warmed %d user contexts in %.1fs", ctx.total, self.warm["seconds"])
+            if self.contexts_file is not None:
+                await loop.run_in_executor(self._warm_pool, ctx.save, self.contexts_file, self.contexts_key)
+        except Exception as exc:  # derived data: requests still encode their blocks on first use
+            log.exception("warm-up failed")
+            self.warm["error"] = f"{type(exc).__name__}: {exc}"
+
+    @property
+    def ready(self) -> bool:
+        """Every user's context is warm (or the warm-up failed: requests encode their own)."""
+        ctx = self.engine.contexts
+        return ctx is None or ctx.ready or self.warm["error"] is not None
 
     # events ---------------------------------------------------------------------------------
     async def add_events(self, body: EventsIn) -> EventsOut:
@@ -238,20 +289,25 @@ class Service:
     async def start(self) -> None:
         self._wake = asyncio.Event()
         self._writer = asyncio.create_task(self._write_loop(), name="hnvm-event-writer")
+        self._warmer = asyncio.create_task(self._warm_up(), name="hnvm-warm-up")
 
     async def stop(self) -> None:
-        if self._writer is not None:
-            self._writer.cancel()
-            with suppress(asyncio.CancelledError):
-                await self._writer
+        for task in (self._writer, self._warmer):
+            if task is not None:
+                task.cancel()
+                with suppress(asyncio.CancelledError):
+                    await task
         self._pool.shutdown(wait=True)
+        self._warm_pool.shutdown(wait=True)
         self._scoring.shutdown(wait=True)
         self.engine.close()
         self.log.close()
 
     def health(self) -> dict[str, Any]:
-        e = self.engine
-        return {"status": "ok", "run": self.run, "model": e.model.name, "incremental_state": e.scorer.incremental,
+        e, ctx = self.engine, self.engine.contexts
+        warm = {"users": ctx.warm_users if ctx else 0, "total": ctx.total if ctx else 0, **self.warm}
+        return {"status": "ok", "ready": self.ready, "warm_up": warm, "run": self.run, "model": e.model.name,
+                "incremental_state": e.scorer.incremental,
                 "scoring": e.scorer.scoring,
                 "rank_process": e.rank_worker is not None and e.rank_worker.alive,
                 "items": e.n_items, "known_users": len(e.user_index), "active_users": len(e.users),
