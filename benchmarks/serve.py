@@ -3,21 +3,32 @@
     python benchmarks/serve.py                                   # Instacart sample + synthetic 60K items
     python benchmarks/serve.py --datasets instacart --recommend 20000 --seconds 30
     python benchmarks/serve.py --datasets dir:PATH --run RUN      # an existing run
+    python benchmarks/serve.py --datasets instacart --startup ''  # without the 100K-user start-up
 
-Per data set it starts `hnvm serve` (fresh SQLite event log, synchronous=FULL, one torch thread)
-and runs, each phase bounded by a request count and a time limit:
+Per data set it starts `hnvm serve` (fresh SQLite event log, synchronous=FULL, one torch thread),
+prints the time to listen and to be ready (`/v1/ready`: every user's dataset context encoded by
+the background warm-up), waits for ready, and runs, each phase bounded by a request count and a
+time limit:
 
+  recommend, first     POST /v1/recommend, 50 concurrent, each user's first request after the
+                       start, for users the load sends no events (the state starts from the
+                       warm context: a session condition and a BOS step)
   events, batch 100    POST /v1/events with 100 events each, 4 concurrent clients (durable:
                        the server answers after the fsync'd commit)
   events, batch 1      one event per POST, 50 concurrent clients (group commit at work)
-  recommend, first     POST /v1/recommend, 50 concurrent, each user's first request (the history
-                       is encoded lazily on first use)
+  recommend, catch-up  each first request of the users who got the events (tens to hundreds
+                       each, in one open session): a user never scored is not advanced as its
+                       events come, so this request runs the decoder over all of them
   recommend, 1 client  POST /v1/recommend one at a time (the latency of a request alone)
   recommend            POST /v1/recommend, 50 concurrent, k = 10, users with open sessions
   recommend + session  the same with 3 extra session items in the request (3 more decoder steps)
 
 The load generator is a minimal HTTP/1.1 keep-alive client on asyncio (uvloop when present),
 so that the client, which shares the machine's cores with the server, costs little CPU.
+Then it restarts the server on the same log and prints its time to ready (the warm-up saved
+the contexts next to the log). For the --startup data sets (default: a synthetic set of 100,000
+users) it prints only the start-up times, fresh and restarted.
+
 Latency = from writing a request to reading its whole response, at the client. The Instacart
 model is trained for --epochs (default 1); the synthetic 60K-item model is initialised but
 untrained (latency does not depend on the weights).
@@ -56,7 +67,14 @@ def make_run(name: str, workdir: Path, epochs: int) -> Path:
 
     run = workdir / f"run-{name.replace(':', '_').replace('/', '_')}"
     if (run / "model" / "model.json").exists():
-        return run
+        from hnvm.errors import HnvmError
+        from hnvm.rundir import load_run
+
+        try:  # a run made by another version of the code may not load: make it again
+            load_run(run)
+            return run
+        except HnvmError as exc:
+            print(f"  {run}: {exc}; making it again", flush=True)
     data = workdir / f"data-{name.replace(':', '_').replace('/', '_')}"
     if name.startswith("dir:"):
         data = Path(name[4:])
@@ -197,6 +215,41 @@ def start_server(run: Path, db: Path, port: int, threads: int = 1, scoring: str 
     raise SystemExit("server did not start in 2 min")
 
 
+def wait_ready(port: int, t0: float, limit_s: float = 1800) -> tuple[float, dict]:
+    """Seconds from `t0` until GET /v1/ready answers 200, and /v1/health then."""
+    import httpx
+
+    while time.perf_counter() - t0 < limit_s:
+        if httpx.get(f"http://127.0.0.1:{port}/v1/ready", timeout=10).status_code == 200:
+            return time.perf_counter() - t0, httpx.get(f"http://127.0.0.1:{port}/v1/health", timeout=10).json()
+        time.sleep(0.05)
+    raise SystemExit(f"server not ready in {limit_s:.0f} s")
+
+
+def start_timed(label: str, run: Path, db: Path, port: int, threads: int, scoring: str = "auto"
+                ) -> subprocess.Popen:
+    """Start a server, print its times to listening and to ready, return it once ready."""
+    t0 = time.perf_counter()
+    server = start_server(run, db, port, threads, scoring)
+    listening = time.perf_counter() - t0
+    ready, h = wait_ready(port, t0)
+    w = h["warm_up"]
+    how = {"file": "loaded from the saved warm-up", "encoded": f"warm-up {w['seconds']:.1f}s",
+           "none": "nothing to warm"}[w["source"]]
+    print(f"  {label:<20} listening after {listening:5.1f}s, ready after {ready:5.1f}s ({w['total']:,} users' "
+          f"contexts, {how}; {h['replayed_at_start']:,} events replayed)", flush=True)
+    return server
+
+
+def startup(name: str, run: Path, args: argparse.Namespace) -> None:
+    """Start-up to ready on a fresh event log, then a restart on it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        for label in ("start-up", "restart"):
+            server = start_timed(label, run, Path(tmp) / "events.sqlite", free_port(), args.threads)
+            server.terminate()
+            server.wait(30)
+
+
 def bench(name: str, run: Path, args: argparse.Namespace, scoring: str = "auto"
           ) -> list[tuple[str, int, dict[str, float], float]]:
     import httpx
@@ -205,10 +258,13 @@ def bench(name: str, run: Path, args: argparse.Namespace, scoring: str = "auto"
     users = pl.read_parquet(run / "users.parquet").get_column("id").to_list()
     items = pl.read_parquet(run / "items.parquet").get_column("id").to_list()
     rng = random.Random(0)
-    pool = rng.sample(users, min(len(users), args.users))
+    # half the users at most get the load's events; the others are the fresh users of "recommend, first"
+    shuffled = rng.sample(users, len(users))
+    pool = shuffled[: min(len(users) // 2, args.users)]
+    fresh = shuffled[len(pool):][: args.users]
     with tempfile.TemporaryDirectory() as tmp:
         port = free_port()
-        server = start_server(run, Path(tmp) / "events.sqlite", port, args.threads, scoring)
+        server = start_timed("start-up", run, Path(tmp) / "events.sqlite", port, args.threads, scoring)
         proc = psutil.Process(server.pid)
         host = "127.0.0.1"
         rows = []
@@ -247,6 +303,8 @@ def bench(name: str, run: Path, args: argparse.Namespace, scoring: str = "auto"
                   f"{extra}  errors {r['errors']}", flush=True)
 
         try:
+            first = [json.dumps({"user": u, "k": 10}).encode() for u in fresh]
+            phase("recommend, first", "/v1/recommend", first, 50)
             t = time.time()
             # events: each connection owns a slice of the users, so that per-user time order holds
             n_batches, conc = args.events // 100, 4
@@ -264,8 +322,7 @@ def bench(name: str, run: Path, args: argparse.Namespace, scoring: str = "auto"
                                               "item": rng.choice(items), "ts": t + i * 1e-6}]}).encode()
                       for i in range(args.single_events)]
             phase("events, batch 1", "/v1/events", bodies, conc)
-            first = [json.dumps({"user": u, "k": 10}).encode() for u in pool]
-            phase("recommend, first", "/v1/recommend", first, 50)
+            phase("recommend, catch-up", "/v1/recommend", [json.dumps({"user": u, "k": 10}).encode() for u in pool], 50)
             bodies = [json.dumps({"user": rng.choice(pool), "k": 10}).encode() for _ in range(args.recommend)]
             phase("recommend, 1 client", "/v1/recommend", bodies[: args.recommend // 5], 1)
             phase("recommend", "/v1/recommend", bodies, 50)
@@ -275,12 +332,17 @@ def bench(name: str, run: Path, args: argparse.Namespace, scoring: str = "auto"
         finally:
             server.terminate()
             server.wait(30)
+        server = start_timed("restart", run, Path(tmp) / "events.sqlite", port, args.threads, scoring)
+        server.terminate()
+        server.wait(30)
     return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--datasets", default="instacart,synthetic60k")
+    ap.add_argument("--startup", default="synthetic100kusers", help="data sets whose start-up to ready is "
+                    "measured alone (fresh and restarted; untrained model); '' for none")
     ap.add_argument("--run", type=Path, help="serve this run (with one data set) instead of making one")
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "hnvm-bench-serve")
     ap.add_argument("--epochs", type=int, default=None, help="training epochs (default: 1 for instacart, "
@@ -295,6 +357,8 @@ def main() -> None:
                     ":inline (--rank-process / --no-rank-process); a list (e.g. exact:inline,bf16:process) "
                     "benchmarks each in turn on the same run and prints the ratios against the first")
     args = ap.parse_args()
+    import polars as pl
+
     args.workdir.mkdir(parents=True, exist_ok=True)
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; server: 1 process, "
           f"{args.threads} torch thread(s); client: asyncio{' + uvloop' if _uvloop() else ''}, same machine",
@@ -303,8 +367,6 @@ def main() -> None:
         t0 = time.perf_counter()
         epochs = args.epochs if args.epochs is not None else (1 if name == "instacart" else 0)
         run = args.run or make_run(name, args.workdir, epochs)
-        import polars as pl
-
         n_items = pl.read_parquet(run / "items.parquet").height
         print(f"\n{name}: {n_items:,} items, run {run} ({'trained' if epochs else 'untrained'}; ready in "
               f"{time.perf_counter() - t0:.0f}s)", flush=True)
@@ -316,6 +378,13 @@ def main() -> None:
                     if label.startswith("recommend"):
                         print(f"  {sc} vs {ref}, {label:<20} throughput x{r['rps'] / r0['rps']:.2f}  "
                               f"p99 {r['p99']:.2f} vs {r0['p99']:.2f} ms", flush=True)
+
+
+    for name in filter(None, args.startup.split(",")):
+        run = make_run(name, args.workdir, 0)
+        users = pl.read_parquet(run / "users.parquet").height
+        print(f"\n{name}: {users:,} users, run {run} (untrained), start-up only", flush=True)
+        startup(name, run, args)
 
 
 def _uvloop() -> bool:

@@ -54,9 +54,11 @@ def load_data(name: str, workdir: Path) -> Dataset:
     if name == "synthetic60k":
         # a flatter popularity (zipf 0.6) keeps about 60K items above the support filter
         return synthetic_dataset(n_users=40_000, n_items=62_000, n_topics=200, seed=0, zipf=0.6)
+    if name == "synthetic100kusers":  # many users (serve start-up), short histories: 3-12 sessions of 2-10
+        return synthetic_dataset(n_users=100_000, n_items=20_000, n_topics=100, seed=0)
     if name.startswith("dir:"):
         return Dataset.load(name[4:])
-    raise SystemExit(f"unknown dataset {name} (instacart, synthetic60k, dir:PATH)")
+    raise SystemExit(f"unknown dataset {name} (instacart, synthetic60k, synthetic100kusers, dir:PATH)")
 
 
 def model_for(name: str, paper: bool, dense: bool = False) -> object:

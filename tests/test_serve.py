@@ -736,7 +736,7 @@ def small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("hnvm.online.contexts.BLOCK_USERS", 6)  # 40 users: several blocks
 
 
-def test_block_contexts_equal_one_user_encoding(run_dir: Path, small_blocks: None) -> None:
+def test_block_states_equal_one_user_encoding(run_dir: Path, small_blocks: None) -> None:
     from hnvm.online.scorers import one_user_sessions as _pad
 
     eng = Engine.from_run(run_dir)
@@ -749,9 +749,13 @@ def test_block_contexts_equal_one_user_encoding(run_dir: Path, small_blocks: Non
     for u in range(1, len(seq.user_end)):
         got = ctx.context(u)
         sessions = [seq.session(s) for s in range(int(seq.user_first[u]), int(seq.user_end[u]))]
-        want = eng.model.encode_history(torch.tensor([u]), _pad(sessions))  # type: ignore[attr-defined]
+        m = eng.model
+        want = m.encode_history(torch.tensor([u]), _pad(sessions))  # type: ignore[attr-defined]
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
         assert got.abs().sum() > 0
+        cond = m.session_condition(want, m.general_preference(torch.tensor([eng.model_uid[u]])))  # type: ignore
+        for a, b in zip(ctx.start(u), (cond, m.decoder_step(m.bos, None, cond)), strict=True):  # type: ignore
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     assert ctx.ready and ctx.warm_users == ctx.total == len(order)
     assert ctx.context(0).abs().sum() == 0  # no dataset user: the initial context
 
@@ -773,7 +777,7 @@ def test_user_state_does_not_depend_on_warm_up_or_request_order(run_dir: Path, s
     assert lazy.contexts.ready  # every block was encoded on the requests' path
     got_warm = [warm.recommend(q) for q in queries]  # (one per pass: a pass's size may move last bits)
     assert [(r.items, r.scores) for r in got_warm] == [(r.items, r.scores) for r in got_lazy]
-    assert torch.equal(warm.contexts.table, lazy.contexts.table)
+    assert all(torch.equal(warm.contexts.tables[k], lazy.contexts.tables[k]) for k in ("h_con", "cond", "h_bos"))
 
 
 def test_saved_contexts_load_only_for_the_same_key(run_dir: Path, tmp_path: Path) -> None:
@@ -788,7 +792,8 @@ def test_saved_contexts_load_only_for_the_same_key(run_dir: Path, tmp_path: Path
     fresh = Engine.from_run(run_dir).contexts
     assert fresh is not None and not fresh.load(path, "other key") and not fresh.ready
     assert fresh.load(path, key) and fresh.ready
-    torch.testing.assert_close(fresh.table, ctx.table, atol=1e-5, rtol=1e-5)
+    for k in ("h_con", "cond", "h_bos"):
+        torch.testing.assert_close(fresh.tables[k], ctx.tables[k], atol=1e-5, rtol=1e-5)
     path.write_bytes(path.read_bytes()[:100])  # damaged: encoded afresh, never a crash
     assert not Engine.from_run(run_dir).contexts.load(path, key)  # type: ignore[union-attr]
 
@@ -830,7 +835,8 @@ def test_service_warms_in_the_background_and_reports_readiness(run_dir: Path, tm
         want = Engine.from_run(run_dir).contexts
         for b in want.pending():  # type: ignore[union-attr]
             want.install(b, want.encode_block(b))  # type: ignore[union-attr]
-        assert torch.equal(svc.engine.contexts.table, want.table)  # type: ignore[union-attr]
+        got = svc.engine.contexts.tables  # type: ignore[union-attr]
+        assert all(torch.equal(got[k], want.tables[k]) for k in got)  # type: ignore[union-attr]
     saved = Path(f"{db}-contexts.safetensors")
     assert saved.is_file()
     svc = Service.open(run_dir, db)

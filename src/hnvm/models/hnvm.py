@@ -287,14 +287,14 @@ class HNVM(NetPersistence):
 
     def decoder_step(self, item: int, h_dec: Tensor | None, cond: Tensor) -> Tensor:
         """One decoder GRU step (eq. 11): the state after `item` given the previous state h_dec
-        Float[1, H] (None: h_dec_0 = 0, for the `bos` step) and the session's cond Float[1, C]
-        -> Float[1, H], the state that predicts the next item. The per-event hot path: a
-        torch.gru_cell with the decoder's weights (a third of a one-step nn.GRU call)."""
+        Float[B, H] (None: h_dec_0 = 0, for the `bos` step) and the session's cond Float[B, C]
+        -> Float[B, H], the state that predicts the next item (B rows, the same item; B = 1 per
+        event). The per-event hot path: torch.gru_cell with the decoder's weights."""
         if torch.is_grad_enabled():  # (a decorator would cost every step a context switch)
             with torch.no_grad():
                 return self.decoder_step(item, h_dec, cond)
         net = self._net()
-        return net.decoder_step(item, h_dec if h_dec is not None else cond.new_zeros(1, net.hidden), cond)
+        return net.decoder_step(item, h_dec if h_dec is not None else cond.new_zeros(len(cond), net.hidden), cond)
 
     @torch.no_grad()
     def score_state(self, h_dec: Tensor) -> Tensor:

@@ -1,18 +1,20 @@
-"""Each user's context state after the dataset history, encoded in fixed blocks of users.
+"""Each user's state after the dataset history, encoded in fixed blocks of users.
 
 A served HNVM user starts from h_con, the context GRU's state after the user's dataset sessions
-(paper, section 3.2, eq. 9-10). Encoding one user at a time costs a GRU call per time step for
-that user alone (about 5 ms per Instacart user); encoding a block of users at once costs about
-1 ms per user (`benchmarks/serve.py` times the warm-up). So `HistoryContexts` encodes users in
-blocks: `hnvm serve` warms every block in the background after it starts answering, and a
-request for a user whose block is not warm yet encodes that whole block first.
+(paper, section 3.2, eq. 9-10), and the next session starts from cond = [h_con; z] (z the prior
+mean, eq. 12) and the decoder state after BOS (eq. 11). Encoding one user at a time costs a GRU
+call per time step for that user alone (about 5 ms per Instacart user); encoding a block of users
+at once costs about 1 ms per user (`benchmarks/serve.py` times the warm-up). So
+`HistoryContexts` encodes users in blocks: `hnvm serve` warms every block in the background
+after it starts answering, and a request for a user whose block is not warm yet encodes that
+whole block first.
 
 Blocks are fixed by the data set alone: users with at least one dataset session, ordered by
 their number of sessions (similar histories pad little), then by id, BLOCK_USERS at a time. A
-user's state is always the output of encoding their whole block, whichever path ran it and
-whenever, so its bits never depend on the order of requests: a restart replays to bit-identical
-states (tests/test_serve.py). The states can be saved after a warm-up and loaded at the next
-start (`save` / `load`, safetensors), keyed by everything they depend on (`digest`).
+user's states are always the output of encoding their whole block, whichever path ran it and
+whenever, so their bits never depend on the order of requests: a restart replays to
+bit-identical states (tests/test_serve.py). The states can be saved after a warm-up and loaded
+at the next start (`save` / `load`, safetensors), keyed by everything they depend on (`digest`).
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -33,20 +36,34 @@ from hnvm.data.batches import Sequences
 log = logging.getLogger(__name__)
 
 BLOCK_USERS = 32  # lazy cost of a cold block ~32 ms, warm-up ~1 ms per user (Instacart, 1 thread)
-FORMAT = "hnvm-history-contexts/1"
+FORMAT = "hnvm-history-contexts/2"
+TABLES = ("h_con", "cond", "h_bos")
+
+
+class _Encoder(Protocol):  # the parts of `online.scorers.StepModel` (HNVM) used here
+    @property
+    def bos(self) -> int: ...
+    def encode_history(self, users: Tensor, sessions: Tensor) -> Tensor: ...
+    def general_preference(self, users: Tensor) -> Tensor | None: ...
+    def session_condition(self, h_con: Tensor, e: Tensor | None) -> Tensor: ...
+    def decoder_step(self, item: int, h_dec: Tensor | None, cond: Tensor) -> Tensor: ...
 
 
 class HistoryContexts:
-    """h_con Float[H] after each user's dataset sessions (section 3.2, eq. 9-10), per block.
+    """Per user with dataset sessions, after them (section 3.2): h_con Float[H] (eq. 9-10), and
+    the next session's start: cond Float[C] (eq. 11-12, z = the prior mean) and the decoder
+    state after BOS, h_bos Float[H] (eq. 11).
 
-    `encode(users Long[B], sessions Long[B, N, T]) -> Float[B, H]` is the model's
-    `encode_history`. Thread use: `encode_block` is pure (weights and history only) and may run
-    on any thread; `context` and `install` change the table and run on one thread (the engine's).
+    `model`: HNVM (`online.scorers.StepModel`); `uids` Long[n_users + 1]: the model's user id of
+    each dataset user (0 for one the model never trained on). Thread use: `encode_block` is pure
+    (weights and history only) and may run on any thread; `context`, `start` and `install`
+    change the tables and run on one thread (the engine's).
     """
 
-    def __init__(self, encode: Callable[[Tensor, Tensor], Tensor], history: Sequences, hidden: int,
+    def __init__(self, model: _Encoder, history: Sequences, uids: np.ndarray, hidden: int,
                  block_users: int | None = None, device: torch.device | str = "cpu") -> None:
-        self._encode, self.history, self.hidden, self.device = encode, history, hidden, torch.device(device)
+        self.model, self.history, self.uids, self.hidden = model, history, uids, hidden
+        self.device = torch.device(device)
         n_sessions = (history.user_end - history.user_first).astype(np.int64)  # [n_users + 1]
         users = np.flatnonzero(n_sessions > 0)
         users = users[np.argsort(n_sessions[users], kind="stable")]  # by sessions, then id
@@ -55,8 +72,7 @@ class HistoryContexts:
         self.block_of = np.full(len(n_sessions), -1, dtype=np.int64)
         for b, members in enumerate(self.blocks):
             self.block_of[members] = b
-        # [n_users + 1, H]: row u is valid once u's block is done
-        self.table = torch.zeros(len(n_sessions), hidden, device=self.device)
+        self.tables: dict[str, Tensor] = {}  # name -> [n_users + 1, width]; row u valid once u's block is done
         self.done = np.zeros(len(self.blocks), dtype=bool)
         self.total = len(users)
         self.warm_users = 0
@@ -72,28 +88,44 @@ class HistoryContexts:
     def context(self, user: int) -> Tensor:
         """h_con Float[1, H] after the dataset sessions of `user` (a dataset user id; zeros for a
         user without any), encoding the user's block first if it is not warm yet."""
+        return self._row(user, "h_con")
+
+    def start(self, user: int) -> tuple[Tensor, Tensor]:
+        """(cond Float[1, C], h_bos Float[1, H]): how the session after the dataset history of
+        `user` (a user with dataset sessions) starts; encodes the user's block if it is cold."""
+        return self._row(user, "cond"), self._row(user, "h_bos")
+
+    def _row(self, user: int, table: str) -> Tensor:
         b = int(self.block_of[user]) if 0 <= user < len(self.block_of) else -1
         if b < 0:
+            if table != "h_con":
+                raise ValueError(f"user {user} has no dataset sessions: no block")
             return torch.zeros(1, self.hidden, device=self.device)
         if not self.done[b]:
             self.install(b, self.encode_block(b))
-        return self.table[user: user + 1]
+        return self.tables[table][user: user + 1]
 
-    def install(self, b: int, states: Tensor) -> None:
-        """Store block b's states (from `encode_block`); a block already stored is kept as is."""
+    def install(self, b: int, states: tuple[Tensor, ...]) -> None:
+        """Store block b's states (`encode_block`); a block already stored is kept as is."""
         if self.done[b]:
             return
-        self.table[torch.from_numpy(self.blocks[b]).to(self.device)] = states
+        rows = torch.from_numpy(self.blocks[b]).to(self.device)
+        for name, t in zip(TABLES, states, strict=True):
+            if name not in self.tables:
+                self.tables[name] = torch.zeros(len(self.block_of), t.shape[1], device=self.device)
+            self.tables[name][rows] = t
         self.done[b] = True
         self.warm_users += len(self.blocks[b])
 
-    def encode_block(self, b: int) -> Tensor:
-        """Float[len(block b), H]: block b's users encoded in one pass, each user's sessions
-        right-aligned as evaluation pads them (`data.batches.pad_sessions`)."""
-        users = self.blocks[b]
+    def encode_block(self, b: int) -> tuple[Tensor, Tensor, Tensor]:
+        """(h_con, cond, h_bos) of block b's users, each Float[len(block), width], encoded in one
+        pass; each user's sessions right-aligned as evaluation pads them (`pad_sessions`)."""
+        users, m = self.blocks[b], self.model
         with torch.no_grad():
-            return self._encode(torch.from_numpy(users).to(self.device),
-                                self._sessions(users).to(self.device)).float()
+            h_con = m.encode_history(torch.from_numpy(users).to(self.device),
+                                     self._sessions(users).to(self.device)).float()
+            cond = m.session_condition(h_con, m.general_preference(torch.from_numpy(self.uids[users]).to(self.device)))
+            return h_con, cond, m.decoder_step(m.bos, None, cond)
 
     def _sessions(self, users: np.ndarray) -> Tensor:
         """Long[B, N, T]: the users' dataset sessions, right-aligned in N, right-padded in T."""
@@ -119,22 +151,22 @@ class HistoryContexts:
         for t in weights:
             sha.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().data)
         h = self.history
-        for a in (h.items, h.offsets, h.user_first, h.user_end, *self.blocks):
+        for a in (h.items, h.offsets, h.user_first, h.user_end, self.uids, *self.blocks):
             sha.update(np.ascontiguousarray(a).data)
         sha.update(json.dumps([torch.__version__, torch.backends.cpu.get_cpu_capability(),
                                torch.get_num_threads()]).encode())
         return sha.hexdigest()
 
     def save(self, path: str | Path, key: str) -> None:
-        """Write the table (once every block is warm) atomically, with `key` (`digest`)."""
+        """Write the tables (once every block is warm) atomically, with `key` (`digest`)."""
         from safetensors.torch import save_file
 
         assert self.ready, "save after the warm-up"
-        atomic_file(path, lambda tmp: save_file({"h_con": self.table}, str(tmp),
-                                                metadata={"format": FORMAT, "key": key}))
+        tables = {k: v.cpu().contiguous() for k, v in self.tables.items()}
+        atomic_file(path, lambda tmp: save_file(tables, str(tmp), metadata={"format": FORMAT, "key": key}))
 
     def load(self, path: str | Path, key: str) -> bool:
-        """Take the table from `path` if it was saved with `key`; False (and nothing changed)
+        """Take the tables from `path` if they were saved with `key`; False (and nothing changed)
         when it is missing, unreadable or of other weights, data or arithmetic."""
         from safetensors import safe_open
 
@@ -147,13 +179,13 @@ class HistoryContexts:
                 if meta.get("format") != FORMAT or meta.get("key") != key:
                     log.info("%s: saved for other weights, data or arithmetic; encoding afresh", path)
                     return False
-                table = f.get_tensor("h_con")
+                tables = {k: f.get_tensor(k) for k in TABLES}
         except Exception as exc:  # a damaged file is derived data: encode afresh
             log.warning("%s: unreadable (%s); encoding afresh", path, exc)
             return False
-        if table.shape != self.table.shape or table.dtype != self.table.dtype:
+        if any(t.shape[0] != len(self.block_of) or t.dtype != torch.float32 for t in tables.values()):
             return False
-        self.table = table.to(self.device)
+        self.tables = {k: t.to(self.device) for k, t in tables.items()}
         self.done[:] = True
         self.warm_users = self.total
         return True

@@ -50,6 +50,18 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def _model_uids(h: Sequences) -> np.ndarray:
+    """Long[n_users + 1]: each dataset user's id in the model, 0 for a user without training
+    events (time split: the model never learnt that row; they are served as cold-start users)."""
+    if h.item_split is None:
+        users = h.session_user[h.session_split == 0]
+    else:
+        users = np.repeat(h.session_user, np.diff(h.offsets))[h.item_split == 0]
+    out = np.zeros(len(h.user_end), dtype=np.int64)
+    out[users] = users
+    return out
+
+
 class Engine:
     """A trained model served from an event stream (see the module docstring)."""
 
@@ -67,8 +79,9 @@ class Engine:
         self.users: dict[str, UserState] = {}
         self.n_events = 0
         self.scorer: Scorer = make_scorer(model, scoring)
+        self.model_uid = _model_uids(history) if history is not None else np.zeros(1, dtype=np.int64)
         # the users' dataset contexts, encoded in blocks (lazily, or warmed: `hnvm serve`)
-        self.contexts = self.scorer.use_history(history) if history is not None else None
+        self.contexts = self.scorer.use_history(history, self.model_uid) if history is not None else None
         self.rank_worker: RankWorker | None = None  # when ranking runs in a process
 
     def start_rank_process(self) -> bool:
@@ -122,15 +135,16 @@ class Engine:
         if st is None:
             uid = row = self.user_index.get(user, 0)
             hist: list[np.ndarray] = []
-            if uid and self.history is not None and uid < len(self.history.user_end):
-                h = self.history
-                span = range(int(h.user_first[uid]), int(h.user_end[uid]))
-                hist = [h.session(s) for s in span]
-                codes = (h.session_split[span.start:span.stop] if h.item_split is None else
-                         h.item_split[h.offsets[span.start]:h.offsets[span.stop]])
-                if not (codes == 0).any():
-                    uid = 0  # no training events (time split): the model never learnt this user's row
-            st = UserState(uid, hist, len(hist), seen={int(i) for s in hist for i in s}, row=row if hist else 0)
+            seen: set[int] = set()
+            h = self.history
+            if uid and h is not None and uid < len(h.user_end):
+                first, end = int(h.user_first[uid]), int(h.user_end[uid])
+                if end > first:
+                    items = h.items[h.offsets[first]:h.offsets[end]]
+                    hist = np.split(items, h.offsets[first + 1:end] - h.offsets[first])
+                    seen = set(items.tolist())
+                uid = int(self.model_uid[uid])  # 0: no training events
+            st = UserState(uid, hist, len(hist), seen=seen, row=row if hist else 0)
             self.users[user] = st
         return st
 

@@ -99,9 +99,10 @@ class Scorer:
     def advance(self, st: UserState) -> None:
         """Update the user's cached model state to the applied events (if the scorer keeps one)."""
 
-    def use_history(self, history: Sequences) -> HistoryContexts | None:
+    def use_history(self, history: Sequences, uids: np.ndarray) -> HistoryContexts | None:
         """Start users from block-encoded dataset contexts (`online.contexts`), where the scorer
-        keeps per-user model state; returns them, or None."""
+        keeps per-user model state; returns them, or None. `uids`: the model's id of each
+        dataset user (`online.contexts`)."""
         return None
 
 
@@ -198,9 +199,9 @@ class StepScorer(Scorer):
     def rank(self, prepared: Tensor, k: int, exclude: Sequence[Sequence[int]]) -> Ranked:
         return top_k(prepared, k, exclude) if self.repeat else self.linear.rank(prepared, k, exclude)
 
-    def use_history(self, history: Sequences) -> HistoryContexts:
+    def use_history(self, history: Sequences, uids: np.ndarray) -> HistoryContexts:
         h0 = self.model.initial_context(1)  # [1, H]
-        self.contexts = HistoryContexts(self.model.encode_history, history, h0.shape[1], device=h0.device)
+        self.contexts = HistoryContexts(self.model, history, uids, h0.shape[1], device=h0.device)
         return self.contexts
 
     # the per-user steps -------------------------------------------------------------------------
@@ -227,6 +228,14 @@ class StepScorer(Scorer):
     def advance(self, st: UserState) -> None:
         self._hidden(st, [], False)
 
+    def _start(self, st: UserState, c: _StepCache) -> tuple[Tensor, Tensor]:
+        """(cond [1, C], decoder state after BOS [1, H]) of a session after the closed sessions
+        folded into c: after the dataset history alone, the user's block's (`online.contexts`)."""
+        if self.contexts is not None and st.row and c.n_folded == st.n_dataset:
+            return self.contexts.start(st.row)
+        cond = self.model.session_condition(c.h_con, c.e)
+        return cond, self.model.decoder_step(self.bos, None, cond)
+
     def _hidden(self, st: UserState, extra: list[int], expired: bool) -> tuple[Tensor, Tensor, Any, list[int]]:
         """(h, cond, memory, prefix): the decoder state h [1, H] after the user's current session
         plus `extra` (the request's items), the session input cond [1, C], the repeat memory of
@@ -235,17 +244,20 @@ class StepScorer(Scorer):
         m, c = self.model, self._cache(st)
         memory = c.memory
         if expired:  # the open session timed out: close it in a scratch copy of the state
-            h_con = m.fold_session(c.h_con, np.asarray(st.open_items)) if st.open_items else c.h_con
+            if st.open_items:
+                h_con = m.fold_session(c.h_con, np.asarray(st.open_items))
+                cond = m.session_condition(h_con, c.e)
+                h = m.decoder_step(self.bos, None, cond)
+            else:
+                cond, h = self._start(st, c)
             if memory is not None and st.open_items:
                 memory = memory.copy()
                 m.repeat_fold(memory, st.open_items)
-            cond = m.session_condition(h_con, c.e)
-            h = m.decoder_step(self.bos, None, cond)
             prefix = list(extra)
         else:
             if c.open_id != st.open_id or c.cond is None or c.h_dec is None:
-                c.open_id, c.cond, c.n_dec = st.open_id, m.session_condition(c.h_con, c.e), 0
-                c.h_dec = m.decoder_step(self.bos, None, c.cond)
+                c.open_id, c.n_dec = st.open_id, 0
+                c.cond, c.h_dec = self._start(st, c)
             while c.n_dec < len(st.open_items):
                 c.h_dec = m.decoder_step(st.open_items[c.n_dec], c.h_dec, c.cond)
                 c.n_dec += 1
