@@ -41,6 +41,7 @@ import math
 import threading
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -152,46 +153,52 @@ class Bf16Shortlist:
         approx = _mask(self._approx(h, scratch=True), exclude)  # [B, n_pad] bf16
         # fp32 from here: reductions over bf16 run 3x slower than the conversion plus fp32 ones
         self._buf_f32 = _scratch(self._buf_f32, n_rows)
-        blocks = self._buf_f32[:n_rows].copy_(approx).view(n_rows, self.n_blocks, BLOCK)
-        block_max = blocks.amax(2)  # [B, n_blocks]
-        v_k = block_max.topk(k, dim=1).values[:, -1].double()  # [B]
-        slack = self._slack(h)
-        lower = v_k - slack - _U * v_k.abs()  # the k-th best exact score is >= lower
+        blocks_t = self._buf_f32[:n_rows].copy_(approx).view(n_rows, self.n_blocks, BLOCK)
+        block_max_t = blocks_t.amax(2)  # [B, n_blocks]
+        # the small steps in numpy: a torch op on a few hundred values costs more than the work
+        v_k = block_max_t.topk(k, dim=1).values[:, -1].numpy().astype(np.float64)  # [B]
+        slack = self._slack(h).numpy()
+        lower = v_k - slack - _U * np.abs(v_k)  # the k-th best exact score is >= lower
         y = lower - slack
-        t = torch.where(y >= 0, y / (1 + _U), y / (1 - _U))  # a_j >= t for every e_j >= lower
-        t32 = t.float()
-        t32 = torch.where(t32.double() > t, torch.nextafter(t32, torch.tensor(-math.inf)), t32)
-        usable = torch.isfinite(v_k)  # rows with fewer than k eligible blocks: scored in full
-        t32 = torch.where(usable, t32, torch.tensor(math.inf))
-        cb_row, cb_block = (block_max >= t32[:, None]).nonzero(as_tuple=True)
-        vals = blocks[cb_row, cb_block]  # [n_cand_blocks, BLOCK]
-        hit_r, hit_c = (vals >= t32[cb_row][:, None]).nonzero(as_tuple=True)
+        with np.errstate(invalid="ignore"):  # (rows without k eligible blocks: -inf - -inf)
+            t = np.where(y >= 0, y / (1 + _U), y / (1 - _U))  # a_j >= t for every e_j >= lower
+            t32 = t.astype(np.float32)
+            t32 = np.where(t32.astype(np.float64) > t, np.nextafter(t32, np.float32(-np.inf)), t32)
+        usable = np.isfinite(v_k)  # rows with fewer than k eligible blocks: scored in full
+        t32[~usable] = np.inf
+        blocks, block_max = blocks_t.numpy(), block_max_t.numpy()
+        cb_row, cb_block = np.nonzero(block_max >= t32[:, None])
+        hit_r, hit_c = np.nonzero(blocks[cb_row, cb_block] >= t32[cb_row][:, None])  # [n_cand_blocks, BLOCK]
         cand_row = cb_row[hit_r]
-        cand_item = cb_block[hit_r] * BLOCK + hit_c
-        counts = torch.bincount(cand_row, minlength=n_rows).tolist()
+        cand_item = cb_block[hit_r] * BLOCK + hit_c  # (row, item) order
+        counts = np.bincount(cand_row, minlength=n_rows)
         self.stats["candidates"] += len(cand_item)
         # exact fp32 scores of the candidates
         # every row against every candidate is one small GEMM ([B, H] x [H, m]), cheaper than
         # gathering a state per candidate; each candidate then reads its own row's entry
-        cand_w = self.weight.index_select(0, cand_item)  # [m, H]
-        exact = (torch.mm(h, cand_w.t())[cand_row, torch.arange(len(cand_item))]
-                 + self.bias.index_select(0, cand_item))
+        items_t = torch.from_numpy(cand_item)
+        cand_w = self.weight.index_select(0, items_t)  # [m, H]
+        exact = (torch.mm(h, cand_w.t())[torch.from_numpy(cand_row), torch.arange(len(cand_item))]
+                 + self.bias.index_select(0, items_t)).numpy()
+        # per row: score descending, the lower id first among equal scores; the first k
+        order = np.lexsort((cand_item, -exact, cand_row))
+        first = np.cumsum(counts) - counts
+        rank = np.arange(len(order)) - np.repeat(first, counts)
+        keep = order[rank < k]
+        ids_l, vals_l = cand_item[keep].tolist(), exact[keep].tolist()
         ids_out: list[list[int] | None] = []
         vals_out: list[list[float] | None] = []
         start = 0
-        items_l, exact_l = cand_item.tolist(), exact.tolist()
-        for r in range(n_rows):
-            m = counts[r]
+        for r, m in enumerate(counts.tolist()):
+            taken = min(m, k)
             if not usable[r] or m > self.max_candidates or m < k:
                 ids_out.append(None)
                 vals_out.append(None)
                 self.stats["full_rows"] += 1
             else:
-                pairs = sorted(zip(items_l[start: start + m], exact_l[start: start + m], strict=True),
-                               key=lambda p: (-p[1], p[0]))[:k]
-                ids_out.append([p[0] for p in pairs])
-                vals_out.append([p[1] for p in pairs])
-            start += m
+                ids_out.append(ids_l[start: start + taken])
+                vals_out.append(vals_l[start: start + taken])
+            start += taken
         return ids_out, vals_out
 
 
