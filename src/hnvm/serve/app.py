@@ -118,6 +118,11 @@ def create_app(service: Service) -> FastAPI:
             raise ServiceError(422, f"user id must have 1..{lim.max_id_length} characters")
         return service.engine.describe(user_id)
 
+    _status_routes(app, service)
+    return app
+
+
+def _status_routes(app: FastAPI, service: Service) -> None:
     @app.get("/v1/health")
     async def health() -> dict[str, Any]:
         """Liveness and counts; `ready` and `warm_up` (users warm / total) tell whether every
@@ -129,8 +134,6 @@ def create_app(service: Service) -> FastAPI:
         """Readiness for a load balancer: 200 once every user's state is warm, else 503."""
         h = service.health()
         return JSONResponse({"ready": h["ready"], "warm_up": h["warm_up"]}, status_code=200 if h["ready"] else 503)
-
-    return app
 
 
 def serve(run: str | Path, *, host: str = "127.0.0.1", port: int = 8000, db: str | Path = "events.sqlite",
