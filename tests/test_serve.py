@@ -131,6 +131,22 @@ def test_incremental_hnvm_equals_model_scoring(run_dir: Path, repeat_run_dir: Pa
     torch.testing.assert_close(got[:, 1:], want[:, 1:], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("repeat", [False, True])
+def test_a_pass_scores_request_items_of_any_length_as_each_row_alone(run_dir: Path, repeat_run_dir: Path,
+                                                                       repeat: bool) -> None:
+    """The request items' decoder steps run for the whole pass at once (`_extra_steps`)."""
+    eng = Engine.from_run(repeat_run_dir if repeat else run_dir)
+    users = list(eng.user_index)[:5]
+    extras = [[], [1], [2, 3, 4], [], [5, 3]]
+    views = [(eng.state(u), e, i == 3) for i, (u, e) in enumerate(zip(users, extras, strict=True))]
+    together = eng.scorer.scores(views)
+    alone = torch.cat([eng.scorer.scores([v]) for v in views])
+    torch.testing.assert_close(together[:, 1:], alone[:, 1:], atol=1e-5, rtol=1e-5)
+    st = views[2][0]  # and the model's own scoring of a row with items
+    want = _model_scores(eng, st.uid, [s.tolist() for s in st.history], extras[2])
+    torch.testing.assert_close(together[2:3, 1:], want[:, 1:], atol=1e-5, rtol=1e-5)
+
+
 def test_session_closes_after_the_gap_or_a_new_key(engine: Engine) -> None:
     gap = engine.gap_s
     assert gap == 1800

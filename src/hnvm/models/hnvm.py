@@ -285,11 +285,11 @@ class HNVM(NetPersistence):
         h_con: Float[B, H], e: Float[B, d_e] or None (`general_preference`) -> Float[B, C]."""
         return self._net().session_condition(h_con, e)
 
-    def decoder_step(self, item: int, h_dec: Tensor | None, cond: Tensor) -> Tensor:
-        """One decoder GRU step (eq. 11): the state after `item` given the previous state h_dec
-        Float[B, H] (None: h_dec_0 = 0, for the `bos` step) and the session's cond Float[B, C]
-        -> Float[B, H], the state that predicts the next item (B rows, the same item; B = 1 per
-        event). The per-event hot path: torch.gru_cell with the decoder's weights."""
+    def decoder_step(self, item: int | Tensor, h_dec: Tensor | None, cond: Tensor) -> Tensor:
+        """One decoder GRU step (eq. 11): the state after `item` (an id for every row, or Long[B])
+        given the previous state h_dec Float[B, H] (None: h_dec_0 = 0, for the `bos` step) and the
+        session's cond Float[B, C] -> Float[B, H], the state that predicts the next item (B = 1
+        per event). The per-event hot path: torch.gru_cell with the decoder's weights."""
         if torch.is_grad_enabled():  # (a decorator would cost every step a context switch)
             with torch.no_grad():
                 return self.decoder_step(item, h_dec, cond)

@@ -425,11 +425,14 @@ class HNVMNet(nn.Module):
         z = self._prior_z(h_con, e)[0] if self.use_z else None
         return self._cond(h_con, e, z)
 
-    def decoder_step(self, item: int, h_dec: Tensor, cond: Tensor) -> Tensor:
-        """One decoder step (eq. 11) for B rows with the same item: input x = [emb(item); cond],
-        state h_dec Float[B, H] -> h_dec' Float[B, H]; item in 1..n_items, or `bos` for the first step.
+    def decoder_step(self, item: int | Tensor, h_dec: Tensor, cond: Tensor) -> Tensor:
+        """One decoder step (eq. 11) for B rows: input x = [emb(item); cond], state h_dec
+        Float[B, H] -> h_dec' Float[B, H]; item (one id for every row, or Long[B]) in
+        1..n_items, or `bos` for the first step.
         torch.gru_cell with the decoder's own weights: the same GRU as `nn.GRU` over a sequence
         (`_decode`), without its per-call set-up (a third of the cost of a one-step nn.GRU call)."""
         d = self.decoder
-        x = torch.cat([self.item_emb.weight[item: item + 1].expand(len(cond), -1), cond], -1)
+        emb = (self.item_emb.weight[item] if isinstance(item, Tensor) else
+               self.item_emb.weight[item: item + 1].expand(len(cond), -1))
+        x = torch.cat([emb, cond], -1)
         return torch.gru_cell(x, h_dec, d.weight_ih_l0, d.weight_hh_l0, d.bias_ih_l0, d.bias_hh_l0)

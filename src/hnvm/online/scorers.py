@@ -61,7 +61,7 @@ class StepModel(Protocol):
     def encode_history(self, users: Tensor, sessions: Tensor) -> Tensor: ...
     def fold_session(self, h_con: Tensor, items: Any) -> Tensor: ...
     def session_condition(self, h_con: Tensor, e: Tensor | None) -> Tensor: ...
-    def decoder_step(self, item: int, h_dec: Tensor | None, cond: Tensor) -> Tensor: ...
+    def decoder_step(self, item: int | Tensor, h_dec: Tensor | None, cond: Tensor) -> Tensor: ...
     def output_layer(self) -> tuple[Tensor, Tensor]: ...
     def repeat_memory(self, sessions: Sequence[np.ndarray] = ()) -> Any: ...
     def repeat_fold(self, memory: Any, items: Any) -> None: ...
@@ -188,13 +188,32 @@ class StepScorer(Scorer):
 
     def prepare(self, views: Sequence[View]) -> Tensor:
         """[B, H] decoder states; with the repeat channel, their scores [B, n_items + 1]."""
-        if not self.repeat:
-            return torch.cat([self._hidden(*v)[0] for v in views])  # [B, H]
         states = [self._hidden(*v) for v in views]
-        scores = self.linear.scores(torch.cat([s[0] for s in states]))  # one matmul for the batch
-        for i, (h, cond, memory, prefix) in enumerate(states):  # each row's sparse terms, in place
-            self.model.add_repeat(scores[i: i + 1], memory, prefix, cond, h)
+        h = torch.cat([s[0] for s in states])  # [B, H], before the requests' own items
+        cond = torch.cat([s[1] for s in states])  # [B, C]
+        h = self._extra_steps(h, cond, [v[1] for v in views])
+        if not self.repeat:
+            return h
+        scores = self.linear.scores(h)  # one matmul for the batch
+        for i, (_, _, memory, prefix) in enumerate(states):  # each row's sparse terms, in place
+            self.model.add_repeat(scores[i: i + 1], memory, prefix, cond[i: i + 1], h[i: i + 1])
         return scores
+
+    def _extra_steps(self, h: Tensor, cond: Tensor, extras: Sequence[list[int]]) -> Tensor:
+        """The decoder over each row's request items (`View`'s extra; not stored), step t for
+        every row that has a t-th item at once: h [B, H], cond [B, C] -> [B, H]. (A pass's rows
+        share the step's GEMMs, as they share the scoring one: their last bits may depend on
+        the pass; the stored states never do.)"""
+        longest = max((len(e) for e in extras), default=0)
+        for t in range(longest):
+            rows = [r for r, e in enumerate(extras) if len(e) > t]
+            items = torch.tensor([extras[r][t] for r in rows])
+            if len(rows) == len(extras):
+                h = self.model.decoder_step(items, h, cond)
+            else:
+                idx = torch.tensor(rows)
+                h = h.index_copy(0, idx, self.model.decoder_step(items, h[idx], cond[idx]))
+        return h
 
     def rank(self, prepared: Tensor, k: int, exclude: Sequence[Sequence[int]]) -> Ranked:
         return top_k(prepared, k, exclude) if self.repeat else self.linear.rank(prepared, k, exclude)
@@ -238,9 +257,10 @@ class StepScorer(Scorer):
 
     def _hidden(self, st: UserState, extra: list[int], expired: bool) -> tuple[Tensor, Tensor, Any, list[int]]:
         """(h, cond, memory, prefix): the decoder state h [1, H] after the user's current session
-        plus `extra` (the request's items), the session input cond [1, C], the repeat memory of
-        the closed sessions (None without a repeat channel) and the session's items so far;
-        `expired`: the open session timed out, so it is history and a new one starts."""
+        (before `extra`, the request's items: `_extra_steps`), the session input cond [1, C], the
+        repeat memory of the closed sessions (None without a repeat channel) and the session's
+        items with `extra`; `expired`: the open session timed out, so it is history and a new
+        one starts."""
         m, c = self.model, self._cache(st)
         memory = c.memory
         if expired:  # the open session timed out: close it in a scratch copy of the state
@@ -263,6 +283,4 @@ class StepScorer(Scorer):
                 c.n_dec += 1
             h, cond = c.h_dec, c.cond
             prefix = [*st.open_items, *extra] if memory is not None else []
-        for item in extra:
-            h = m.decoder_step(item, h, cond)
         return h, cond, memory, prefix
