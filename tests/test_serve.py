@@ -769,7 +769,9 @@ def test_block_states_equal_one_user_encoding(run_dir: Path, small_blocks: None)
         want = m.encode_history(torch.tensor([u]), _pad(sessions))  # type: ignore[attr-defined]
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
         assert got.abs().sum() > 0
-        cond = m.session_condition(want, m.general_preference(torch.tensor([eng.model_uid[u]])))  # type: ignore
+        e = m.general_preference(torch.tensor([eng.model_uid[u]]))  # type: ignore[attr-defined]
+        assert torch.equal(ctx.preference(u), e)  # type: ignore[arg-type]
+        cond = m.session_condition(want, e)  # type: ignore[attr-defined]
         for a, b in zip(ctx.start(u), (cond, m.decoder_step(m.bos, None, cond)), strict=True):  # type: ignore
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     assert ctx.ready and ctx.warm_users == ctx.total == len(order)
@@ -793,7 +795,8 @@ def test_user_state_does_not_depend_on_warm_up_or_request_order(run_dir: Path, s
     assert lazy.contexts.ready  # every block was encoded on the requests' path
     got_warm = [warm.recommend(q) for q in queries]  # (one per pass: a pass's size may move last bits)
     assert [(r.items, r.scores) for r in got_warm] == [(r.items, r.scores) for r in got_lazy]
-    assert all(torch.equal(warm.contexts.tables[k], lazy.contexts.tables[k]) for k in ("h_con", "cond", "h_bos"))
+    assert set(warm.contexts.tables) == set(lazy.contexts.tables) == {"h_con", "cond", "h_bos", "e"}
+    assert all(torch.equal(warm.contexts.tables[k], lazy.contexts.tables[k]) for k in warm.contexts.tables)
 
 
 def test_saved_contexts_load_only_for_the_same_key(run_dir: Path, tmp_path: Path) -> None:
@@ -808,7 +811,8 @@ def test_saved_contexts_load_only_for_the_same_key(run_dir: Path, tmp_path: Path
     fresh = Engine.from_run(run_dir).contexts
     assert fresh is not None and not fresh.load(path, "other key") and not fresh.ready
     assert fresh.load(path, key) and fresh.ready
-    for k in ("h_con", "cond", "h_bos"):
+    assert set(fresh.tables) == set(ctx.tables)
+    for k in ctx.tables:
         torch.testing.assert_close(fresh.tables[k], ctx.tables[k], atol=1e-5, rtol=1e-5)
     path.write_bytes(path.read_bytes()[:100])  # damaged: encoded afresh, never a crash
     assert not Engine.from_run(run_dir).contexts.load(path, key)  # type: ignore[union-attr]

@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 BLOCK_USERS = 32  # lazy cost of a cold block ~32 ms, warm-up ~1 ms per user (Instacart, 1 thread)
 FORMAT = "hnvm-history-contexts/2"
-TABLES = ("h_con", "cond", "h_bos")
+TABLES = ("h_con", "cond", "h_bos", "e")  # e: only for a model with a general preference
 
 
 class _Encoder(Protocol):  # the parts of `online.scorers.StepModel` (HNVM) used here
@@ -90,6 +90,11 @@ class HistoryContexts:
         user without any), encoding the user's block first if it is not warm yet."""
         return self._row(user, "h_con")
 
+    def preference(self, user: int) -> Tensor | None:
+        """e Float[1, d_e] of `user` (a user with dataset sessions; None for a model without e),
+        as `general_preference` of the user's model id gives it."""
+        return self._row(user, "e")
+
     def start(self, user: int) -> tuple[Tensor, Tensor]:
         """(cond Float[1, C], h_bos Float[1, H]): how the session after the dataset history of
         `user` (a user with dataset sessions) starts; encodes the user's block if it is cold."""
@@ -103,29 +108,32 @@ class HistoryContexts:
             return torch.zeros(1, self.hidden, device=self.device)
         if not self.done[b]:
             self.install(b, self.encode_block(b))
-        return self.tables[table][user: user + 1]
+        t = self.tables.get(table)
+        return t[user: user + 1] if t is not None else None  # type: ignore[return-value]
 
-    def install(self, b: int, states: tuple[Tensor, ...]) -> None:
+    def install(self, b: int, states: dict[str, Tensor]) -> None:
         """Store block b's states (`encode_block`); a block already stored is kept as is."""
         if self.done[b]:
             return
         rows = torch.from_numpy(self.blocks[b]).to(self.device)
-        for name, t in zip(TABLES, states, strict=True):
+        for name, t in states.items():
             if name not in self.tables:
                 self.tables[name] = torch.zeros(len(self.block_of), t.shape[1], device=self.device)
             self.tables[name][rows] = t
         self.done[b] = True
         self.warm_users += len(self.blocks[b])
 
-    def encode_block(self, b: int) -> tuple[Tensor, Tensor, Tensor]:
-        """(h_con, cond, h_bos) of block b's users, each Float[len(block), width], encoded in one
-        pass; each user's sessions right-aligned as evaluation pads them (`pad_sessions`)."""
+    def encode_block(self, b: int) -> dict[str, Tensor]:
+        """{h_con, cond, h_bos[, e]} of block b's users, each Float[len(block), width], encoded in
+        one pass; each user's sessions right-aligned as evaluation pads them (`pad_sessions`)."""
         users, m = self.blocks[b], self.model
         with torch.no_grad():
             h_con = m.encode_history(torch.from_numpy(users).to(self.device),
                                      self._sessions(users).to(self.device)).float()
-            cond = m.session_condition(h_con, m.general_preference(torch.from_numpy(self.uids[users]).to(self.device)))
-            return h_con, cond, m.decoder_step(m.bos, None, cond)
+            e = m.general_preference(torch.from_numpy(self.uids[users]).to(self.device))
+            cond = m.session_condition(h_con, e)
+            out = {"h_con": h_con, "cond": cond, "h_bos": m.decoder_step(m.bos, None, cond)}
+            return out if e is None else {**out, "e": e}
 
     def _sessions(self, users: np.ndarray) -> Tensor:
         """Long[B, N, T]: the users' dataset sessions, right-aligned in N, right-padded in T."""
@@ -179,7 +187,7 @@ class HistoryContexts:
                 if meta.get("format") != FORMAT or meta.get("key") != key:
                     log.info("%s: saved for other weights, data or arithmetic; encoding afresh", path)
                     return False
-                tables = {k: f.get_tensor(k) for k in TABLES}
+                tables = {k: f.get_tensor(k) for k in f.keys() if k in TABLES}  # noqa: SIM118
         except Exception as exc:  # a damaged file is derived data: encode afresh
             log.warning("%s: unreadable (%s); encoding afresh", path, exc)
             return False

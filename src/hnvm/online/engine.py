@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
+from itertools import pairwise
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -140,9 +141,9 @@ class Engine:
             if uid and h is not None and uid < len(h.user_end):
                 first, end = int(h.user_first[uid]), int(h.user_end[uid])
                 if end > first:
-                    items = h.items[h.offsets[first]:h.offsets[end]]
-                    hist = np.split(items, h.offsets[first + 1:end] - h.offsets[first])
-                    seen = set(items.tolist())
+                    bounds = h.offsets[first: end + 1].tolist()
+                    hist = [h.items[a:b] for a, b in pairwise(bounds)]
+                    seen = set(h.items[bounds[0]:bounds[-1]].tolist())
                 uid = int(self.model_uid[uid])  # 0: no training events
             st = UserState(uid, hist, len(hist), seen=seen, row=row if hist else 0)
             self.users[user] = st

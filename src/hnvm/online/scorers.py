@@ -228,14 +228,16 @@ class StepScorer(Scorer):
         """The user's cache, with every closed session folded into h_con."""
         m, c = self.model, st.cache
         if c is None:
-            h = m.initial_context(1)
-            users = torch.tensor([st.uid])
             if st.n_dataset and self.contexts is not None and st.row:  # its block, warm or encoded now
-                h = self.contexts.context(st.row)
-            elif st.n_dataset:  # the dataset history in one pass, as evaluation encodes it
-                h = m.encode_history(users, one_user_sessions(st.history[: st.n_dataset]))
-            c = st.cache = _StepCache(m.general_preference(users), h, st.n_dataset,
-                                      memory=m.repeat_memory(st.history[: st.n_dataset]))
+                h, e = self.contexts.context(st.row), self.contexts.preference(st.row)
+            else:
+                users = torch.tensor([st.uid])
+                e = m.general_preference(users)
+                # the dataset history in one pass, as evaluation encodes it
+                h = (m.encode_history(users, one_user_sessions(st.history[: st.n_dataset])) if st.n_dataset
+                     else m.initial_context(1))
+            c = st.cache = _StepCache(e, h, st.n_dataset, memory=m.repeat_memory(st.history[: st.n_dataset])
+                                      if self.repeat else None)
         while c.n_folded < len(st.history):
             c.h_con = m.fold_session(c.h_con, st.history[c.n_folded])
             if c.memory is not None:
