@@ -27,7 +27,9 @@ The load generator is a minimal HTTP/1.1 keep-alive client on asyncio (uvloop wh
 so that the client, which shares the machine's cores with the server, costs little CPU.
 Then it restarts the server on the same log and prints its time to ready (the warm-up saved
 the contexts next to the log). For the --startup data sets (default: a synthetic set of 100,000
-users) it prints only the start-up times, fresh and restarted.
+users) it prints only the start-up times, fresh and restarted, and the first requests' latency
+while a fresh server warms up (a request for a user whose block is cold waits for the warm-up
+to encode that block next).
 
 Latency = from writing a request to reading its whole response, at the client. The Instacart
 model is trained for --epochs (default 1); the synthetic 60K-item model is initialised but
@@ -242,12 +244,30 @@ def start_timed(label: str, run: Path, db: Path, port: int, threads: int, scorin
 
 
 def startup(name: str, run: Path, args: argparse.Namespace) -> None:
-    """Start-up to ready on a fresh event log, then a restart on it."""
+    """Start-up to ready on a fresh event log, then a restart on it; then a fresh start with
+    first requests (random users, 50 clients) while it warms up."""
+    import polars as pl
+
     with tempfile.TemporaryDirectory() as tmp:
         for label in ("start-up", "restart"):
             server = start_timed(label, run, Path(tmp) / "events.sqlite", free_port(), args.threads)
             server.terminate()
             server.wait(30)
+    users = pl.read_parquet(run / "users.parquet").get_column("id").to_list()
+    bodies = [json.dumps({"user": u, "k": 10}).encode() for u in random.Random(1).sample(users, min(len(users), 5000))]
+    with tempfile.TemporaryDirectory() as tmp:
+        port, t0 = free_port(), time.perf_counter()
+        server = start_server(run, Path(tmp) / "events.sqlite", port, args.threads)
+        r = asyncio.run(load("127.0.0.1", port, "/v1/recommend", bodies, 50, min(args.seconds, 10)))
+        import httpx
+
+        w = httpx.get(f"http://127.0.0.1:{port}/v1/health", timeout=10).json()["warm_up"]
+        ready, _ = wait_ready(port, t0)
+        print(f"  {'during warm-up':<20} {r['n']:>6} first requests, {r['rps']:,.0f}/s  p50 {r['p50']:6.2f}  "
+              f"p99 {r['p99']:7.2f} ms (50 clients; {w['users']:,} of {w['total']:,} users warm after it); "
+              f"ready after {ready:.1f}s", flush=True)
+        server.terminate()
+        server.wait(30)
 
 
 def bench(name: str, run: Path, args: argparse.Namespace, scoring: str = "auto"
@@ -341,8 +361,9 @@ def bench(name: str, run: Path, args: argparse.Namespace, scoring: str = "auto"
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--datasets", default="instacart,synthetic60k")
-    ap.add_argument("--startup", default="synthetic100kusers", help="data sets whose start-up to ready is "
-                    "measured alone (fresh and restarted; untrained model); '' for none")
+    ap.add_argument("--startup", default=None, help="data sets whose start-up to ready is measured alone "
+                    "(fresh, restarted, and with first requests during the warm-up; untrained model); '' for "
+                    "none (default: synthetic100kusers, none with --run)")
     ap.add_argument("--run", type=Path, help="serve this run (with one data set) instead of making one")
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "hnvm-bench-serve")
     ap.add_argument("--epochs", type=int, default=None, help="training epochs (default: 1 for instacart, "
@@ -363,7 +384,7 @@ def main() -> None:
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; server: 1 process, "
           f"{args.threads} torch thread(s); client: asyncio{' + uvloop' if _uvloop() else ''}, same machine",
           flush=True)
-    for name in args.datasets.split(","):
+    for name in filter(None, args.datasets.split(",")):
         t0 = time.perf_counter()
         epochs = args.epochs if args.epochs is not None else (1 if name == "instacart" else 0)
         run = args.run or make_run(name, args.workdir, epochs)
@@ -380,7 +401,8 @@ def main() -> None:
                               f"p99 {r['p99']:.2f} vs {r0['p99']:.2f} ms", flush=True)
 
 
-    for name in filter(None, args.startup.split(",")):
+    startup_sets = args.startup if args.startup is not None else "" if args.run else "synthetic100kusers"
+    for name in filter(None, startup_sets.split(",")):
         run = make_run(name, args.workdir, 0)
         users = pl.read_parquet(run / "users.parquet").height
         print(f"\n{name}: {users:,} users, run {run} (untrained), start-up only", flush=True)

@@ -814,6 +814,12 @@ def test_saved_contexts_load_only_for_the_same_key(run_dir: Path, tmp_path: Path
     assert set(fresh.tables) == set(ctx.tables)
     for k in ctx.tables:
         torch.testing.assert_close(fresh.tables[k], ctx.tables[k], atol=1e-5, rtol=1e-5)
+    assert ctx.digest(eng.model.net.state_dict().values(), "max_len=5") != key  # type: ignore[attr-defined]
+    from safetensors.torch import save_file
+
+    save_file({k: v for k, v in ctx.tables.items() if k != "e"}, str(path),  # a table missing, right key
+              metadata={"format": "hnvm-history-contexts/2", "key": key})
+    assert not Engine.from_run(run_dir).contexts.load(path, key)  # type: ignore[union-attr]
     path.write_bytes(path.read_bytes()[:100])  # damaged: encoded afresh, never a crash
     assert not Engine.from_run(run_dir).contexts.load(path, key)  # type: ignore[union-attr]
 
@@ -821,8 +827,9 @@ def test_saved_contexts_load_only_for_the_same_key(run_dir: Path, tmp_path: Path
 def test_service_warms_in_the_background_and_reports_readiness(run_dir: Path, tmp_path: Path,
                                                                small_blocks: None,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    """Before the warm-up: /v1/ready 503, a request encodes its own block (same answer as after);
-    after: ready, the contexts saved next to the log; a restart loads them, ready at once."""
+    """Before the warm-up: /v1/ready 503, a request for a cold user waits for the warm-up thread
+    to encode its block while the server answers others (same answer as after); after: ready,
+    the states saved next to the log; a restart loads them, ready at once."""
     import threading
 
     from hnvm.online.contexts import HistoryContexts
@@ -842,9 +849,16 @@ def test_service_warms_in_the_background_and_reports_readiness(run_dir: Path, tm
         h = c.get("/v1/health").json()
         assert not h["ready"] and h["warm_up"]["users"] == 0 and h["warm_up"]["total"] == 40
         assert c.get("/v1/ready").status_code == 503
-        first = c.post("/v1/recommend", json={"user": user, "k": 5}).json()
-        assert c.get("/v1/health").json()["warm_up"]["users"] >= 1  # its block, encoded on the way
+        box: dict[str, object] = {}
+        waiter = threading.Thread(target=lambda: box.update(
+            first=c.post("/v1/recommend", json={"user": user, "k": 5}).json()))
+        waiter.start()
+        time.sleep(0.3)
+        assert waiter.is_alive()  # waits for its block: the warm-up thread is held at the gate
+        assert c.get("/v1/health").json()["warm_up"]["users"] == 0  # the loop answers, encodes nothing
         gate.set()
+        waiter.join(30)
+        first = box["first"]
         for _ in range(300):
             if (r := c.get("/v1/ready")).status_code == 200:
                 break
@@ -865,3 +879,29 @@ def test_service_warms_in_the_background_and_reports_readiness(run_dir: Path, tm
     finally:
         svc.engine.close()
         svc.log.close()
+
+
+def test_a_failed_warm_up_is_reported_not_ready_and_requests_still_answered(
+        run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    from hnvm.online.contexts import HistoryContexts
+
+    encode = HistoryContexts.encode_block
+
+    def failing(self: HistoryContexts, b: int) -> dict[str, torch.Tensor]:
+        if threading.current_thread().name.startswith("hnvm-warm"):
+            raise MemoryError("no room")
+        return encode(self, b)
+
+    monkeypatch.setattr(HistoryContexts, "encode_block", failing)
+    user = next(iter(Engine.from_run(run_dir).user_index))
+    with client(run_dir, tmp_path / "ev.sqlite") as c:
+        for _ in range(200):
+            if (h := c.get("/v1/health").json())["warm_up"]["error"]:
+                break
+            time.sleep(0.02)
+        assert "MemoryError" in h["warm_up"]["error"] and not h["ready"]
+        assert c.get("/v1/ready").status_code == 503
+        assert c.post("/v1/recommend", json={"user": user, "k": 3}).status_code == 200
+    assert not Path(f"{tmp_path / 'ev.sqlite'}-contexts.safetensors").exists()

@@ -6,8 +6,8 @@ mean, eq. 12) and the decoder state after BOS (eq. 11). Encoding one user at a t
 call per time step for that user alone (about 5 ms per Instacart user); encoding a block of users
 at once costs about 1 ms per user (`benchmarks/serve.py` times the warm-up). So
 `HistoryContexts` encodes users in blocks: `hnvm serve` warms every block in the background
-after it starts answering, and a request for a user whose block is not warm yet encodes that
-whole block first.
+after it starts answering (a request for a cold user waits for its block to be encoded next);
+elsewhere, the first request for a user whose block is not warm yet encodes that whole block.
 
 Blocks are fixed by the data set alone: users with at least one dataset session, ordered by
 their number of sessions (similar histories pad little), then by id, BLOCK_USERS at a time. A
@@ -82,8 +82,9 @@ class HistoryContexts:
         return bool(self.done.all())
 
     def pending(self) -> list[int]:
-        """Blocks not encoded yet, in order."""
-        return np.flatnonzero(~self.done).tolist()
+        """Blocks not encoded yet, the users with the most sessions first (the likeliest to be
+        active, and the dearest to encode at a request)."""
+        return np.flatnonzero(~self.done)[::-1].tolist()
 
     def context(self, user: int) -> Tensor:
         """h_con Float[1, H] after the dataset sessions of `user` (a dataset user id; zeros for a
@@ -152,16 +153,23 @@ class HistoryContexts:
         return torch.from_numpy(out)
 
     # ---- persistence ---------------------------------------------------------------------------
-    def digest(self, weights: Iterable[Tensor]) -> str:
-        """What the states depend on: the model's tensors, the history, the blocks, and the
-        arithmetic (torch version, CPU kernels): a file with another digest is not loaded."""
+    def digest(self, weights: Iterable[Tensor], config: str = "") -> str:
+        """What the states depend on: the model's tensors and `config` (its settings, as text),
+        the history, the blocks, and the arithmetic (torch version, CPU kernels, threads): a
+        file with another digest is not loaded. Each array enters with its dtype and shape."""
         sha = hashlib.sha256(FORMAT.encode())
+
+        def add(kind: str, raw: np.ndarray) -> None:
+            sha.update(f"|{kind}|{raw.nbytes}|".encode())
+            sha.update(raw.data)
+
         for t in weights:
-            sha.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().data)
+            add(f"{t.dtype}{tuple(t.shape)}", t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy())
         h = self.history
         for a in (h.items, h.offsets, h.user_first, h.user_end, self.uids, *self.blocks):
-            sha.update(np.ascontiguousarray(a).data)
-        sha.update(json.dumps([torch.__version__, torch.backends.cpu.get_cpu_capability(),
+            a = np.ascontiguousarray(a)
+            add(f"{a.dtype}{a.shape}", a.reshape(-1).view(np.uint8))
+        sha.update(json.dumps([config, torch.__version__, torch.backends.cpu.get_cpu_capability(),
                                torch.get_num_threads()]).encode())
         return sha.hexdigest()
 
@@ -191,7 +199,11 @@ class HistoryContexts:
         except Exception as exc:  # a damaged file is derived data: encode afresh
             log.warning("%s: unreadable (%s); encoding afresh", path, exc)
             return False
-        if any(t.shape[0] != len(self.block_of) or t.dtype != torch.float32 for t in tables.values()):
+        # the tables this model makes, and their widths (from its smallest block)
+        widths = {k: v.shape[1] for k, v in self.encode_block(0).items()} if self.blocks else {}
+        if set(tables) != set(widths) or any(t.dim() != 2 or t.shape != (len(self.block_of), widths[k])
+                                             or t.dtype != torch.float32 for k, t in tables.items()):
+            log.warning("%s: tables of another shape; encoding afresh", path)
             return False
         self.tables = {k: t.to(self.device) for k, t in tables.items()}
         self.done[:] = True

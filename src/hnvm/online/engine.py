@@ -149,6 +149,19 @@ class Engine:
             self.users[user] = st
         return st
 
+    def cold_block(self, user: str) -> int | None:
+        """The block of `contexts` that a recommendation for `user` would encode first (not warm
+        yet, and the user has no cached state), or None."""
+        ctx = self.contexts
+        if ctx is None or ctx.ready:
+            return None
+        st = self.users.get(user)
+        row = self.user_index.get(user, 0)
+        if (st is not None and st.cache is not None) or not 0 < row < len(ctx.block_of):
+            return None
+        b = int(ctx.block_of[row])
+        return b if b >= 0 and not ctx.done[b] else None
+
     def track(self, user: str) -> Track:
         st = self.users.get(user)
         return st.track.copy() if st is not None else Track()

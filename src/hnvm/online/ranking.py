@@ -160,7 +160,7 @@ class Bf16Shortlist:
         slack = self._slack(h).numpy()
         lower = v_k - slack - _U * np.abs(v_k)  # the k-th best exact score is >= lower
         y = lower - slack
-        with np.errstate(invalid="ignore"):  # (rows without k eligible blocks: -inf - -inf)
+        with np.errstate(invalid="ignore", over="ignore"):  # (rows without k eligible blocks; casts to fp32)
             t = np.where(y >= 0, y / (1 + _U), y / (1 - _U))  # a_j >= t for every e_j >= lower
             t32 = t.astype(np.float32)
             t32 = np.where(t32.astype(np.float64) > t, np.nextafter(t32, np.float32(-np.inf)), t32)

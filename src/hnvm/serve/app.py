@@ -126,7 +126,7 @@ def _status_routes(app: FastAPI, service: Service) -> None:
     @app.get("/v1/health")
     async def health() -> dict[str, Any]:
         """Liveness and counts; `ready` and `warm_up` (users warm / total) tell whether every
-        user's dataset context is encoded yet (before, a user's first request encodes its block)."""
+        user's dataset state is encoded yet (before, a first request waits for its user's block)."""
         return service.health()
 
     @app.get("/v1/ready", responses={503: {"description": "still warming the users' states"}})

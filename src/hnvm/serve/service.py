@@ -13,10 +13,11 @@ prepared tensors and the weights) run on a scoring thread, so that the loop pars
 answers other requests meanwhile (torch releases the GIL), or, with `rank_process`, in a child
 process that the scoring thread hands the pass to (`hnvm.online.worker`).
 
-Warm-up (HNVM): once the loop runs, a warm-up task encodes the users' dataset contexts block by
-block (`hnvm.online.contexts`) on a thread of its own and stores each block on the loop; a
-request for a user whose block is not warm yet encodes that block itself. `/v1/health` reports
-the progress and `ready` (every block warm). A finished warm-up is saved next to the event log
+Warm-up (HNVM): once the loop runs, a warm-up task encodes the users' dataset states block by
+block (`hnvm.online.contexts`) on threads of its own (one per core) and stores each block on
+the loop; a request for a user whose block is still cold waits for the warm-up to encode that
+block next (the loop serves others meanwhile). `/v1/health` reports the progress and `ready`
+(every block warm). A finished warm-up is saved next to the event log
 (`<db>-contexts.safetensors`, keyed by the weights, the data and the arithmetic) and loaded at
 the next start, which is then ready at once.
 """
@@ -24,9 +25,12 @@ the next start, which is then ready at once.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import logging
 import os
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from pathlib import Path
@@ -64,8 +68,12 @@ class Service:
         self._wake: asyncio.Event | None = None
         self._writer: asyncio.Task[None] | None = None
         self._pending: list[tuple[Query, asyncio.Future[Recommendation]]] = []
-        self._warm_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hnvm-warm")
+        # warm-up threads: the machine's cores, each running torch's thread count (start-up only)
+        self._warm_threads = max(1, min(8, (os.cpu_count() or 1) // max(1, torch.get_num_threads())))
+        self._warm_pool = ThreadPoolExecutor(max_workers=self._warm_threads, thread_name_prefix="hnvm-warm")
         self._warmer: asyncio.Task[None] | None = None
+        self._urgent: list[int] = []  # cold blocks that requests wait for: the warm-up takes them first
+        self._waiting: dict[int, asyncio.Future[None]] = {}
         self.contexts_file: Path | None = None  # where a finished warm-up is saved (None: not saved)
         self.contexts_key = ""
         self.warm: dict[str, Any] = {"source": "none" if engine.contexts is None else "encoded", "seconds": 0.0,
@@ -107,35 +115,83 @@ class Service:
         ctx, net = self.engine.contexts, getattr(self.engine.model, "net", None)
         if ctx is None or not isinstance(net, torch.nn.Module):
             return
-        self.contexts_file, self.contexts_key = path, ctx.digest(net.state_dict().values())
+        config = json.dumps(dataclasses.asdict(self.engine.model.config), sort_keys=True, default=str) \
+            if dataclasses.is_dataclass(getattr(self.engine.model, "config", None)) else ""
+        self.contexts_file, self.contexts_key = path, ctx.digest(net.state_dict().values(), config)
         if ctx.load(path, self.contexts_key):
             self.warm["source"] = "file"
             log.info("user contexts loaded from %s (%d users)", path, ctx.total)
 
     async def _warm_up(self) -> None:
-        """Encode every cold block of user contexts, one block per call on the warm-up thread
+        """Encode every cold block of user states, one block per call on the warm-up threads
         (the loop serves meanwhile and stores each block), then save them."""
         ctx, loop = self.engine.contexts, asyncio.get_running_loop()
         if ctx is None or ctx.ready:
             return
         t0 = time.perf_counter()
+        order = iter(ctx.pending())
         try:
-            for b in ctx.pending():
-                if not ctx.done[b]:  # (a request may have encoded it meanwhile)
+            async def worker() -> None:
+                while (b := self._next_block(order)) is not None:
                     ctx.install(b, await loop.run_in_executor(self._warm_pool, ctx.encode_block, b))
-            self.warm["seconds"] = round(time.perf_counter() - t0, 2)
-            log.info("warmed %d user contexts in %.1fs", ctx.total, self.warm["seconds"])
-            if self.contexts_file is not None:
+                    self._release(b)
+
+            async with asyncio.TaskGroup() as group:  # (a failure cancels the other workers)
+                for _ in range(self._warm_threads):
+                    group.create_task(worker())
+        except Exception as exc:  # not ready; requests still encode their blocks on first use
+            first = exc.exceptions[0] if isinstance(exc, ExceptionGroup) else exc
+            log.error("warm-up failed", exc_info=first)
+            self.warm["error"] = f"{type(first).__name__}: {first}"
+            return
+        finally:  # (also when cancelled): nobody waits for a block that will not come
+            for fut in self._waiting.values():
+                if not fut.done():
+                    fut.set_result(None)
+            self._waiting.clear()
+        self.warm["seconds"] = round(time.perf_counter() - t0, 2)
+        log.info("warmed %d users' states in %.1fs", ctx.total, self.warm["seconds"])
+        if self.contexts_file is not None:
+            try:
                 await loop.run_in_executor(self._warm_pool, ctx.save, self.contexts_file, self.contexts_key)
-        except Exception as exc:  # derived data: requests still encode their blocks on first use
-            log.exception("warm-up failed")
-            self.warm["error"] = f"{type(exc).__name__}: {exc}"
+            except Exception as exc:  # only the next start is slower
+                log.warning("could not save the warm-up to %s: %s", self.contexts_file, exc)
+                self.warm["save_error"] = f"{type(exc).__name__}: {exc}"
+
+    def _next_block(self, order: Iterator[int]) -> int | None:
+        """The next cold block: one a request waits for, else the next in warm-up order."""
+        ctx = self.engine.contexts
+        assert ctx is not None
+        while self._urgent:
+            b = self._urgent.pop(0)
+            if not ctx.done[b]:
+                return b
+            self._release(b)
+        return next((b for b in order if not ctx.done[b]), None)
+
+    def _release(self, b: int) -> None:
+        fut = self._waiting.pop(b, None)
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    async def _wait_for_block(self, user: str) -> None:
+        """While the warm-up runs, a request for a user whose block is cold waits for the warm-up
+        thread to encode it next (the loop keeps serving), rather than encoding it on the loop."""
+        b = self.engine.cold_block(user)
+        if b is None or self._warmer is None or self._warmer.done():
+            return
+        fut = self._waiting.get(b)
+        if fut is None:
+            fut = self._waiting[b] = asyncio.get_running_loop().create_future()
+            self._urgent.append(b)
+        await asyncio.shield(fut)  # (a client that goes away must not cancel the others' wait)
 
     @property
     def ready(self) -> bool:
-        """Every user's context is warm (or the warm-up failed: requests encode their own)."""
+        """Every user's state is warm (after a failed warm-up, once requests have encoded every
+        block; `warm_up.error` says why)."""
         ctx = self.engine.contexts
-        return ctx is None or ctx.ready or self.warm["error"] is not None
+        return ctx is None or ctx.ready
 
     # events ---------------------------------------------------------------------------------
     async def add_events(self, body: EventsIn) -> EventsOut:
@@ -221,6 +277,7 @@ class Service:
         problem = self.engine.session_problem(q)
         if problem is not None:
             raise ServiceError(422, problem)
+        await self._wait_for_block(q.user)
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Recommendation] = loop.create_future()
         self._pending.append((q, fut))
