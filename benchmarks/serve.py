@@ -11,8 +11,8 @@ the background warm-up), waits for ready, and runs, each phase bounded by a requ
 time limit:
 
   recommend, first     POST /v1/recommend, 50 concurrent, each user's first request after the
-                       start, for users the load sends no events (the state starts from the
-                       warm context: a session condition and a BOS step)
+                       start, for users the load sends no events (their states are read
+                       from the warm-up's tables)
   events, batch 100    POST /v1/events with 100 events each, 4 concurrent clients (durable:
                        the server answers after the fsync'd commit)
   events, batch 1      one event per POST, 50 concurrent clients (group commit at work)

@@ -14,11 +14,13 @@
   calls the model's own `score` / `score_sessions` (cost grows with the history, as in
   evaluation).
 
-Determinism: every per-user tensor is computed by the same operations, in the same order,
-whenever they run (lazily, at the first recommendation that needs them, or in `advance`); a
-user's dataset context is always its fixed block's encoding (`online.contexts`), warmed in the
-background or encoded at first use. So a state rebuilt by replaying the same events gives
-bit-identical scores.
+Determinism: every stored per-user tensor is computed by the same operations, in the same
+order, whenever they run (lazily, at the first recommendation that needs them, or in
+`advance`); a user's dataset states are always their fixed block's encoding (`online.contexts`),
+warmed in the background or encoded at first use. So a state rebuilt by replaying the same
+events is bit-identical, and so are the scores of a request scored in a pass of the same rows
+(the rows of a pass share GEMMs, the scoring product's and the request items' decoder steps,
+whose last bits can depend on how many rows there are).
 """
 
 from __future__ import annotations
