@@ -815,7 +815,13 @@ def test_saved_contexts_load_only_for_the_same_key(run_dir: Path, tmp_path: Path
     for k in ctx.tables:
         torch.testing.assert_close(fresh.tables[k], ctx.tables[k], atol=1e-5, rtol=1e-5)
     assert ctx.digest(eng.model.net.state_dict().values(), "max_len=5") != key  # type: ignore[attr-defined]
+    from safetensors import safe_open
     from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:  # numbers changed under an intact header
+        meta, tables = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    save_file({k: v.fill_(0.5) for k, v in tables.items()}, str(path), metadata=meta)
+    assert not Engine.from_run(run_dir).contexts.load(path, key)  # type: ignore[union-attr]
 
     save_file({k: v for k, v in ctx.tables.items() if k != "e"}, str(path),  # a table missing, right key
               metadata={"format": "hnvm-history-contexts/2", "key": key})

@@ -390,7 +390,7 @@ def serve(
                                               "one trained on).")] = None,
     gap: Annotated[str | None, typer.Option(help="Idle gap that closes an unkeyed session (default: the "
                                             "dataset's, e.g. 30m).")] = None,
-    threads: Annotated[int, typer.Option(help="torch threads for scoring (1..1024).")] = 1,
+    threads: Annotated[int, typer.Option(help="torch threads for scoring and the warm-up (1..1024).")] = 1,
     scoring: Annotated[str, typer.Option(help="HNVM scoring: exact (every item in fp32), bf16 (a bf16 pass "
                                          "shortlists, fp32 ranks the shortlist; the same top-k, certified by "
                                          "a rounding-error bound) or auto (bf16 from 20,000 items on).")] = "auto",
@@ -411,7 +411,7 @@ def serve(
         warm = f"; {w['total']:,} users' states " + ("loaded" if w["source"] == "file" else "warming (GET /v1/ready)")
         err.print(f"serving {run} ({h['model']}, {h['items']:,} items, {how}) on http://{host}:{port} (docs: /docs); "
                   f"event log {db}: {h['replayed_at_start']:,} events replayed" + (warm if w["total"] else ""),
-                  highlight=False, markup=False)
+                  highlight=False, markup=False, soft_wrap=True)
 
     try:
         try:

@@ -179,7 +179,8 @@ class HistoryContexts:
 
         assert self.ready, "save after the warm-up"
         tables = {k: v.cpu().contiguous() for k, v in self.tables.items()}
-        atomic_file(path, lambda tmp: save_file(tables, str(tmp), metadata={"format": FORMAT, "key": key}))
+        meta = {"format": FORMAT, "key": key, "sha256": _tables_sha(tables)}
+        atomic_file(path, lambda tmp: save_file(tables, str(tmp), metadata=meta))
 
     def load(self, path: str | Path, key: str) -> bool:
         """Take the tables from `path` if they were saved with `key`; False (and nothing changed)
@@ -193,9 +194,11 @@ class HistoryContexts:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
                 if meta.get("format") != FORMAT or meta.get("key") != key:
-                    log.info("%s: saved for other weights, data or arithmetic; encoding afresh", path)
+                    log.warning("%s: saved for other weights, data, settings or --threads; encoding afresh", path)
                     return False
                 tables = {k: f.get_tensor(k) for k in f.keys() if k in TABLES}  # noqa: SIM118
+            if meta.get("sha256") != _tables_sha(tables):
+                raise ValueError("its tables do not match their checksum")
         except Exception as exc:  # a damaged file is derived data: encode afresh
             log.warning("%s: unreadable (%s); encoding afresh", path, exc)
             return False
@@ -209,3 +212,13 @@ class HistoryContexts:
         self.done[:] = True
         self.warm_users = self.total
         return True
+
+
+def _tables_sha(tables: dict[str, Tensor]) -> str:
+    """sha256 over the tables' names and bytes (in name order): what `load` checks."""
+    sha = hashlib.sha256()
+    for name in sorted(tables):
+        t = tables[name].detach().cpu().contiguous()
+        sha.update(f"|{name}{tuple(t.shape)}|".encode())
+        sha.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    return sha.hexdigest()

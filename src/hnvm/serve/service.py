@@ -14,7 +14,7 @@ answers other requests meanwhile (torch releases the GIL), or, with `rank_proces
 process that the scoring thread hands the pass to (`hnvm.online.worker`).
 
 Warm-up (HNVM): once the loop runs, a warm-up task encodes the users' dataset states block by
-block (`hnvm.online.contexts`) on threads of its own (one per core) and stores each block on
+block (`hnvm.online.contexts`) on threads of its own (cores / torch threads) and stores each block on
 the loop; a request for a user whose block is still cold waits for the warm-up to encode that
 block next (the loop serves others meanwhile). `/v1/health` reports the progress and `ready`
 (every block warm). A finished warm-up is saved next to the event log
@@ -118,6 +118,8 @@ class Service:
         config = json.dumps(dataclasses.asdict(self.engine.model.config), sort_keys=True, default=str) \
             if dataclasses.is_dataclass(getattr(self.engine.model, "config", None)) else ""
         self.contexts_file, self.contexts_key = path, ctx.digest(net.state_dict().values(), config)
+        # a save that a crash cut short (one server per event log: nobody else writes it)
+        path.with_name(f".{path.name}.tmp").unlink(missing_ok=True)
         if ctx.load(path, self.contexts_key):
             self.warm["source"] = "file"
             log.info("user contexts loaded from %s (%d users)", path, ctx.total)
@@ -135,6 +137,7 @@ class Service:
                 while (b := self._next_block(order)) is not None:
                     ctx.install(b, await loop.run_in_executor(self._warm_pool, ctx.encode_block, b))
                     self._release(b)
+                    self.warm["seconds"] = round(time.perf_counter() - t0, 2)  # (so far)
 
             async with asyncio.TaskGroup() as group:  # (a failure cancels the other workers)
                 for _ in range(self._warm_threads):
