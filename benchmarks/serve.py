@@ -26,7 +26,8 @@ time limit:
 The load generator is a minimal HTTP/1.1 keep-alive client on asyncio (uvloop when present),
 so that the client, which shares the machine's cores with the server, costs little CPU.
 Then it restarts the server on the same log and prints its time to ready (the warm-up saved
-the contexts next to the log). For the --startup data sets (default: a synthetic set of 100,000
+the contexts next to the log; ready also waits for the users with replayed events to be
+advanced through them). For the --startup data sets (default: a synthetic set of 100,000
 users) it prints only the start-up times, fresh and restarted, and the first requests' latency
 while a fresh server warms up (a request for a user whose block is cold waits for the warm-up
 to encode that block next).
@@ -239,7 +240,8 @@ def start_timed(label: str, run: Path, db: Path, port: int, threads: int, scorin
     how = {"file": "loaded from the saved warm-up", "encoded": f"warm-up {w['seconds']:.1f}s",
            "none": "nothing to warm"}[w["source"]]
     print(f"  {label:<20} listening after {listening:5.1f}s, ready after {ready:5.1f}s ({w['total']:,} users' "
-          f"contexts, {how}; {h['replayed_at_start']:,} events replayed)", flush=True)
+          f"contexts, {how}; {h['replayed_at_start']:,} events replayed, {w['replayed_total']:,} users with "
+          "events advanced)", flush=True)
     return server
 
 

@@ -911,3 +911,23 @@ def test_a_failed_warm_up_is_reported_not_ready_and_requests_still_answered(
         assert c.get("/v1/ready").status_code == 503
         assert c.post("/v1/recommend", json={"user": user, "k": 3}).status_code == 200
     assert not Path(f"{tmp_path / 'ev.sqlite'}-contexts.safetensors").exists()
+
+
+def test_after_a_replay_the_users_with_events_are_advanced_before_ready(run_dir: Path, tmp_path: Path) -> None:
+    db = tmp_path / "ev.sqlite"
+    eng = Engine.from_run(run_dir)
+    users = [*list(eng.user_index)[:3], "walk-in"]
+    with client(run_dir, db) as c:
+        ev = [{"user": u, "item": eng.item_ids[1 + i], "ts": 1e9 + i} for i, u in enumerate(users)]
+        assert c.post("/v1/events", json={"events": ev}).status_code == 200
+        before = [c.post("/v1/recommend", json={"user": u, "k": 5, "ts": 1e9 + 10}).json() for u in users]
+    with client(run_dir, db) as c:
+        for _ in range(300):
+            if (h := c.get("/v1/health").json())["ready"]:
+                break
+            time.sleep(0.02)
+        w = h["warm_up"]
+        assert h["ready"] and w["replayed_total"] == len(users) == w["replayed_users"]
+        svc = c.app.state.service  # type: ignore[attr-defined]
+        assert all(svc.engine.users[u].cache is not None for u in users)  # built before any request
+        assert [c.post("/v1/recommend", json={"user": u, "k": 5, "ts": 1e9 + 10}).json() for u in users] == before

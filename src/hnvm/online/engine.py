@@ -222,14 +222,15 @@ class Engine:
         return iid > 0
 
     @torch.no_grad()
-    def advance(self, users: Iterable[str]) -> None:
+    def advance(self, users: Iterable[str], *, new: bool = False) -> None:
         """Bring the model state of users already scored up to date with their events (a
         closed session: encoder + context step; each event: one decoder step), so that their
-        next recommendation costs only the scoring pass. Users never scored stay lazy: after a
-        restart the replay runs no model code."""
+        next recommendation costs only the scoring pass. Users never scored stay lazy (a
+        restart's replay runs no model code) unless `new`: then they are built too, by the same
+        steps a first recommendation would run (`hnvm serve` does it after a replay)."""
         for u in users:
             st = self.users.get(u)
-            if st is not None and st.cache is not None:
+            if st is not None and (st.cache is not None or new):
                 self.scorer.advance(st)
 
     # ---- recommendations -----------------------------------------------------------------------

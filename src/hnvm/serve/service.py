@@ -16,8 +16,9 @@ process that the scoring thread hands the pass to (`hnvm.online.worker`).
 Warm-up (HNVM): once the loop runs, a warm-up task encodes the users' dataset states block by
 block (`hnvm.online.contexts`) on threads of its own (cores / torch threads) and stores each block on
 the loop; a request for a user whose block is still cold waits for the warm-up to encode that
-block next (the loop serves others meanwhile). `/v1/health` reports the progress and `ready`
-(every block warm). A finished warm-up is saved next to the event log
+block next (the loop serves others meanwhile). Then the users with replayed events are advanced
+through them, one by one on the loop (what their first recommendation would otherwise run).
+`/v1/health` reports the progress and `ready` (both done). A finished warm-up is saved next to the event log
 (`<db>-contexts.safetensors`, keyed by the weights, the data and the arithmetic) and loaded at
 the next start, which is then ready at once.
 """
@@ -74,10 +75,11 @@ class Service:
         self._warmer: asyncio.Task[None] | None = None
         self._urgent: list[int] = []  # cold blocks that requests wait for: the warm-up takes them first
         self._waiting: dict[int, asyncio.Future[None]] = {}
+        self._caught_up = False  # the users with replayed events advanced (`_catch_up`)
         self.contexts_file: Path | None = None  # where a finished warm-up is saved (None: not saved)
         self.contexts_key = ""
         self.warm: dict[str, Any] = {"source": "none" if engine.contexts is None else "encoded", "seconds": 0.0,
-                                     "error": None}
+                                     "error": None, "replayed_users": 0, "replayed_total": 0}
         self.stats = {"recommend_requests": 0, "recommend_passes": 0, "event_posts": 0, "event_commits": 0}
 
     @classmethod
@@ -106,6 +108,7 @@ class Service:
             self.engine.apply(ev)
             n += 1
         self.replayed = n
+        self._caught_up = n == 0  # else `_catch_up` advances the users with replayed events
         log.info("replayed %d events from %s in %.2fs", n, self.log.path, time.perf_counter() - t0)
         return n
 
@@ -125,12 +128,30 @@ class Service:
             log.info("user contexts loaded from %s (%d users)", path, ctx.total)
 
     async def _warm_up(self) -> None:
-        """Encode every cold block of user states, one block per call on the warm-up threads
-        (the loop serves meanwhile and stores each block), then save them."""
+        """Warm every cold block of user states (`_warm_blocks`), save them, then advance the
+        users with replayed events (`_catch_up`)."""
         ctx, loop = self.engine.contexts, asyncio.get_running_loop()
-        if ctx is None or ctx.ready:
+        if ctx is None:
             return
         t0 = time.perf_counter()
+        if not ctx.ready:
+            if not await self._warm_blocks(t0):
+                return
+            log.info("warmed %d users' states in %.1fs", ctx.total, self.warm["seconds"])
+            if self.contexts_file is not None:
+                try:
+                    await loop.run_in_executor(self._warm_pool, ctx.save, self.contexts_file, self.contexts_key)
+                except Exception as exc:  # only the next start is slower
+                    log.warning("could not save the warm-up to %s: %s", self.contexts_file, exc)
+                    self.warm["save_error"] = f"{type(exc).__name__}: {exc}"
+        await self._catch_up()
+        self.warm["seconds"] = round(time.perf_counter() - t0, 2)
+
+    async def _warm_blocks(self, t0: float) -> bool:
+        """Encode every cold block, one block per call on the warm-up threads (the loop serves
+        meanwhile and stores each block); False if it failed."""
+        ctx, loop = self.engine.contexts, asyncio.get_running_loop()
+        assert ctx is not None
         order = iter(ctx.pending())
         try:
             async def worker() -> None:
@@ -146,20 +167,27 @@ class Service:
             first = exc.exceptions[0] if isinstance(exc, ExceptionGroup) else exc
             log.error("warm-up failed", exc_info=first)
             self.warm["error"] = f"{type(first).__name__}: {first}"
-            return
+            return False
         finally:  # (also when cancelled): nobody waits for a block that will not come
             for fut in self._waiting.values():
                 if not fut.done():
                     fut.set_result(None)
             self._waiting.clear()
-        self.warm["seconds"] = round(time.perf_counter() - t0, 2)
-        log.info("warmed %d users' states in %.1fs", ctx.total, self.warm["seconds"])
-        if self.contexts_file is not None:
+        return True
+
+    async def _catch_up(self) -> None:
+        """The users with replayed events, advanced through them one by one on the loop (what
+        their first recommendation would otherwise run), yielding to requests between users."""
+        users = [u for u, st in self.engine.users.items() if st.cache is None and st.n_events]
+        self.warm["replayed_users"], self.warm["replayed_total"] = 0, len(users)
+        for i, u in enumerate(users, start=1):
             try:
-                await loop.run_in_executor(self._warm_pool, ctx.save, self.contexts_file, self.contexts_key)
-            except Exception as exc:  # only the next start is slower
-                log.warning("could not save the warm-up to %s: %s", self.contexts_file, exc)
-                self.warm["save_error"] = f"{type(exc).__name__}: {exc}"
+                self.engine.advance([u], new=True)  # (a user a request built meanwhile: a no-op pass)
+            except Exception:  # derived state: the user's first recommendation builds it instead
+                log.exception("advancing user %r after the replay failed", u)
+            self.warm["replayed_users"] = i
+            await asyncio.sleep(0)
+        self._caught_up = True
 
     def _next_block(self, order: Iterator[int]) -> int | None:
         """The next cold block: one a request waits for, else the next in warm-up order."""
@@ -191,10 +219,10 @@ class Service:
 
     @property
     def ready(self) -> bool:
-        """Every user's state is warm (after a failed warm-up, once requests have encoded every
-        block; `warm_up.error` says why)."""
+        """Every user's state is warm: every block, and the users with replayed events advanced
+        (after a failed warm-up: once requests have encoded every block; `warm_up.error` says why)."""
         ctx = self.engine.contexts
-        return ctx is None or ctx.ready
+        return ctx is None or (ctx.ready and (self._caught_up or self.warm["error"] is not None))
 
     # events ---------------------------------------------------------------------------------
     async def add_events(self, body: EventsIn) -> EventsOut:
