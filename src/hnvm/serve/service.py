@@ -20,7 +20,7 @@ block next (the loop serves others meanwhile). Then the users with replayed even
 through them, one by one on the loop (what their first recommendation would otherwise run).
 `/v1/health` reports the progress and `ready` (both done). A finished warm-up is saved next to the event log
 (`<db>-contexts.safetensors`, keyed by the weights, the data and the arithmetic) and loaded at
-the next start, which is then ready at once.
+the next start, which then skips the encoding.
 """
 
 from __future__ import annotations
