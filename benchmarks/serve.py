@@ -255,14 +255,14 @@ def startup(name: str, run: Path, args: argparse.Namespace) -> None:
             server = start_timed(label, run, Path(tmp) / "events.sqlite", free_port(), args.threads)
             server.terminate()
             server.wait(30)
+    import httpx
+
     users = pl.read_parquet(run / "users.parquet").get_column("id").to_list()
     bodies = [json.dumps({"user": u, "k": 10}).encode() for u in random.Random(1).sample(users, min(len(users), 5000))]
     with tempfile.TemporaryDirectory() as tmp:
         port, t0 = free_port(), time.perf_counter()
         server = start_server(run, Path(tmp) / "events.sqlite", port, args.threads)
         r = asyncio.run(load("127.0.0.1", port, "/v1/recommend", bodies, 50, min(args.seconds, 10)))
-        import httpx
-
         w = httpx.get(f"http://127.0.0.1:{port}/v1/health", timeout=10).json()["warm_up"]
         ready, _ = wait_ready(port, t0)
         print(f"  {'during warm-up':<20} {r['n']:>6} first requests, {r['rps']:,.0f}/s  p50 {r['p50']:6.2f}  "

@@ -762,6 +762,8 @@ def test_block_states_equal_one_user_encoding(run_dir: Path, small_blocks: None)
     order = np.concatenate(ctx.blocks)  # every user with sessions once, by number of sessions
     assert sorted(order.tolist()) == np.flatnonzero(n_sessions > 0).tolist()
     assert (np.diff(n_sessions[order]) >= 0).all()
+    assert ctx.pending() == list(range(len(ctx.blocks)))[::-1]  # warmed: most sessions first
+    assert ctx.cold(int(ctx.blocks[0][0])) == 0 and ctx.cold(0) is None  # (user 0: no sessions)
     for u in range(1, len(seq.user_end)):
         got = ctx.context(u)
         sessions = [seq.session(s) for s in range(int(seq.user_first[u]), int(seq.user_end[u]))]
@@ -774,7 +776,8 @@ def test_block_states_equal_one_user_encoding(run_dir: Path, small_blocks: None)
         cond = m.session_condition(want, e)  # type: ignore[attr-defined]
         for a, b in zip(ctx.start(u), (cond, m.decoder_step(m.bos, None, cond)), strict=True):  # type: ignore
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-    assert ctx.ready and ctx.warm_users == ctx.total == len(order)
+    assert ctx.ready and ctx.warm_users == ctx.total == len(order) and ctx.done.all()
+    assert ctx.cold(int(ctx.blocks[0][0])) is None
     assert ctx.context(0).abs().sum() == 0  # no dataset user: the initial context
 
 

@@ -79,7 +79,16 @@ class HistoryContexts:
 
     @property
     def ready(self) -> bool:
-        return bool(self.done.all())
+        return self.warm_users == self.total  # (read per request: a counter, not a scan of `done`)
+
+    def cold(self, user: int) -> int | None:
+        """The block of `user` (a dataset user id) if it is not encoded yet, else None (also for
+        a user without dataset sessions)."""
+        b = self._block(user)
+        return b if b >= 0 and not self.done[b] else None
+
+    def _block(self, user: int) -> int:
+        return int(self.block_of[user]) if 0 <= user < len(self.block_of) else -1
 
     def pending(self) -> list[int]:
         """Blocks not encoded yet, the users with the most sessions first (the likeliest to be
@@ -102,7 +111,7 @@ class HistoryContexts:
         return self._row(user, "cond"), self._row(user, "h_bos")
 
     def _row(self, user: int, table: str) -> Tensor:
-        b = int(self.block_of[user]) if 0 <= user < len(self.block_of) else -1
+        b = self._block(user)
         if b < 0:
             if table != "h_con":
                 raise ValueError(f"user {user} has no dataset sessions: no block")

@@ -157,10 +157,7 @@ class Engine:
             return None
         st = self.users.get(user)
         row = self.user_index.get(user, 0)
-        if (st is not None and st.cache is not None) or not 0 < row < len(ctx.block_of):
-            return None
-        b = int(ctx.block_of[row])
-        return b if b >= 0 and not ctx.done[b] else None
+        return ctx.cold(row) if row and (st is None or st.cache is None) else None
 
     def track(self, user: str) -> Track:
         st = self.users.get(user)

@@ -205,11 +205,10 @@ class Service:
         if fut is not None and not fut.done():
             fut.set_result(None)
 
-    async def _wait_for_block(self, user: str) -> None:
-        """While the warm-up runs, a request for a user whose block is cold waits for the warm-up
+    async def _wait_for_block(self, b: int) -> None:
+        """While the warm-up runs, a request for a user whose block b is cold waits for the warm-up
         thread to encode it next (the loop keeps serving), rather than encoding it on the loop."""
-        b = self.engine.cold_block(user)
-        if b is None or self._warmer is None or self._warmer.done():
+        if self._warmer is None or self._warmer.done():
             return
         fut = self._waiting.get(b)
         if fut is None:
@@ -308,7 +307,8 @@ class Service:
         problem = self.engine.session_problem(q)
         if problem is not None:
             raise ServiceError(422, problem)
-        await self._wait_for_block(q.user)
+        if (b := self.engine.cold_block(q.user)) is not None:  # (None, without an await, once warm)
+            await self._wait_for_block(b)
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Recommendation] = loop.create_future()
         self._pending.append((q, fut))
