@@ -12,6 +12,10 @@ Sections (each also runs on its own with the command it prints):
             conservative ties) as a ratio to the bare floor: a [K, H] x [H, n_items] matmul
             plus the conservative rank, measured in the same process, alternating with the
             model, median of --rounds rounds. HNVM twice: the paper's sizes and the defaults.
+  windows   HNVM (paper sizes) and HRNN on the Instacart sample: whole training epochs with the
+            state entering each user window carried over from the user's previous window (the
+            default) against re-encoded before every window (`carry_context` / `carry_state`
+            false), alternating in one process, median of --rounds rounds
   gru4rec   our GRU4Rec against its authors' PyTorch code (benchmarks/gru4rec_reference.py;
             only with --gru4rec-reference, the file is not shipped)
   prepare   `hnvm prepare` of the 30M-event synthetic log (benchmarks/prepare.py)
@@ -24,6 +28,7 @@ models section) and their output is printed as they print it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import subprocess
 import sys
@@ -41,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_eval import bare_scoring, first_test_batches, load_data, model_for, score_width, train_throughput
 
 HERE = Path(__file__).resolve().parent
-SECTIONS = ("models", "gru4rec", "prepare", "serve")
+SECTIONS = ("models", "windows", "gru4rec", "prepare", "serve")
 
 
 def eval_ratio(model: object, seq: Sequences, n_items: int, hidden: int, targets: int,
@@ -94,6 +99,28 @@ def models_section(args: argparse.Namespace) -> None:
         del ds, seq
 
 
+def windows_section(args: argparse.Namespace) -> None:
+    ds = load_data("instacart", args.workdir)
+    print("\n== user windows: carried entering states against re-encoded ones, whole epochs, Instacart sample")
+    print("   (python benchmarks/speed.py --only windows)")
+    print(f"{'model':>12} | {'re-encoded':>20} | {'carried':>20} | ratio")
+    for name, setting in (("hnvm", "carry_context"), ("hrnn", "carry_state")):
+        speeds: dict[bool, list[float]] = {False: [], True: []}
+        for _ in range(args.rounds):
+            for carry in (False, True):
+                torch.manual_seed(0)
+                model = model_for(name, paper=name == "hnvm")
+                model.config = dataclasses.replace(model.config, **{setting: carry})  # type: ignore[attr-defined]
+                tr = train_throughput(model, ds, 10**9)  # every step of epoch 0 but the first
+                assert tr is not None
+                speeds[carry].append(tr[0])
+        off, on = statistics.median(speeds[False]), statistics.median(speeds[True])
+        ratios = [b / a for a, b in zip(speeds[False], speeds[True], strict=True)]
+        label = f"{name}{' (paper)' if name == 'hnvm' else ''}"
+        print(f"{label:>12} | {off:>12,.0f} items/s | {on:>12,.0f} items/s | {statistics.median(ratios):.2f}",
+              flush=True)
+
+
 def child(title: str, cmd: list[str]) -> None:
     """Run a child benchmark, printing its command line and its output as it comes."""
     print(f"\n== {title}\n   ({' '.join(cmd[1:]) if cmd[0] == sys.executable else ' '.join(cmd)})", flush=True)
@@ -122,6 +149,8 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     if "models" in only:
         models_section(args)
+    if "windows" in only:
+        windows_section(args)
     if "gru4rec" in only:
         if args.gru4rec_reference is None:
             print("\n== GRU4Rec against its authors' code: skipped (give --gru4rec-reference PATH)")

@@ -195,6 +195,65 @@ def test_sknn_next_session_uses_last_history_session(tiny) -> None:
                                + pop_term(ds))
 
 
+def sknn_one_query(m: SKNN, query: np.ndarray, exclude: int) -> np.ndarray:
+    """V-SKNN for one query, step by step in plain Python floats, summing in the definition's
+    order (a dot over the query's items ascending; a score over the neighbours by similarity,
+    ties by recency, or in time order when there are at most k candidates)."""
+    c = m.config
+    out = np.zeros(len(m.item_ptr_) - 1)
+    query = [int(i) for i in query if i > 0]
+    if not query:
+        return out
+    w_of = {i: (p + 1) / len(query) if c.weighting == "linear" else ((p + 1) / len(query)) ** 2
+            if c.weighting == "quadratic" else 1.0 for p, i in enumerate(query)}  # the latest position
+    items = sorted(w_of)
+    norm = float(np.sqrt((np.array([w_of[i] for i in items]) ** 2).sum()))
+    dots: dict[int, float] = {}
+    for i in items:
+        for s_ in m.item_sessions_[m.item_ptr_[i]:m.item_ptr_[i + 1]].tolist():
+            if s_ != exclude:
+                dots[s_] = dots.get(s_, 0.0) + w_of[i]
+    cand = sorted(dots)[-c.sample_size:]
+    sims = {s_: dots[s_] / (norm * math.sqrt(float(m.session_ptr_[s_ + 1] - m.session_ptr_[s_]))) for s_ in cand}
+    if len(cand) > c.k:
+        cand = sorted(cand, key=lambda s_: (-sims[s_], -s_))[: c.k]
+    sums: dict[int, float] = {}
+    for s_ in cand:
+        for i in m.session_items_[m.session_ptr_[s_]:m.session_ptr_[s_ + 1]].tolist():
+            sums[i] = sums.get(i, 0.0) + sims[s_]
+    for i, v in sums.items():
+        out[i] = v
+    return out
+
+
+@pytest.mark.parametrize("cfg", [SKNNConfig(), SKNNConfig(k=3, sample_size=12),
+                                 SKNNConfig(k=5, sample_size=4, weighting="quadratic"),
+                                 SKNNConfig(k=2, sample_size=1000, weighting="same")])
+def test_sknn_batched_scores_equal_the_one_query_definition_bit_for_bit(cfg: SKNNConfig) -> None:
+    """All queries of a batch are scored at once (sparse products); every score equals the
+    one-query definition exactly, with candidates cut by recency and by similarity (many ties:
+    few items), and with a training session excluded as a query's own."""
+    ds = synthetic_dataset(n_users=40, n_items=12, n_topics=2, seed=5, session_length=(2, 7))
+    seq = Sequences.from_events(ds.events, ds.n_users)
+    m = SKNN(cfg).fit(ds)
+    batch = next(iter(next_item_batches(seq, "test", max_targets=400)))
+    rng = np.random.default_rng(0)
+    n_train = len(m.session_ptr_) - 1
+    own = rng.integers(0, n_train, len(batch.sessions))  # pretend each row's session is a training one
+    train_ids = np.flatnonzero(m.rank_of_session_ >= 0)  # dataset ids, by training rank below
+    batch.session_ids = torch.from_numpy(train_ids[np.argsort(m.rank_of_session_[train_ids])][own])
+    got = m.score(batch).numpy()
+    cur = batch.sessions[:, -1].numpy()
+    pop = m.pop_.numpy() * 1e-9
+    for k, (row, pos) in enumerate(zip(batch.target_rows.tolist(), batch.target_pos.tolist(), strict=True)):
+        want = pop + sknn_one_query(m, cur[row, :pos], int(own[row]))
+        assert np.array_equal(got[k], want), k
+    hist = next(iter(next_session_batches(seq, "test")))[0]
+    got = m.score_sessions(hist).numpy()
+    for b, last in enumerate(hist.sessions[:, -1].numpy()):
+        assert np.array_equal(got[b], pop + sknn_one_query(m, last, -1)), b
+
+
 # --------------------------------------------------------------------------- learning
 
 def recall5(model, seq: Sequences, task: str) -> float:

@@ -268,6 +268,7 @@ class WindowBatch:
     users: torch.Tensor  # Long[B]
     prefix: torch.Tensor  # Long[B, P, T] (P may be 0)
     window: torch.Tensor  # Long[B, W, T]
+    ids: np.ndarray | None = None  # int64[B] rows of the `user_windows` array (None: not given)
 
     @property
     def n_targets(self) -> int:
@@ -302,11 +303,16 @@ def window_batches(
     max_prefix: int | None = None,
     rank: int = 0,
     world_size: int = 1,
+    user_order: bool = False,
 ) -> Iterator[WindowBatch]:
     """Shuffled training batches of windows. Under torchrun rank r of world_size takes its
-    shard of the batches (`shard_indices`: disjoint, the same count on every rank)."""
+    shard of the batches (`shard_indices`: disjoint, the same count on every rank).
+    user_order: each user's windows come in session order (`in_user_order`), so that a window's
+    entering state can be carried over from the user's previous window (`CarriedStates`)."""
 
     order = rng.permutation(len(windows)) if rng is not None else np.arange(len(windows))
+    if user_order:
+        order = in_user_order(windows, order)
     n_batches = (len(order) + batch_size - 1) // batch_size
     for i in shard_indices(n_batches, rank, world_size):
         sel = windows[order[i * batch_size:(i + 1) * batch_size]]
@@ -323,4 +329,16 @@ def window_batches(
             users=torch.from_numpy(sel[:, 0].copy()),
             prefix=prefix,
             window=pad_sessions(seq, wins, max_len),
+            ids=order[i * batch_size:(i + 1) * batch_size].copy(),
         )
+
+
+def in_user_order(windows: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """`order` (a permutation of the rows of `windows`, int64[n, 3] as from `user_windows`) with
+    each user's windows reassigned, among the positions that user holds, in session order: every
+    user keeps the same positions, and the earlier window takes the earlier position."""
+    positions = np.lexsort((np.arange(len(order)), windows[order, 0]))  # by user, then position
+    chronological = np.lexsort((windows[:, 1], windows[:, 0]))  # by user, then first session
+    out = np.empty_like(order)
+    out[positions] = chronological
+    return out

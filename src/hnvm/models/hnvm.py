@@ -20,6 +20,7 @@ from hnvm.contract import Batch
 from hnvm.data.batches import Sequences, user_windows, window_batches
 from hnvm.data.sampling import popularity_probs, train_counts
 from hnvm.models.base import NetPersistence, register
+from hnvm.models.carry import CarriedStates
 from hnvm.models.hnvm_latent import free_bits_kl, latent_diagnostics
 from hnvm.models.hnvm_net import HNVMNet
 from hnvm.models.hnvm_repeat import Pairs, RepeatMemory, history_pairs, loss_scorers, prefix_pairs
@@ -52,6 +53,7 @@ class HNVMConfig:
     bpreg: float = field(default=1.0, metadata=rng(0.0, 100.0, "bpr-max score regulariser"))
     batch_size: int = field(default=64, metadata=rng(1, 100_000, "user windows per step"))
     window: int = field(default=8, metadata=rng(1, 10_000, "sessions per training window W"))
+    carry_context: bool = True  # a window's entering context: from the previous window (carry.py); False: encoded
     max_len: int = field(default=0, metadata=rng(0, 100_000, "keep the last max_len items of longer sessions; 0 = all"))
     # β rises linearly from 0 to 1 over this many epochs (a fraction of an epoch is fine), so the
     # warm-up does not depend on the data size or the batch size; an epoch is only selected as the
@@ -344,7 +346,6 @@ class HNVM(NetPersistence):
         return out.weight.detach(), out.bias.detach()
 
 
-
 class _HNVMTrainable:
     """What the generic Trainer needs: the module, batches and the loss (eq. 18-24)."""
 
@@ -362,6 +363,7 @@ class _HNVMTrainable:
         self.untrained_users = untrained_users(n_train)
         self.neg_probs = popularity_probs(counts, self.cfg.sample_alpha)
         self.steps_per_epoch = max(-(-len(self.windows) // self.cfg.batch_size), 1)  # set per epoch
+        self.carry = CarriedStates(self.windows, self.cfg.carry_context and self.cfg.use_history)
 
     def to(self, device: torch.device) -> None:
         self.neg_probs = self.neg_probs.to(device)
@@ -371,10 +373,11 @@ class _HNVMTrainable:
                       world_size: int = 1) -> Any:
         n_batches = -(-len(self.windows) // self.cfg.batch_size)
         self.steps_per_epoch = max(-(-n_batches // max(world_size, 1)), 1)  # this process's steps
+        self.carry.reset()
         return window_batches(self.seq, self.windows, self.cfg.batch_size, rng,
                               max_len=self.cfg.max_len or None,
                               max_prefix=None if self.cfg.use_history else 0,
-                              rank=rank, world_size=world_size)
+                              rank=rank, world_size=world_size, user_order=self.carry.enabled)
 
     def beta(self, step: int) -> float:
         """The KL weight at optimizer step `step` (0-based). linear: from 0 to 1 over
@@ -410,11 +413,8 @@ class _HNVMTrainable:
 
     def loss(self, batch: Any, step: int) -> dict[str, Tensor]:
         net, c = self.module, self.cfg
-        h0 = None
-        if batch.prefix.shape[1] > 0:
-            # the context entering the window, without gradient (docs/design.md, "HNVM", user windows)
-            with torch.no_grad():
-                h0 = net.encode_history(batch.users, batch.prefix)
+        # the context entering the window, without gradient (docs/design.md, "HNVM", user windows)
+        h0 = self.carry.entering(batch.ids, batch.prefix, lambda p: net.encode_history(batch.users, p))
         users = batch.users
         if c.use_e and c.unknown_user_rate > 0:
             # these windows train row 0, the unknown user: cold start then reads a population e
@@ -422,6 +422,7 @@ class _HNVMTrainable:
             unknown = torch.rand(users.shape, device=users.device) < c.unknown_user_rate
             users = users.masked_fill(unknown, 0)
         out = net(users, batch.window, h_con0=h0, sample=True)
+        self.carry.store(batch.ids, out.h_con[:, -1])  # the context after the window's last session
         mask = out.item_mask  # [B, W, T]
         hidden = out.states  # [K, H], the order of window[mask]
         targets = batch.window[mask]  # [K]

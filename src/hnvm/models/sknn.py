@@ -14,7 +14,10 @@ For a query session q (the prefix of the current session, oldest item first):
    neighbours (ties by recency).
 4. score(i) = Σ over neighbours n that contain i of sim(q, n).
 
-An empty query falls back to popularity, and ties everywhere are ordered by popularity
+The queries of a batch are computed together as sparse products (scipy.sparse): query vectors
+× item-session matrix give every candidate's dot product, the k neighbours × session-item matrix
+give the scores, with every sum in the order of the one-query definition (bit-identical scores,
+tested). An empty query falls back to popularity, and ties everywhere are ordered by popularity
 (pop(i) / (max pop + 1) * 1e-9 added to float64 scores). Next-session uses the user's last
 history session as the query. Neighbours come from the training sessions only, so the
 candidates of a test session may be later in time than it (the user-last split's own
@@ -30,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
+import scipy.sparse as sp
 import torch
 
 from hnvm.config import choices, rng
@@ -95,6 +99,7 @@ class SKNN:
         self.pop_: torch.Tensor | None = None  # Double[n_items + 1] in [0, 1)
         # rank_of_session_[dataset session id] = its index above, -1 if not a training session
         self.rank_of_session_: np.ndarray | None = None
+        self._mats: tuple[sp.csr_matrix, sp.csr_matrix] | None = None  # built from the arrays above
 
     def fit(self, train: Dataset, **_: Any) -> SKNN:
         n_rows = train.n_items + 1
@@ -112,56 +117,105 @@ class SKNN:
         self.item_ptr_, self.item_sessions_ = _csr(items, ranks, n_rows)
         counts = train_counts(train).double()
         self.pop_ = counts / (counts.max() + 1.0)
+        self._mats = None
         return self
 
     # -- the neighbourhood of one query -----------------------------------------------------------
-    def _own_rank(self, batch: Batch, row: int) -> int:
-        """The index of the row's own session among the training sessions, or -1: under a
-        held-out-item split (leave-one-out, shan) the session being scored has training events
-        and must not be its own neighbour."""
+    def _own_ranks(self, batch: Batch) -> np.ndarray:
+        """int64[B]: the index of each row's own session among the training sessions, or -1:
+        under a held-out-item split (leave-one-out, shan) the session being scored has training
+        events and must not be its own neighbour."""
         ids, ranks = batch.session_ids, self.rank_of_session_
-        if ids is None or ranks is None or not 0 <= int(ids[row]) < len(ranks):
-            return -1
-        return int(ranks[int(ids[row])])
+        out = np.full(len(batch.sessions), -1, dtype=np.int64)
+        if ids is None or ranks is None:
+            return out
+        ids = np.asarray(ids, dtype=np.int64)
+        inside = (ids >= 0) & (ids < len(ranks))
+        out[inside] = ranks[ids[inside]]
+        return out
 
-    def _query_scores(self, query: np.ndarray, out: np.ndarray, exclude: int = -1) -> None:
-        """out += Σ_neighbours sim · binary(neighbour) for one query (items, oldest first);
-        `exclude`: a training session that is not a candidate (the query's own)."""
-        assert self.item_ptr_ is not None and self.item_sessions_ is not None
-        assert self.session_ptr_ is not None and self.session_items_ is not None
+    def _matrices(self) -> tuple[sp.csr_matrix, sp.csr_matrix]:
+        """(item x session, session x item) binary CSR matrices of the training sessions."""
+        if self._mats is None:
+            assert self.item_ptr_ is not None and self.item_sessions_ is not None
+            assert self.session_ptr_ is not None and self.session_items_ is not None
+            n_rows, n_sess = len(self.item_ptr_) - 1, len(self.session_ptr_) - 1
+            self._mats = (
+                sp.csr_matrix((np.ones(len(self.item_sessions_)), self.item_sessions_, self.item_ptr_),
+                              shape=(n_rows, n_sess)),
+                sp.csr_matrix((np.ones(len(self.session_items_)), self.session_items_, self.session_ptr_),
+                              shape=(n_sess, n_rows)))
+        return self._mats
+
+    def _neighbour_scores(self, queries: list[np.ndarray], exclude: np.ndarray, out: np.ndarray) -> None:
+        """out[r] += Σ_neighbours sim · binary(neighbour) for each query r (items oldest first,
+        0 = padding), all queries at once as sparse products; exclude: int64[R] a training session
+        that is not a candidate of query r (its own; -1: none). Every sum runs in the order of the
+        one-query definition (items ascending for a dot product, neighbours by similarity for a
+        score), so the scores are that definition's bit for bit."""
         c = self.config
-        query = query[query > 0]
-        if len(query) == 0:
+        item_sess, sess_item = self._matrices()
+        n_sess = item_sess.shape[1]
+        # 1. query vectors: each distinct item with the weight of its latest position
+        ptr, cols, vals, norms = [0], [], [], np.ones(len(queries))
+        for r, query in enumerate(queries):
+            query = query[query > 0]
+            if len(query):
+                w_pos = position_weights(len(query), c.weighting)
+                q_items, first_rev = np.unique(query[::-1], return_index=True)
+                w = w_pos[len(query) - 1 - first_rev]
+                norms[r] = np.sqrt((w * w).sum())
+                cols.append(q_items)
+                vals.append(w)
+            ptr.append(ptr[-1] + (len(cols[-1]) if len(query) else 0))
+        if not cols:
             return
-        w_pos = position_weights(len(query), c.weighting)
-        # the latest position of each distinct item
-        q_items, first_rev = np.unique(query[::-1], return_index=True)
-        w = w_pos[len(query) - 1 - first_rev]
-        lens = self.item_ptr_[q_items + 1] - self.item_ptr_[q_items]
-        if lens.sum() == 0:
-            return
-        sess = self.item_sessions_[_ranges(self.item_ptr_[q_items], lens)]
-        wts = np.repeat(w, lens)
-        if exclude >= 0:
-            mine = sess != exclude
-            sess, wts = sess[mine], wts[mine]
-            if len(sess) == 0:
-                return
-        cand, inv = np.unique(sess, return_inverse=True)  # one unique (it is most of a query's cost)
-        if len(cand) > c.sample_size:  # the most recent sample_size candidates
-            cut = len(cand) - c.sample_size
-            keep = inv >= cut
-            wts, inv, cand = wts[keep], inv[keep] - cut, cand[cut:]
-        dot = np.bincount(inv, weights=wts)
-        n_len = (self.session_ptr_[cand + 1] - self.session_ptr_[cand]).astype(np.float64)
-        sim = dot / (np.sqrt((w * w).sum()) * np.sqrt(n_len))
-        if len(cand) > c.k:  # k most similar, ties by recency (later sessions first)
-            top = np.lexsort((-cand, -sim))[: c.k]
-            cand, sim = cand[top], sim[top]
-        n_lens = self.session_ptr_[cand + 1] - self.session_ptr_[cand]
-        n_items = self.session_items_[_ranges(self.session_ptr_[cand], n_lens)]
-        out += np.bincount(n_items, weights=np.repeat(sim, n_lens),
-                           minlength=len(out))
+        q = sp.csr_matrix((np.concatenate(vals), np.concatenate(cols), np.asarray(ptr)),
+                          shape=(len(queries), item_sess.shape[0]))
+        # 2. dot products with every candidate (sessions sharing an item), in session (= time) order
+        dots = q @ item_sess  # [R, S]
+        dots.sort_indices()
+        lens = np.diff(dots.indptr)
+        rows = np.repeat(np.arange(len(queries)), lens)
+        cand, dot = dots.indices.astype(np.int64), dots.data
+        keep = cand != exclude[rows]
+        # 3. the sample_size most recent candidates of each query
+        lens = np.bincount(rows[keep], minlength=len(queries))
+        rows, cand, dot = rows[keep], cand[keep], dot[keep]
+        starts = np.cumsum(lens) - lens
+        keep = np.arange(len(rows)) - starts[rows] >= (lens - c.sample_size)[rows]
+        rows, cand, dot = rows[keep], cand[keep], dot[keep]
+        lens = np.minimum(lens, c.sample_size)
+        n_len = (self.session_ptr_[cand + 1] - self.session_ptr_[cand]).astype(np.float64)  # type: ignore[index]
+        sim = dot / (norms[rows] * np.sqrt(n_len))
+        # 4. the k most similar of each query (ties by recency, later first); a query with at
+        # most k candidates keeps them all in time order
+        big = lens > c.k
+        if big.any():
+            sel = big[rows]
+            b_rows = np.cumsum(big) - 1  # index among the big queries
+            width = int(lens[big].max())
+            starts = np.cumsum(lens) - lens
+            pad = np.full((int(big.sum()), width), -np.inf)
+            pad[b_rows[rows[sel]], (np.arange(len(rows)) - starts[rows])[sel]] = sim[sel]
+            kth = -np.partition(-pad, c.k - 1, axis=1)[:, c.k - 1]  # k-th largest similarity
+            sel &= sim >= kth[b_rows[rows]]
+            order = np.lexsort((-cand[sel], -sim[sel], rows[sel]))
+            top = np.flatnonzero(sel)[order]
+            first = np.concatenate(([True], rows[top][1:] != rows[top][:-1]))
+            rank_in_row = np.arange(len(top)) - np.maximum.accumulate(np.where(first, np.arange(len(top)), 0))
+            top = top[rank_in_row < c.k]
+            small = np.flatnonzero(~big[rows])
+            pick = np.concatenate([small, top])
+            pick = pick[np.argsort(rows[pick], kind="stable")]  # rows in order, each row's order kept
+            rows, cand, sim = rows[pick], cand[pick], sim[pick]
+        # 5. scores: each neighbour's items get its similarity, summed in the neighbours' order
+        counts = np.bincount(rows, minlength=len(queries))
+        w_ptr = np.concatenate(([0], np.cumsum(counts)))
+        # (the product runs over each row's entries in their stored order: the summation order)
+        scores = sp.csr_matrix((sim, cand, w_ptr), shape=(len(queries), n_sess)) @ sess_item
+        # (each (row, item) once in a product: a fancy-index add, no dense [R, items] temporary)
+        out[np.repeat(np.arange(len(queries)), np.diff(scores.indptr)), scores.indices] += scores.data
 
     def _base(self, n: int) -> torch.Tensor:
         if self.pop_ is None:
@@ -171,18 +225,15 @@ class SKNN:
     def score(self, batch: Batch) -> torch.Tensor:
         out = self._base(batch.n_targets)
         cur = batch.sessions[:, -1].numpy()
-        scores = out.numpy()
-        for k, (row, pos) in enumerate(zip(batch.target_rows.tolist(), batch.target_pos.tolist(),
-                                           strict=True)):
-            self._query_scores(cur[row, :pos], scores[k], self._own_rank(batch, row))
+        rows, pos = batch.target_rows.tolist(), batch.target_pos.tolist()
+        own = self._own_ranks(batch)
+        self._neighbour_scores([cur[r, :p] for r, p in zip(rows, pos, strict=True)], own[rows], out.numpy())
         return out
 
     def score_sessions(self, batch: Batch) -> torch.Tensor:
         out = self._base(len(batch.users))
         last = batch.sessions[:, -1].numpy()
-        scores = out.numpy()
-        for b in range(len(last)):
-            self._query_scores(last[b], scores[b], self._own_rank(batch, b))
+        self._neighbour_scores(list(last), self._own_ranks(batch), out.numpy())
         return out
 
     # -- persistence ------------------------------------------------------------------------------
