@@ -87,6 +87,27 @@ def test_bpr_loss_hand_values_and_mask() -> None:
     assert bpr_loss(pos, neg, mask, reduction="sum").item() == pytest.approx(_ls(1.0), rel=1e-6)
 
 
+def test_bpr_loss_gradient_is_that_of_its_definition() -> None:
+    """The closed-form gradient (_BPR) against autograd through the definition, with masked
+    negatives, a row without any and large score gaps (softplus' linear region)."""
+    g = torch.Generator().manual_seed(0)
+    pos = (torch.randn(6, generator=g, dtype=torch.float64) * 10).requires_grad_()
+    neg = (torch.randn(6, 9, generator=g, dtype=torch.float64) * 10).requires_grad_()
+    mask = torch.rand(6, 9, generator=g) > 0.3
+    mask[2] = False
+    weights = torch.randn(6, generator=g, dtype=torch.float64)
+    for m in (mask, None):
+        valid = torch.ones(6, 9, dtype=torch.bool) if m is None else m
+        want = (-F.logsigmoid(pos.unsqueeze(-1) - neg) * valid).sum(-1) / valid.sum(-1).clamp(min=1)
+        got = bpr_loss(pos, neg, m, reduction="none")
+        torch.testing.assert_close(got, want)
+        gw = torch.autograd.grad((want * weights).sum(), (pos, neg))
+        gg = torch.autograd.grad((got * weights).sum(), (pos, neg))
+        for a, b in zip(gg, gw, strict=True):
+            torch.testing.assert_close(a, b)
+    assert torch.autograd.gradcheck(lambda p, n: bpr_loss(p, n, mask, reduction="none"), (pos, neg))
+
+
 def test_bpr_max_single_negative_is_bpr_plus_reg() -> None:
     pos, neg = torch.tensor([0.7, -0.2]), torch.tensor([[0.3], [1.1]])
     expect = bpr_loss(pos, neg, reduction="none") + 0.5 * neg[:, 0] ** 2
