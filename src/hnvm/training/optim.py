@@ -31,29 +31,43 @@ class AdagradMomentum(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         for group in self.param_groups:
+            dense: list[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]] = []
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                g = p.grad
                 st = self.state[p]
                 if not st:
                     st["sum"] = torch.full_like(p, group.get("initial_accumulator", 0.0))
                     if group["momentum"]:
                         st["velocity"] = torch.zeros_like(p)
-                if g.is_sparse:
-                    self._sparse_step(p, g.coalesce(), st, group)
-                    continue
-                if group["weight_decay"]:
-                    g = g.add(p, alpha=group["weight_decay"])
-                st["sum"].addcmul_(g, g)
-                upd = g / (st["sum"] + group["eps"]).sqrt()
-                if group["momentum"]:
-                    v = st["velocity"]
-                    v.mul_(group["momentum"]).add_(upd, alpha=-group["lr"])
-                    p.add_(v)
+                if p.grad.is_sparse:
+                    self._sparse_step(p, p.grad.coalesce(), st, group)
                 else:
-                    p.add_(upd, alpha=-group["lr"])
+                    dense.append((p, p.grad, st))
+            if dense:
+                self._dense_step(dense, group)
         return None
+
+    @staticmethod
+    def _dense_step(dense: list[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]], group: dict[str, Any]) -> None:
+        """The update above for dense gradients, every tensor of the group in each foreach call
+        (the same element-wise operations as one tensor at a time, a few calls instead of ~6 per
+        tensor: the optimizer step of a small network is per-call overhead)."""
+        params, grads = [d[0] for d in dense], [d[1] for d in dense]
+        if group["weight_decay"]:
+            grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+        sums = [d[2]["sum"] for d in dense]
+        torch._foreach_addcmul_(sums, grads, grads)
+        denom = torch._foreach_add(sums, group["eps"])
+        torch._foreach_sqrt_(denom)
+        upd = torch._foreach_div(grads, denom)
+        if group["momentum"]:
+            vel = [d[2]["velocity"] for d in dense]
+            torch._foreach_mul_(vel, group["momentum"])
+            torch._foreach_add_(vel, upd, alpha=-group["lr"])
+            torch._foreach_add_(params, vel)
+        else:
+            torch._foreach_add_(params, upd, alpha=-group["lr"])
 
     @staticmethod
     def _sparse_step(p: torch.Tensor, g: torch.Tensor, st: dict[str, Any],
