@@ -254,6 +254,24 @@ def test_sknn_batched_scores_equal_the_one_query_definition_bit_for_bit(cfg: SKN
         assert np.array_equal(got[b], pop + sknn_one_query(m, last, -1)), b
 
 
+def test_sknn_chunks_of_queries_score_alike_and_foreign_items_are_refused(monkeypatch) -> None:
+    """Queries run in chunks bounded by their item-session postings (memory): any chunking gives
+    the same scores bit for bit; an item id outside the fitted catalogue is an error, not a
+    read outside the matrices."""
+    import hnvm.models.sknn as sknn_module
+
+    ds = synthetic_dataset(n_users=40, n_items=12, n_topics=2, seed=5, session_length=(2, 7))
+    seq = Sequences.from_events(ds.events, ds.n_users)
+    m = SKNN(SKNNConfig(k=3, sample_size=12)).fit(ds)
+    batch = next(iter(next_item_batches(seq, "test", max_targets=400)))
+    whole = m.score(batch)
+    monkeypatch.setattr(sknn_module, "MAX_POSTINGS", 40)  # a few queries per chunk, or one alone
+    assert torch.equal(m.score(batch), whole)
+    batch.sessions[0, -1, 0] = ds.n_items + 5
+    with pytest.raises(ValueError, match="outside the model"):
+        m.score(batch)
+
+
 # --------------------------------------------------------------------------- learning
 
 def recall5(model, seq: Sequences, task: str) -> float:

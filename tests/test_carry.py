@@ -93,10 +93,16 @@ def test_carried_states_equal_re_encoded_ones_under_fixed_weights(synth, name: s
             n_prefix += int(has_prefix.sum())
     assert t.carry.carried + t.carry.encoded == n_prefix
     assert t.carry.carried > 0.5 * n_prefix  # windows of one user in one batch are the exception
+    assert not t.carry._states  # every kept state was used: none outlives the epoch
 
-    # a new epoch starts with nothing kept; carry off (HRNN's default) = every state encoded
-    t.train_batches(1, np.random.default_rng(2))
-    assert not t.carry._states
+    # under torchrun (several processes) nothing is carried and the order is the plain shuffle
+    windows = t.windows
+    sharded = list(t.train_batches(1, np.random.default_rng(2), rank=0, world_size=2))
+    assert not t.carry.active
+    plain = np.random.default_rng(2).permutation(len(windows))
+    assert np.array_equal(np.concatenate([b.ids for b in sharded]),
+                          np.concatenate([plain[i * 4:(i + 1) * 4] for i in range(0, -(-len(plain) // 4), 2)]))
+    # carry off (HRNN's default) = every state encoded
     off = (HNVM(HNVMConfig(hidden=16, emb_dim=16, batch_size=4, window=3, carry_context=False)) if name == "hnvm"
            else HRNN(HRNNConfig(emb_dim=16, session_hidden=16, user_hidden=16, batch_size=4, window=3)))
     t = off.trainable(ds, seq, TrainConfig())

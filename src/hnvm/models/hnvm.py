@@ -373,11 +373,10 @@ class _HNVMTrainable:
                       world_size: int = 1) -> Any:
         n_batches = -(-len(self.windows) // self.cfg.batch_size)
         self.steps_per_epoch = max(-(-n_batches // max(world_size, 1)), 1)  # this process's steps
-        self.carry.reset()
         return window_batches(self.seq, self.windows, self.cfg.batch_size, rng,
                               max_len=self.cfg.max_len or None,
                               max_prefix=None if self.cfg.use_history else 0,
-                              rank=rank, world_size=world_size, user_order=self.carry.enabled)
+                              rank=rank, world_size=world_size, user_order=self.carry.reset(world_size))
 
     def beta(self, step: int) -> float:
         """The KL weight at optimizer step `step` (0-based). linear: from 0 to 1 over

@@ -246,9 +246,8 @@ class _HRNNTrainable:
 
     def train_batches(self, epoch: int, rng: np.random.Generator, *, rank: int = 0,
                       world_size: int = 1) -> Any:
-        self.carry.reset()
         return window_batches(self.seq, self.windows, self.cfg.batch_size, rng, max_len=self.cfg.max_len or None,
-                              rank=rank, world_size=world_size, user_order=self.carry.enabled)
+                              rank=rank, world_size=world_size, user_order=self.carry.reset(world_size))
 
     def batch_targets(self, batch: Any) -> int:
         return batch.n_targets

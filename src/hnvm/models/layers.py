@@ -117,6 +117,7 @@ class _BPR(torch.autograd.Function):
         return pair.sum(-1) / count
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # (a second derivative is never taken of a loss here)
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, Tensor, None]:
         diff, valid, count = ctx.saved_tensors
         grad = torch.sigmoid(diff)

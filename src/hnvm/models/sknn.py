@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from hnvm.data.store import Dataset
 
 TIE_EPS = 1e-9
+MAX_POSTINGS = 1 << 22  # item-session postings per chunk of queries (~100 MiB of temporaries)
 
 
 @dataclass(frozen=True)
@@ -149,38 +150,60 @@ class SKNN:
 
     def _neighbour_scores(self, queries: list[np.ndarray], exclude: np.ndarray, out: np.ndarray) -> None:
         """out[r] += Σ_neighbours sim · binary(neighbour) for each query r (items oldest first,
-        0 = padding), all queries at once as sparse products; exclude: int64[R] a training session
+        0 = padding), the queries at once as sparse products (in chunks of at most MAX_POSTINGS
+        item-session postings, which bound the memory); exclude: int64[R] a training session
         that is not a candidate of query r (its own; -1: none). Every sum runs in the order of the
         one-query definition (items ascending for a dot product, neighbours by similarity for a
-        score), so the scores are that definition's bit for bit."""
+        score), so the scores are that definition's bit for bit. ValueError: an item id outside
+        the fitted catalogue."""
         c = self.config
-        item_sess, sess_item = self._matrices()
-        n_sess = item_sess.shape[1]
-        # 1. query vectors: each distinct item with the weight of its latest position
-        ptr, cols, vals, norms = [0], [], [], np.ones(len(queries))
+        item_sess, _ = self._matrices()
+        n_rows = item_sess.shape[0]
+        vecs: list[tuple[np.ndarray, np.ndarray]] = []  # per query: distinct items, weights
+        norms, postings = np.ones(len(queries)), np.zeros(len(queries), dtype=np.int64)
         for r, query in enumerate(queries):
             query = query[query > 0]
-            if len(query):
+            if len(query) and int(query.max()) >= n_rows:
+                raise ValueError(f"item id {int(query.max())} is outside the model's {n_rows - 1} items")
+            if len(query):  # each distinct item with the weight of its latest position
                 w_pos = position_weights(len(query), c.weighting)
                 q_items, first_rev = np.unique(query[::-1], return_index=True)
                 w = w_pos[len(query) - 1 - first_rev]
                 norms[r] = np.sqrt((w * w).sum())
-                cols.append(q_items)
-                vals.append(w)
-            ptr.append(ptr[-1] + (len(cols[-1]) if len(query) else 0))
-        if not cols:
+                postings[r] = int((item_sess.indptr[q_items + 1] - item_sess.indptr[q_items]).sum())
+            else:
+                q_items, w = query, np.zeros(0)
+            vecs.append((q_items, w))
+        lo = 0
+        while lo < len(queries):  # chunks: summed postings, and rows x the largest, within the cap
+            hi, widest = lo + 1, postings[lo]
+            while hi < len(queries) and (postings[lo:hi + 1].sum() <= MAX_POSTINGS
+                                         and (hi + 1 - lo) * max(widest, postings[hi]) <= MAX_POSTINGS):
+                widest = max(widest, postings[hi])
+                hi += 1
+            self._chunk_scores(vecs[lo:hi], norms[lo:hi], exclude[lo:hi], out[lo:hi])
+            lo = hi
+
+    def _chunk_scores(self, vecs: list[tuple[np.ndarray, np.ndarray]], norms: np.ndarray, exclude: np.ndarray,
+                      out: np.ndarray) -> None:
+        """`_neighbour_scores` of the queries vecs (distinct items ascending, their weights)."""
+        c = self.config
+        item_sess, sess_item = self._matrices()
+        n_sess, n = item_sess.shape[1], len(vecs)
+        ptr = np.concatenate(([0], np.cumsum([len(v[0]) for v in vecs])))
+        if ptr[-1] == 0:
             return
-        q = sp.csr_matrix((np.concatenate(vals), np.concatenate(cols), np.asarray(ptr)),
-                          shape=(len(queries), item_sess.shape[0]))
+        q = sp.csr_matrix((np.concatenate([v[1] for v in vecs]), np.concatenate([v[0] for v in vecs]), ptr),
+                          shape=(len(vecs), item_sess.shape[0]))
         # 2. dot products with every candidate (sessions sharing an item), in session (= time) order
         dots = q @ item_sess  # [R, S]
         dots.sort_indices()
         lens = np.diff(dots.indptr)
-        rows = np.repeat(np.arange(len(queries)), lens)
+        rows = np.repeat(np.arange(n), lens)
         cand, dot = dots.indices.astype(np.int64), dots.data
         keep = cand != exclude[rows]
         # 3. the sample_size most recent candidates of each query
-        lens = np.bincount(rows[keep], minlength=len(queries))
+        lens = np.bincount(rows[keep], minlength=n)
         rows, cand, dot = rows[keep], cand[keep], dot[keep]
         starts = np.cumsum(lens) - lens
         keep = np.arange(len(rows)) - starts[rows] >= (lens - c.sample_size)[rows]
@@ -210,12 +233,12 @@ class SKNN:
             pick = pick[np.argsort(rows[pick], kind="stable")]  # rows in order, each row's order kept
             rows, cand, sim = rows[pick], cand[pick], sim[pick]
         # 5. scores: each neighbour's items get its similarity, summed in the neighbours' order
-        counts = np.bincount(rows, minlength=len(queries))
+        counts = np.bincount(rows, minlength=n)
         w_ptr = np.concatenate(([0], np.cumsum(counts)))
         # (the product runs over each row's entries in their stored order: the summation order)
-        scores = sp.csr_matrix((sim, cand, w_ptr), shape=(len(queries), n_sess)) @ sess_item
+        scores = sp.csr_matrix((sim, cand, w_ptr), shape=(n, n_sess)) @ sess_item
         # (each (row, item) once in a product: a fancy-index add, no dense [R, items] temporary)
-        out[np.repeat(np.arange(len(queries)), np.diff(scores.indptr)), scores.indices] += scores.data
+        out[np.repeat(np.arange(n), np.diff(scores.indptr)), scores.indices] += scores.data
 
     def _base(self, n: int) -> torch.Tensor:
         if self.pop_ is None:

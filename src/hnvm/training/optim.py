@@ -51,8 +51,9 @@ class AdagradMomentum(torch.optim.Optimizer):
     @staticmethod
     def _dense_step(dense: list[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]], group: dict[str, Any]) -> None:
         """The update above for dense gradients, every tensor of the group in each foreach call
-        (the same element-wise operations as one tensor at a time, a few calls instead of ~6 per
-        tensor: the optimizer step of a small network is per-call overhead)."""
+        (the same element-wise operations as one tensor at a time, bit-identical for fp32 and
+        fp64 parameters, the Trainer's; a few calls instead of ~6 per tensor: the optimizer step
+        of a small network is per-call overhead)."""
         params, grads = [d[0] for d in dense], [d[1] for d in dense]
         if group["weight_decay"]:
             grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
