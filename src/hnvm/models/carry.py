@@ -4,10 +4,10 @@ previous window (docs/design.md, "HNVM", user windows).
 HNVM and HRNN train on user windows: up to W consecutive sessions of one user, entering with the
 state (HNVM's context h_con, HRNN's user state) after the user's earlier sessions, without
 gradient. Re-encoding those earlier sessions before every window costs O(S²/W) session encodings
-per user and epoch (about a sixth of an HNVM step at the paper's sizes on the Instacart sample). With the
-windows of each user in session order within an epoch (`in_user_order`), the state after a
-window is already computed when it is trained; kept (detached), it is the next window's entering
-state. It is the state under the weights of that earlier step (truncated backpropagation through
+per user and epoch (about a sixth of an HNVM step at the paper's sizes on the Instacart sample).
+With the windows of each user in session order within an epoch (`in_user_order`), the state
+after a window is already computed when it is trained; kept (detached), it is the next window's
+entering state. It is the state under the weights of that earlier step (truncated backpropagation through
 time, as session-parallel GRU training carries hidden states across steps), where re-encoding
 gives it under the current weights. A window whose predecessor is in the same batch is
 re-encoded as before. Under torchrun nothing is carried (and the order is the plain shuffle):
@@ -62,8 +62,9 @@ class CarriedStates:
         if prefix.shape[1] == 0:
             return None
         has_prefix = (prefix > 0).flatten(1).any(1).tolist()
-        carry = ids is not None and self.active
-        kept = [self._states.pop(int(i), None) for i in ids] if carry else [None] * len(has_prefix)  # type: ignore[union-attr]
+        kept: list[Tensor | None] = [None] * len(has_prefix)
+        if ids is not None and self.active:
+            kept = [self._states.pop(int(i), None) for i in ids]
         hits = [b for b, s in enumerate(kept) if s is not None and has_prefix[b]]
         self.carried += len(hits)
         misses = [b for b, s in enumerate(kept) if s is None and has_prefix[b]]
@@ -73,7 +74,7 @@ class CarriedStates:
         first = kept[hits[0]]
         assert first is not None
         h0 = first.new_zeros(len(kept), first.shape[-1])  # rows without a prefix enter with 0
-        h0[hits] = torch.stack([kept[b] for b in hits])  # type: ignore[misc]
+        h0[hits] = torch.stack([t for b in hits if (t := kept[b]) is not None])
         if misses:
             h0[misses] = encode(prefix[misses]).to(h0.dtype)
         return h0

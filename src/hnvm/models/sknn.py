@@ -176,10 +176,10 @@ class SKNN:
             vecs.append((q_items, w))
         lo = 0
         while lo < len(queries):  # chunks: summed postings, and rows x the largest, within the cap
-            hi, widest = lo + 1, postings[lo]
-            while hi < len(queries) and (postings[lo:hi + 1].sum() <= MAX_POSTINGS
+            hi, total, widest = lo + 1, int(postings[lo]), int(postings[lo])
+            while hi < len(queries) and (total + postings[hi] <= MAX_POSTINGS
                                          and (hi + 1 - lo) * max(widest, postings[hi]) <= MAX_POSTINGS):
-                widest = max(widest, postings[hi])
+                total, widest = total + int(postings[hi]), max(widest, int(postings[hi]))
                 hi += 1
             self._chunk_scores(vecs[lo:hi], norms[lo:hi], exclude[lo:hi], out[lo:hi])
             lo = hi
