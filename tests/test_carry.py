@@ -37,7 +37,7 @@ def test_in_user_order_keeps_each_users_positions_and_puts_its_windows_in_sessio
         assert np.array_equal(before, after)  # the same positions
         firsts = windows[got[after], 1]
         assert np.all(np.diff(firsts) > 0)  # earlier sessions first
-    assert (windows[order, 0] != 0).all() and not np.array_equal(got, order)
+    assert not np.array_equal(got, order)  # some user's windows were moved
 
 
 def test_successor_is_the_same_users_window_that_starts_where_it_ends() -> None:

@@ -163,11 +163,11 @@ class SKNN:
         norms, postings = np.ones(len(queries)), np.zeros(len(queries), dtype=np.int64)
         for r, query in enumerate(queries):
             query = query[query > 0]
-            if len(query) and int(query.max()) >= n_rows:
-                raise ValueError(f"item id {int(query.max())} is outside the model's {n_rows - 1} items")
             if len(query):  # each distinct item with the weight of its latest position
-                w_pos = position_weights(len(query), c.weighting)
                 q_items, first_rev = np.unique(query[::-1], return_index=True)
+                if q_items[-1] >= n_rows:  # (ascending: the largest id last)
+                    raise ValueError(f"item id {int(q_items[-1])} is outside the model's {n_rows - 1} items")
+                w_pos = position_weights(len(query), c.weighting)
                 w = w_pos[len(query) - 1 - first_rev]
                 norms[r] = np.sqrt((w * w).sum())
                 postings[r] = int((item_sess.indptr[q_items + 1] - item_sess.indptr[q_items]).sum())
