@@ -3,6 +3,8 @@ the Instacart sample against its published behaviour: far above POP for the next
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -12,7 +14,7 @@ from hnvm.data.batches import Sequences
 from hnvm.data.samples import synthetic_dataset
 from hnvm.evaluate import evaluate_next_session
 from hnvm.models.pop import Pop
-from hnvm.models.tifuknn import TIFUKNN, TIFUKNNConfig, user_vector
+from hnvm.models.tifuknn import TIFUKNN, TIFUKNNConfig, tifu_vectors, user_vectors
 
 
 def reference_vector(baskets: list[list[int]], n_items: int, group_size: int, r_b: float, r_g: float) -> np.ndarray:
@@ -45,6 +47,31 @@ def reference_vector(baskets: list[list[int]], n_items: int, group_size: int, r_
     return out / real
 
 
+def user_vector(baskets: list[np.ndarray], cfg: TIFUKNNConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(items int64[m], weights float64[m]): the TIFU vector of one user's baskets (item-id
+    arrays, oldest first), sparse: only the items the user has. The definition of the module
+    docstring one user at a time, with numpy's own means and sums (the batched `tifu_vectors`
+    must give these floats bit for bit)."""
+    n = len(baskets)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0)
+    items, inverse = np.unique(np.concatenate(baskets), return_inverse=True)
+    vecs = np.zeros((n, len(items)))
+    start = 0
+    for j, b in enumerate(baskets):
+        vecs[j, inverse[start:start + len(b)]] = cfg.within_decay ** (n - 1 - j)
+        start += len(b)
+    if n < cfg.n_groups:
+        groups = vecs
+    else:
+        base, extra = divmod(n, cfg.n_groups)
+        bounds = np.cumsum([0] + [base] * (cfg.n_groups - extra) + [base + 1] * extra)
+        groups = np.stack([vecs[lo:hi].mean(0) for lo, hi in itertools.pairwise(bounds)])
+    weights = cfg.group_decay ** (cfg.n_groups - 1 - np.arange(len(groups)))
+    return items, (weights[:, None] * groups).sum(0) / len(groups)
+
+
+
 @pytest.mark.parametrize("n_baskets,groups", [(3, 7), (7, 7), (9, 2), (12, 5), (1, 3)])
 def test_user_vector_equals_the_authors_code(n_baskets: int, groups: int) -> None:
     rng = np.random.default_rng(n_baskets * 10 + groups)
@@ -55,6 +82,54 @@ def test_user_vector_equals_the_authors_code(n_baskets: int, groups: int) -> Non
     got = np.zeros(12)
     got[items] = w
     np.testing.assert_allclose(got, reference_vector(baskets, 12, groups, 0.9, 0.7), rtol=1e-12)
+
+
+@pytest.mark.parametrize("groups,within,across", [(7, 0.9, 0.7), (3, 0.6, 0.95), (1, 1.0, 0.5), (40, 0.97, 0.8)])
+def test_batched_vectors_equal_the_one_user_definition_bit_for_bit(groups: int, within: float, across: float) -> None:
+    """Users with 0..60 baskets (groups of more than 8 baskets, fewer baskets than groups,
+    empty baskets, an item twice in one basket), as lists (`user_vectors`, fit) and as padded
+    [B, N, T] rows (`_query`, scoring): the float32 weights of `user_vector`, bit for bit."""
+    rng = np.random.default_rng(groups)
+    cfg = TIFUKNNConfig(n_groups=groups, within_decay=within, group_decay=across)
+    users = [[rng.integers(1, 30, size=int(rng.integers(0, 6))) for _ in range(int(rng.integers(0, 61)))]
+             for _ in range(40)]
+    want = np.zeros((len(users), 31), dtype=np.float32)
+    for r, baskets in enumerate(users):
+        items, w = user_vector(baskets, cfg)
+        want[r, items] = w.astype(np.float32)
+    assert (user_vectors(users, 31, cfg).toarray() == want).all()
+    # padded rows drop empty sessions (padding); the definition counts what is left
+    padded = np.zeros((len(users), 61, 6), dtype=np.int64)
+    for r, baskets in enumerate(users):
+        for j, b in enumerate(baskets):
+            padded[r, 61 - len(baskets) + j, :len(b)] = b
+    kept = [[b for b in baskets if len(b)] for baskets in users]
+    want = np.zeros((len(users), 31), dtype=np.float32)
+    for r, baskets in enumerate(kept):
+        items, w = user_vector(baskets, cfg)
+        want[r, items] = w.astype(np.float32)
+    m = TIFUKNN(cfg)
+    m.vectors_ = user_vectors(users, 31, cfg)
+    assert (m._query(torch.from_numpy(padded)).numpy() == want).all()
+    assert tifu_vectors(*(np.zeros(0, dtype=np.int64),) * 3, np.zeros(2, dtype=np.int64), 31, cfg).shape == (2, 31)
+
+
+def test_batched_vectors_in_row_halves_are_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above the entry limit (or where the sort keys would overflow int64) the rows go in halves;
+    the vectors are the same bit for bit, with empty rows anywhere."""
+    import hnvm.models.tifuknn as tifu
+
+    rng = np.random.default_rng(5)
+    cfg = TIFUKNNConfig(n_groups=4)
+    users = [[rng.integers(1, 20, size=int(rng.integers(1, 5))) for _ in range(int(rng.integers(0, 12)))]
+             for _ in range(37)]
+    whole = user_vectors(users, 21, cfg)
+    monkeypatch.setattr(tifu, "_MAX_ENTRIES", 7)
+    halves = user_vectors(users, 21, cfg)
+    assert (halves.toarray() == whole.toarray()).all() and halves.shape == whole.shape
+    monkeypatch.setattr(tifu, "_MAX_ENTRIES", 1 << 22)
+    monkeypatch.setattr(tifu, "_MAX_KEY", 100)
+    assert (user_vectors(users, 21, cfg).toarray() == whole.toarray()).all()
 
 
 def test_blend_is_alpha_own_plus_mean_of_k_nearest_others() -> None:

@@ -26,7 +26,6 @@ default the prefix is not counted.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -58,35 +57,75 @@ class TIFUKNNConfig:
     include_current: bool = False  # next item: count the current prefix as the newest basket
 
 
-def user_vector(baskets: list[np.ndarray], cfg: TIFUKNNConfig) -> tuple[np.ndarray, np.ndarray]:
-    """(items int64[m], weights float64[m]): the TIFU vector of one user's baskets (item-id
-    arrays, oldest first), sparse: only the items the user has (see the module docstring)."""
-    n = len(baskets)
-    if n == 0:
-        return np.zeros(0, dtype=np.int64), np.zeros(0)
-    items, inverse = np.unique(np.concatenate(baskets), return_inverse=True)
-    vecs = np.zeros((n, len(items)))
-    start = 0
-    for j, b in enumerate(baskets):
-        vecs[j, inverse[start:start + len(b)]] = cfg.within_decay ** (n - 1 - j)
-        start += len(b)
-    if n < cfg.n_groups:
-        groups = vecs
-    else:
-        base, extra = divmod(n, cfg.n_groups)
-        bounds = np.cumsum([0] + [base] * (cfg.n_groups - extra) + [base + 1] * extra)
-        groups = np.stack([vecs[lo:hi].mean(0) for lo, hi in itertools.pairwise(bounds)])
-    weights = cfg.group_decay ** (cfg.n_groups - 1 - np.arange(len(groups)))
-    return items, (weights[:, None] * groups).sum(0) / len(groups)
+_MAX_ENTRIES = 1 << 22  # (row, basket, item) entries handled at once by tifu_vectors
+_MAX_KEY = 1 << 62
+
+
+def tifu_vectors(rows: np.ndarray, baskets: np.ndarray, items: np.ndarray, n_baskets: np.ndarray, n_cols: int,
+                 cfg: TIFUKNNConfig) -> sp.csr_matrix:
+    """CSR float32 [len(n_baskets), n_cols]: the TIFU vector of every row at once (the module
+    docstring's definition). Entry e says that basket baskets[e] (0-based, oldest first) of row
+    rows[e] (ascending) holds items[e] (> 0); row r has n_baskets[r] baskets, some of them
+    possibly empty. Every sum runs in the order of the definition (baskets, then groups, oldest
+    first), so the floats are those of `user_vector` in tests/test_tifuknn.py, bit for bit."""
+    G, n_rows = cfg.n_groups, len(n_baskets)
+    if len(items) == 0:
+        return sp.csr_matrix((n_rows, n_cols), dtype=np.float32)
+    if n_rows > 1 and (len(items) > _MAX_ENTRIES or n_rows * int(n_baskets.max()) * n_cols >= _MAX_KEY):
+        # halves of the rows: bounded memory, and (row, basket, item) keys that fit in int64
+        half = n_rows // 2
+        cut = int(np.searchsorted(rows, half))
+        return sp.vstack([tifu_vectors(rows[:cut], baskets[:cut], items[:cut], n_baskets[:half], n_cols, cfg),
+                          tifu_vectors(rows[cut:] - half, baskets[cut:], items[cut:], n_baskets[half:], n_cols, cfg)],
+                         format="csr")
+    # one entry per (row, basket, item): an item counts once per basket; sorted row, basket, item
+    span = int(n_baskets.max())
+    key = np.unique((rows * span + baskets) * n_cols + items)
+    item, rb = key % n_cols, key // n_cols
+    row, j = rb // span, rb % span
+    n = n_baskets[row]
+    within = np.array([cfg.within_decay ** e for e in range(span)])  # Python's pow, as the definition
+    grouped = n >= G
+    base, extra = np.divmod(n, G)
+    base = np.maximum(base, 1)
+    cut = (G - extra) * base  # baskets in the shorter groups
+    late = j >= cut
+    group = np.where(grouped, np.where(late, G - extra + (j - cut) // (base + 1), j // base), j)
+    size = np.where(grouped, base + late, 1)
+    # group means: baskets of one (row, group, item) summed oldest first (np.add.at is sequential)
+    gkey, inverse = np.unique((row * G + group) * n_cols + item, return_inverse=True)
+    sums = np.zeros(len(gkey))
+    np.add.at(sums, inverse, within[n - 1 - j])
+    group_size = np.zeros(len(gkey))
+    group_size[inverse] = size  # one value per (row, group)
+    means = sums / group_size
+    g_item, g_row = gkey % n_cols, gkey // n_cols // G
+    decay = cfg.group_decay ** (G - 1 - np.arange(G))  # the definition's group weights
+    # the user vector: groups of one (row, item) summed oldest first, over the number of groups
+    ukey, inverse = np.unique(g_row * n_cols + g_item, return_inverse=True)
+    vec = np.zeros(len(ukey))
+    np.add.at(vec, inverse, decay[(gkey // n_cols) % G] * means)
+    u_row = ukey // n_cols
+    vec /= np.minimum(n_baskets[u_row], G)
+    indptr = np.zeros(n_rows + 1, dtype=np.int64)
+    np.cumsum(np.bincount(u_row, minlength=n_rows), out=indptr[1:])
+    return sp.csr_matrix((vec.astype(np.float32), ukey % n_cols, indptr), shape=(n_rows, n_cols))
 
 
 def user_vectors(sessions: list[list[np.ndarray]], n_cols: int, cfg: TIFUKNNConfig) -> sp.csr_matrix:
-    """CSR float32 [U, n_cols]: `user_vector` of each user's baskets (column 0, padding, empty)."""
-    rows = [user_vector([b[b > 0] for b in baskets], cfg) for baskets in sessions]
-    indptr = np.cumsum([0] + [len(i) for i, _ in rows])
-    indices = np.concatenate([i for i, _ in rows]) if rows else np.zeros(0, dtype=np.int64)
-    data = np.concatenate([w for _, w in rows]) if rows else np.zeros(0)
-    return sp.csr_matrix((data.astype(np.float32), indices, indptr), shape=(len(sessions), n_cols))
+    """CSR float32 [U, n_cols]: the TIFU vector of each user's baskets (item-id arrays, oldest
+    first; ids <= 0 are padding, an empty basket still counts), as `tifu_vectors`."""
+    n_baskets = np.array([len(r) for r in sessions], dtype=np.int64)
+    flat = [b for r in sessions for b in r]
+    if not flat:
+        return sp.csr_matrix((len(sessions), n_cols), dtype=np.float32)
+    lengths = np.array([len(b) for b in flat], dtype=np.int64)
+    items = np.concatenate(flat).astype(np.int64)
+    basket = np.repeat(np.arange(len(flat)), lengths)  # running basket number
+    rows = np.repeat(np.arange(len(sessions)), n_baskets)[basket]
+    first = np.cumsum(n_baskets) - n_baskets  # each user's first running basket number
+    keep = items > 0
+    return tifu_vectors(rows[keep], (basket - first[rows])[keep], items[keep], n_baskets, n_cols, cfg)
 
 
 @register("tifuknn")
@@ -116,9 +155,12 @@ class TIFUKNN:
         """Float[B, n_items + 1]: the TIFU vectors of the rows' sessions [B, N, T] (empty
         sessions are padding)."""
         assert self.vectors_ is not None, "fit or load the model first"
-        arr = sessions.cpu().numpy()  # numpy per session: a torch op per session cost more than the vectors
-        rows = [[s for s in row if s.any()] for row in arr]
-        return torch.from_numpy(user_vectors(rows, self.vectors_.shape[1], self.config).toarray())
+        arr = sessions.cpu().numpy()
+        nonempty = (arr > 0).any(2)  # [B, N]; empty sessions are padding
+        basket = np.cumsum(nonempty, 1) - 1  # each session's number among its row's baskets
+        b, s, t = np.nonzero(arr > 0)
+        vectors = tifu_vectors(b, basket[b, s], arr[b, s, t], nonempty.sum(1), self.vectors_.shape[1], self.config)
+        return torch.from_numpy(vectors.toarray())
 
     def _sq_norms(self) -> torch.Tensor:
         """Float[U']: the training users' squared norms (computed once, on first use)."""
