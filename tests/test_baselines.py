@@ -226,13 +226,19 @@ def sknn_one_query(m: SKNN, query: np.ndarray, exclude: int) -> np.ndarray:
     return out
 
 
+@pytest.mark.parametrize("scan_all", [0.0, float("inf")])
 @pytest.mark.parametrize("cfg", [SKNNConfig(), SKNNConfig(k=3, sample_size=12),
                                  SKNNConfig(k=5, sample_size=4, weighting="quadratic"),
                                  SKNNConfig(k=2, sample_size=1000, weighting="same")])
-def test_sknn_batched_scores_equal_the_one_query_definition_bit_for_bit(cfg: SKNNConfig) -> None:
+def test_sknn_batched_scores_equal_the_one_query_definition_bit_for_bit(cfg: SKNNConfig, scan_all: float,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """All queries of a batch are scored at once (sparse products); every score equals the
     one-query definition exactly, with candidates cut by recency and by similarity (many ties:
-    few items), and with a training session excluded as a query's own."""
+    few items), and with a training session excluded as a query's own; the dot products from
+    the queries' postings or from all training sessions (SCAN_ALL) alike."""
+    import hnvm.models.sknn as sknn_module
+
+    monkeypatch.setattr(sknn_module, "SCAN_ALL", scan_all)
     ds = synthetic_dataset(n_users=40, n_items=12, n_topics=2, seed=5, session_length=(2, 7))
     seq = Sequences.from_events(ds.events, ds.n_users)
     m = SKNN(cfg).fit(ds)

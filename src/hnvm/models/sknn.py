@@ -46,6 +46,9 @@ if TYPE_CHECKING:
 
 TIE_EPS = 1e-9
 MAX_POSTINGS = 1 << 22  # item-session postings per chunk of queries (~100 MiB of temporaries)
+# a chunk's dot products come from all training sessions at once when those hold at most
+# SCAN_ALL x the postings its queries reach (else from the queries' postings, then sorted)
+SCAN_ALL = 1.0
 
 
 @dataclass(frozen=True)
@@ -181,12 +184,13 @@ class SKNN:
                                          and (hi + 1 - lo) * max(widest, postings[hi]) <= MAX_POSTINGS):
                 total, widest = total + int(postings[hi]), max(widest, int(postings[hi]))
                 hi += 1
-            self._chunk_scores(vecs[lo:hi], norms[lo:hi], exclude[lo:hi], out[lo:hi])
+            self._chunk_scores(vecs[lo:hi], norms[lo:hi], exclude[lo:hi], out[lo:hi], total)
             lo = hi
 
     def _chunk_scores(self, vecs: list[tuple[np.ndarray, np.ndarray]], norms: np.ndarray, exclude: np.ndarray,
-                      out: np.ndarray) -> None:
-        """`_neighbour_scores` of the queries vecs (distinct items ascending, their weights)."""
+                      out: np.ndarray, postings: int) -> None:
+        """`_neighbour_scores` of the queries vecs (distinct items ascending, their weights) that
+        reach `postings` item-session postings in all."""
         c = self.config
         item_sess, sess_item = self._matrices()
         n_sess, n = item_sess.shape[1], len(vecs)
@@ -196,8 +200,15 @@ class SKNN:
         q = sp.csr_matrix((np.concatenate([v[1] for v in vecs]), np.concatenate([v[0] for v in vecs]), ptr),
                           shape=(len(vecs), item_sess.shape[0]))
         # 2. dot products with every candidate (sessions sharing an item), in session (= time) order
-        dots = q @ item_sess  # [R, S]
-        dots.sort_indices()
+        if sess_item.nnz <= SCAN_ALL * postings:
+            # every training session against the chunk's queries: [S, R] by columns lists each
+            # query's candidates in session order with no sort (each dot still sums the items
+            # ascending); cheaper than sorting each query's candidates when the training
+            # sessions hold fewer item postings than the chunk's queries reach
+            dots = (sess_item @ q.T.tocsr()).tocsc()  # [S, R]
+        else:
+            dots = q @ item_sess  # [R, S]
+            dots.sort_indices()
         lens = np.diff(dots.indptr)
         rows = np.repeat(np.arange(n), lens)
         cand, dot = dots.indices.astype(np.int64), dots.data
