@@ -49,27 +49,30 @@ def reference_vector(baskets: list[list[int]], n_items: int, group_size: int, r_
 
 def user_vector(baskets: list[np.ndarray], cfg: TIFUKNNConfig) -> tuple[np.ndarray, np.ndarray]:
     """(items int64[m], weights float64[m]): the TIFU vector of one user's baskets (item-id
-    arrays, oldest first), sparse: only the items the user has. The definition of the module
-    docstring one user at a time, with numpy's own means and sums (the batched `tifu_vectors`
-    must give these floats bit for bit)."""
-    n = len(baskets)
-    if n == 0:
-        return np.zeros(0, dtype=np.int64), np.zeros(0)
-    items, inverse = np.unique(np.concatenate(baskets), return_inverse=True)
-    vecs = np.zeros((n, len(items)))
-    start = 0
-    for j, b in enumerate(baskets):
-        vecs[j, inverse[start:start + len(b)]] = cfg.within_decay ** (n - 1 - j)
-        start += len(b)
-    if n < cfg.n_groups:
-        groups = vecs
+    arrays, oldest first), sparse: only the items the user has. The module docstring's
+    definition one user and one item at a time, every sum oldest first in plain Python floats
+    (the batched `tifu_vectors` must give these floats bit for bit; numpy's own means would
+    pair the terms of a one-column array differently)."""
+    n, G = len(baskets), cfg.n_groups
+    items = np.unique(np.concatenate(baskets)) if n else np.zeros(0, dtype=np.int64)
+    if n < G:
+        groups = [[j] for j in range(n)]
     else:
-        base, extra = divmod(n, cfg.n_groups)
-        bounds = np.cumsum([0] + [base] * (cfg.n_groups - extra) + [base + 1] * extra)
-        groups = np.stack([vecs[lo:hi].mean(0) for lo, hi in itertools.pairwise(bounds)])
-    weights = cfg.group_decay ** (cfg.n_groups - 1 - np.arange(len(groups)))
-    return items, (weights[:, None] * groups).sum(0) / len(groups)
-
+        base, extra = divmod(n, G)
+        bounds = np.cumsum([0] + [base] * (G - extra) + [base + 1] * extra)
+        groups = [list(range(lo, hi)) for lo, hi in itertools.pairwise(bounds)]
+    decay = cfg.group_decay ** (G - 1 - np.arange(G))  # the definition's group weights
+    out = []
+    for item in items:
+        total = 0.0
+        for g, members in enumerate(groups):
+            s = 0.0
+            for j in members:
+                if item in baskets[j]:
+                    s += cfg.within_decay ** (n - 1 - j)
+            total += float(decay[g]) * (s / len(members) if n >= G else s)
+        out.append(total / len(groups))
+    return items.astype(np.int64), np.array(out)
 
 
 @pytest.mark.parametrize("n_baskets,groups", [(3, 7), (7, 7), (9, 2), (12, 5), (1, 3)])
@@ -84,20 +87,24 @@ def test_user_vector_equals_the_authors_code(n_baskets: int, groups: int) -> Non
     np.testing.assert_allclose(got, reference_vector(baskets, 12, groups, 0.9, 0.7), rtol=1e-12)
 
 
-@pytest.mark.parametrize("groups,within,across", [(7, 0.9, 0.7), (3, 0.6, 0.95), (1, 1.0, 0.5), (40, 0.97, 0.8)])
+@pytest.mark.parametrize("groups,within,across", [(7, 0.9, 0.7), (3, 0.6, 0.95), (1, 1.0, 0.5), (40, 0.97, 0.8),
+                                                   (1, 0.9000005712458081, 0.7)])
 def test_batched_vectors_equal_the_one_user_definition_bit_for_bit(groups: int, within: float, across: float) -> None:
     """Users with 0..60 baskets (groups of more than 8 baskets, fewer baskets than groups,
-    empty baskets, an item twice in one basket), as lists (`user_vectors`, fit) and as padded
-    [B, N, T] rows (`_query`, scoring): the float32 weights of `user_vector`, bit for bit."""
+    empty baskets, an item twice in one basket, one item only), as lists (`user_vectors`, fit)
+    and as padded [B, N, T] rows (`_query`, scoring): the weights of `user_vector` bit for bit,
+    in float64 (where a different order of the sums shows) and in float32 (what is kept)."""
     rng = np.random.default_rng(groups)
     cfg = TIFUKNNConfig(n_groups=groups, within_decay=within, group_decay=across)
     users = [[rng.integers(1, 30, size=int(rng.integers(0, 6))) for _ in range(int(rng.integers(0, 61)))]
              for _ in range(40)]
-    want = np.zeros((len(users), 31), dtype=np.float32)
+    users += [[np.array([7])] * 20, [np.array([3, 3])] * 60]  # one item: numpy's sums would pair terms
+    want = np.zeros((len(users), 31))
     for r, baskets in enumerate(users):
         items, w = user_vector(baskets, cfg)
-        want[r, items] = w.astype(np.float32)
-    assert (user_vectors(users, 31, cfg).toarray() == want).all()
+        want[r, items] = w
+    assert (user_vectors(users, 31, cfg, dtype=np.float64).toarray() == want).all()
+    assert (user_vectors(users, 31, cfg).toarray() == want.astype(np.float32)).all()
     # padded rows drop empty sessions (padding); the definition counts what is left
     padded = np.zeros((len(users), 61, 6), dtype=np.int64)
     for r, baskets in enumerate(users):
@@ -111,20 +118,25 @@ def test_batched_vectors_equal_the_one_user_definition_bit_for_bit(groups: int, 
     m = TIFUKNN(cfg)
     m.vectors_ = user_vectors(users, 31, cfg)
     assert (m._query(torch.from_numpy(padded)).numpy() == want).all()
-    assert tifu_vectors(*(np.zeros(0, dtype=np.int64),) * 3, np.zeros(2, dtype=np.int64), 31, cfg).shape == (2, 31)
+    empty = np.zeros(0, dtype=np.int64)
+    assert tifu_vectors(empty, empty, empty, np.zeros(2, dtype=np.int64), 31, cfg).shape == (2, 31)
+    with pytest.raises(ValueError, match="item id 31 is outside"):  # not another row's item
+        tifu_vectors(np.array([0, 1]), np.array([0, 0]), np.array([31, 4]), np.array([1, 1]), 31, cfg)
 
 
 def test_batched_vectors_in_row_halves_are_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Above the entry limit (or where the sort keys would overflow int64) the rows go in halves;
-    the vectors are the same bit for bit, with empty rows anywhere."""
+    """Above the entry limit `user_vectors` takes slices of users and `tifu_vectors` halves of
+    the rows (also where the sort keys would overflow int64); the vectors are the same bit for
+    bit, with empty rows anywhere."""
     import hnvm.models.tifuknn as tifu
 
     rng = np.random.default_rng(5)
     cfg = TIFUKNNConfig(n_groups=4)
     users = [[rng.integers(1, 20, size=int(rng.integers(1, 5))) for _ in range(int(rng.integers(0, 12)))]
              for _ in range(37)]
-    whole = user_vectors(users, 21, cfg)
+    whole, whole64 = user_vectors(users, 21, cfg), user_vectors(users, 21, cfg, dtype=np.float64)
     monkeypatch.setattr(tifu, "_MAX_ENTRIES", 7)
+    assert (user_vectors(users, 21, cfg, dtype=np.float64).toarray() == whole64.toarray()).all()
     halves = user_vectors(users, 21, cfg)
     assert (halves.toarray() == whole.toarray()).all() and halves.shape == whole.shape
     monkeypatch.setattr(tifu, "_MAX_ENTRIES", 1 << 22)

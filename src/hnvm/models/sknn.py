@@ -15,13 +15,14 @@ For a query session q (the prefix of the current session, oldest item first):
 4. score(i) = Σ over neighbours n that contain i of sim(q, n).
 
 The queries of a batch are computed together as sparse products (scipy.sparse): query vectors
-× item-session matrix give every candidate's dot product, the k neighbours × session-item matrix
-give the scores, with every sum in the order of the one-query definition (bit-identical scores,
-tested). An empty query falls back to popularity, and ties everywhere are ordered by popularity
-(pop(i) / (max pop + 1) * 1e-9 added to float64 scores). Next-session uses the user's last
-history session as the query. Neighbours come from the training sessions only, so the
-candidates of a test session may be later in time than it (the user-last split's own
-property, the same for every model). No nn.Module and no loss: `fit` builds indexes.
+× item-session matrix (or, where the training sessions hold fewer postings than the queries
+reach, session-item matrix × query vectors) give every candidate's dot product, the k
+neighbours × session-item matrix give the scores, with every sum in the order of the one-query
+definition (bit-identical scores, tested). An empty query falls back to popularity, and ties
+everywhere are ordered by popularity (pop(i) / (max pop + 1) * 1e-9 added to float64 scores).
+Next-session uses the user's last history session as the query. Neighbours come from the
+training sessions only, so the candidates of a test session may be later in time than it (the
+user-last split's own property, the same for every model). No nn.Module and no loss: `fit` builds indexes.
 """
 
 from __future__ import annotations

@@ -57,29 +57,34 @@ class TIFUKNNConfig:
     include_current: bool = False  # next item: count the current prefix as the newest basket
 
 
-_MAX_ENTRIES = 1 << 22  # (row, basket, item) entries handled at once by tifu_vectors
+_MAX_ENTRIES = 1 << 20  # (row, basket, item) entries at once: ~160 B each of temporaries
 _MAX_KEY = 1 << 62
 
 
 def tifu_vectors(rows: np.ndarray, baskets: np.ndarray, items: np.ndarray, n_baskets: np.ndarray, n_cols: int,
-                 cfg: TIFUKNNConfig) -> sp.csr_matrix:
-    """CSR float32 [len(n_baskets), n_cols]: the TIFU vector of every row at once (the module
-    docstring's definition). Entry e says that basket baskets[e] (0-based, oldest first) of row
-    rows[e] (ascending) holds items[e] (> 0); row r has n_baskets[r] baskets, some of them
-    possibly empty. Every sum runs in the order of the definition (baskets, then groups, oldest
-    first), so the floats are those of `user_vector` in tests/test_tifuknn.py, bit for bit."""
+                 cfg: TIFUKNNConfig, dtype: type = np.float32) -> sp.csr_matrix:
+    """CSR [len(n_baskets), n_cols] of `dtype`: the TIFU vector of every row at once (the module
+    docstring's definition, in float64 until the cast). Entry e says that basket baskets[e]
+    (0-based, oldest first) of row rows[e] (ascending) holds items[e] (1 <= items[e] < n_cols);
+    row r has n_baskets[r] baskets, some of them possibly empty. Every sum runs oldest first,
+    baskets within a group, then groups, one addition at a time (the order of the loops in
+    tests/test_tifuknn.py; numpy's own sums may pair terms differently). ValueError: an item
+    id outside [1, n_cols)."""
     G, n_rows = cfg.n_groups, len(n_baskets)
     if len(items) == 0:
-        return sp.csr_matrix((n_rows, n_cols), dtype=np.float32)
-    if n_rows > 1 and (len(items) > _MAX_ENTRIES or n_rows * int(n_baskets.max()) * n_cols >= _MAX_KEY):
-        # halves of the rows: bounded memory, and (row, basket, item) keys that fit in int64
+        return sp.csr_matrix((n_rows, n_cols), dtype=dtype)
+    if int(items.max()) >= n_cols or int(items.min()) < 1:
+        bad = int(items.max()) if int(items.max()) >= n_cols else int(items.min())
+        raise ValueError(f"item id {bad} is outside the model's {n_cols - 1} items")
+    span = int(n_baskets.max())
+    if n_rows > 1 and (len(items) > _MAX_ENTRIES or n_rows * max(span, G) * n_cols >= _MAX_KEY):
+        # halves of the rows: bounded memory, and (row, basket or group, item) keys within int64
         half = n_rows // 2
         cut = int(np.searchsorted(rows, half))
-        return sp.vstack([tifu_vectors(rows[:cut], baskets[:cut], items[:cut], n_baskets[:half], n_cols, cfg),
-                          tifu_vectors(rows[cut:] - half, baskets[cut:], items[cut:], n_baskets[half:], n_cols, cfg)],
-                         format="csr")
+        return sp.vstack([tifu_vectors(rows[:cut], baskets[:cut], items[:cut], n_baskets[:half], n_cols, cfg, dtype),
+                          tifu_vectors(rows[cut:] - half, baskets[cut:], items[cut:], n_baskets[half:], n_cols, cfg,
+                                       dtype)], format="csr")
     # one entry per (row, basket, item): an item counts once per basket; sorted row, basket, item
-    span = int(n_baskets.max())
     key = np.unique((rows * span + baskets) * n_cols + items)
     item, rb = key % n_cols, key // n_cols
     row, j = rb // span, rb % span
@@ -109,23 +114,37 @@ def tifu_vectors(rows: np.ndarray, baskets: np.ndarray, items: np.ndarray, n_bas
     vec /= np.minimum(n_baskets[u_row], G)
     indptr = np.zeros(n_rows + 1, dtype=np.int64)
     np.cumsum(np.bincount(u_row, minlength=n_rows), out=indptr[1:])
-    return sp.csr_matrix((vec.astype(np.float32), ukey % n_cols, indptr), shape=(n_rows, n_cols))
+    return sp.csr_matrix((vec.astype(dtype), ukey % n_cols, indptr), shape=(n_rows, n_cols))
 
 
-def user_vectors(sessions: list[list[np.ndarray]], n_cols: int, cfg: TIFUKNNConfig) -> sp.csr_matrix:
-    """CSR float32 [U, n_cols]: the TIFU vector of each user's baskets (item-id arrays, oldest
-    first; ids <= 0 are padding, an empty basket still counts), as `tifu_vectors`."""
+def user_vectors(sessions: list[list[np.ndarray]], n_cols: int, cfg: TIFUKNNConfig,
+                 dtype: type = np.float32) -> sp.csr_matrix:
+    """CSR [U, n_cols] of `dtype`: the TIFU vector of each user's baskets (item-id arrays,
+    oldest first; ids <= 0 are padding, an empty basket still counts), as `tifu_vectors`, in
+    slices of users of about _MAX_ENTRIES entries (the flat arrays of a slice bound the memory)."""
+    parts, lo = [], 0
+    while lo < len(sessions) or not parts:
+        hi, size = lo, 0
+        while hi < len(sessions) and (hi == lo or size + sum(len(b) for b in sessions[hi]) <= _MAX_ENTRIES):
+            size += sum(len(b) for b in sessions[hi])
+            hi += 1
+        parts.append(_slice_vectors(sessions[lo:hi], n_cols, cfg, dtype))
+        lo = hi
+    return parts[0] if len(parts) == 1 else sp.vstack(parts, format="csr")
+
+
+def _slice_vectors(sessions: list[list[np.ndarray]], n_cols: int, cfg: TIFUKNNConfig, dtype: type) -> sp.csr_matrix:
     n_baskets = np.array([len(r) for r in sessions], dtype=np.int64)
     flat = [b for r in sessions for b in r]
     if not flat:
-        return sp.csr_matrix((len(sessions), n_cols), dtype=np.float32)
+        return sp.csr_matrix((len(sessions), n_cols), dtype=dtype)
     lengths = np.array([len(b) for b in flat], dtype=np.int64)
     items = np.concatenate(flat).astype(np.int64)
     basket = np.repeat(np.arange(len(flat)), lengths)  # running basket number
     rows = np.repeat(np.arange(len(sessions)), n_baskets)[basket]
     first = np.cumsum(n_baskets) - n_baskets  # each user's first running basket number
     keep = items > 0
-    return tifu_vectors(rows[keep], (basket - first[rows])[keep], items[keep], n_baskets, n_cols, cfg)
+    return tifu_vectors(rows[keep], (basket - first[rows])[keep], items[keep], n_baskets, n_cols, cfg, dtype)
 
 
 @register("tifuknn")
