@@ -125,9 +125,9 @@ def test_batched_vectors_equal_the_one_user_definition_bit_for_bit(groups: int, 
 
 
 def test_batched_vectors_in_row_halves_are_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Above the entry limit `user_vectors` takes slices of users and `tifu_vectors` halves of
-    the rows (also where the sort keys would overflow int64); the vectors are the same bit for
-    bit, with empty rows anywhere."""
+    """Above the entry limit `user_vectors` takes slices of users, and where the sort keys
+    would overflow int64 `tifu_vectors` takes halves of the rows; the vectors are the same bit
+    for bit, with empty rows anywhere."""
     import hnvm.models.tifuknn as tifu
 
     rng = np.random.default_rng(5)
@@ -139,7 +139,7 @@ def test_batched_vectors_in_row_halves_are_the_same(monkeypatch: pytest.MonkeyPa
     assert (user_vectors(users, 21, cfg, dtype=np.float64).toarray() == whole64.toarray()).all()
     halves = user_vectors(users, 21, cfg)
     assert (halves.toarray() == whole.toarray()).all() and halves.shape == whole.shape
-    monkeypatch.setattr(tifu, "_MAX_ENTRIES", 1 << 22)
+    monkeypatch.undo()
     monkeypatch.setattr(tifu, "_MAX_KEY", 100)
     assert (user_vectors(users, 21, cfg).toarray() == whole.toarray()).all()
 

@@ -122,11 +122,12 @@ def user_vectors(sessions: list[list[np.ndarray]], n_cols: int, cfg: TIFUKNNConf
     """CSR [U, n_cols] of `dtype`: the TIFU vector of each user's baskets (item-id arrays,
     oldest first; ids <= 0 are padding, an empty basket still counts), as `tifu_vectors`, in
     slices of users of about _MAX_ENTRIES entries (the flat arrays of a slice bound the memory)."""
+    sizes = [sum(len(b) for b in r) for r in sessions]
     parts, lo = [], 0
     while lo < len(sessions) or not parts:
         hi, size = lo, 0
-        while hi < len(sessions) and (hi == lo or size + sum(len(b) for b in sessions[hi]) <= _MAX_ENTRIES):
-            size += sum(len(b) for b in sessions[hi])
+        while hi < len(sessions) and (hi == lo or size + sizes[hi] <= _MAX_ENTRIES):
+            size += sizes[hi]
             hi += 1
         parts.append(_slice_vectors(sessions[lo:hi], n_cols, cfg, dtype))
         lo = hi
