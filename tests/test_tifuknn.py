@@ -84,7 +84,10 @@ def test_user_vector_equals_the_authors_code(n_baskets: int, groups: int) -> Non
     items, w = user_vector([np.array(b) for b in baskets], cfg)
     got = np.zeros(12)
     got[items] = w
-    np.testing.assert_allclose(got, reference_vector(baskets, 12, groups, 0.9, 0.7), rtol=1e-12)
+    want = reference_vector(baskets, 12, groups, 0.9, 0.7)
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    batched = user_vectors([[np.array(b) for b in baskets]], 12, cfg, dtype=np.float64).toarray()[0]
+    np.testing.assert_allclose(batched, want, rtol=1e-12)  # the model's own vectors too
 
 
 @pytest.mark.parametrize("groups,within,across", [(7, 0.9, 0.7), (3, 0.6, 0.95), (1, 1.0, 0.5), (40, 0.97, 0.8),

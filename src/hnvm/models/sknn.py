@@ -81,12 +81,6 @@ def _csr(keys: np.ndarray, vals: np.ndarray, n_rows: int) -> tuple[np.ndarray, n
     return indptr, vals[order]
 
 
-def _ranges(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
-    """int64[sum(lens)]: the concatenated ranges starts[j] .. starts[j] + lens[j] - 1."""
-    seg_start = np.repeat(starts - (np.cumsum(lens) - lens), lens)
-    return seg_start + np.arange(int(lens.sum()))
-
-
 @register("sknn")
 class SKNN:
     """V-SKNN as a Recommender: `SKNN(SKNNConfig(...)).fit(dataset)`."""
