@@ -65,6 +65,43 @@ def history_only(model: object) -> Callable[[Batch], object] | None:
     return None
 
 
+def history_flops(model: object, batches: list[Batch]) -> tuple[float, int] | None:
+    """(the FLOPs of the batches' history encoding per target without padding, H of the GRU
+    reading its items): the products of each real step, 2 · 3H · (input + H) for a GRU step
+    (HNVM: encoder per history item, context GRU per history session; HRNN: session GRU per
+    item, user GRU per session, plus its 2 · U · S session-state initialisation per session);
+    what FlopCounterMode counts on a batch with no padding (tests/test_speed_bound.py). None for
+    the models without `history_only`."""
+    name = getattr(model, "name", "")
+    if history_only(model) is None:
+        return None
+    net = model.network()  # type: ignore[attr-defined]
+    per_item, per_session = (net.encoder, net.context) if name == "hnvm" else (net.session_gru, net.user_gru)
+    gru = [6.0 * g.hidden_size * (g.input_size + g.hidden_size) for g in (per_item, per_session)]
+    if name == "hrnn":
+        gru[1] += 2.0 * net.init.in_features * net.init.out_features
+    total = 0.0
+    for b in batches:
+        history = model._trim(b.sessions[:, :-1])  # type: ignore[attr-defined]
+        total += gru[0] * int((history > 0).sum()) + gru[1] * int((history > 0).any(2).sum())
+    return total / sum(b.n_targets for b in batches), int(per_item.hidden_size)
+
+
+def matmul_rate(m: int, k: int, n: int, repeats: int = 20) -> float:
+    """FLOP/s of this machine's fp32 [m, k] x [k, n] matmul, the fastest of `repeats` timings."""
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    inner = max(1, int(2e8 // (2 * m * k * n)))  # ~0.2 GFLOP a timing
+    for _ in range(inner):
+        a @ b  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            a @ b
+        best = min(best, (time.perf_counter() - t0) / inner)
+    return 2.0 * m * k * n / best
+
+
 def eval_ratio(model: object, seq: Sequences, n_items: int, hidden: int, targets: int,
                rounds: int) -> tuple[float, float, float, float | None]:
     """(model targets/s, floor targets/s, ratio, ratio of the history part alone or None):
@@ -107,6 +144,7 @@ def models_section(args: argparse.Namespace) -> None:
         todo = [(n, False) for n in (names or sorted(REGISTRY))]
         if names is None or "hnvm" in names:
             todo.insert(0, ("hnvm", True))  # the paper's sizes first, then the defaults
+        peaks: dict[object, float] = {}  # matmul rates, measured on first use
         for name, paper in todo:
             torch.manual_seed(0)
             model = model_for(name, paper=paper)
@@ -122,7 +160,21 @@ def models_section(args: argparse.Namespace) -> None:
             ev, floor, ratio, bound = eval_ratio(model, seq, ds.n_items, hidden, args.eval_targets, args.rounds)
             alone = f" (history alone {bound:.2f})" if bound is not None else ""
             print(f"{label:>12} | {train:>26} | {ev:>14,.0f} | {floor:>8,.0f} | {ratio:.2f}{alone}", flush=True)
-        del ds, seq
+            counted = history_flops(model, first_test_batches(seq, args.eval_targets))
+            if counted is not None:
+                flops, H = counted
+                # ratio >= 0.5 needs history + scoring <= 2 floors; scoring alone is >= one floor (the
+                # same product and rank), so the history must fit in one floor's time
+                need = flops * floor
+                if not peaks:
+                    peaks["square"] = matmul_rate(2048, 2048, 2048, repeats=5)
+                if H not in peaks:
+                    peaks[H] = matmul_rate(512, H, 3 * H)
+                print(f"{'':>12}   its history: {flops / 1e6:.1f} MFLOP a target at the fewest; in one floor's "
+                      f"time ({1e6 / floor:.0f} us a target: what a 0.5 ratio leaves it) that needs "
+                      f"{need / 1e9:,.0f} GFLOP/s; this machine's matmul: {peaks[H] / 1e9:,.0f} GFLOP/s at "
+                      f"[512, {H}] x [{H}, {3 * H}], {peaks['square'] / 1e9:,.0f} at 2048^3", flush=True)
+    del ds, seq
 
 
 def windows_section(args: argparse.Namespace) -> None:

@@ -25,6 +25,7 @@ from hnvm.models.gru4rec_net import (
     in_batch_cross_entropy_loss,
     lookup,
     session_parallel_steps,
+    stable_sort,
     training_order,
 )
 from hnvm.models.layers import bpr_loss as shared_bpr
@@ -382,3 +383,16 @@ def test_beats_pop_on_sequential_synthetic_data(loss: str) -> None:
                                           patience=0, seed=1))
     gru = evaluate_next_item(m, seq, "test").metrics["mrr@5"]
     assert gru > 3 * pop + 0.1, (gru, pop)  # seen: about 0.6 against 0.09
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 7, 64, 2176, 5000])
+def test_stable_sort_is_torch_s_stable_sort(n: int) -> None:
+    """stable_sort (numpy keys id · 2^b + position) gives torch.sort(stable=True)'s ids and
+    positions, repeated ids included, and falls back to it for ids the keys cannot hold."""
+    g = torch.Generator().manual_seed(n)
+    for high in (3, 5216, 1 << 40):
+        ids = torch.randint(0, high, (n,), generator=g)
+        got, want = stable_sort(ids), torch.sort(ids, stable=True)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    big = torch.tensor([1 << 61, 3, 1 << 61, 0])
+    assert torch.equal(stable_sort(big)[1], torch.tensor([3, 1, 0, 2]))

@@ -79,7 +79,7 @@ class AdagradMomentum(torch.optim.Optimizer):
             val = val.add(p.index_select(0, idx), alpha=group["weight_decay"])
         acc = st["sum"].index_select(0, idx).addcmul_(val, val)
         st["sum"].index_copy_(0, idx, acc)
-        upd = val / (acc + group["eps"]).sqrt()
+        upd = torch.div(val, acc.add_(group["eps"]).sqrt_(), out=acc)  # in acc's memory: one [rows, H] less
         if group["momentum"]:
             v = st["velocity"].index_select(0, idx).mul_(group["momentum"]).add_(upd, alpha=-group["lr"])
             st["velocity"].index_copy_(0, idx, v)
