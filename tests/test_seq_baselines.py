@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from hnvm.contract import Batch
 from hnvm.data.batches import Sequences
 from hnvm.data.samples import synthetic_dataset
 from hnvm.evaluate import evaluate_next_item
@@ -170,3 +171,23 @@ def test_beats_pop_next_item(model, epochs: int, lr: float, synth) -> None:
                                               seed=1))
     mrr = evaluate_next_item(model, seq, "test").metrics["mrr@5"]
     assert mrr > 3 * mrr_pop, (mrr, mrr_pop)
+
+
+def test_stamp_scores_each_prefix_and_popularity_where_there_is_none() -> None:
+    """STAMP scores a target from its session's prefix (the previous session's items at the first
+    position); a row with neither gets training popularity. A batch's rows are the same floats
+    whether or not such a row is in it (with none, no popularity copy is made)."""
+    ds = synthetic_dataset(n_users=30, n_items=40, n_topics=4, seed=5)
+    model = STAMP(STAMPConfig(d=8)).fit(ds, train_cfg=TrainConfig(epochs=1, seed=0))
+    sessions = torch.tensor([[[0, 0, 0], [4, 5, 6]], [[7, 8, 0], [9, 3, 2]], [[0, 0, 0], [1, 2, 0]]])
+    with_empty = Batch(users=torch.tensor([1, 2, 3]), sessions=sessions, target_rows=torch.tensor([0, 1, 1, 2]),
+                       target_pos=torch.tensor([2, 0, 1, 0]))
+    net = model.network()
+    with torch.no_grad():
+        scores = model.score(with_empty)
+        expect = net.score_all(net(torch.tensor([[4, 5, 0], [7, 8, 0], [9, 0, 0]])))
+        assert torch.equal(scores[:3], expect)  # prefix; previous session at position 0; prefix
+        assert torch.equal(scores[3], model.pop_)  # no prefix, no earlier session
+        without = Batch(users=with_empty.users, sessions=sessions, target_rows=torch.tensor([0, 1, 1]),
+                        target_pos=torch.tensor([2, 0, 1]))
+        assert torch.equal(model.score(without), scores[:3])

@@ -149,8 +149,11 @@ class STAMP(NetPersistence):
         an empty row gets training popularity."""
         net = self.network()
         assert self.pop_ is not None
+        nonempty = (prefix > 0).any(1)  # [K]
+        if bool(nonempty.all()):  # the usual case: no [K, n_items] copy of popularity to overwrite
+            return net.score_all(net(prefix, self.config.max_len))
         out = self.pop_.to(prefix.device).expand(len(prefix), -1).clone()
-        rows = (prefix > 0).any(1).nonzero().squeeze(1)
+        rows = nonempty.nonzero().squeeze(1)
         if rows.numel():
             out[rows] = net.score_all(net(prefix[rows], self.config.max_len))
         return out
