@@ -71,10 +71,10 @@ def history_flops(model: object, batches: list[Batch]) -> tuple[float, int] | No
     (HNVM: encoder per history item, context GRU per history session; HRNN: session GRU per
     item, user GRU per session, plus its 2 · U · S session-state initialisation per session);
     what FlopCounterMode counts on a batch with no padding (tests/test_speed_bound.py). None for
-    the models without `history_only`."""
+    the models without `history_only` and for HNVM with `use_history` off."""
     name = getattr(model, "name", "")
-    if history_only(model) is None:
-        return None
+    if history_only(model) is None or not getattr(model.config, "use_history", True):  # type: ignore[attr-defined]
+        return None  # (HNVM's history-blind ablation encodes no history)
     net = model.network()  # type: ignore[attr-defined]
     per_item, per_session = (net.encoder, net.context) if name == "hnvm" else (net.session_gru, net.user_gru)
     gru = [6.0 * g.hidden_size * (g.input_size + g.hidden_size) for g in (per_item, per_session)]
@@ -173,7 +173,7 @@ def models_section(args: argparse.Namespace) -> None:
                       f"time ({1e6 / floor:.0f} us a target: what a 0.5 ratio leaves it) that needs "
                       f"{need / 1e9:,.0f} GFLOP/s; this machine's matmul: {peaks[H] / 1e9:,.0f} GFLOP/s at "
                       f"[512, {H}] x [{H}, {3 * H}], {peaks['square'] / 1e9:,.0f} at 2048^3", flush=True)
-    del ds, seq
+        del ds, seq
 
 
 def windows_section(args: argparse.Namespace) -> None:

@@ -385,7 +385,7 @@ def test_beats_pop_on_sequential_synthetic_data(loss: str) -> None:
     assert gru > 3 * pop + 0.1, (gru, pop)  # seen: about 0.6 against 0.09
 
 
-@pytest.mark.parametrize("n", [0, 1, 2, 7, 64, 2176, 5000])
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 7, 64, 65, 2176, 4097, 5000])
 def test_stable_sort_is_torch_s_stable_sort(n: int) -> None:
     """stable_sort (numpy keys id · 2^b + position) gives torch.sort(stable=True)'s ids and
     positions, repeated ids included, and falls back to it for ids the keys cannot hold."""
@@ -396,3 +396,25 @@ def test_stable_sort_is_torch_s_stable_sort(n: int) -> None:
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     big = torch.tensor([1 << 61, 3, 1 << 61, 0])
     assert torch.equal(stable_sort(big)[1], torch.tensor([3, 1, 0, 2]))
+    negative = torch.tensor([2, -1, 2, 0])
+    assert torch.equal(stable_sort(negative)[1], torch.tensor([1, 3, 0, 2]))
+
+
+def test_sparse_adagrad_step_is_the_update_written_out_bit_for_bit() -> None:
+    """AdagradMomentum's sparse step (temporaries reused in place) gives exactly the floats of the
+    update in out-of-place operations: G[r] += g²; v[r] = μ v[r] - lr g / sqrt(G[r] + eps);
+    p[r] += v[r], for the gradient's rows r only (torch's addcmul / add with alpha, as before)."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.nn.Parameter(torch.randn(12, 5, generator=g))
+    opt = AdagradMomentum([w], lr=0.07, momentum=0.4)
+    G, v, p = torch.zeros(12, 5), torch.zeros(12, 5), w.detach().clone()
+    for _ in range(3):
+        rows = torch.tensor([1, 4, 7, 10])
+        vals = torch.randn(4, 5, generator=g)
+        w.grad = torch.sparse_coo_tensor(rows.unsqueeze(0), vals, (12, 5), check_invariants=True).coalesce()
+        opt.step()
+        G[rows] = torch.addcmul(G[rows], vals, vals)
+        v[rows] = torch.add(v[rows] * 0.4, vals / (G[rows] + 1e-6).sqrt(), alpha=-0.07)
+        p[rows] = p[rows] + v[rows]
+    assert torch.equal(w.detach(), p)
+    assert torch.equal(opt.state[w]["sum"], G) and torch.equal(opt.state[w]["velocity"], v)

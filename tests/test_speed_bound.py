@@ -39,6 +39,34 @@ def test_history_flops_are_what_the_model_computes_without_padding(model: object
     assert flops == pytest.approx(_counted(model, Batch(sessions=full, **rows)), rel=1e-12)
     padded = full.clone()
     padded[0, :2] = 0  # row 0 has one history session
-    padded[1, 2, 3:] = 0  # a shorter session
+    padded[1, 2, 3:] = 0  # a shorter session: 33 real history items in 7 sessions, not 45 in 9
     fewest, _ = speed.history_flops(model, [Batch(sessions=padded, **rows)])
-    assert fewest < flops and fewest < _counted(model, Batch(sessions=padded, **rows))
+    assert fewest == pytest.approx(_per_real(model, items=33, sessions=7), rel=1e-12)
+    assert fewest < _counted(model, Batch(sessions=padded, **rows))
+
+
+def _per_real(model: object, items: int, sessions: int) -> float:
+    """The count for `items` real history items in `sessions` real sessions, over 3 targets,
+    from FlopCounterMode on unpadded batches: one item-step and one session-step apart."""
+    one = torch.tensor([[[3], [0]]])  # 1 history session of 1 item (+ the current session)
+    two = torch.tensor([[[3, 4], [0, 0]]])  # 1 session of 2 items
+    rows = dict(users=torch.tensor([1]), target_rows=torch.tensor([0]), target_pos=torch.tensor([0]))
+    per_item = _counted(model, Batch(sessions=two, **rows)) - _counted(model, Batch(sessions=one, **rows))
+    per_session = _counted(model, Batch(sessions=one, **rows)) - per_item
+    return (items * per_item + sessions * per_session) / 3
+
+
+def test_history_flops_count_what_max_len_keeps_and_nothing_without_history() -> None:
+    """HNVM's max_len trims each history session to its last items before encoding: the count is
+    of those items; with use_history off there is no history to count."""
+    ds = synthetic_dataset(n_users=30, n_items=40, n_topics=4, seed=5)
+    trimmed = HNVM(hidden=16, emb_dim=12, mlp_hidden=16, d_e=8, d_z=8, n_negatives=8, max_len=2)
+    trimmed.fit(ds, train_cfg=TrainConfig(epochs=1))
+    full = torch.randint(1, 20, (3, 4, 5), generator=torch.Generator().manual_seed(1))
+    batch = Batch(sessions=full, users=torch.tensor([1, 2, 3]), target_rows=torch.tensor([0, 1, 2]),
+                  target_pos=torch.tensor([1, 1, 1]))
+    flops, _ = speed.history_flops(trimmed, [batch])
+    assert flops == pytest.approx(_counted(trimmed, batch), rel=1e-12)
+    blind = HNVM(hidden=16, emb_dim=12, mlp_hidden=16, d_e=8, d_z=8, n_negatives=8, use_history=False)
+    blind.fit(ds, train_cfg=TrainConfig(epochs=1))
+    assert speed.history_flops(blind, [batch]) is None
