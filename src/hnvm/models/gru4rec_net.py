@@ -209,9 +209,10 @@ def lookup(table: nn.Embedding, ids: Tensor) -> Tensor:
 
 def stable_sort(ids: Tensor) -> tuple[Tensor, Tensor]:
     """torch.sort(ids, stable=True) of non-negative ids Long[n]: (sorted ids, their positions).
-    On the CPU as one numpy sort of the keys id · 2^b + position (distinct, so any sort is
-    stable; 2^b > n): several times faster than torch's stable sort for the few thousand ids of a
-    training step. Other devices, or ids too large for the keys, take torch.sort."""
+    On the CPU as one numpy sort of the keys id · 2^b + position (2^b ≥ n > every position, so
+    the keys are distinct and any sort is stable): several times faster than torch's stable sort
+    for the few thousand ids of a training step. Other devices, negative ids, or ids too large
+    for 62-bit keys take torch.sort."""
     n = len(ids)
     shift = max(n - 1, 1).bit_length()
     if ids.device.type != "cpu" or ids.dtype != torch.long or n == 0:
