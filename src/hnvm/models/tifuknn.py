@@ -73,9 +73,9 @@ def tifu_vectors(rows: np.ndarray, baskets: np.ndarray, items: np.ndarray, n_bas
     G, n_rows = cfg.n_groups, len(n_baskets)
     if len(items) == 0:
         return sp.csr_matrix((n_rows, n_cols), dtype=dtype)
-    if int(items.max()) >= n_cols or int(items.min()) < 1:
-        bad = int(items.max()) if int(items.max()) >= n_cols else int(items.min())
-        raise ValueError(f"item id {bad} is outside the model's {n_cols - 1} items")
+    low, high = int(items.min()), int(items.max())
+    if high >= n_cols or low < 1:
+        raise ValueError(f"item id {high if high >= n_cols else low} is outside the model's {n_cols - 1} items")
     span = int(n_baskets.max())
     if n_rows > 1 and (len(items) > _MAX_ENTRIES or n_rows * max(span, G) * n_cols >= _MAX_KEY):
         # halves of the rows: bounded memory, and (row, basket or group, item) keys within int64
