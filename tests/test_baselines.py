@@ -260,6 +260,23 @@ def test_sknn_batched_scores_equal_the_one_query_definition_bit_for_bit(cfg: SKN
         assert np.array_equal(got[b], pop + sknn_one_query(m, last, -1)), b
 
 
+def test_sknn_looks_up_each_item_s_latest_sample_size_plus_one_sessions_only() -> None:
+    """Candidates come from each item's sample_size + 1 most recent sessions (the bit-for-bit
+    test above shows that this loses nothing, one excluded session included); the cut must
+    happen, or a popular item's every posting is read for every query."""
+    ds = synthetic_dataset(n_users=40, n_items=12, n_topics=2, seed=5, session_length=(2, 7))
+    m = SKNN(SKNNConfig(k=5, sample_size=4)).fit(ds)
+    recent, recent_t, whole = m._matrices()
+    lens = np.diff(m.item_ptr_)
+    assert lens.max() > 5 and whole.nnz == lens.sum()
+    assert np.array_equal(np.diff(recent.indptr), np.minimum(lens, 5))
+    for i in np.flatnonzero(lens):
+        assert np.array_equal(recent.indices[recent.indptr[i]:recent.indptr[i + 1]],
+                              m.item_sessions_[m.item_ptr_[i + 1] - min(lens[i], 5):m.item_ptr_[i + 1]])
+    assert recent_t.has_sorted_indices and (recent_t != recent.T).nnz == 0
+    assert SKNN(SKNNConfig(sample_size=1000)).fit(ds)._matrices()[0].nnz == lens.sum()
+
+
 def test_sknn_chunks_of_queries_score_alike_and_foreign_items_are_refused(monkeypatch) -> None:
     """Queries run in chunks bounded by their item-session postings (memory): any chunking gives
     the same scores bit for bit; an item id outside the fitted catalogue is an error, not a

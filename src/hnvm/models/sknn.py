@@ -8,7 +8,9 @@ For a query session q (the prefix of the current session, oldest item first):
    item keeps the weight of its latest position.
 2. candidates: the training sessions that share at least one item with q; of these only the
    `sample_size` most recent (by their last timestamp) are considered (session-rec's
-   `sampling='recent'`).
+   `sampling='recent'`). These, and their dot products, are found from each query item's
+   `sample_size` + 1 most recent sessions only (exact; see `_matrices`), so a query costs at
+   most its items x (`sample_size` + 1) postings however popular its items are.
 3. similarity: cosine of q's weight vector and the candidate's binary item vector,
    sim = Σ_{i ∈ q ∩ n} w_i / (||w|| · sqrt(|n|)); the `k` most similar candidates are the
    neighbours (ties by recency).
@@ -98,7 +100,7 @@ class SKNN:
         self.pop_: torch.Tensor | None = None  # Double[n_items + 1] in [0, 1)
         # rank_of_session_[dataset session id] = its index above, -1 if not a training session
         self.rank_of_session_: np.ndarray | None = None
-        self._mats: tuple[sp.csr_matrix, sp.csr_matrix] | None = None  # built from the arrays above
+        self._mats: tuple[sp.csr_matrix, sp.csr_matrix, sp.csr_matrix] | None = None  # built from the arrays above
 
     def fit(self, train: Dataset, **_: Any) -> SKNN:
         n_rows = train.n_items + 1
@@ -133,17 +135,37 @@ class SKNN:
         out[inside] = ranks[ids[inside]]
         return out
 
-    def _matrices(self) -> tuple[sp.csr_matrix, sp.csr_matrix]:
-        """(item x session, session x item) binary CSR matrices of the training sessions."""
+    def _matrices(self) -> tuple[sp.csr_matrix, sp.csr_matrix, sp.csr_matrix]:
+        """Binary CSR matrices of the training sessions: (item x session, session x item) of each
+        item's `sample_size` + 1 most recent sessions only, and the whole session x item.
+
+        The cut postings give every query its candidates and their dot products exactly: a
+        session among the `sample_size` most recent candidates (one session excluded) has at
+        most `sample_size` later sessions in any item's postings that hold it, so it lies among
+        that item's `sample_size` + 1 latest, and so does every posting of its dot product. On a
+        large log the popular items' postings run to many times `sample_size`
+        (session-rec's V-SKNN likewise looks up the most recent sessions only)."""
         if self._mats is None:
             assert self.item_ptr_ is not None and self.item_sessions_ is not None
             assert self.session_ptr_ is not None and self.session_items_ is not None
             n_rows, n_sess = len(self.item_ptr_) - 1, len(self.session_ptr_) - 1
-            self._mats = (
-                sp.csr_matrix((np.ones(len(self.item_sessions_)), self.item_sessions_, self.item_ptr_),
-                              shape=(n_rows, n_sess)),
-                sp.csr_matrix((np.ones(len(self.session_items_)), self.session_items_, self.session_ptr_),
-                              shape=(n_sess, n_rows)))
+            sess_item = sp.csr_matrix((np.ones(len(self.session_items_)), self.session_items_, self.session_ptr_),
+                                      shape=(n_sess, n_rows))
+            lens = np.diff(self.item_ptr_)
+            latest = min(self.config.sample_size + 1, n_sess)
+            if lens.max(initial=0) <= latest:
+                recent_sess, recent_ptr = self.item_sessions_, self.item_ptr_
+                recent_t = sess_item
+            else:  # each item's postings are ascending in time: keep the tail of each
+                tail = np.arange(len(self.item_sessions_)) >= np.repeat(self.item_ptr_[1:] - latest, lens)
+                recent_sess = self.item_sessions_[tail]
+                recent_ptr = np.concatenate(([0], np.cumsum(np.minimum(lens, latest))))
+                recent_t = None
+            recent = sp.csr_matrix((np.ones(len(recent_sess)), recent_sess, recent_ptr), shape=(n_rows, n_sess))
+            if recent_t is None:  # (items ascending within each session: the dot's summation order)
+                recent_t = recent.T.tocsr()
+                recent_t.sort_indices()
+            self._mats = (recent, recent_t, sess_item)
         return self._mats
 
     def _neighbour_scores(self, queries: list[np.ndarray], exclude: np.ndarray, out: np.ndarray) -> None:
@@ -155,7 +177,7 @@ class SKNN:
         score), so the scores are that definition's bit for bit. ValueError: an item id outside
         the fitted catalogue."""
         c = self.config
-        item_sess, _ = self._matrices()
+        item_sess = self._matrices()[0]
         n_rows = item_sess.shape[0]
         vecs: list[tuple[np.ndarray, np.ndarray]] = []  # per query: distinct items, weights
         norms, postings = np.ones(len(queries)), np.zeros(len(queries), dtype=np.int64)
@@ -187,7 +209,7 @@ class SKNN:
         """`_neighbour_scores` of the queries vecs (distinct items ascending, their weights) that
         reach `postings` item-session postings in all."""
         c = self.config
-        item_sess, sess_item = self._matrices()
+        item_sess, sess_item_recent, sess_item = self._matrices()
         n_sess, n = item_sess.shape[1], len(vecs)
         ptr = np.concatenate(([0], np.cumsum([len(v[0]) for v in vecs])))
         if ptr[-1] == 0:
@@ -195,12 +217,12 @@ class SKNN:
         q = sp.csr_matrix((np.concatenate([v[1] for v in vecs]), np.concatenate([v[0] for v in vecs]), ptr),
                           shape=(len(vecs), item_sess.shape[0]))
         # 2. dot products with every candidate (sessions sharing an item), in session (= time) order
-        if sess_item.nnz <= SCAN_ALL * postings:
+        if sess_item_recent.nnz <= SCAN_ALL * postings:
             # every training session against the chunk's queries: [S, R] by columns lists each
             # query's candidates in session order with no sort (each dot still sums the items
             # ascending); cheaper than sorting each query's candidates when the training
             # sessions hold fewer item postings than the chunk's queries reach
-            dots = (sess_item @ q.T.tocsr()).tocsc()  # [S, R]
+            dots = (sess_item_recent @ q.T.tocsr()).tocsc()  # [S, R]
         else:
             dots = q @ item_sess  # [R, S]
             dots.sort_indices()
