@@ -14,7 +14,9 @@ Sections (each also runs on its own with the command it prints):
             model, median of --rounds rounds. HNVM twice: the paper's sizes and the defaults.
             For HNVM and HRNN also "history alone": the same batches' history encoding only
             (HNVM's context, HRNN's user state; nothing scored) against that floor, the
-            bound of the model's ratio.
+            bound of the model's ratio; and under HNVM, HRNN and NCF the FLOPs that bound it
+            (history encoding; NCF's tower over every (user, item) pair) against this
+            machine's fastest measured matmul.
   windows   HNVM (paper sizes) and HRNN on the Instacart sample: whole training epochs with the
             state entering each user window carried over from the user's previous window (the
             default) against re-encoded before every window (`carry_context` / `carry_state`
@@ -85,6 +87,20 @@ def history_flops(model: object, batches: list[Batch]) -> tuple[float, int] | No
         history = model._trim(b.sessions[:, :-1])  # type: ignore[attr-defined]
         total += gru[0] * int((history > 0).sum()) + gru[1] * int((history > 0).any(2).sum())
     return total / sum(b.n_targets for b in batches), int(per_item.hidden_size)
+
+
+def pair_flops(model: object, batches: list[Batch]) -> tuple[float, tuple[int, int, int]] | None:
+    """NCF: (the FLOPs per target of what it computes for every (row's user, item) pair: 2 · a · b
+    for each tower layer after the first and for the output layer, the shape of its widest such
+    product); its first layer is split into a user part and an item part (computed per user and
+    per item, not per pair, so not counted). None for the other models."""
+    if getattr(model, "name", "") != "ncf":
+        return None
+    net = model.network()  # type: ignore[attr-defined]
+    layers = [*net.tower, net.out]
+    per_pair = sum(2.0 * layer.in_features * layer.out_features for layer in layers)
+    pairs = sum(len(b.users) for b in batches) * net.item_gmf.num_embeddings  # all n_items + 1 columns
+    return per_pair * pairs / sum(b.n_targets for b in batches), (8192, layers[0].in_features, layers[0].out_features)
 
 
 def matmul_rate(m: int, k: int, n: int, repeats: int = 20) -> float:
@@ -160,19 +176,27 @@ def models_section(args: argparse.Namespace) -> None:
             ev, floor, ratio, bound = eval_ratio(model, seq, ds.n_items, hidden, args.eval_targets, args.rounds)
             alone = f" (history alone {bound:.2f})" if bound is not None else ""
             print(f"{label:>12} | {train:>26} | {ev:>14,.0f} | {floor:>8,.0f} | {ratio:.2f}{alone}", flush=True)
-            counted = history_flops(model, first_test_batches(seq, args.eval_targets))
-            if counted is not None:
-                flops, H = counted
-                # ratio >= 0.5 needs history + scoring <= 2 floors; scoring alone is >= one floor (the
-                # same product and rank), so the history must fit in one floor's time
-                need = flops * floor
+            batches = first_test_batches(seq, args.eval_targets)
+            # what a ratio >= 0.5 leaves a part that the model computes before or as it scores: two
+            # floors' time in all; a model that also scores as the floor does (the same product and
+            # rank: HNVM, HRNN) leaves its history one of them, NCF's tower (it ranks too) under two
+            bound_by: tuple[str, float, tuple[int, int, int], int] | None = None
+            if (hist := history_flops(model, batches)) is not None:
+                bound_by = "its history", hist[0], (512, hist[1], 3 * hist[1]), 1
+            elif (pairs := pair_flops(model, batches)) is not None:
+                bound_by = "its tower over every (user, item) pair", pairs[0], pairs[1], 2
+            if bound_by is not None:
+                what, flops, shape, floors = bound_by
+                need = flops * floor / floors
                 # measured again at each use and the fastest kept: the machine's load only slows it
-                for key, shape in (("square", (2048, 2048, 2048)), (H, (512, H, 3 * H))):
-                    peaks[key] = max(peaks.get(key, 0.0), matmul_rate(*shape))
-                print(f"{'':>12}   its history: {flops / 1e6:.1f} MFLOP a target at the fewest; in one floor's "
-                      f"time ({1e6 / floor:.0f} us a target: what a 0.5 ratio leaves it) that needs "
-                      f"{need / 1e9:,.0f} GFLOP/s; this machine's matmul: {peaks[H] / 1e9:,.0f} GFLOP/s at "
-                      f"[512, {H}] x [{H}, {3 * H}], {peaks['square'] / 1e9:,.0f} at 2048^3", flush=True)
+                for key, dims in (("square", (2048, 2048, 2048)), (shape, shape)):
+                    peaks[key] = max(peaks.get(key, 0.0), matmul_rate(*dims))
+                m, k, n = shape
+                span = "one floor's" if floors == 1 else "two floors'"
+                print(f"{'':>12}   {what}: {flops / 1e6:.1f} MFLOP a target at the fewest; in {span} "
+                      f"time ({floors * 1e6 / floor:.0f} us a target: what a 0.5 ratio leaves it) that needs "
+                      f"{need / 1e9:,.0f} GFLOP/s; this machine's matmul: {peaks[shape] / 1e9:,.0f} GFLOP/s at "
+                      f"[{m}, {k}] x [{k}, {n}], {peaks['square'] / 1e9:,.0f} at 2048^3", flush=True)
         del ds, seq
 
 

@@ -1,5 +1,6 @@
 """benchmarks/speed.py's bound on evaluation: the FLOPs it counts for a model's history encoding
-are the ones the model computes when nothing is padded, and fewer when something is."""
+are the ones the model computes when nothing is padded, and fewer when something is; NCF's
+per-pair tower FLOPs are what its scoring computes beyond its per-user and per-item parts."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from hnvm.contract import Batch
 from hnvm.data.samples import synthetic_dataset
 from hnvm.models.hnvm import HNVM
 from hnvm.models.hrnn import HRNN
+from hnvm.models.ncf import NCF
 from hnvm.training import TrainConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -70,3 +72,24 @@ def test_history_flops_count_what_max_len_keeps_and_nothing_without_history() ->
     blind = HNVM(hidden=16, emb_dim=12, mlp_hidden=16, d_e=8, d_z=8, n_negatives=8, use_history=False)
     blind.fit(ds, train_cfg=TrainConfig(epochs=1))
     assert speed.history_flops(blind, [batch]) is None
+
+
+def test_pair_flops_are_ncf_s_scoring_less_its_per_user_and_per_item_parts() -> None:
+    """NCF scores every (user, item) pair with its tower: the count per target is everything
+    FlopCounterMode sees in `scores` but the first layer's user part (per row) and item part
+    (per item, once per call); no count for models that have no such tower."""
+    ds = synthetic_dataset(n_users=30, n_items=40, n_topics=4, seed=5)
+    model = NCF(factors=4, mlp_layers=3, n_neg=2)
+    model.fit(ds, train_cfg=TrainConfig(epochs=1))
+    net = model.network()
+    batch = Batch(sessions=torch.ones(3, 2, 4, dtype=torch.long), users=torch.tensor([1, 2, 3]),
+                  target_rows=torch.tensor([0, 0, 1, 2, 2]), target_pos=torch.tensor([0, 1, 0, 0, 1]))
+    flops, shape = speed.pair_flops(model, [batch, batch])
+    assert shape == (8192, 16, 8)  # first layer -> 16, tower 16 -> 8 -> 4, then [gmf 4; mlp 4] -> 1
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        net.scores(batch.users)
+    cols, emb, first = ds.n_items + 1, net.user_mlp.embedding_dim, net.first_user.out_features
+    outside = 2 * 3 * emb * first + 2 * cols * emb * first  # W_1u per row, W_1i per item
+    assert flops * batch.n_targets == pytest.approx(fc.get_total_flops() - outside, rel=1e-12)
+    assert flops == pytest.approx(3 * cols * 2 * (16 * 8 + 8 * 4 + 8 * 1) / 5, rel=1e-12)
+    assert speed.pair_flops(HRNN(), [batch]) is None
