@@ -120,7 +120,7 @@ def test_batched_vectors_equal_the_one_user_definition_bit_for_bit(groups: int, 
         want[r, items] = w.astype(np.float32)
     m = TIFUKNN(cfg)
     m.vectors_ = user_vectors(users, 31, cfg)
-    assert (m._query(torch.from_numpy(padded)).numpy() == want).all()
+    assert (m._query(torch.from_numpy(padded)).toarray() == want).all()
     empty = np.zeros(0, dtype=np.int64)
     assert tifu_vectors(empty, empty, empty, np.zeros(2, dtype=np.int64), 31, cfg).shape == (2, 31)
     with pytest.raises(ValueError, match="item id 31 is outside"):  # not another row's item
@@ -160,6 +160,31 @@ def test_blend_is_alpha_own_plus_mean_of_k_nearest_others() -> None:
     # own vector [0,1,0,0,0]; nearest others (user 1 excluded): user 2 (distance 1), user 4 (2)
     want = 0.75 * train[0] + 0.25 * (train[1] + train[3]) / 2
     np.testing.assert_allclose(s, want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("task", ["next-item", "next-session"])
+def test_distances_from_the_queries_items_or_every_training_entry_score_alike(
+        task: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The queries' dot products with the training users come from the queries' items (a
+    sparse product reaching the users of each item) or from every training entry against the
+    dense queries (SPARSE_CROSS): the same sums in the same order, so the scores are equal
+    bit for bit."""
+    import hnvm.models.tifuknn as tifu
+    from hnvm.data.batches import next_item_batches, next_session_batches
+
+    ds = synthetic_dataset(n_users=120, n_items=300, n_topics=6, seed=3, sessions_per_user=(4, 9))
+    seq = Sequences.from_events(ds.events, ds.n_users)
+    m = TIFUKNN(TIFUKNNConfig(k=10)).fit(ds)
+    batch = (next(next_item_batches(seq, "test", max_targets=200)) if task == "next-item"
+             else next(next_session_batches(seq, "test"))[0])
+    run = m.score if task == "next-item" else m.score_sessions
+    query = m._query(batch.sessions[:, :-1] if task == "next-item" else batch.sessions)
+    ways = []
+    for limit in (0.0, float("inf")):  # every training entry; the queries' items
+        monkeypatch.setattr(tifu, "SPARSE_CROSS", limit)
+        ways.append((m._cross(query), run(batch)))
+    assert torch.equal(ways[0][0], ways[1][0]) and ways[0][0].dtype == torch.float32
+    assert torch.equal(ways[0][1], ways[1][1])
 
 
 def test_next_basket_far_above_pop_where_people_buy_again() -> None:
