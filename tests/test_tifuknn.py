@@ -187,6 +187,20 @@ def test_distances_from_the_queries_items_or_every_training_entry_score_alike(
     assert torch.equal(ways[0][1], ways[1][1])
 
 
+def test_a_row_s_own_user_is_never_its_neighbour_found_by_binary_search() -> None:
+    """Exactly the entries a full comparison of every row's user with every training user would
+    mark, ascending user ids (fit's) or not (set by hand), users without training sessions too."""
+    g = torch.Generator().manual_seed(0)
+    users = torch.tensor([5, 1, 9, 12, 40, 5, 0])
+    for ids in (torch.tensor([1, 3, 5, 9, 12, 13]), torch.tensor([9, 1, 13, 5, 3, 12])):
+        m = TIFUKNN()
+        m.users_ = ids
+        d = torch.rand(len(users), len(ids), generator=g)
+        want = d.masked_fill(users[:, None] == ids[None], float("inf"))
+        m._exclude_own(d, users)
+        assert torch.equal(d, want) and int(torch.isinf(d).sum()) == 5
+
+
 def test_next_basket_far_above_pop_where_people_buy_again() -> None:
     """Users re-buy their own staples (repeat-heavy synthetic baskets): TIFU-KNN, like the
     paper's finding on Instacart, is far above popularity for the next session."""

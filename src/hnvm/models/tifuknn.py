@@ -162,7 +162,7 @@ class TIFUKNN:
     def __init__(self, config: TIFUKNNConfig | None = None, **overrides: Any) -> None:
         self.config = dataclasses.replace(config or TIFUKNNConfig(), **overrides)
         self.vectors_: sp.csr_matrix | None = None  # [U', n_items + 1]: training users' vectors
-        self.users_: torch.Tensor | None = None  # Long[U']: their user ids
+        self.users_: torch.Tensor | None = None  # Long[U']: their user ids, ascending
         self._sq: torch.Tensor | None = None  # their squared norms (derived, see _sq_norms)
         self._items: tuple[sp.csr_matrix, np.ndarray] | None = None  # derived, see _by_item
 
@@ -217,6 +217,18 @@ class TIFUKNN:
             return torch.from_numpy((query @ by_item).toarray())
         return torch.from_numpy(np.asarray(train @ query.toarray().T).T.astype(np.float32))
 
+    def _exclude_own(self, d: torch.Tensor, users: torch.Tensor) -> None:
+        """d[r, j] = inf where training user j is row r's user (not its own neighbour), d: Float[B,
+        U']; users_ is ascending (as `fit` builds it), so each row's column is a binary search."""
+        assert self.users_ is not None
+        ids = self.users_
+        if len(ids) > 1 and not bool((ids[1:] > ids[:-1]).all()):  # (set by hand: unordered)
+            d.masked_fill_(users[:, None] == ids[None], float("inf"))
+            return
+        col = torch.searchsorted(ids, users).clamp_(max=max(len(ids) - 1, 0))
+        mine = (ids[col] == users).nonzero().squeeze(1) if len(ids) else col[:0]
+        d[mine, col[mine]] = float("inf")
+
     def _blend(self, query: sp.csr_matrix, users: torch.Tensor) -> torch.Tensor:
         """alpha * query + (1 - alpha) * mean of each row's k nearest training users, Float[B,
         n_items + 1]."""
@@ -226,9 +238,10 @@ class TIFUKNN:
         k = min(c.k, train.shape[0] - 1)
         if k <= 0 or c.alpha >= 1.0:
             return own
-        # squared Euclidean distances [B, U'] from one sparse product (no [B, U', I] differences)
-        d = own.pow(2).sum(1, keepdim=True) + self._sq_norms()[None] - 2 * self._cross(query)
-        d = d.masked_fill(users[:, None] == self.users_[None], float("inf"))  # not the user itself
+        # squared Euclidean distances [B, U'] from one sparse product (no [B, U', I] differences):
+        # (|q|^2 + |u|^2) - 2 q.u, the doubling exact, so in place is the same floats
+        d = torch.add(own.pow(2).sum(1, keepdim=True), self._sq_norms()[None]).sub_(self._cross(query), alpha=2)
+        self._exclude_own(d, users)
         idx = d.topk(k, dim=1, largest=False).indices.numpy()  # [B, k]
         # the mean of each row's k neighbours as one sparse product: S [B, U'] holds 1/k at each
         # row's neighbours, in topk order (the order `train[r].mean(0)` sums them in, so that
