@@ -230,16 +230,21 @@ def sknn_one_query(m: SKNN, query: np.ndarray, exclude: int) -> np.ndarray:
 @pytest.mark.parametrize("cfg", [SKNNConfig(), SKNNConfig(k=3, sample_size=12),
                                  SKNNConfig(k=5, sample_size=4, weighting="quadratic"),
                                  SKNNConfig(k=2, sample_size=1000, weighting="same")])
+@pytest.mark.parametrize("lengths,n_items", [((2, 7), 12), ((9, 16), 40)], ids=["short", "long"])
 def test_sknn_batched_scores_equal_the_one_query_definition_bit_for_bit(cfg: SKNNConfig, scan_all: float,
+                                                                       lengths: tuple[int, int], n_items: int,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """All queries of a batch are scored at once (sparse products); every score equals the
     one-query definition exactly, with candidates cut by recency and by similarity (many ties:
     few items), and with a training session excluded as a query's own; the dot products from
-    the queries' postings or from all training sessions (SCAN_ALL) alike."""
+    the queries' postings or from all training sessions (SCAN_ALL) alike; long sessions give
+    queries of 8 to 12 distinct items (numpy sums their squared weights pairwise, not one after
+    another: a quarter of these sums differ) and items repeated within a query (the latest
+    position's weight)."""
     import hnvm.models.sknn as sknn_module
 
     monkeypatch.setattr(sknn_module, "SCAN_ALL", scan_all)
-    ds = synthetic_dataset(n_users=40, n_items=12, n_topics=2, seed=5, session_length=(2, 7))
+    ds = synthetic_dataset(n_users=40, n_items=n_items, n_topics=2, seed=5, session_length=lengths)
     seq = Sequences.from_events(ds.events, ds.n_users)
     m = SKNN(cfg).fit(ds)
     batch = next(iter(next_item_batches(seq, "test", max_targets=400)))

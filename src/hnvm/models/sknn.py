@@ -67,12 +67,17 @@ class SKNNConfig:
 
 def position_weights(length: int, weighting: str) -> np.ndarray:
     """float64[length]: decay weight of positions 1..length (oldest first)."""
-    p = np.arange(1, length + 1, dtype=np.float64)
+    return decay_weights(np.arange(1, length + 1, dtype=np.float64), length, weighting)
+
+
+def decay_weights(positions: np.ndarray, lengths: np.ndarray | int, weighting: str) -> np.ndarray:
+    """float64[m]: the decay weight of each 1-based position (float64) in a query of the given
+    length (one per position, or one for all)."""
     if weighting == "linear":
-        return p / length
+        return positions / lengths
     if weighting == "quadratic":
-        return (p / length) ** 2
-    return np.ones(length)
+        return (positions / lengths) ** 2
+    return np.ones(len(positions))
 
 
 def _csr(keys: np.ndarray, vals: np.ndarray, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
@@ -176,24 +181,10 @@ class SKNN:
         one-query definition (items ascending for a dot product, neighbours by similarity for a
         score), so the scores are that definition's bit for bit. ValueError: an item id outside
         the fitted catalogue."""
-        c = self.config
-        item_sess = self._matrices()[0]
-        n_rows = item_sess.shape[0]
-        vecs: list[tuple[np.ndarray, np.ndarray]] = []  # per query: distinct items, weights
-        norms, postings = np.ones(len(queries)), np.zeros(len(queries), dtype=np.int64)
-        for r, query in enumerate(queries):
-            query = query[query > 0]
-            if len(query):  # each distinct item with the weight of its latest position
-                q_items, first_rev = np.unique(query[::-1], return_index=True)
-                if q_items[-1] >= n_rows:  # (ascending: the largest id last)
-                    raise ValueError(f"item id {int(q_items[-1])} is outside the model's {n_rows - 1} items")
-                w_pos = position_weights(len(query), c.weighting)
-                w = w_pos[len(query) - 1 - first_rev]
-                norms[r] = np.sqrt((w * w).sum())
-                postings[r] = int((item_sess.indptr[q_items + 1] - item_sess.indptr[q_items]).sum())
-            else:
-                q_items, w = query, np.zeros(0)
-            vecs.append((q_items, w))
+        items, weights, ptr, norms = self._query_vectors(queries)
+        reach = np.diff(self._matrices()[0].indptr)[items]  # each query item's (cut) postings
+        total = np.concatenate(([0], np.cumsum(reach)))
+        postings = total[ptr[1:]] - total[ptr[:-1]]
         lo = 0
         while lo < len(queries):  # chunks: summed postings, and rows x the largest, within the cap
             hi, total, widest = lo + 1, int(postings[lo]), int(postings[lo])
@@ -201,21 +192,52 @@ class SKNN:
                                          and (hi + 1 - lo) * max(widest, postings[hi]) <= MAX_POSTINGS):
                 total, widest = total + int(postings[hi]), max(widest, int(postings[hi]))
                 hi += 1
-            self._chunk_scores(vecs[lo:hi], norms[lo:hi], exclude[lo:hi], out[lo:hi], total)
+            a, b = ptr[lo], ptr[hi]
+            self._chunk_scores(items[a:b], weights[a:b], ptr[lo:hi + 1] - a, norms[lo:hi], exclude[lo:hi],
+                               out[lo:hi], total)
             lo = hi
 
-    def _chunk_scores(self, vecs: list[tuple[np.ndarray, np.ndarray]], norms: np.ndarray, exclude: np.ndarray,
-                      out: np.ndarray, postings: int) -> None:
-        """`_neighbour_scores` of the queries vecs (distinct items ascending, their weights) that
-        reach `postings` item-session postings in all."""
+    def _query_vectors(self, queries: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(items int64[m], weights float64[m], ptr int64[R + 1], norms float64[R]) of the queries
+        (item ids oldest first, 0 = padding), all at once: query r's distinct items ascending,
+        items[ptr[r]:ptr[r + 1]], each with the weight of its latest position, and the norm of
+        those weights (numpy's sum of one query's squares, as the one-query definition; 1 for an
+        empty query). ValueError: an item id outside the fitted catalogue."""
+        n_rows = len(self.item_ptr_) - 1  # type: ignore[arg-type]
+        R = len(queries)
+        flat = np.concatenate([np.zeros(0, dtype=np.int64), *queries]).astype(np.int64)
+        query = np.repeat(np.arange(R), [len(q) for q in queries])
+        real = flat > 0
+        flat, query = flat[real], query[real]
+        lengths = np.bincount(query, minlength=R)
+        position = np.arange(len(flat)) - (np.cumsum(lengths) - lengths)[query] + 1  # 1-based, within its query
+        if len(flat) and int(flat.max()) >= n_rows:
+            first = int(query[flat >= n_rows].min())  # the first such query's largest id
+            raise ValueError(f"item id {int(flat[query == first].max())} is outside the model's {n_rows - 1} items")
+        order = np.lexsort((position, flat, query))  # by query, item, position
+        q_sorted, i_sorted = query[order], flat[order]
+        latest = np.ones(len(order), dtype=bool)  # the last entry of each (query, item)
+        latest[:-1] = (q_sorted[1:] != q_sorted[:-1]) | (i_sorted[1:] != i_sorted[:-1])
+        pick = order[latest]
+        items, of = flat[pick], query[pick]
+        weights = decay_weights(position[pick].astype(np.float64), lengths[of], self.config.weighting)
+        ptr = np.zeros(R + 1, dtype=np.int64)
+        np.cumsum(np.bincount(of, minlength=R), out=ptr[1:])
+        squares = weights * weights
+        norms = np.sqrt(np.array([part.sum() for part in np.split(squares, ptr[1:-1])]))
+        norms[ptr[1:] == ptr[:-1]] = 1.0
+        return items, weights, ptr, norms
+
+    def _chunk_scores(self, items: np.ndarray, weights: np.ndarray, ptr: np.ndarray, norms: np.ndarray,
+                      exclude: np.ndarray, out: np.ndarray, postings: int) -> None:
+        """`_neighbour_scores` of the queries (`_query_vectors`' arrays for them) that reach
+        `postings` item-session postings in all."""
         c = self.config
         item_sess, sess_item_recent, sess_item = self._matrices()
-        n_sess, n = item_sess.shape[1], len(vecs)
-        ptr = np.concatenate(([0], np.cumsum([len(v[0]) for v in vecs])))
+        n_sess, n = item_sess.shape[1], len(ptr) - 1
         if ptr[-1] == 0:
             return
-        q = sp.csr_matrix((np.concatenate([v[1] for v in vecs]), np.concatenate([v[0] for v in vecs]), ptr),
-                          shape=(len(vecs), item_sess.shape[0]))
+        q = sp.csr_matrix((weights, items, ptr), shape=(n, item_sess.shape[0]))
         # 2. dot products with every candidate (sessions sharing an item), in session (= time) order
         if sess_item_recent.nnz <= SCAN_ALL * postings:
             # every training session against the chunk's queries: [S, R] by columns lists each
