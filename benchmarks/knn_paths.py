@@ -61,6 +61,12 @@ def tifu_ways(model: object) -> dict[str, Callable[[], None]]:
     return {"every training entry": every_entry, "queries' items (rule)": items}
 
 
+def tifu_rule(model: object, batches: list) -> str:
+    """How many of the batches the rule sends the queries' items' way."""
+    taken = sum(model._items_way(model._query(b.sessions[:, :-1])) for b in batches)  # type: ignore[attr-defined]
+    return f"the rule takes the items' way in {taken} of {len(batches)} batches"
+
+
 def sknn_ways(model: object) -> dict[str, Callable[[], None]]:
     recent = model._matrices()  # type: ignore[attr-defined]
     whole = recent[2].T.tocsr()
@@ -98,6 +104,8 @@ def compare(name: str, ways: dict[str, Callable[[], None]], model: object, seq: 
     slow, fast = order
     print(f"{name:>9} | {slow}: {n / seconds[slow]:>8,.0f} targets/s | {fast}: {n / seconds[fast]:>8,.0f} "
           f"targets/s | x {seconds[slow] / seconds[fast]:.2f}", flush=True)
+    if name == "tifuknn":
+        print(f"{'':>9} | ({tifu_rule(model, batches)})", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -17,6 +17,9 @@ Sections (each also runs on its own with the command it prints):
             bound of the model's ratio; and under HNVM, HRNN and NCF the FLOPs that bound it
             (history encoding; NCF's tower over every (user, item) pair) against this
             machine's fastest measured matmul.
+  knn       TIFU-KNN's and V-SKNN's exact shortcuts against the long way, scores torch.equal
+            (benchmarks/knn_paths.py: the Instacart sample, the 60,750-item set, 100,000
+            short-history users, a heavy-head log)
   windows   HNVM (paper sizes) and HRNN on the Instacart sample: whole training epochs with the
             state entering each user window carried over from the user's previous window (the
             default) against re-encoded before every window (`carry_context` / `carry_state`
@@ -53,7 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_eval import bare_scoring, first_test_batches, load_data, model_for, score_width, train_throughput
 
 HERE = Path(__file__).resolve().parent
-SECTIONS = ("models", "windows", "gru4rec", "prepare", "serve")
+SECTIONS = ("models", "knn", "windows", "gru4rec", "prepare", "serve")
 
 
 def history_only(model: object) -> Callable[[Batch], object] | None:
@@ -250,6 +253,9 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     if "models" in only:
         models_section(args)
+    if "knn" in only:
+        child("kNN baselines: each exact shortcut against the long way (next-item targets/s, one process)",
+              [sys.executable, str(HERE / "knn_paths.py"), "--workdir", str(args.workdir)])
     if "windows" in only:
         windows_section(args)
     if "gru4rec" in only:

@@ -203,18 +203,22 @@ class TIFUKNN:
             self._items = v.T.tocsr(), np.bincount(v.indices, minlength=v.shape[1])
         return self._items
 
+    def _items_way(self, query: sp.csr_matrix) -> bool:
+        """Whether `_cross` takes the queries' items: the postings they reach are fewer than
+        SPARSE_CROSS x the training vectors' entries x the batch's rows."""
+        assert self.vectors_ is not None
+        reach = int(np.bincount(query.indices, minlength=self.vectors_.shape[1]) @ self._by_item()[1])
+        return reach < SPARSE_CROSS * self.vectors_.nnz * query.shape[0]
+
     def _cross(self, query: sp.csr_matrix) -> torch.Tensor:
         """Float[B, U']: each row's dot product with every training user's vector, summed over
         the items ascending whichever way it is computed (terms of 0 add nothing), so the floats
-        are the same: from the queries' items (the postings they reach) where those are fewer
-        than SPARSE_CROSS x the training vectors' entries x B, else every training entry against
-        the dense queries."""
+        are the same: from the queries' items (the users holding them) or every training entry
+        against the dense queries (`_items_way` decides)."""
         train = self.vectors_
         assert train is not None
-        by_item, holders = self._by_item()
-        reach = int(np.bincount(query.indices, minlength=train.shape[1]) @ holders)
-        if reach < SPARSE_CROSS * train.nnz * query.shape[0]:
-            return torch.from_numpy((query @ by_item).toarray())
+        if self._items_way(query):
+            return torch.from_numpy((query @ self._by_item()[0]).toarray())
         return torch.from_numpy(np.asarray(train @ query.toarray().T).T.astype(np.float32))
 
     def _exclude_own(self, d: torch.Tensor, users: torch.Tensor) -> None:
