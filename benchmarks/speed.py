@@ -51,6 +51,7 @@ from hnvm.contract import Batch
 from hnvm.data.batches import Sequences
 from hnvm.metrics import conservative_ranks
 from hnvm.models.base import REGISTRY, get_model_class
+from hnvm.models.ncf import _SCORE_CHUNK
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_eval import bare_scoring, first_test_batches, load_data, model_for, score_width, train_throughput
@@ -95,15 +96,21 @@ def history_flops(model: object, batches: list[Batch]) -> tuple[float, int] | No
 def pair_flops(model: object, batches: list[Batch]) -> tuple[float, tuple[int, int, int]] | None:
     """NCF: (the FLOPs per target of what it computes for every (row's user, item) pair: 2 · a · b
     for each tower layer after the first and for the output layer, the shape of its widest such
-    product); its first layer is split into a user part and an item part (computed per user and
-    per item, not per pair, so not counted). None for the other models."""
+    product, its row count that of `NCF.scores`' chunks in the first batch); its first layer is
+    split into a user part and an item part (computed per user and per item, not per pair, so not
+    counted). None for the other models."""
     if getattr(model, "name", "") != "ncf":
         return None
     net = model.network()  # type: ignore[attr-defined]
     layers = [*net.tower, net.out]
     per_pair = sum(2.0 * layer.in_features * layer.out_features for layer in layers)
-    pairs = sum(len(b.users) for b in batches) * net.item_gmf.num_embeddings  # all n_items + 1 columns
-    return per_pair * pairs / sum(b.n_targets for b in batches), (8192, layers[0].in_features, layers[0].out_features)
+    cols = net.item_gmf.num_embeddings  # all n_items + 1 columns
+    pairs = sum(len(b.users) for b in batches) * cols
+    # the rows of its products: a batch's users x the items of one of `scores`' chunks
+    rows = len(batches[0].users)
+    chunk = min(cols, max(1, _SCORE_CHUNK // max(1, rows * net.first_user.out_features)))
+    return per_pair * pairs / sum(b.n_targets for b in batches), (rows * chunk, layers[0].in_features,
+                                                                  layers[0].out_features)
 
 
 def matmul_rate(m: int, k: int, n: int, repeats: int = 20) -> float:

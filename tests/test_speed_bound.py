@@ -85,7 +85,8 @@ def test_pair_flops_are_ncf_s_scoring_less_its_per_user_and_per_item_parts() -> 
     batch = Batch(sessions=torch.ones(3, 2, 4, dtype=torch.long), users=torch.tensor([1, 2, 3]),
                   target_rows=torch.tensor([0, 0, 1, 2, 2]), target_pos=torch.tensor([0, 1, 0, 0, 1]))
     flops, shape = speed.pair_flops(model, [batch, batch])
-    assert shape == (8192, 16, 8)  # first layer -> 16, tower 16 -> 8 -> 4, then [gmf 4; mlp 4] -> 1
+    # 3 users x all n_items + 1 columns in one chunk; tower 16 -> 8 -> 4, then [gmf 4; mlp 4] -> 1
+    assert shape == (3 * (ds.n_items + 1), 16, 8)
     with torch.no_grad(), FlopCounterMode(display=False) as fc:
         net.scores(batch.users)
     cols, emb, first = ds.n_items + 1, net.user_mlp.embedding_dim, net.first_user.out_features

@@ -183,8 +183,8 @@ class SKNN:
         the fitted catalogue."""
         items, weights, ptr, norms = self._query_vectors(queries)
         reach = np.diff(self._matrices()[0].indptr)[items]  # each query item's (cut) postings
-        total = np.concatenate(([0], np.cumsum(reach)))
-        postings = total[ptr[1:]] - total[ptr[:-1]]
+        running = np.concatenate(([0], np.cumsum(reach)))
+        postings = running[ptr[1:]] - running[ptr[:-1]]
         lo = 0
         while lo < len(queries):  # chunks: summed postings, and rows x the largest, within the cap
             hi, total, widest = lo + 1, int(postings[lo]), int(postings[lo])
@@ -224,8 +224,10 @@ class SKNN:
         ptr = np.zeros(R + 1, dtype=np.int64)
         np.cumsum(np.bincount(of, minlength=R), out=ptr[1:])
         squares = weights * weights
-        norms = np.sqrt(np.array([part.sum() for part in np.split(squares, ptr[1:-1])]))
-        norms[ptr[1:] == ptr[:-1]] = 1.0
+        norms = np.ones(R)
+        filled = ptr[1:] > ptr[:-1]
+        if filled.any():
+            norms[filled] = np.sqrt(np.array([part.sum() for part in np.split(squares, ptr[1:-1])]))[filled]
         return items, weights, ptr, norms
 
     def _chunk_scores(self, items: np.ndarray, weights: np.ndarray, ptr: np.ndarray, norms: np.ndarray,
