@@ -60,8 +60,8 @@ class TIFUKNNConfig:
 _MAX_ENTRIES = 1 << 20  # (row, basket, item) entries at once: ~160 B each of temporaries
 _MAX_KEY = 1 << 62
 # a batch's distances come from its queries' items where those reach fewer training entries than
-# this x the training vectors' entries x rows (measured: at ~0.05 on the Instacart sample both
-# ways cost alike; at 0.004, 100,000 users of short histories, the items' way is ~4x faster)
+# this x the training vectors' entries x rows (measured ad hoc: at ~0.05, the Instacart sample,
+# both products cost alike; at 0.004, 100,000 users of short histories, the items' one ~4x less)
 SPARSE_CROSS = 0.02
 
 
