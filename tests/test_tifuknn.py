@@ -182,7 +182,7 @@ def test_distances_from_the_queries_items_or_every_training_entry_score_alike(
     ways = []
     for limit in (0.0, float("inf")):  # every training entry; the queries' items
         monkeypatch.setattr(tifu, "SPARSE_CROSS", limit)
-        ways.append((m._cross(query), run(batch)))
+        ways.append((m._cross(query, query.toarray()), run(batch)))
     assert torch.equal(ways[0][0], ways[1][0]) and ways[0][0].dtype == torch.float32
     assert torch.equal(ways[0][1], ways[1][1])
 

@@ -210,16 +210,17 @@ class TIFUKNN:
         reach = int(np.bincount(query.indices, minlength=self.vectors_.shape[1]) @ self._by_item()[1])
         return reach < SPARSE_CROSS * self.vectors_.nnz * query.shape[0]
 
-    def _cross(self, query: sp.csr_matrix) -> torch.Tensor:
+    def _cross(self, query: sp.csr_matrix, dense: np.ndarray) -> torch.Tensor:
         """Float[B, U']: each row's dot product with every training user's vector, summed over
         the items ascending whichever way it is computed (terms of 0 add nothing), so the floats
         are the same: from the queries' items (the users holding them) or every training entry
-        against the dense queries (`_items_way` decides)."""
+        against the dense queries `dense` (query.toarray(), which the caller has; `_items_way`
+        decides)."""
         train = self.vectors_
         assert train is not None
         if self._items_way(query):
             return torch.from_numpy((query @ self._by_item()[0]).toarray())
-        return torch.from_numpy(np.asarray(train @ query.toarray().T).T.astype(np.float32))
+        return torch.from_numpy(np.asarray(train @ dense.T).T.astype(np.float32))
 
     def _exclude_own(self, d: torch.Tensor, users: torch.Tensor) -> None:
         """d[r, j] = inf where training user j is row r's user (not its own neighbour), d: Float[B,
@@ -244,7 +245,8 @@ class TIFUKNN:
             return own
         # squared Euclidean distances [B, U'] from one sparse product (no [B, U', I] differences):
         # (|q|^2 + |u|^2) - 2 q.u, the doubling exact, so in place is the same floats
-        d = torch.add(own.pow(2).sum(1, keepdim=True), self._sq_norms()[None]).sub_(self._cross(query), alpha=2)
+        cross = self._cross(query, own.numpy())  # [B, U']
+        d = torch.add(own.pow(2).sum(1, keepdim=True), self._sq_norms()[None]).sub_(cross, alpha=2)
         self._exclude_own(d, users)
         idx = d.topk(k, dim=1, largest=False).indices.numpy()  # [B, k]
         # the mean of each row's k neighbours as one sparse product: S [B, U'] holds 1/k at each
