@@ -70,16 +70,14 @@ def tifu_rule(model: object, batches: list) -> str:
 
 
 def sknn_ways(model: object) -> dict[str, Callable[[], None]]:
-    recent = model._matrices()  # type: ignore[attr-defined]
-    whole = recent[2].T.tocsr()
-    whole.sort_indices()
-    everything = (whole, recent[2], recent[2])
+    recent = model._postings()  # type: ignore[attr-defined]
+    everything = (model.item_ptr_, model.item_sessions_, recent[2])  # type: ignore[attr-defined]
 
     def all_postings() -> None:
-        model._mats = everything  # type: ignore[attr-defined]
+        model._recent = everything  # type: ignore[attr-defined]
 
     def latest() -> None:
-        model._mats = recent  # type: ignore[attr-defined]
+        model._recent = recent  # type: ignore[attr-defined]
 
     return {"all postings": all_postings, "latest sample_size + 1": latest}
 

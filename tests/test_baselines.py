@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import polars as pl
@@ -14,6 +15,7 @@ from hnvm.data.batches import Sequences, next_item_batches, next_session_batches
 from hnvm.data.prepare import PrepareConfig, build_dataset
 from hnvm.data.samples import synthetic_dataset
 from hnvm.evaluate import evaluate_next_item, evaluate_next_session
+from hnvm.models import knn_kernels
 from hnvm.models.bprmf import BPRMF, BPRMFConfig, InteractionPairs
 from hnvm.models.itemknn import TIE_EPS, ItemKNN, ItemKNNConfig
 from hnvm.models.ncf import NCF, NCFConfig
@@ -226,24 +228,22 @@ def sknn_one_query(m: SKNN, query: np.ndarray, exclude: int) -> np.ndarray:
     return out
 
 
-@pytest.mark.parametrize("scan_all", [0.0, float("inf")])
+@pytest.mark.parametrize("parts", [1, 3])
 @pytest.mark.parametrize("cfg", [SKNNConfig(), SKNNConfig(k=3, sample_size=12),
                                  SKNNConfig(k=5, sample_size=4, weighting="quadratic"),
                                  SKNNConfig(k=2, sample_size=1000, weighting="same")])
 @pytest.mark.parametrize("lengths,n_items", [((2, 7), 12), ((9, 16), 40)], ids=["short", "long"])
-def test_sknn_batched_scores_equal_the_one_query_definition_bit_for_bit(cfg: SKNNConfig, scan_all: float,
+def test_sknn_batched_scores_equal_the_one_query_definition_bit_for_bit(cfg: SKNNConfig, parts: int,
                                                                        lengths: tuple[int, int], n_items: int,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    """All queries of a batch are scored at once (sparse products); every score equals the
-    one-query definition exactly, with candidates cut by recency and by similarity (many ties:
-    few items), and with a training session excluded as a query's own; the dot products from
-    the queries' postings or from all training sessions (SCAN_ALL) alike; long sessions give
+    """All queries of a batch are scored at once (a compiled loop, its rows split over threads);
+    every score equals the one-query definition exactly, with candidates cut by recency and by
+    similarity (many ties: few items), and with a training session excluded as a query's own;
+    the rows in one part or in three alike; long sessions give
     queries of 8 to 12 distinct items (numpy sums their squared weights pairwise, not one after
     another: a quarter of these sums differ) and items repeated within a query (the latest
     position's weight)."""
-    import hnvm.models.sknn as sknn_module
-
-    monkeypatch.setattr(sknn_module, "SCAN_ALL", scan_all)
+    monkeypatch.setattr(knn_kernels, "_parts", lambda n_rows: parts)
     ds = synthetic_dataset(n_users=40, n_items=n_items, n_topics=2, seed=5, session_length=lengths)
     seq = Sequences.from_events(ds.events, ds.n_users)
     m = SKNN(cfg).fit(ds)
@@ -271,30 +271,32 @@ def test_sknn_looks_up_each_item_s_latest_sample_size_plus_one_sessions_only() -
     happen, or a popular item's every posting is read for every query."""
     ds = synthetic_dataset(n_users=40, n_items=12, n_topics=2, seed=5, session_length=(2, 7))
     m = SKNN(SKNNConfig(k=5, sample_size=4)).fit(ds)
-    recent, recent_t, whole = m._matrices()
+    ptr, sessions, root_len = m._postings()
     lens = np.diff(m.item_ptr_)
-    assert lens.max() > 5 and whole.nnz == lens.sum()
-    assert np.array_equal(np.diff(recent.indptr), np.minimum(lens, 5))
+    assert lens.max() > 5
+    assert np.array_equal(np.diff(ptr), np.minimum(lens, 5))
     for i in np.flatnonzero(lens):
-        assert np.array_equal(recent.indices[recent.indptr[i]:recent.indptr[i + 1]],
+        assert np.array_equal(sessions[ptr[i]:ptr[i + 1]],
                               m.item_sessions_[m.item_ptr_[i + 1] - min(lens[i], 5):m.item_ptr_[i + 1]])
-    assert recent_t.has_sorted_indices and (recent_t != recent.T).nnz == 0
-    assert SKNN(SKNNConfig(sample_size=1000)).fit(ds)._matrices()[0].nnz == lens.sum()
+    assert np.array_equal(root_len, np.sqrt(np.diff(m.session_ptr_)))
+    assert len(SKNN(SKNNConfig(sample_size=1000)).fit(ds)._postings()[1]) == lens.sum()
 
 
-def test_sknn_chunks_of_queries_score_alike_and_foreign_items_are_refused(monkeypatch) -> None:
-    """Queries run in chunks bounded by their item-session postings (memory): any chunking gives
-    the same scores bit for bit; an item id outside the fitted catalogue is an error, not a
-    read outside the matrices."""
-    import hnvm.models.sknn as sknn_module
-
+def test_sknn_splits_and_concurrent_calls_score_alike_and_foreign_items_are_refused(monkeypatch) -> None:
+    """A batch's rows run in parts over threads: any split gives the same scores bit for bit, and
+    so do calls from several threads at once (a web server's requests; the launches take turns);
+    an item id outside the fitted catalogue is an error, not a read outside the arrays."""
     ds = synthetic_dataset(n_users=40, n_items=12, n_topics=2, seed=5, session_length=(2, 7))
     seq = Sequences.from_events(ds.events, ds.n_users)
     m = SKNN(SKNNConfig(k=3, sample_size=12)).fit(ds)
     batch = next(iter(next_item_batches(seq, "test", max_targets=400)))
     whole = m.score(batch)
-    monkeypatch.setattr(sknn_module, "MAX_POSTINGS", 40)  # a few queries per chunk, or one alone
-    assert torch.equal(m.score(batch), whole)
+    for parts in (1, 2, 7, batch.n_targets + 3):  # (more parts than rows: empty ones)
+        monkeypatch.setattr(knn_kernels, "_parts", lambda n_rows, parts=parts: parts)
+        assert torch.equal(m.score(batch), whole), parts
+    monkeypatch.setattr(knn_kernels, "_parts", lambda n_rows: 2)
+    with ThreadPoolExecutor(4) as pool:
+        assert all(torch.equal(s, whole) for s in pool.map(lambda _: m.score(batch), range(8)))
     batch.sessions[0, -1, 0] = ds.n_items + 5
     with pytest.raises(ValueError, match="outside the model"):
         m.score(batch)

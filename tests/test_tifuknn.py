@@ -187,6 +187,37 @@ def test_distances_from_the_queries_items_or_every_training_entry_score_alike(
     assert torch.equal(ways[0][1], ways[1][1])
 
 
+@pytest.mark.parametrize("parts", [1, 3])
+def test_neighbour_mean_sums_in_topk_order_in_float32_as_the_sparse_product(
+        parts: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The compiled mean of each row's neighbours: weight x vector, rounded to float32, added
+    one neighbour after another in the order given (a dense float32 loop), equal bit for bit to
+    the CSR product it replaced, whatever the split of rows over threads."""
+    import scipy.sparse as sp
+
+    from hnvm.models import knn_kernels
+
+    monkeypatch.setattr(knn_kernels, "_parts", lambda n_rows: parts)
+    rng = np.random.default_rng(4)
+    train = sp.random(60, 40, density=0.3, format="csr", dtype=np.float32, random_state=5)
+    train.data = (train.data * rng.choice([1e-3, 1.0, 7.0], train.nnz)).astype(np.float32)
+    train.sort_indices()
+    k = 9
+    idx = np.stack([rng.permutation(60)[:k] for _ in range(11)])  # [B, k], each row distinct
+    weight = np.float32(1.0 / k)
+    got = knn_kernels.neighbour_mean(idx, weight, train)
+    dense = train.toarray()
+    for b in range(len(idx)):
+        want = np.zeros(40, dtype=np.float32)
+        for u in idx[b]:
+            want += weight * dense[u]
+        assert np.array_equal(got[b], want), b
+    pick = sp.csr_matrix((np.full(idx.size, weight), idx.ravel(), np.arange(0, idx.size + 1, k)), shape=(11, 60))
+    assert got.dtype == np.float32 and np.array_equal(got, (pick @ train).toarray())
+    shuffled = knn_kernels.neighbour_mean(idx[:, ::-1], weight, train)  # another order: other floats
+    assert not np.array_equal(shuffled, got)
+
+
 def test_a_row_s_own_user_is_never_its_neighbour_found_by_binary_search() -> None:
     """Exactly the entries a full comparison of every row's user with every training user would
     mark, ascending user ids (fit's) or not (set by hand), users without training sessions too."""

@@ -16,11 +16,10 @@ For a query session q (the prefix of the current session, oldest item first):
    neighbours (ties by recency).
 4. score(i) = Σ over neighbours n that contain i of sim(q, n).
 
-The queries of a batch are computed together as sparse products (scipy.sparse): query vectors
-× item-session matrix (or, where the training sessions hold fewer postings than the queries
-reach, session-item matrix × query vectors) give every candidate's dot product, the k
-neighbours × session-item matrix give the scores, with every sum in the order of the one-query
-definition (bit-identical scores, tested). An empty query falls back to popularity, and ties
+The queries of a batch run in one compiled loop per thread (numba, models/knn_kernels.py), with
+every sum in the order of the one-query definition (bit-identical scores, tested): a query
+costs its items' cut postings, a partition of its candidates and a heap of its k best, with no
+[R, S] temporaries. An empty query falls back to popularity, and ties
 everywhere are ordered by popularity (pop(i) / (max pop + 1) * 1e-9 added to float64 scores).
 Next-session uses the user's last history session as the query. Neighbours come from the
 training sessions only, so the candidates of a test session may be later in time than it (the
@@ -36,22 +35,18 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
-import scipy.sparse as sp
 import torch
 
 from hnvm.config import choices, rng
 from hnvm.contract import Batch
 from hnvm.data.sampling import train_counts
 from hnvm.models.base import load_model_files, register, save_model_files
+from hnvm.models.knn_kernels import vsknn_scores
 
 if TYPE_CHECKING:
     from hnvm.data.store import Dataset
 
 TIE_EPS = 1e-9
-MAX_POSTINGS = 1 << 22  # item-session postings per chunk of queries (~100 MiB of temporaries)
-# a chunk's dot products come from all training sessions at once when those hold at most
-# SCAN_ALL x the postings its queries reach (else from the queries' postings, then sorted)
-SCAN_ALL = 1.0
 
 
 @dataclass(frozen=True)
@@ -105,7 +100,7 @@ class SKNN:
         self.pop_: torch.Tensor | None = None  # Double[n_items + 1] in [0, 1)
         # rank_of_session_[dataset session id] = its index above, -1 if not a training session
         self.rank_of_session_: np.ndarray | None = None
-        self._mats: tuple[sp.csr_matrix, sp.csr_matrix, sp.csr_matrix] | None = None  # built from the arrays above
+        self._recent: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # see _postings
 
     def fit(self, train: Dataset, **_: Any) -> SKNN:
         n_rows = train.n_items + 1
@@ -123,7 +118,7 @@ class SKNN:
         self.item_ptr_, self.item_sessions_ = _csr(items, ranks, n_rows)
         counts = train_counts(train).double()
         self.pop_ = counts / (counts.max() + 1.0)
-        self._mats = None
+        self._recent = None
         return self
 
     # -- the neighbourhood of one query -----------------------------------------------------------
@@ -140,9 +135,10 @@ class SKNN:
         out[inside] = ranks[ids[inside]]
         return out
 
-    def _matrices(self) -> tuple[sp.csr_matrix, sp.csr_matrix, sp.csr_matrix]:
-        """Binary CSR matrices of the training sessions: (item x session, session x item) of each
-        item's `sample_size` + 1 most recent sessions only, and the whole session x item.
+    def _postings(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(ptr int64[n_items + 2], sessions int64[nnz'], root_len float64[S]): each item's
+        `sample_size` + 1 most recent training sessions, ascending (those of item i are
+        sessions[ptr[i]:ptr[i + 1]]), and the square root of each session's distinct items.
 
         The cut postings give every query its candidates and their dot products exactly: a
         session among the `sample_size` most recent candidates (one session excluded) has at
@@ -150,58 +146,42 @@ class SKNN:
         that item's `sample_size` + 1 latest, and so does every posting of its dot product. On a
         large log the popular items' postings run to many times `sample_size`
         (session-rec's V-SKNN likewise looks up the most recent sessions only)."""
-        if self._mats is None:
+        if self._recent is None:
             assert self.item_ptr_ is not None and self.item_sessions_ is not None
-            assert self.session_ptr_ is not None and self.session_items_ is not None
-            n_rows, n_sess = len(self.item_ptr_) - 1, len(self.session_ptr_) - 1
-            sess_item = sp.csr_matrix((np.ones(len(self.session_items_)), self.session_items_, self.session_ptr_),
-                                      shape=(n_sess, n_rows))
+            assert self.session_ptr_ is not None
             lens = np.diff(self.item_ptr_)
-            latest = min(self.config.sample_size + 1, n_sess)
+            latest = self.config.sample_size + 1
+            root_len = np.sqrt(np.diff(self.session_ptr_).astype(np.float64))
             if lens.max(initial=0) <= latest:
-                recent_sess, recent_ptr = self.item_sessions_, self.item_ptr_
-                recent_t = sess_item
+                self._recent = self.item_ptr_, self.item_sessions_, root_len
             else:  # each item's postings are ascending in time: keep the tail of each
                 tail = np.arange(len(self.item_sessions_)) >= np.repeat(self.item_ptr_[1:] - latest, lens)
-                recent_sess = self.item_sessions_[tail]
-                recent_ptr = np.concatenate(([0], np.cumsum(np.minimum(lens, latest))))
-                recent_t = None
-            recent = sp.csr_matrix((np.ones(len(recent_sess)), recent_sess, recent_ptr), shape=(n_rows, n_sess))
-            if recent_t is None:  # (items ascending within each session: the dot's summation order)
-                recent_t = recent.T.tocsr()
-                recent_t.sort_indices()
-            self._mats = (recent, recent_t, sess_item)
-        return self._mats
+                ptr = np.concatenate(([0], np.cumsum(np.minimum(lens, latest))))
+                self._recent = ptr, self.item_sessions_[tail], root_len
+        return self._recent
 
-    def _neighbour_scores(self, queries: list[np.ndarray], exclude: np.ndarray, out: np.ndarray) -> None:
-        """out[r] += Σ_neighbours sim · binary(neighbour) for each query r (items oldest first,
-        0 = padding), the queries at once as sparse products (in chunks of at most MAX_POSTINGS
-        item-session postings, which bound the memory); exclude: int64[R] a training session
-        that is not a candidate of query r (its own; -1: none). Every sum runs in the order of the
-        one-query definition (items ascending for a dot product, neighbours by similarity for a
-        score), so the scores are that definition's bit for bit. ValueError: an item id outside
-        the fitted catalogue."""
+    def _neighbour_scores(self, queries: list[np.ndarray], exclude: np.ndarray, base: np.ndarray,
+                          out: np.ndarray) -> None:
+        """out[r] = base + Σ_neighbours sim · binary(neighbour) for each query r (items oldest
+        first, 0 = padding), base float64[n_items + 1], out float64[R, n_items + 1]; exclude:
+        int64[R] a training session that is not a candidate of query r (its own; -1: none). The
+        queries run in a compiled loop, in parts over threads (`knn_kernels.vsknn_scores`),
+        every sum in the order of the one-query definition (items ascending for a dot product,
+        neighbours by similarity for a score), so the scores are that definition's bit for bit.
+        ValueError: an item id outside the fitted catalogue."""
         items, weights, ptr, norms = self._query_vectors(queries)
-        reach = np.diff(self._matrices()[0].indptr)[items]  # each query item's (cut) postings
-        running = np.concatenate(([0], np.cumsum(reach)))
-        postings = running[ptr[1:]] - running[ptr[:-1]]
-        lo = 0
-        while lo < len(queries):  # chunks: summed postings, and rows x the largest, within the cap
-            hi, total, widest = lo + 1, int(postings[lo]), int(postings[lo])
-            while hi < len(queries) and (total + postings[hi] <= MAX_POSTINGS
-                                         and (hi + 1 - lo) * max(widest, postings[hi]) <= MAX_POSTINGS):
-                total, widest = total + int(postings[hi]), max(widest, int(postings[hi]))
-                hi += 1
-            a, b = ptr[lo], ptr[hi]
-            self._chunk_scores(items[a:b], weights[a:b], ptr[lo:hi + 1] - a, norms[lo:hi], exclude[lo:hi],
-                               out[lo:hi], total)
-            lo = hi
+        post_ptr, post_sess, root_len = self._postings()
+        assert self.session_ptr_ is not None and self.session_items_ is not None
+        c = self.config
+        vsknn_scores(items, weights, ptr, norms, np.ascontiguousarray(exclude, dtype=np.int64), post_ptr, post_sess,
+                     self.session_ptr_, self.session_items_, root_len, c.sample_size, c.k, base, out)
 
     def _query_vectors(self, queries: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(items int64[m], weights float64[m], ptr int64[R + 1], norms float64[R]) of the queries
         (item ids oldest first, 0 = padding), all at once: query r's distinct items ascending,
         items[ptr[r]:ptr[r + 1]], each with the weight of its latest position, and the norm of
-        those weights (numpy's sum of one query's squares, as the one-query definition; 1 for an
+        those weights (numpy's sum of one query's squares, as the one-query definition: a row
+        sum of the queries of one length, which numpy sums as it does one row alone; 1 for an
         empty query). ValueError: an item id outside the fitted catalogue."""
         n_rows = len(self.item_ptr_) - 1  # type: ignore[arg-type]
         R = len(queries)
@@ -225,91 +205,28 @@ class SKNN:
         np.cumsum(np.bincount(of, minlength=R), out=ptr[1:])
         squares = weights * weights
         norms = np.ones(R)
-        filled = ptr[1:] > ptr[:-1]
-        if filled.any():
-            norms[filled] = np.sqrt(np.array([part.sum() for part in np.split(squares, ptr[1:-1])]))[filled]
+        distinct = np.diff(ptr)
+        for n in np.unique(distinct[distinct > 0]).tolist():
+            rows = np.flatnonzero(distinct == n)
+            norms[rows] = np.sqrt(squares[ptr[rows][:, None] + np.arange(n)].sum(axis=1))
         return items, weights, ptr, norms
 
-    def _chunk_scores(self, items: np.ndarray, weights: np.ndarray, ptr: np.ndarray, norms: np.ndarray,
-                      exclude: np.ndarray, out: np.ndarray, postings: int) -> None:
-        """`_neighbour_scores` of the queries (`_query_vectors`' arrays for them) that reach
-        `postings` item-session postings in all."""
-        c = self.config
-        item_sess, sess_item_recent, sess_item = self._matrices()
-        n_sess, n = item_sess.shape[1], len(ptr) - 1
-        if ptr[-1] == 0:
-            return
-        q = sp.csr_matrix((weights, items, ptr), shape=(n, item_sess.shape[0]))
-        # 2. dot products with every candidate (sessions sharing an item), in session (= time) order
-        if sess_item_recent.nnz <= SCAN_ALL * postings:
-            # every training session against the chunk's queries: [S, R] by columns lists each
-            # query's candidates in session order with no sort (each dot still sums the items
-            # ascending); cheaper than sorting each query's candidates when the training
-            # sessions hold fewer item postings than the chunk's queries reach
-            dots = (sess_item_recent @ q.T.tocsr()).tocsc()  # [S, R]
-        else:
-            dots = q @ item_sess  # [R, S]
-            dots.sort_indices()
-        lens = np.diff(dots.indptr)
-        rows = np.repeat(np.arange(n), lens)
-        cand, dot = dots.indices.astype(np.int64), dots.data
-        keep = cand != exclude[rows]
-        # 3. the sample_size most recent candidates of each query
-        lens = np.bincount(rows[keep], minlength=n)
-        rows, cand, dot = rows[keep], cand[keep], dot[keep]
-        starts = np.cumsum(lens) - lens
-        keep = np.arange(len(rows)) - starts[rows] >= (lens - c.sample_size)[rows]
-        rows, cand, dot = rows[keep], cand[keep], dot[keep]
-        lens = np.minimum(lens, c.sample_size)
-        n_len = (self.session_ptr_[cand + 1] - self.session_ptr_[cand]).astype(np.float64)  # type: ignore[index]
-        sim = dot / (norms[rows] * np.sqrt(n_len))
-        # 4. the k most similar of each query (ties by recency, later first); a query with at
-        # most k candidates keeps them all in time order
-        big = lens > c.k
-        if big.any():
-            sel = big[rows]
-            b_rows = np.cumsum(big) - 1  # index among the big queries
-            width = int(lens[big].max())
-            starts = np.cumsum(lens) - lens
-            pad = np.full((int(big.sum()), width), -np.inf)
-            pad[b_rows[rows[sel]], (np.arange(len(rows)) - starts[rows])[sel]] = sim[sel]
-            kth = -np.partition(-pad, c.k - 1, axis=1)[:, c.k - 1]  # k-th largest similarity
-            sel &= sim >= kth[b_rows[rows]]
-            order = np.lexsort((-cand[sel], -sim[sel], rows[sel]))
-            top = np.flatnonzero(sel)[order]
-            first = np.concatenate(([True], rows[top][1:] != rows[top][:-1]))
-            rank_in_row = np.arange(len(top)) - np.maximum.accumulate(np.where(first, np.arange(len(top)), 0))
-            top = top[rank_in_row < c.k]
-            small = np.flatnonzero(~big[rows])
-            pick = np.concatenate([small, top])
-            pick = pick[np.argsort(rows[pick], kind="stable")]  # rows in order, each row's order kept
-            rows, cand, sim = rows[pick], cand[pick], sim[pick]
-        # 5. scores: each neighbour's items get its similarity, summed in the neighbours' order
-        counts = np.bincount(rows, minlength=n)
-        w_ptr = np.concatenate(([0], np.cumsum(counts)))
-        # (the product runs over each row's entries in their stored order: the summation order)
-        scores = sp.csr_matrix((sim, cand, w_ptr), shape=(n, n_sess)) @ sess_item
-        # (each (row, item) once in a product: a fancy-index add, no dense [R, items] temporary)
-        out[np.repeat(np.arange(n), np.diff(scores.indptr)), scores.indices] += scores.data
-
-    def _base(self, n: int) -> torch.Tensor:
+    def _scores(self, queries: list[np.ndarray], exclude: np.ndarray) -> torch.Tensor:
+        """Double[R, n_items + 1]: the scores of the queries (`_neighbour_scores`) plus the
+        popularity tie-breaker."""
         if self.pop_ is None:
             raise RuntimeError("fit or load the model first")
-        return (self.pop_ * TIE_EPS).unsqueeze(0).repeat(n, 1)
+        out = torch.empty(len(queries), len(self.pop_), dtype=torch.float64)
+        self._neighbour_scores(queries, exclude, (self.pop_ * TIE_EPS).numpy(), out.numpy())
+        return out
 
     def score(self, batch: Batch) -> torch.Tensor:
-        out = self._base(batch.n_targets)
         cur = batch.sessions[:, -1].numpy()
         rows, pos = batch.target_rows.tolist(), batch.target_pos.tolist()
-        own = self._own_ranks(batch)
-        self._neighbour_scores([cur[r, :p] for r, p in zip(rows, pos, strict=True)], own[rows], out.numpy())
-        return out
+        return self._scores([cur[r, :p] for r, p in zip(rows, pos, strict=True)], self._own_ranks(batch)[rows])
 
     def score_sessions(self, batch: Batch) -> torch.Tensor:
-        out = self._base(len(batch.users))
-        last = batch.sessions[:, -1].numpy()
-        self._neighbour_scores(list(last), self._own_ranks(batch), out.numpy())
-        return out
+        return self._scores(list(batch.sessions[:, -1].numpy()), self._own_ranks(batch))
 
     # -- persistence ------------------------------------------------------------------------------
     def save(self, path: Path) -> None:

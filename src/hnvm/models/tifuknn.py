@@ -38,6 +38,7 @@ from hnvm.config import rng
 from hnvm.contract import Batch
 from hnvm.data.batches import Sequences
 from hnvm.models.base import load_model_files, register, save_model_files
+from hnvm.models.knn_kernels import neighbour_mean
 
 if TYPE_CHECKING:
     from hnvm.data.store import Dataset
@@ -249,14 +250,10 @@ class TIFUKNN:
         d = torch.add(own.pow(2).sum(1, keepdim=True), self._sq_norms()[None]).sub_(cross, alpha=2)
         self._exclude_own(d, users)
         idx = d.topk(k, dim=1, largest=False).indices.numpy()  # [B, k]
-        # the mean of each row's k neighbours as one sparse product: S [B, U'] holds 1/k at each
-        # row's neighbours, in topk order (the order `train[r].mean(0)` sums them in, so that
-        # the floats are the same as row by row)
-        B = idx.shape[0]
-        pick = sp.csr_matrix((np.full(B * k, 1.0 / k, dtype=train.dtype), idx.ravel(), np.arange(0, B * k + 1, k)),
-                             shape=(B, train.shape[0]))
-        neighbours = (pick @ train).toarray()  # [B, n_items + 1]
-        return c.alpha * own + (1 - c.alpha) * torch.from_numpy(neighbours.astype(np.float32))
+        # the mean of each row's k neighbours, summed in topk order (the order `train[r].mean(0)`
+        # sums them in, so that the floats are the same as row by row), in a compiled loop
+        neighbours = neighbour_mean(idx, np.float32(1.0 / k), train)  # [B, n_items + 1]
+        return c.alpha * own + (1 - c.alpha) * torch.from_numpy(neighbours)
 
     def score(self, batch: Batch) -> torch.Tensor:
         """Float[K, n_items + 1]: next item from the earlier sessions (and, with
