@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -280,6 +283,64 @@ def test_sknn_looks_up_each_item_s_latest_sample_size_plus_one_sessions_only() -
                               m.item_sessions_[m.item_ptr_[i + 1] - min(lens[i], 5):m.item_ptr_[i + 1]])
     assert np.array_equal(root_len, np.sqrt(np.diff(m.session_ptr_)))
     assert len(SKNN(SKNNConfig(sample_size=1000)).fit(ds)._postings()[1]) == lens.sum()
+
+
+def test_sknn_recency_cut_keeps_the_sample_size_largest_ids_through_shared_bins() -> None:
+    """The compiled cut to the sample_size most recent candidates: a histogram of id >> shift,
+    then a sort of the bin that holds the cut, with several ids to a bin (shift 3) and the cut
+    inside a bin, at a bin's edge, or keeping all but one."""
+    rng = np.random.default_rng(2)
+    for sample_size in (1, 7, 8, 9, 100, 299):
+        ids = rng.choice(5000, 300, replace=False)
+        cand, dot = ids.copy(), np.zeros(5000)
+        dot[ids] = 1.0
+        bins = np.zeros((4999 >> 3) + 1, dtype=np.int64)
+        m = knn_kernels._most_recent(cand, len(ids), sample_size, 3, bins, np.empty(300, np.int64), dot)
+        want = np.sort(ids)[-sample_size:]
+        assert m == sample_size and np.array_equal(np.sort(cand[:m]), want), sample_size
+        assert np.array_equal(np.flatnonzero(dot), want), sample_size  # the others' dot cleared
+
+
+def test_sknn_equals_the_one_query_definition_with_thousands_of_sessions() -> None:
+    """Over 2,048 training sessions, so that the recency cut's bins hold several sessions each,
+    and a few items, so that most queries have more candidates than sample_size: still the
+    one-query definition bit for bit."""
+    ds = synthetic_dataset(n_users=300, n_items=30, n_topics=3, seed=7, sessions_per_user=(8, 10))
+    seq = Sequences.from_events(ds.events, ds.n_users)
+    m = SKNN(SKNNConfig(k=5, sample_size=40)).fit(ds)
+    assert len(m.session_ptr_) - 1 > 2048
+    batch = next(iter(next_item_batches(seq, "test", max_targets=150)))
+    got = m.score(batch).numpy()
+    cur = batch.sessions[:, -1].numpy()
+    pop = m.pop_.numpy() * 1e-9
+    for k, (row, pos) in enumerate(zip(batch.target_rows.tolist(), batch.target_pos.tolist(), strict=True)):
+        assert np.array_equal(got[k], pop + sknn_one_query(m, cur[row, :pos], -1)), k
+
+
+def test_sknn_concurrent_calls_take_turns_under_numba_s_workqueue_layer() -> None:
+    """numba's fallback threading layer (no OpenMP) aborts the process on concurrent parallel
+    launches: calls from several threads must take turns (a lock), so that they all finish."""
+    code = """
+from concurrent.futures import ThreadPoolExecutor
+import numba, torch
+from hnvm.data.batches import Sequences, next_item_batches
+from hnvm.data.samples import synthetic_dataset
+from hnvm.models import knn_kernels
+from hnvm.models.sknn import SKNN, SKNNConfig
+knn_kernels._parts = lambda n_rows: 2
+ds = synthetic_dataset(n_users=40, n_items=12, n_topics=2, seed=5, session_length=(2, 7))
+seq = Sequences.from_events(ds.events, ds.n_users)
+m = SKNN(SKNNConfig(k=3, sample_size=12)).fit(ds)
+batch = next(iter(next_item_batches(seq, "test", max_targets=400)))
+whole = m.score(batch)
+with ThreadPoolExecutor(4) as pool:
+    assert all(torch.equal(s, whole) for s in pool.map(lambda _: m.score(batch), range(16)))
+print(numba.threading_layer())
+"""
+    env = {**os.environ, "NUMBA_THREADING_LAYER": "workqueue"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().endswith("workqueue")
 
 
 def test_sknn_splits_and_concurrent_calls_score_alike_and_foreign_items_are_refused(monkeypatch) -> None:

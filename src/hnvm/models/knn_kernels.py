@@ -8,6 +8,8 @@ and `neighbour_mean` run a batch's rows in parts, one per torch thread, in numba
 model's one-query definition, in IEEE arithmetic (no fastmath: no reassociation or fused
 multiply-add), so the scores equal that definition's bit for bit, however the rows are split
 (tested). Compiled on first use (seconds), then cached on disk where numba can write its cache.
+With GNU OpenMP (numba's usual threading layer on Linux) a process forked after a parallel
+launch cannot launch again: use spawn for worker processes, as this project does.
 """
 
 from __future__ import annotations
@@ -38,9 +40,10 @@ def _before(sim_a: float, sess_a: int, sim_b: float, sess_b: int) -> bool:
 @_compiled
 def _candidates(items: np.ndarray, weights: np.ndarray, lo: int, hi: int, exclude: int, post_ptr: np.ndarray,
                 post_sess: np.ndarray, dot: np.ndarray, cand: np.ndarray) -> int:
-    """Step 2 of one query (items[lo:hi] ascending, their weights): its candidates' ids into
-    cand[:n] (any order) and their dot products into dot[id], each summed over the items in
-    ascending order (0 + w_1 + w_2 ...); `exclude` (-1: none) is not a candidate. Returns n."""
+    """One query's candidates (models/sknn.py, step 2), from its items[lo:hi] (ascending) and
+    their weights: the candidates' ids into cand[:n] (any order) and their dot products into
+    dot[id], each summed over the items in ascending order (0 + w_1 + w_2 ...); `exclude` (-1:
+    none) is not a candidate. Returns n."""
     n = 0
     for j in range(lo, hi):
         w = weights[j]
@@ -61,8 +64,8 @@ def _candidates(items: np.ndarray, weights: np.ndarray, lo: int, hi: int, exclud
 @_compiled
 def _most_recent(cand: np.ndarray, n: int, sample_size: int, shift: int, bins: np.ndarray, in_bin: np.ndarray,
                  dot: np.ndarray) -> int:
-    """Step 3: keeps in cand[:m] the sample_size largest (most recent) of the n distinct ids,
-    clearing the dot of the others; the cut from a histogram of the ids' high bits (id >>
+    """Step 2's cut: keeps in cand[:m] the sample_size largest (most recent) of the n distinct
+    ids, clearing the dot of the others; the cut from a histogram of the ids' high bits (id >>
     shift), then a sort of the one bin that holds it. Returns m."""
     if n <= sample_size:
         return n
@@ -92,8 +95,8 @@ def _most_recent(cand: np.ndarray, n: int, sample_size: int, shift: int, bins: n
 @_compiled
 def _neighbours(cand: np.ndarray, n: int, k: int, norm: float, root_len: np.ndarray, dot: np.ndarray,
                 sim: np.ndarray, heap_sim: np.ndarray, heap_sess: np.ndarray) -> int:
-    """Step 4: the neighbours into cand[:m], their similarities into sim[:m], in summation order:
-    all n in time order where n <= k, else the k most similar, best first (ties later first),
+    """Steps 3 and 4's neighbours: into cand[:m], their similarities into sim[:m], in summation
+    order: all n in time order where n <= k, else the k most similar, best first (ties later first),
     found with a heap of the k best so far (the worst at its root); clears dot. Returns m."""
     if n <= k:
         cand[:n] = np.sort(cand[:n])
@@ -175,7 +178,7 @@ def vsknn_rows(items: np.ndarray, weights: np.ndarray, ptr: np.ndarray, norms: n
         n = _candidates(items, weights, ptr[r], ptr[r + 1], exclude[r], post_ptr, post_sess, dot, cand)
         n = _most_recent(cand, n, sample_size, shift, bins, in_bin, dot)
         n = _neighbours(cand, n, k, norms[r], root_len, dot, sim, heap_sim, heap_sess)
-        # 5. scores: each neighbour's items get its similarity, summed in the neighbours' order
+        # the scores (step 4): each neighbour's items get its similarity, summed in the neighbours' order
         for i in range(n):
             for q in range(sess_ptr[cand[i]], sess_ptr[cand[i] + 1]):
                 acc[sess_items[q]] += sim[i]
@@ -199,6 +202,7 @@ def neighbour_mean_rows(idx: np.ndarray, weight: np.float32, indptr: np.ndarray,
 
 
 def _parallel(fn: Callable[..., Any]) -> Any:
+    """`_compiled` with numba.prange running in parallel, in numba's threads."""
     return _compiled(fn, parallel=True)
 
 
@@ -243,8 +247,11 @@ def vsknn_scores(items: np.ndarray, weights: np.ndarray, ptr: np.ndarray, norms:
 
 def neighbour_mean(idx: np.ndarray, weight: np.float32, vectors: Any) -> np.ndarray:
     """float32[B, n_cols]: Σ_j weight · vectors[idx[b, j]] for each row b, the neighbours in the
-    order of idx int64[B, k] (`neighbour_mean_rows`); vectors: float32 scipy CSR [U, n_cols]
-    with sorted indices. The rows are split in `_parts`."""
+    order of idx int64[B, k] (`neighbour_mean_rows`); vectors: float32 scipy CSR [U, n_cols].
+    The rows are split in `_parts`. TypeError: vectors of another dtype (each sum would round
+    to float32 at every step)."""
+    if vectors.dtype != np.float32:
+        raise TypeError(f"neighbour_mean: float32 vectors expected, got {vectors.dtype}")
     out = np.zeros((idx.shape[0], vectors.shape[1]), dtype=np.float32)
     with _LAUNCH:
         _neighbour_mean_parts(np.ascontiguousarray(idx, dtype=np.int64), np.float32(weight), vectors.indptr,

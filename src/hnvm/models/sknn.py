@@ -9,7 +9,7 @@ For a query session q (the prefix of the current session, oldest item first):
 2. candidates: the training sessions that share at least one item with q; of these only the
    `sample_size` most recent (by their last timestamp) are considered (session-rec's
    `sampling='recent'`). These, and their dot products, are found from each query item's
-   `sample_size` + 1 most recent sessions only (exact; see `_matrices`), so a query costs at
+   `sample_size` + 1 most recent sessions only (exact; see `_postings`), so a query costs at
    most its items x (`sample_size` + 1) postings however popular its items are.
 3. similarity: cosine of q's weight vector and the candidate's binary item vector,
    sim = Σ_{i ∈ q ∩ n} w_i / (||w|| · sqrt(|n|)); the `k` most similar candidates are the
@@ -18,7 +18,7 @@ For a query session q (the prefix of the current session, oldest item first):
 
 The queries of a batch run in one compiled loop per thread (numba, models/knn_kernels.py), with
 every sum in the order of the one-query definition (bit-identical scores, tested): a query
-costs its items' cut postings, a partition of its candidates and a heap of its k best, with no
+costs its items' cut postings, a histogram of its candidates' ids and a heap of its k best, with no
 [R, S] temporaries. An empty query falls back to popularity, and ties
 everywhere are ordered by popularity (pop(i) / (max pop + 1) * 1e-9 added to float64 scores).
 Next-session uses the user's last history session as the query. Neighbours come from the
@@ -41,7 +41,6 @@ from hnvm.config import choices, rng
 from hnvm.contract import Batch
 from hnvm.data.sampling import train_counts
 from hnvm.models.base import load_model_files, register, save_model_files
-from hnvm.models.knn_kernels import vsknn_scores
 
 if TYPE_CHECKING:
     from hnvm.data.store import Dataset
@@ -92,6 +91,9 @@ class SKNN:
 
     def __init__(self, config: SKNNConfig | None = None, **overrides: Any) -> None:
         self.config = dataclasses.replace(config or SKNNConfig(), **overrides)
+        for name in ("k", "sample_size"):  # (the compiled loop sizes its buffers by them)
+            if getattr(self.config, name) < 1:
+                raise ValueError(f"sknn: {name} must be at least 1, got {getattr(self.config, name)}")
         # training sessions are numbered 0..S-1 in time order (most recent = largest index)
         self.session_ptr_: np.ndarray | None = None  # int64[S + 1]
         self.session_items_: np.ndarray | None = None  # int64[nnz]: distinct items per session
@@ -169,9 +171,13 @@ class SKNN:
         every sum in the order of the one-query definition (items ascending for a dot product,
         neighbours by similarity for a score), so the scores are that definition's bit for bit.
         ValueError: an item id outside the fitted catalogue."""
+        from hnvm.models.knn_kernels import vsknn_scores  # (numba: imported when first scoring)
+
         items, weights, ptr, norms = self._query_vectors(queries)
         post_ptr, post_sess, root_len = self._postings()
         assert self.session_ptr_ is not None and self.session_items_ is not None
+        if len(exclude) and int(exclude.max()) >= len(root_len):  # (a read outside the arrays otherwise)
+            raise ValueError(f"training session {int(exclude.max())} is outside the model's {len(root_len)}")
         c = self.config
         vsknn_scores(items, weights, ptr, norms, np.ascontiguousarray(exclude, dtype=np.int64), post_ptr, post_sess,
                      self.session_ptr_, self.session_items_, root_len, c.sample_size, c.k, base, out)

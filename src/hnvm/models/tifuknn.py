@@ -38,7 +38,6 @@ from hnvm.config import rng
 from hnvm.contract import Batch
 from hnvm.data.batches import Sequences
 from hnvm.models.base import load_model_files, register, save_model_files
-from hnvm.models.knn_kernels import neighbour_mean
 
 if TYPE_CHECKING:
     from hnvm.data.store import Dataset
@@ -252,6 +251,8 @@ class TIFUKNN:
         idx = d.topk(k, dim=1, largest=False).indices.numpy()  # [B, k]
         # the mean of each row's k neighbours, summed in topk order (the order `train[r].mean(0)`
         # sums them in, so that the floats are the same as row by row), in a compiled loop
+        from hnvm.models.knn_kernels import neighbour_mean  # (numba: imported when first scoring)
+
         neighbours = neighbour_mean(idx, np.float32(1.0 / k), train)  # [B, n_items + 1]
         return c.alpha * own + (1 - c.alpha) * torch.from_numpy(neighbours)
 
