@@ -361,6 +361,33 @@ def test_scores_read_the_current_session_prefix_only() -> None:
         torch.testing.assert_close(ns[row], want)
 
 
+def test_scores_run_only_the_steps_a_target_reads_and_equal_the_full_run_bit_for_bit() -> None:
+    """The batch's sessions are as wide as its longest session of any kind (history included);
+    scoring runs the GRU over the current sessions only up to the last step a target reads,
+    which gives the states of the full run bit for bit (the GRU is causal and each step the
+    same [B] computation), and `run` is not asked for the steps past them."""
+    m = GRU4Rec(GRU4RecConfig(**SMALL))
+    m.net = m._build(20)
+    sessions = torch.zeros(3, 2, 9, dtype=torch.long)
+    sessions[:, 0] = torch.arange(1, 10)  # a long history session widens the batch to 9 steps
+    sessions[0, 1, :4] = torch.tensor([3, 4, 5, 6])
+    sessions[1, 1, :2] = torch.tensor([7, 8])
+    sessions[2, 1, :3] = torch.tensor([2, 9, 11])
+    rows, pos = torch.tensor([0, 0, 0, 0, 1, 1, 2, 2, 2]), torch.tensor([0, 1, 2, 3, 0, 1, 0, 1, 2])
+    batch = Batch(torch.tensor([1, 2, 3]), sessions, rows, pos)
+    net = m.net
+    full = net.run(sessions[:, -1])  # [3, 9, H]
+    h = torch.zeros(len(rows), net.layers[-1])
+    h[pos > 0] = full[rows[pos > 0], pos[pos > 0] - 1]
+    widths = []
+    real_run = net.run
+    net.run = lambda items: widths.append(items.shape[1]) or real_run(items)  # type: ignore[method-assign]
+    assert torch.equal(m.score(batch), net.score_items(h)) and widths == [3]
+    hist = Batch(batch.users, sessions, torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
+    last = torch.stack([full[0, 3], full[1, 1], full[2, 2]])
+    assert torch.equal(m.score_sessions(hist), net.score_items(last)) and widths == [3, 4]
+
+
 def test_layers_from_config_and_command_line(tmp_path) -> None:
     rc = resolve_config("gru4rec", None, ["model.layers=50", "model.loss=bpr-max"])
     assert rc.model_config.layers == (50,) and rc.model_config.loss == "bpr-max"

@@ -151,7 +151,10 @@ class GRU4Rec(NetPersistence):
     def score(self, batch: Batch) -> Tensor:
         net = self.network()
         current = batch.sessions[:, -1]  # [B, T]: history sessions are ignored (session-based)
-        outs = net.run(current)  # [B, T, H]
+        # only the steps some target reads (T is the batch's longest session of any kind; the
+        # GRU is causal, each step the same [B] computation, so the states are the same floats)
+        steps = int(batch.target_pos.max()) if batch.n_targets else 0  # a target at p reads step p - 1
+        outs = net.run(current[:, :steps])  # [B, steps, H]
         h = outs.new_zeros(batch.n_targets, net.layers[-1])  # [K, H]; empty prefix: zero state
         has_prefix = batch.target_pos > 0
         h[has_prefix] = outs[batch.target_rows[has_prefix], batch.target_pos[has_prefix] - 1]
@@ -164,7 +167,7 @@ class GRU4Rec(NetPersistence):
         net = self.network()
         last = batch.sessions[:, -1]  # [B, T]
         lengths = (last > 0).sum(1)  # [B]
-        outs = net.run(last)  # [B, T, H]
+        outs = net.run(last[:, :int(lengths.max()) if len(last) else 0])  # [B, longest, H]
         h = outs.new_zeros(len(last), net.layers[-1])  # [B, H]
         rows = torch.nonzero(lengths > 0).squeeze(1)
         h[rows] = outs[rows, lengths[rows] - 1]
