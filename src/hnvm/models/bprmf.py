@@ -64,7 +64,7 @@ class BPRMFNet(nn.Module):
 
     def scores(self, users: Tensor) -> Tensor:
         """Float[B, n_items + 1]: x_ui for every item."""
-        return self.user(users) @ self.item.weight.T + self.bias.weight.T
+        return (self.user(users) @ self.item.weight.T).add_(self.bias.weight.T)  # (in place: the same floats)
 
 
 class PairsTrainable:

@@ -90,7 +90,7 @@ class CaserNet(nn.Module):
 
     def score_all(self, x: Tensor) -> Tensor:
         """x: Float[B, 2d] -> Float[B, n_items + 1] (column 0 = padding; callers mask it)."""
-        return x @ self.W2.weight.T + self.b2.weight.squeeze(1)
+        return (x @ self.W2.weight.T).add_(self.b2.weight.squeeze(1))  # (in place: the same floats)
 
     def score_items(self, x: Tensor, item_ids: Tensor) -> Tensor:
         """x: Float[B, 2d], item_ids: Long[B, M] -> Float[B, M]."""

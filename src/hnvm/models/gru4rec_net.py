@@ -352,7 +352,8 @@ class GRU4RecNet(nn.Module):
         """h: Float[b, H_last] -> scores Float[b, m] of items Long[m] (every item, i.e.
         m = n_items + 1 with column 0 = padding, when items is None)."""
         if items is None:
-            return h @ self.Wy.weight.T + self.By.weight.squeeze(1)
+            # (the bias added in place: the same floats, one [b, m] temporary fewer)
+            return (h @ self.Wy.weight.T).add_(self.By.weight.squeeze(1))
         return h @ self.Wy(items).T + self.By(items).squeeze(1)
 
     def train_step(self, items: Tensor, state: list[Tensor], cols: Tensor) -> tuple[Tensor, list[Tensor]]:
