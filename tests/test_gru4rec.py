@@ -386,6 +386,11 @@ def test_scores_run_only_the_steps_a_target_reads_and_equal_the_full_run_bit_for
     hist = Batch(batch.users, sessions, torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
     last = torch.stack([full[0, 3], full[1, 1], full[2, 2]])
     assert torch.equal(m.score_sessions(hist), net.score_items(last)) and widths == [3, 4]
+    # every target at the first position (no step read), and no targets at all
+    first = Batch(batch.users, sessions, torch.tensor([0, 1, 2]), torch.zeros(3, dtype=torch.long))
+    assert torch.equal(m.score(first), net.score_items(torch.zeros(3, net.layers[-1]))) and widths[-1] == 0
+    none = Batch(batch.users, sessions, torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
+    assert m.score(none).shape == (0, 21)
 
 
 def test_layers_from_config_and_command_line(tmp_path) -> None:
