@@ -171,7 +171,7 @@ def vsknn_rows(items: np.ndarray, weights: np.ndarray, ptr: np.ndarray, norms: n
     while (len(sess_ptr) - 2) >> shift >= 1024:
         shift += 1
     bins = np.zeros(((len(sess_ptr) - 2) >> shift) + 1, np.int64)
-    cand, in_bin, sim = np.empty(widest + 1, np.int64), np.empty(widest, np.int64), np.empty(widest)
+    cand, in_bin, sim = np.empty(widest, np.int64), np.empty(widest, np.int64), np.empty(widest)
     heap_sim, heap_sess = np.empty(k), np.empty(k, np.int64)
     acc = np.zeros(out.shape[1])
     for r in range(lo, hi):

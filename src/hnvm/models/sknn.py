@@ -18,9 +18,9 @@ For a query session q (the prefix of the current session, oldest item first):
 
 The queries of a batch run in one compiled loop per thread (numba, models/knn_kernels.py), with
 every sum in the order of the one-query definition (bit-identical scores, tested): a query
-costs its items' cut postings, a histogram of its candidates' ids and a heap of its k best, with no
-[R, S] temporaries. An empty query falls back to popularity, and ties
-everywhere are ordered by popularity (pop(i) / (max pop + 1) * 1e-9 added to float64 scores).
+costs its items' cut postings, a histogram of its candidates' ids and a heap of its k best,
+with no [R, S] temporaries. An empty query falls back to popularity, and ties everywhere are
+ordered by popularity (pop(i) / (max pop + 1) * 1e-9 added to float64 scores).
 Next-session uses the user's last history session as the query. Neighbours come from the
 training sessions only, so the candidates of a test session may be later in time than it (the
 user-last split's own property, the same for every model). No nn.Module and no loss: `fit` builds indexes.
