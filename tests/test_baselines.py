@@ -231,6 +231,16 @@ def sknn_one_query(m: SKNN, query: np.ndarray, exclude: int) -> np.ndarray:
     return out
 
 
+def assert_next_items_are_the_one_query_definition(m: SKNN, batch, own: np.ndarray) -> None:
+    """Every next-item score of the batch equals popularity's tie-breaker plus `sknn_one_query`
+    of its prefix, bit for bit; own[row]: the row's excluded training session (-1: none)."""
+    got = m.score(batch).numpy()
+    cur = batch.sessions[:, -1].numpy()
+    pop = m.pop_.numpy() * 1e-9
+    for k, (row, pos) in enumerate(zip(batch.target_rows.tolist(), batch.target_pos.tolist(), strict=True)):
+        assert np.array_equal(got[k], pop + sknn_one_query(m, cur[row, :pos], int(own[row]))), k
+
+
 @pytest.mark.parametrize("parts", [1, 3])
 @pytest.mark.parametrize("cfg", [SKNNConfig(), SKNNConfig(k=3, sample_size=12),
                                  SKNNConfig(k=5, sample_size=4, weighting="quadratic"),
@@ -256,12 +266,8 @@ def test_sknn_batched_scores_equal_the_one_query_definition_bit_for_bit(cfg: SKN
     own = rng.integers(0, n_train, len(batch.sessions))  # pretend each row's session is a training one
     train_ids = np.flatnonzero(m.rank_of_session_ >= 0)  # dataset ids, by training rank below
     batch.session_ids = torch.from_numpy(train_ids[np.argsort(m.rank_of_session_[train_ids])][own])
-    got = m.score(batch).numpy()
-    cur = batch.sessions[:, -1].numpy()
+    assert_next_items_are_the_one_query_definition(m, batch, own)
     pop = m.pop_.numpy() * 1e-9
-    for k, (row, pos) in enumerate(zip(batch.target_rows.tolist(), batch.target_pos.tolist(), strict=True)):
-        want = pop + sknn_one_query(m, cur[row, :pos], int(own[row]))
-        assert np.array_equal(got[k], want), k
     hist = next(iter(next_session_batches(seq, "test")))[0]
     got = m.score_sessions(hist).numpy()
     for b, last in enumerate(hist.sessions[:, -1].numpy()):
@@ -310,11 +316,7 @@ def test_sknn_equals_the_one_query_definition_with_thousands_of_sessions() -> No
     m = SKNN(SKNNConfig(k=5, sample_size=40)).fit(ds)
     assert len(m.session_ptr_) - 1 > 2048
     batch = next(iter(next_item_batches(seq, "test", max_targets=150)))
-    got = m.score(batch).numpy()
-    cur = batch.sessions[:, -1].numpy()
-    pop = m.pop_.numpy() * 1e-9
-    for k, (row, pos) in enumerate(zip(batch.target_rows.tolist(), batch.target_pos.tolist(), strict=True)):
-        assert np.array_equal(got[k], pop + sknn_one_query(m, cur[row, :pos], -1)), k
+    assert_next_items_are_the_one_query_definition(m, batch, np.full(len(batch.sessions), -1))
 
 
 def test_sknn_concurrent_calls_take_turns_under_numba_s_workqueue_layer() -> None:
