@@ -22,22 +22,16 @@ import numba
 import numpy as np
 import torch
 
-
-def _compiled(fn: Callable[..., Any], parallel: bool = False) -> Any:
-    """numba.njit(nogil), with numba's on-disk cache where it finds a writable place for it."""
-    try:
-        return numba.njit(nogil=True, parallel=parallel, cache=True)(fn)
-    except RuntimeError:  # ("no locator available"): compile in each process instead
-        return numba.njit(nogil=True, parallel=parallel)(fn)
+from hnvm.compiled import compiled
 
 
-@_compiled
+@compiled
 def _before(sim_a: float, sess_a: int, sim_b: float, sess_b: int) -> bool:
     """Neighbour a ranks before b: more similar, ties by recency (a later session first)."""
     return sim_a > sim_b or (sim_a == sim_b and sess_a > sess_b)
 
 
-@_compiled
+@compiled
 def _candidates(items: np.ndarray, weights: np.ndarray, lo: int, hi: int, exclude: int, post_ptr: np.ndarray,
                 post_sess: np.ndarray, dot: np.ndarray, cand: np.ndarray) -> int:
     """One query's candidates (models/sknn.py, step 2), from its items[lo:hi] (ascending) and
@@ -61,7 +55,7 @@ def _candidates(items: np.ndarray, weights: np.ndarray, lo: int, hi: int, exclud
     return n
 
 
-@_compiled
+@compiled
 def _most_recent(cand: np.ndarray, n: int, sample_size: int, shift: int, bins: np.ndarray, in_bin: np.ndarray,
                  dot: np.ndarray) -> int:
     """Step 2's cut: keeps in cand[:m] the sample_size largest (most recent) of the n distinct
@@ -92,7 +86,7 @@ def _most_recent(cand: np.ndarray, n: int, sample_size: int, shift: int, bins: n
     return kept
 
 
-@_compiled
+@compiled
 def _neighbours(cand: np.ndarray, n: int, k: int, norm: float, root_len: np.ndarray, dot: np.ndarray,
                 sim: np.ndarray, heap_sim: np.ndarray, heap_sess: np.ndarray) -> int:
     """Steps 3 and 4's neighbours: into cand[:m], their similarities into sim[:m], in summation
@@ -141,7 +135,7 @@ def _neighbours(cand: np.ndarray, n: int, k: int, norm: float, root_len: np.ndar
     return k
 
 
-@_compiled
+@compiled
 def vsknn_rows(items: np.ndarray, weights: np.ndarray, ptr: np.ndarray, norms: np.ndarray, exclude: np.ndarray,
                post_ptr: np.ndarray, post_sess: np.ndarray, sess_ptr: np.ndarray, sess_items: np.ndarray,
                root_len: np.ndarray, sample_size: int, k: int, base: np.ndarray, out: np.ndarray, lo: int,
@@ -187,7 +181,7 @@ def vsknn_rows(items: np.ndarray, weights: np.ndarray, ptr: np.ndarray, norms: n
             acc[c] = 0.0
 
 
-@_compiled
+@compiled
 def neighbour_mean_rows(idx: np.ndarray, weight: np.float32, indptr: np.ndarray, indices: np.ndarray,
                         data: np.ndarray, out: np.ndarray, lo: int, hi: int) -> None:
     """out[b] = Σ_j weight · vectors[idx[b, j]] for the rows b in [lo, hi), j in the order of
@@ -202,8 +196,8 @@ def neighbour_mean_rows(idx: np.ndarray, weight: np.float32, indptr: np.ndarray,
 
 
 def _parallel(fn: Callable[..., Any]) -> Any:
-    """`_compiled` with numba.prange running in parallel, in numba's threads."""
-    return _compiled(fn, parallel=True)
+    """`compiled` with numba.prange running in parallel, in numba's threads."""
+    return compiled(fn, parallel=True)
 
 
 @_parallel

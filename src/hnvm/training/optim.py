@@ -77,6 +77,12 @@ class AdagradMomentum(torch.optim.Optimizer):
         idx, val = g.indices()[0], g.values()  # index_select: much faster than t[idx] on CPU
         if group["weight_decay"]:
             val = val.add(p.index_select(0, idx), alpha=group["weight_decay"])
+        from hnvm.training.sparse_kernels import adagrad_momentum_rows  # (imports numba: not at start-up)
+
+        # on the CPU in two compiled passes, the same floats as the operations below
+        if adagrad_momentum_rows(p, st["sum"], st.get("velocity"), idx, val, group["lr"], group["momentum"],
+                                 group["eps"]):
+            return
         acc = st["sum"].index_select(0, idx).addcmul_(val, val)
         st["sum"].index_copy_(0, idx, acc)
         upd = torch.div(val, acc.add_(group["eps"]).sqrt_(), out=acc)  # in acc's memory: one [rows, H] less
