@@ -14,8 +14,9 @@ launch cannot launch again: use spawn for worker processes, as this project does
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numba
@@ -222,7 +223,23 @@ def _neighbour_mean_parts(idx: np.ndarray, weight: np.float32, indptr: np.ndarra
 # one batch at a time across Python threads: numba's fallback threading layer (workqueue, where
 # no OpenMP runtime is found) aborts the process on concurrent launches, e.g. from a web
 # server's request threads; one batch already uses every core
-_LAUNCH = threading.Lock()
+_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _launch() -> Iterator[None]:
+    """One parallel launch at a time (_LOCK), leaving torch's thread count as it found it:
+    numba's OpenMP layer sets the OpenMP runtime's thread count, which torch shares, to
+    numba's own (every core), and torch.set_num_threads (a user's, `hnvm serve --threads`)
+    would otherwise be lost after the first kNN batch; with it the floats of torch's products
+    (MKL splits work by thread count)."""
+    with _LOCK:
+        threads = torch.get_num_threads()
+        try:
+            yield
+        finally:
+            if torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)
 
 
 def _parts(n_rows: int) -> int:
@@ -234,7 +251,7 @@ def vsknn_scores(items: np.ndarray, weights: np.ndarray, ptr: np.ndarray, norms:
                  post_ptr: np.ndarray, post_sess: np.ndarray, sess_ptr: np.ndarray, sess_items: np.ndarray,
                  root_len: np.ndarray, sample_size: int, k: int, base: np.ndarray, out: np.ndarray) -> None:
     """`vsknn_rows` over every query (the arguments as there), the rows split in `_parts`."""
-    with _LAUNCH:
+    with _launch():
         _vsknn_parts(items, weights, ptr, norms, exclude, post_ptr, post_sess, sess_ptr, sess_items, root_len,
                      sample_size, k, base, out, _parts(len(ptr) - 1))
 
@@ -247,7 +264,7 @@ def neighbour_mean(idx: np.ndarray, weight: np.float32, vectors: Any) -> np.ndar
     if vectors.dtype != np.float32:
         raise TypeError(f"neighbour_mean: float32 vectors expected, got {vectors.dtype}")
     out = np.zeros((idx.shape[0], vectors.shape[1]), dtype=np.float32)
-    with _LAUNCH:
+    with _launch():
         _neighbour_mean_parts(np.ascontiguousarray(idx, dtype=np.int64), np.float32(weight), vectors.indptr,
                               vectors.indices, vectors.data, out, _parts(idx.shape[0]))
     return out
