@@ -59,3 +59,28 @@ def test_other_dtypes_and_layouts_take_the_torch_operations(monkeypatch: pytest.
     assert not sparse_kernels.adagrad_momentum_rows(p, torch.zeros(3, 4), None, torch.tensor([0]),
                                                     torch.ones(1, 4), 0.1, 0.0, 1e-6)
     assert torch.equal(p, torch.zeros(3, 4))
+
+
+@pytest.mark.parametrize("h", [1, 7, 100])
+def test_compiled_coalescing_equals_sort_and_embedding_bag_bit_for_bit(h: int) -> None:
+    """Per-row sums in position order, as torch's stable sort, unique_consecutive and
+    embedding_bag give them (sign of zero included), from heavy repeats to distinct ids."""
+    g = torch.Generator().manual_seed(h)
+    for n, n_rows in ((1, 1), (50, 3), (2_240, 5_216), (500, 20_000), (3_000, 40)):
+        ids = torch.randint(0, n_rows, (n,), generator=g)
+        grad = torch.randn(n, h, generator=g) * 10 ** (4 * torch.rand(n, 1, generator=g) - 2) ** 2
+        grad[::7] = -0.0
+        rows, sums = sparse_kernels.coalesce_rows(ids, grad, n_rows)
+        sorted_ids, perm = torch.sort(ids, stable=True)
+        want_rows, _, counts = torch.unique_consecutive(sorted_ids, return_counts=True, return_inverse=True)
+        want = torch.embedding_bag(grad, perm, counts.cumsum(0) - counts)[0]
+        assert torch.equal(rows, want_rows) and torch.equal(sums, want)
+        assert torch.equal(sums.signbit(), want.signbit())
+
+
+def test_coalescing_declines_where_a_sort_is_cheaper_and_refuses_foreign_ids() -> None:
+    ids, grad = torch.tensor([3, 1, 3]), torch.ones(3, 2)
+    assert sparse_kernels.coalesce_rows(ids, grad, 10**7) is None  # O(n_rows) for 3 ids
+    assert sparse_kernels.coalesce_rows(ids, grad.double(), 10) is None
+    with pytest.raises(ValueError, match=r"\[0, 3\)"):
+        sparse_kernels.coalesce_rows(ids, grad, 3)

@@ -228,9 +228,11 @@ def stable_sort(ids: Tensor) -> tuple[Tensor, Tensor]:
 
 class _CoalescedRows(torch.autograd.Function):
     """weight[ids] (as nn.Embedding(sparse=True)) with its sparse gradient already coalesced: one
-    entry per distinct row, sorted, summed over the row's occurrences by embedding_bag. The
-    optimizer's coalesce is then free; nn.Embedding hands over one entry per occurrence (here
-    len(ids) = b + n_sample per step), which AdagradMomentum must sort and sum every step."""
+    entry per distinct row, sorted, summed over the row's occurrences in position order (on the
+    CPU in a compiled counting sort, `hnvm.training.sparse_kernels.coalesce_rows`; else a stable
+    sort and embedding_bag, the same sums). The optimizer's coalesce is then free; nn.Embedding
+    hands over one entry per occurrence (here len(ids) = b + n_sample per step), which
+    AdagradMomentum must sort and sum every step."""
 
     @staticmethod
     def forward(ctx: Any, weight: Tensor, ids: Tensor) -> Tensor:
@@ -241,9 +243,14 @@ class _CoalescedRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
         (ids,) = ctx.saved_tensors
-        sorted_ids, perm = stable_sort(ids)
-        rows, _, counts = torch.ops.aten.unique_consecutive(sorted_ids, False, True)
-        values = torch.embedding_bag(grad, perm, counts.cumsum(0) - counts)[0]  # [rows, H] sums
+        from hnvm.training.sparse_kernels import coalesce_rows  # (imports numba: not at start-up)
+
+        summed = coalesce_rows(ids, grad, ctx.n_rows)  # on the CPU: a compiled loop, the same sums
+        if summed is None:
+            sorted_ids, perm = stable_sort(ids)
+            rows, _, counts = torch.ops.aten.unique_consecutive(sorted_ids, False, True)
+            summed = rows, torch.embedding_bag(grad, perm, counts.cumsum(0) - counts)[0]  # [rows, H] sums
+        rows, values = summed
         out = torch.sparse_coo_tensor(rows.unsqueeze(0), values, (ctx.n_rows, *grad.shape[1:]),
                                       is_coalesced=True, check_invariants=False)
         # Autograd stores a sparse gradient it alone references as a new tensor around the same

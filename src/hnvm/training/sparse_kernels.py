@@ -1,13 +1,21 @@
-"""AdagradMomentum's update of the rows of a sparse gradient (hnvm.training.optim) on the CPU in
-two compiled passes (numba) instead of about a dozen torch operations, most of them over a
-[rows, H] temporary: a training step of a small network is mostly per-operation cost. GRU4Rec's
-optimizer step, for one, took 1.75 of its 6 ms steps; 1.25 with these loops.
+"""Sparse item-table gradients on the CPU in compiled loops (numba), each in place of about a
+dozen torch operations, most of them over a [rows, H] temporary (a training step of a small
+network is mostly per-operation cost):
 
-The loops give the floats of the torch operations they replace, bit for bit (tested against
-them): each operation rounds as torch's CPU kernel rounds it, fused multiply-adds included
-(`hnvm.compiled.fma`), and the square root is torch's own (`Tensor.sqrt_`: MKL's on x86 builds,
-which is not the correctly rounded one). Importing this module imports numba: the optimizer
-imports it at its first sparse update."""
+* `coalesce_rows`: a lookup's gradient summed per distinct row (GRU4Rec's `_CoalescedRows`),
+  by a counting sort of the ids instead of a sort, `unique_consecutive` and `embedding_bag`;
+* `adagrad_momentum_rows`: AdagradMomentum's update of those rows (hnvm.training.optim), in
+  two passes around torch's square root.
+
+Measured on GRU4Rec's steps (one thread, alternating step by step in one run, ad hoc): the
+update took its optimizer step from 1.75 to 1.25 ms (a step 5.98 -> 5.54 ms), the coalescing
+a step from 6.68 to 6.31 ms.
+
+Both give the floats of the torch operations they replace, bit for bit (tested against them):
+sums run in the same order and each operation rounds as torch's CPU kernel rounds it, fused
+multiply-adds included (`hnvm.compiled.fma`); the square root is torch's own (`Tensor.sqrt_`:
+MKL's on x86 builds, which is not the correctly rounded one). Importing this module imports
+numba: the optimizer and the lookup import it on first use."""
 
 from __future__ import annotations
 
@@ -16,6 +24,52 @@ import torch
 from torch import Tensor
 
 from hnvm.compiled import compiled, fma
+
+
+@compiled
+def _coalesce(ids: np.ndarray, grad: np.ndarray, n_rows: int, rows: np.ndarray, out: np.ndarray) -> int:
+    """The distinct ids ascending into rows[:u] and, in out[:u], each one's sum of grad's rows,
+    0 + g_1 + g_2 ... in the order of the ids' positions (a stable counting sort); returns u."""
+    n = ids.shape[0]
+    start = np.zeros(n_rows + 1, dtype=np.int64)
+    for i in range(n):
+        start[ids[i] + 1] += 1
+    for r in range(n_rows):
+        start[r + 1] += start[r]
+    order = np.empty(n, dtype=np.int64)
+    for i in range(n):  # positions ascending within each id
+        order[start[ids[i]]] = i
+        start[ids[i]] += 1
+    u = 0
+    for p in range(n):
+        i = order[p]
+        if u == 0 or rows[u - 1] != ids[i]:
+            rows[u] = ids[i]
+            out[u, :] = 0.0
+            u += 1
+        for j in range(grad.shape[1]):
+            out[u - 1, j] += grad[i, j]
+    return u
+
+
+def coalesce_rows(ids: Tensor, grad: Tensor, n_rows: int) -> tuple[Tensor, Tensor] | None:
+    """The gradient of weight[ids] summed per distinct row: (rows Long[u] ascending, sums
+    Float[u, H]), each row's sum over its occurrences in the order of their positions, as
+    torch.sort(ids, stable=True), unique_consecutive and embedding_bag give them. ids: Long[n]
+    in [0, n_rows); grad: Float[n, H]. None where the loop does not apply (not on the CPU, not
+    int64 and float32, or a table much larger than the lookup, where the counting sort's
+    O(n_rows) would cost more than a sort): the caller then takes the torch operations.
+    ValueError: an id outside [0, n_rows)."""
+    n = len(ids)
+    if (ids.device.type != "cpu" or grad.device.type != "cpu" or ids.dtype != torch.long
+            or grad.dtype != torch.float32 or grad.dim() != 2 or n_rows > 32 * n + 4096):
+        return None
+    if n and not 0 <= int(ids.min()) <= int(ids.max()) < n_rows:
+        raise ValueError(f"coalesce_rows: ids must lie in [0, {n_rows})")
+    rows = torch.empty(n, dtype=torch.long)
+    out = torch.empty(n, grad.shape[1], dtype=torch.float32)
+    u = _coalesce(ids.contiguous().numpy(), grad.contiguous().numpy(), n_rows, rows.numpy(), out.numpy())
+    return rows[:u], out[:u]
 
 
 @compiled
