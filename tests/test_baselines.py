@@ -24,7 +24,6 @@ from hnvm.models.itemknn import TIE_EPS, ItemKNN, ItemKNNConfig
 from hnvm.models.ncf import NCF, NCFConfig
 from hnvm.models.pop import Pop
 from hnvm.models.sknn import SKNN, SKNNConfig
-from hnvm.models.tifuknn import TIFUKNN, TIFUKNNConfig
 from hnvm.training import TrainConfig
 
 A, B, C, D, E = 1, 2, 3, 4, 5  # raw ids; internal ids are the same (sorted, from 1)
@@ -330,7 +329,6 @@ from hnvm.data.batches import Sequences, next_item_batches
 from hnvm.data.samples import synthetic_dataset
 from hnvm.models import knn_kernels
 from hnvm.models.sknn import SKNN, SKNNConfig
-from hnvm.models.tifuknn import TIFUKNN, TIFUKNNConfig
 knn_kernels._parts = lambda n_rows: 2
 ds = synthetic_dataset(n_users=40, n_items=12, n_topics=2, seed=5, session_length=(2, 7))
 seq = Sequences.from_events(ds.events, ds.n_users)
@@ -348,22 +346,31 @@ print(numba.threading_layer())
 
 
 def test_knn_parallel_loops_leave_torch_s_thread_count_as_they_found_it() -> None:
-    """numba's OpenMP layer sets the thread count that torch shares: a kNN batch must not undo a
-    user's torch.set_num_threads (`hnvm serve --threads`), on which torch's products' floats
-    depend."""
-    ds = synthetic_dataset(n_users=40, n_items=12, n_topics=2, seed=5, session_length=(2, 7))
-    seq = Sequences.from_events(ds.events, ds.n_users)
-    batch = next(iter(next_item_batches(seq, "test", max_targets=400)))
-    models = [SKNN(SKNNConfig(k=3, sample_size=12)).fit(ds), TIFUKNN(TIFUKNNConfig(k=3)).fit(ds)]
-    before = torch.get_num_threads()
-    try:
-        for threads in (1, 3):
-            torch.set_num_threads(threads)
-            for m in models:
-                m.score(batch)
-                assert torch.get_num_threads() == threads, type(m).__name__
-    finally:
-        torch.set_num_threads(before)
+    """numba's OpenMP layer sets the thread count that torch shares when it starts (a process's
+    first parallel launch): a kNN batch must not undo a user's torch.set_num_threads (`hnvm
+    serve --threads`), on which torch's products' floats depend. In a fresh process, so that
+    the launches here are its first."""
+    code = """
+import torch
+from hnvm.data.batches import Sequences, next_item_batches
+from hnvm.data.samples import synthetic_dataset
+from hnvm.models.sknn import SKNN, SKNNConfig
+from hnvm.models.tifuknn import TIFUKNN, TIFUKNNConfig
+ds = synthetic_dataset(n_users=40, n_items=12, n_topics=2, seed=5, session_length=(2, 7))
+seq = Sequences.from_events(ds.events, ds.n_users)
+batch = next(iter(next_item_batches(seq, "test", max_targets=400)))
+models = [SKNN(SKNNConfig(k=3, sample_size=12)).fit(ds), TIFUKNN(TIFUKNNConfig(k=3)).fit(ds)]
+for threads in (1, 3):
+    torch.set_num_threads(threads)
+    for m in models:
+        m.score(batch)
+        assert torch.get_num_threads() == threads, (type(m).__name__, threads, torch.get_num_threads())
+print("kept")
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS")}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().endswith("kept")
 
 
 def test_sknn_splits_and_concurrent_calls_score_alike_and_foreign_items_are_refused(monkeypatch) -> None:

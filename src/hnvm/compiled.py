@@ -26,8 +26,8 @@ def compiled(fn: Callable[..., Any], parallel: bool = False) -> Any:
 
 @intrinsic
 def fma(typingctx: Any, a: Any, b: Any, c: Any) -> Any:
-    """a · b + c rounded once (LLVM's fma), for float32 a, b, c: what torch's vectorised CPU
-    kernels compute for `addcmul_(t1, t2)` (t1 · t2 + self) and `add(other, alpha=x)`
+    """a · b + c rounded once (LLVM's fma), for float32 a, b, c: what torch's AVX2 and AVX512
+    CPU kernels compute for `addcmul_(t1, t2)` (t1 · t2 + self) and `add(other, alpha=x)`
     (other · x + self), which numba's separate multiply and add (two roundings) do not
     reproduce."""
     if not all(isinstance(x, types.Float) and x.bitwidth == 32 for x in (a, b, c)):

@@ -230,8 +230,9 @@ _LOCK = threading.Lock()
 def _launch() -> Iterator[None]:
     """One parallel launch at a time (_LOCK), leaving torch's thread count as it found it:
     numba's OpenMP layer sets the OpenMP runtime's thread count, which torch shares, to
-    numba's own (every core), and torch.set_num_threads (a user's, `hnvm serve --threads`)
-    would otherwise be lost after the first kNN batch; with it the floats of torch's products
+    numba's own (every core) when it starts, at the process's first launch, and
+    torch.set_num_threads (a user's, `hnvm serve --threads`) would otherwise be lost after the
+    first kNN batch; with it the floats of torch's products
     (MKL splits work by thread count)."""
     with _LOCK:
         threads = torch.get_num_threads()

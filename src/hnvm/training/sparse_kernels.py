@@ -13,9 +13,10 @@ a step from 6.68 to 6.31 ms.
 
 Both give the floats of the torch operations they replace, bit for bit (tested against them):
 sums run in the same order and each operation rounds as torch's CPU kernel rounds it, fused
-multiply-adds included (`hnvm.compiled.fma`); the square root is torch's own (`Tensor.sqrt_`:
-MKL's on x86 builds, which is not the correctly rounded one). Importing this module imports
-numba: the optimizer and the lookup import it on first use."""
+multiply-adds included (`hnvm.compiled.fma`; torch's AVX2 and AVX512 kernels fuse them, its
+scalar ones do not: elsewhere the update takes the torch operations); the square root is
+torch's own (`Tensor.sqrt_`: MKL's on x86 builds, which is not the correctly rounded one).
+Importing this module imports numba: the optimizer and the lookup import it on first use."""
 
 from __future__ import annotations
 
@@ -59,16 +60,18 @@ def coalesce_rows(ids: Tensor, grad: Tensor, n_rows: int) -> tuple[Tensor, Tenso
     in [0, n_rows); grad: Float[n, H]. None where the loop does not apply (not on the CPU, not
     int64 and float32, or a table much larger than the lookup, where the counting sort's
     O(n_rows) would cost more than a sort): the caller then takes the torch operations.
-    ValueError: an id outside [0, n_rows)."""
+    ValueError: an id outside [0, n_rows), or ids and grad of other shapes."""
     n = len(ids)
     if (ids.device.type != "cpu" or grad.device.type != "cpu" or ids.dtype != torch.long
             or grad.dtype != torch.float32 or grad.dim() != 2 or n_rows > 32 * n + 4096):
         return None
+    if ids.dim() != 1 or grad.shape[0] != n:
+        raise ValueError(f"coalesce_rows: ids {tuple(ids.shape)} and gradient {tuple(grad.shape)} do not match")
     if n and not 0 <= int(ids.min()) <= int(ids.max()) < n_rows:
         raise ValueError(f"coalesce_rows: ids must lie in [0, {n_rows})")
     rows = torch.empty(n, dtype=torch.long)
     out = torch.empty(n, grad.shape[1], dtype=torch.float32)
-    u = _coalesce(ids.contiguous().numpy(), grad.contiguous().numpy(), n_rows, rows.numpy(), out.numpy())
+    u = _coalesce(ids.contiguous().numpy(), grad.detach().contiguous().numpy(), n_rows, rows.numpy(), out.numpy())
     return rows[:u], out[:u]
 
 
@@ -102,22 +105,39 @@ def _descend(p: np.ndarray, velocity: np.ndarray, idx: np.ndarray, step: np.ndar
                 p[r, j] = fma(step[i, j], neg_lr, p[r, j])
 
 
+# torch rounds addcmul_ and add(alpha=) once (a fused multiply-add) in its AVX2 and AVX512
+# kernels only; its default (scalar) kernels, e.g. ATEN_CPU_CAPABILITY=default or a CPU without
+# AVX2, round twice, and other architectures are not checked: the torch operations run there
+_FMA_CAPABILITIES = ("AVX2", "AVX512")
+
+
 def adagrad_momentum_rows(p: Tensor, acc: Tensor, velocity: Tensor | None, idx: Tensor, val: Tensor,
                           lr: float, momentum: float, eps: float) -> bool:
     """AdagradMomentum's update (hnvm.training.optim) of the rows idx (Long[u], distinct) of
-    p with their gradient val (Float[u, H]): acc[idx] += val²; step = val / sqrt(acc[idx] +
-    eps); then with momentum v[idx] = momentum · v[idx] - lr · step, p[idx] += v[idx], else
-    p[idx] -= lr · step. p, acc and velocity are updated in place. Returns False, touching
-    nothing, where the loop does not apply (not all on the CPU, float32 and contiguous)."""
+    p (Float[n, H]) with their gradient val (Float[u, H]): acc[idx] += val²; step = val /
+    sqrt(acc[idx] + eps); then with momentum v[idx] = momentum · v[idx] - lr · step, p[idx] +=
+    v[idx], else p[idx] -= lr · step. p, acc and velocity (Float[n, H]; None without momentum)
+    are updated in place. Returns False, touching nothing, where the loop does not apply (not
+    all on the CPU, float32 and contiguous, or torch's CPU kernels are not the AVX2/AVX512 ones
+    whose roundings it reproduces). IndexError: an index outside [0, n), or shapes that do not
+    match (what torch's index_select raises for the first)."""
     tables = (p, acc) if not momentum else (p, acc, velocity)
     if (idx.device.type != "cpu" or idx.dtype != torch.long
             or any(t is None or t.device.type != "cpu" or t.dtype != torch.float32 or t.dim() != 2
-                   or not t.is_contiguous() for t in (*tables, val))):
+                   or not t.is_contiguous() for t in (*tables, val))
+            or torch.backends.cpu.get_cpu_capability() not in _FMA_CAPABILITIES):
         return False
-    ids, grad = idx.contiguous().numpy(), val.contiguous().numpy()
+    if idx.dim() != 1 or len(idx) != len(val) or any(t.shape != p.shape for t in tables) or val.shape[1] != p.shape[1]:
+        raise IndexError(f"adagrad_momentum_rows: rows {tuple(idx.shape)} and gradient {tuple(val.shape)} "
+                         f"do not fit a table of {tuple(p.shape)}")
+    if len(idx) and not 0 <= int(idx.min()) <= int(idx.max()) < len(p):
+        raise IndexError(f"adagrad_momentum_rows: row indices must lie in [0, {len(p)})")
+    # every view before the first loop: nothing is touched if one of them fails
+    p_, acc_, ids = p.detach().numpy(), acc.detach().numpy(), idx.contiguous().numpy()
+    vel_ = velocity.detach().numpy() if momentum and velocity is not None else p_
     step = torch.empty(val.shape, dtype=torch.float32)
-    _accumulate(acc.numpy(), ids, grad, eps, step.numpy())
+    _accumulate(acc_, ids, val.detach().numpy(), eps, step.numpy())
     step.sqrt_()  # torch's square root (MKL's on x86 builds), as the torch update takes it
     torch.div(val, step, out=step)
-    _descend(p.numpy(), (velocity if momentum else p).numpy(), ids, step.numpy(), lr, momentum)
+    _descend(p_, vel_, ids, step.numpy(), lr, momentum)
     return True
