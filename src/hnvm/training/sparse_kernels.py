@@ -67,7 +67,8 @@ def coalesce_rows(ids: Tensor, grad: Tensor, n_rows: int) -> tuple[Tensor, Tenso
         return None
     if ids.dim() != 1 or grad.shape[0] != n:
         raise ValueError(f"coalesce_rows: ids {tuple(ids.shape)} and gradient {tuple(grad.shape)} do not match")
-    if n and not 0 <= int(ids.min()) <= int(ids.max()) < n_rows:
+    low, high = torch.aminmax(ids) if n else (0, 0)
+    if int(low) < 0 or int(high) >= n_rows:
         raise ValueError(f"coalesce_rows: ids must lie in [0, {n_rows})")
     rows = torch.empty(n, dtype=torch.long)
     out = torch.empty(n, grad.shape[1], dtype=torch.float32)
@@ -130,7 +131,8 @@ def adagrad_momentum_rows(p: Tensor, acc: Tensor, velocity: Tensor | None, idx: 
     if idx.dim() != 1 or len(idx) != len(val) or any(t.shape != p.shape for t in tables) or val.shape[1] != p.shape[1]:
         raise IndexError(f"adagrad_momentum_rows: rows {tuple(idx.shape)} and gradient {tuple(val.shape)} "
                          f"do not fit a table of {tuple(p.shape)}")
-    if len(idx) and not 0 <= int(idx.min()) <= int(idx.max()) < len(p):
+    low, high = torch.aminmax(idx) if len(idx) else (0, 0)
+    if int(low) < 0 or int(high) >= len(p):
         raise IndexError(f"adagrad_momentum_rows: row indices must lie in [0, {len(p)})")
     # every view before the first loop: nothing is touched if one of them fails
     p_, acc_, ids = p.detach().numpy(), acc.detach().numpy(), idx.contiguous().numpy()
