@@ -1,5 +1,6 @@
-"""AdagradMomentum's compiled sparse update (hnvm.training.sparse_kernels) against the torch
-operations it replaces: the same floats, bit for bit, over shapes, magnitudes and settings."""
+"""The compiled sparse-gradient loops (hnvm.training.sparse_kernels), AdagradMomentum's update
+and the per-row coalescing, against the torch operations they replace: the same floats, bit
+for bit, over shapes, magnitudes and settings; and what they decline or refuse."""
 
 from __future__ import annotations
 
