@@ -75,9 +75,12 @@ def history_flops(model: object, batches: list[Batch]) -> tuple[float, int] | No
     """(the FLOPs of the batches' history encoding per target without padding, H of the GRU
     reading its items): the products of each real step, 2 · 3H · (input + H) for a GRU step
     (HNVM: encoder per history item, context GRU per history session; HRNN: session GRU per
-    item, user GRU per session, plus its 2 · U · S session-state initialisation per session);
-    what FlopCounterMode counts on a batch with no padding (tests/test_speed_bound.py). None for
-    the models without `history_only` and for HNVM with `use_history` off."""
+    item, user GRU per session, plus its 2 · U · S session-state initialisation per session),
+    except HNVM's encoder input gates, 2 · 3H · input per item of its table instead of per
+    history item where the table has fewer rows (hnvm.models.gru_inference, built once for all
+    the batches); what FlopCounterMode counts on a batch with no padding
+    (tests/test_speed_bound.py). None for the models without `history_only` and for HNVM with
+    `use_history` off."""
     name = getattr(model, "name", "")
     if history_only(model) is None or not getattr(model.config, "use_history", True):  # type: ignore[attr-defined]
         return None  # (HNVM's history-blind ablation encodes no history)
@@ -86,10 +89,14 @@ def history_flops(model: object, batches: list[Batch]) -> tuple[float, int] | No
     gru = [6.0 * g.hidden_size * (g.input_size + g.hidden_size) for g in (per_item, per_session)]
     if name == "hrnn":
         gru[1] += 2.0 * net.init.in_features * net.init.out_features
-    total = 0.0
+    items = sessions = 0
     for b in batches:
         history = model._trim(b.sessions[:, :-1])  # type: ignore[attr-defined]
-        total += gru[0] * int((history > 0).sum()) + gru[1] * int((history > 0).any(2).sum())
+        items, sessions = items + int((history > 0).sum()), sessions + int((history > 0).any(2).sum())
+    total = gru[0] * items + gru[1] * sessions
+    if name == "hnvm":  # the input gates once per row of the item table where that is fewer
+        gates = 6.0 * per_item.hidden_size * per_item.input_size
+        total -= gates * (items - min(items, net.item_emb.num_embeddings))
     return total / sum(b.n_targets for b in batches), int(per_item.hidden_size)
 
 

@@ -13,6 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from hnvm.contract import Batch
 from hnvm.data.samples import synthetic_dataset
+from hnvm.models.gru_inference import InputGates
 from hnvm.models.hnvm import HNVM
 from hnvm.models.hrnn import HRNN
 from hnvm.models.ncf import NCF
@@ -23,6 +24,8 @@ import speed
 
 
 def _counted(model: object, batch: Batch) -> float:
+    if isinstance(model, HNVM):  # HNVM keeps its encoder's input-gate table between calls: count building it
+        model.network().input_gates = InputGates()
     with torch.no_grad(), FlopCounterMode(display=False) as fc:
         speed.history_only(model)(batch)
     return fc.get_total_flops() / batch.n_targets
@@ -94,3 +97,21 @@ def test_pair_flops_are_ncf_s_scoring_less_its_per_user_and_per_item_parts() -> 
     assert flops * batch.n_targets == pytest.approx(fc.get_total_flops() - outside, rel=1e-12)
     assert flops == pytest.approx(3 * cols * 2 * (16 * 8 + 8 * 4 + 8 * 1) / 5, rel=1e-12)
     assert speed.pair_flops(HRNN(), [batch]) is None
+
+
+def test_hnvm_history_flops_count_the_input_gate_table_once_where_it_is_smaller(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """With more history items than item-table rows HNVM's encoder takes its input gates from a
+    table built once (hnvm.models.gru_inference): the count is what it computes so, fewer than
+    the gates per history item."""
+    model = HNVM(hidden=16, emb_dim=12, mlp_hidden=16, d_e=8, d_z=8, n_negatives=8)
+    model.fit(synthetic_dataset(n_users=30, n_items=40, n_topics=4, seed=5), train_cfg=TrainConfig(epochs=1))
+    rows = model.network().item_emb.num_embeddings
+    long = torch.randint(1, 20, (3, 4, 2 * rows), generator=torch.Generator().manual_seed(2))  # 18 * rows history items
+    batch = Batch(sessions=long, users=torch.tensor([1, 2, 3]), target_rows=torch.tensor([0, 1, 2]),
+                  target_pos=torch.tensor([1, 1, 1]))
+    flops, _ = speed.history_flops(model, [batch])
+    assert flops == pytest.approx(_counted(model, batch), rel=1e-12)
+    monkeypatch.setattr(InputGates, "table", lambda *a: None)  # gates per history item
+    per_event = _counted(model, batch)
+    assert per_event - flops == pytest.approx(6.0 * 16 * 12 * (18 * rows - rows) / 3, rel=1e-12)

@@ -51,6 +51,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from hnvm.models.gru_inference import MIN_ROWS, InputGates, applies, context_after, gru_last_states
 from hnvm.models.hnvm_repeat import RepeatChannel
 from hnvm.models.layers import (
     GaussianHead,
@@ -129,6 +130,7 @@ class HNVMNet(nn.Module):
         self.item_emb = nn.Embedding(n_items + 2, emb_dim, padding_idx=0, sparse=sparse)  # + padding + BOS
         self.encoder = nn.GRU(emb_dim, H, batch_first=True)
         self.context = nn.GRUCell(H, H)
+        self.input_gates = InputGates()  # inference only: the encoder's input gates per item
         if use_e:  # one-hot profile -> per-user rows; row 0 = the shared unknown user
             self.e_prior_mu = nn.Embedding(n_users + 1, d_e, sparse=sparse)
             self.e_prior_logvar = nn.Embedding(n_users + 1, d_e, sparse=sparse)
@@ -161,12 +163,19 @@ class HNVMNet(nn.Module):
     def _encode(self, seqs: Tensor, lengths: Tensor) -> Tensor:
         """seqs: Long[N, T] right-padded, lengths: Long[N] >= 1 -> h_enc Float[N, H] (the state
         after each session's last real item). Only that state is gathered from each group's GRU
-        output, never a padded [N, T, H] copy."""
+        output, never a padded [N, T, H] copy. In inference on the CPU the input gates come
+        from a per-item table (gru_inference: the same floats, fewer products)."""
+        exact = not self.training and applies(self.item_emb.weight)
+        table = self.input_gates.table(self.item_emb, self.encoder, int(lengths.sum())) if exact else None
         parts, order = [], []
         for rows in self._buckets(lengths):
             n = lengths[rows]
-            out = self.encoder(self.item_emb(seqs[rows, : int(n.max())]))[0]  # [n, t, H]
-            parts.append(out[torch.arange(len(rows), device=out.device), n - 1])
+            items = seqs[rows, : int(n.max())]  # [n, t]
+            if table is not None and items.numel() >= MIN_ROWS:
+                parts.append(gru_last_states(table, self.encoder, items, n))
+            else:
+                out = self.encoder(self.item_emb(items))[0]  # [n, t, H]
+                parts.append(out[torch.arange(len(rows), device=out.device), n - 1])
             order.append(rows)
         return unsort_rows(torch.cat(parts), torch.cat(order))
 
@@ -354,8 +363,9 @@ class HNVMNet(nn.Module):
         points. Chain windows through h_con0 for long histories."""
         del users
         h_enc, _, session_mask, *_ = self._sessions(items)
-        _, h_con = self._context(h_enc, session_mask, h_con0)
-        return h_con[:, -1]
+        if (h := context_after(self.context, h_enc, session_mask, h_con0)) is not None:
+            return h  # the occupied slots only (gru_inference: the same floats)
+        return self._context(h_enc, session_mask, h_con0)[1][:, -1]
 
     @torch.no_grad()
     def prefix_hidden(
