@@ -1,6 +1,7 @@
 """hnvm.models.gru_inference: HNVM's history encoding in inference with per-item input gates and
 the context GRU over occupied slots only gives the floats of nn.GRU / nn.GRUCell (torch.equal),
-takes its way only where that holds, and rebuilds its table when a weight changes."""
+takes its way only where that holds, and rebuilds its table when a weight changes; HNVM's scores
+with these ways and the decoder alone over the scored session are the modules' scores."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 from torch import nn
 
 import hnvm.models.gru_inference as gi
+import hnvm.models.hnvm as hnvm_model
 import hnvm.models.hnvm_net as hnvm_net
 from hnvm.data.batches import Sequences, next_item_batches
 from hnvm.data.samples import synthetic_dataset
@@ -108,20 +110,26 @@ def test_context_declines_where_its_floats_could_differ_or_autograd_needs_the_mo
     assert gi.context_after(cell, torch.randn(20, 3, 8), mask, None) is None  # autograd on
 
 
-def test_hnvm_scores_are_the_modules_scores_bit_for_bit(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("options", [{}, {"repeat": True}, {"use_z": False}, {"use_e": False, "use_z": False}],
+                         ids=["paper", "repeat", "no-z", "no-e-no-z"])
+def test_hnvm_scores_are_the_modules_scores_bit_for_bit(monkeypatch: pytest.MonkeyPatch, options: dict) -> None:
+    """Scores with the three ways (item table, occupied context slots, decoder alone over the
+    scored session) against the modules' way (nn.GRU, every context slot, the whole forward)."""
     ds = synthetic_dataset(n_users=120, n_items=60, n_topics=6, seed=3)
-    model = HNVM(hidden=24, emb_dim=16, mlp_hidden=16, d_e=8, d_z=8, n_negatives=16)
+    model = HNVM(hidden=24, emb_dim=16, mlp_hidden=16, d_e=8, d_z=8, n_negatives=16, **options)
     model.fit(ds, train_cfg=TrainConfig(epochs=1, seed=0))
     seq = Sequences.from_events(ds.events, ds.n_users)
     batches = list(next_item_batches(seq, "test", max_targets=256))
     assert max(len(b.users) for b in batches) >= gi.MIN_ROWS
-    taken = []
-    real_context = gi.context_after
-    monkeypatch.setattr(hnvm_net, "context_after", lambda *a: taken.append(r := real_context(*a)) or r)
+    taken: list[object] = []
+    spy = (lambda real: lambda *a: taken.append(r := real(*a)) or r)  # noqa: E731
+    monkeypatch.setattr(hnvm_net, "context_after", spy(gi.context_after))
+    monkeypatch.setattr(hnvm_model, "prior_states", spy(gi.prior_states))
     fast = [model.score(b) for b in batches]
     assert model.network().input_gates._table is not None  # the ways were taken, not declined
-    assert any(r is not None for r in taken)
+    assert sum(r is not None for r in taken) >= 2 * len(batches) - 1
     monkeypatch.setattr(hnvm_net, "applies", lambda x: False)
     monkeypatch.setattr(hnvm_net, "context_after", lambda *a: None)
+    monkeypatch.setattr(hnvm_model, "prior_states", lambda *a: None)
     for b, scores in zip(batches, fast, strict=True):
         assert torch.equal(scores, model.score(b))

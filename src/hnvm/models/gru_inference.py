@@ -1,7 +1,8 @@
-"""Inference-only ways to run HNVM's encoder and context GRUs with less work and the same floats.
+"""Inference-only ways to run HNVM's GRUs with less work and the same floats.
 
 Evaluation encodes every user's history before it scores anything (docs/design.md, "What bounds
-evaluation"); two costs of that encoding are not the GRUs' own:
+evaluation"); two costs of that encoding are not the GRUs' own, and scoring runs more than it reads
+(`prior_states`: the decoder alone over the scored sessions):
 
 * the encoder's input gates ``W_ih x + b_ih`` are computed per history *event*, though they
   depend on the item only: `InputGates` computes them once per item (a table, [n_items + 1, 3H])
@@ -24,8 +25,13 @@ tested (tests/test_gru_inference.py) and checked on the exported ranks
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from hnvm.models.hnvm_net import HNVMNet
 
 MIN_ROWS = 16  # GEMMs of fewer rows may take kernels whose last bits differ (measured: 1-3, 5-7, 9-11)
 GRAIN = 32768  # torch's element-wise grain (at::internal::GRAIN_SIZE): larger ops are split between threads
@@ -115,3 +121,19 @@ def context_after(cell: nn.GRUCell, h_enc: Tensor, session_mask: Tensor, h0: Ten
         new = gru_cell(gates[where[run * W + w]], h[run], cell.weight_hh, cell.bias_hh)
         h.index_copy_(0, rows, new[:k])
     return h
+
+
+def prior_states(net: HNVMNet, users: Tensor, items: Tensor, h_con0: Tensor,
+                 mc_samples: int = 1) -> tuple[Tensor, Tensor] | None:
+    """The decoder states of `net.forward(users, items[:, None], h_con0, sample=False).states`
+    (z at the prior mean, eq. 12) without what forward also computes and scoring does not read:
+    the encoder's pass over the scored sessions, their posterior and KL terms, the context after
+    them. users Long[B], items Long[B, T] right-padded, h_con0 Float[B, H] -> (states
+    Float[sum(lengths), H] row by row, lengths Long[B]); the same floats (the same decoder call
+    on the same inputs). None with mc_samples > 1 (forward averages prior draws) or where a row
+    has no item (forward skips it)."""
+    lengths = (items > 0).sum(-1)  # [B]
+    if mc_samples > 1 or not bool((lengths > 0).all()):
+        return None
+    cond = net.session_condition(h_con0, net.general_preference(users))  # [B, C]
+    return net.drop(net._decode_valid(items[:, : int(lengths.max())], lengths, cond)), lengths

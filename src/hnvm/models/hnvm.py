@@ -21,6 +21,7 @@ from hnvm.data.batches import Sequences, user_windows, window_batches
 from hnvm.data.sampling import popularity_probs, train_counts
 from hnvm.models.base import NetPersistence, register
 from hnvm.models.carry import CarriedStates
+from hnvm.models.gru_inference import prior_states
 from hnvm.models.hnvm_latent import free_bits_kl, latent_diagnostics
 from hnvm.models.hnvm_net import HNVMNet
 from hnvm.models.hnvm_repeat import Pairs, RepeatMemory, history_pairs, loss_scorers, prefix_pairs
@@ -146,9 +147,7 @@ class HNVM(NetPersistence):
         net = self.net
         if net is None or not net.use_e:
             return
-        n = net.e_post_mu.weight.shape[0]
-        trained = torch.ones(n, dtype=torch.bool)
-        trained[0] = False
+        trained = torch.arange(net.e_post_mu.weight.shape[0]) > 0  # row 0 is the unknown user
         trained[untrained.long()] = False
         if not trained.any():
             return
@@ -192,11 +191,13 @@ class HNVM(NetPersistence):
         net = self.network()
         h = self._history(batch.users, batch.sessions[:, :-1])  # [B, H]
         last = batch.sessions[:, -1:]
-        out = net(batch.users, last, h_con0=h, sample=False, mc_samples=self.config.mc_samples)
-        lengths = out.item_mask[:, 0].sum(-1)  # [B]; out.states holds every real position, row by row
+        if (found := prior_states(net, batch.users, last[:, 0], h, self.config.mc_samples)) is None:
+            out = net(batch.users, last, h_con0=h, sample=False, mc_samples=self.config.mc_samples)
+            found = out.states, out.item_mask[:, 0].sum(-1)  # every real position row by row, [B]
+        states, lengths = found
         if bool((batch.target_pos >= lengths[batch.target_rows]).any()):
             raise ValueError("a target position is not an item of its row's last session")
-        hidden = out.states[(torch.cumsum(lengths, 0) - lengths)[batch.target_rows] + batch.target_pos]  # [K, H]
+        hidden = states[(torch.cumsum(lengths, 0) - lengths)[batch.target_rows] + batch.target_pos]  # [K, H]
         if net.repeat is None:
             return net.score(hidden)
         return self._with_repeat(net.score(hidden), batch.users, h, batch.sessions[:, :-1], last, hidden,
