@@ -20,6 +20,8 @@ Sections (each also runs on its own with the command it prints):
   knn       TIFU-KNN's and V-SKNN's exact shortcuts against the long way, scores torch.equal
             (benchmarks/knn_paths.py: the Instacart sample, the 60,750-item set, 100,000
             short-history users, a heavy-head log)
+  hnvm      HNVM's exact inference ways (hnvm.models.gru_inference) against the modules' way,
+            scores torch.equal, alternating per batch in one process (benchmarks/hnvm_inference.py)
   windows   HNVM (paper sizes) and HRNN on the Instacart sample: whole training epochs with the
             state entering each user window carried over from the user's previous window (the
             default) against re-encoded before every window (`carry_context` / `carry_state`
@@ -57,7 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_eval import bare_scoring, first_test_batches, load_data, model_for, score_width, train_throughput
 
 HERE = Path(__file__).resolve().parent
-SECTIONS = ("models", "knn", "windows", "gru4rec", "prepare", "serve")
+SECTIONS = ("models", "knn", "hnvm", "windows", "gru4rec", "prepare", "serve")
 
 
 def history_only(model: object) -> Callable[[Batch], object] | None:
@@ -270,6 +272,9 @@ def main(argv: list[str] | None = None) -> None:
     if "knn" in only:
         child("kNN baselines: each exact shortcut against the long way (next-item targets/s, one process)",
               [sys.executable, str(HERE / "knn_paths.py"), "--workdir", str(args.workdir)])
+    if "hnvm" in only:
+        child("HNVM's exact inference ways against the modules' way (next-item targets/s, one process)",
+              [sys.executable, str(HERE / "hnvm_inference.py"), "--workdir", str(args.workdir)])
     if "windows" in only:
         windows_section(args)
     if "gru4rec" in only:
