@@ -78,9 +78,11 @@ def history_flops(model: object, batches: list[Batch]) -> tuple[float, int] | No
     reading its items): the products of each real step, 2 · 3H · (input + H) for a GRU step
     (HNVM: encoder per history item, context GRU per history session; HRNN: session GRU per
     item, user GRU per session, plus its 2 · U · S session-state initialisation per session),
-    except HNVM's encoder input gates, 2 · 3H · input per item of its table instead of per
-    history item where the table has fewer rows (hnvm.models.gru_inference, built once for all
-    the batches); what FlopCounterMode counts on a batch with no padding
+    except HNVM's encoder input gates, 2 · 3H · input once per row of its item table instead of
+    per history item where the table has fewer rows than all the batches' history items (the
+    fewest: the model builds the table at the first batch holding at least as many history
+    events as rows, then keeps it; hnvm.models.gru_inference); what FlopCounterMode counts on a
+    batch with no padding
     (tests/test_speed_bound.py). None for the models without `history_only` and for HNVM with
     `use_history` off."""
     name = getattr(model, "name", "")

@@ -108,3 +108,18 @@ def test_coalescing_declines_where_a_sort_is_cheaper_and_refuses_foreign_ids() -
         sparse_kernels.coalesce_rows(ids, grad[:2], 10)
     rows, sums = sparse_kernels.coalesce_rows(ids, torch.arange(6.0).view(2, 3).T, 10)  # not contiguous
     assert rows.tolist() == [1, 3] and sums.tolist() == [[1.0, 4.0], [0.0 + 2.0, 3.0 + 5.0]]
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.4])
+def test_the_compiled_update_bumps_the_version_counters_of_what_it_writes(momentum: float) -> None:
+    """It writes through numpy, which autograd and version-keyed caches (HNVM's input-gate table)
+    would not see; it bumps the counters as torch's in-place operations do."""
+    p, acc = torch.randn(6, 4), torch.zeros(6, 4)
+    vel = torch.zeros(6, 4)
+    before = [t._version for t in (p, acc, vel)]
+    idx, val = torch.tensor([1, 4]), torch.randn(2, 4)
+    if not COMPILED(p, acc, vel, idx, val, 0.1, momentum, 1e-10):
+        pytest.skip("the compiled update declines on this CPU")
+    after = [t._version for t in (p, acc, vel)]
+    assert after[0] > before[0] and after[1] > before[1]
+    assert (after[2] > before[2]) == (momentum > 0)

@@ -25,6 +25,7 @@ tested (tests/test_gru_inference.py) and checked on the exported ranks
 
 from __future__ import annotations
 
+import threading
 from typing import TYPE_CHECKING
 
 import torch
@@ -33,20 +34,27 @@ from torch import Tensor, nn
 if TYPE_CHECKING:
     from hnvm.models.hnvm_net import HNVMNet
 
-MIN_ROWS = 16  # GEMMs of fewer rows may take kernels whose last bits differ (measured: 1-3, 5-7, 9-11)
+MIN_ROWS = 16  # GEMMs of fewer rows may take kernels whose last bits differ (here 1-3, 5-7, 9-11 rows, K = 200)
 GRAIN = 32768  # torch's element-wise grain (at::internal::GRAIN_SIZE): larger ops are split between threads
+_MEASURED = ("AVX2", "AVX512")  # the CPU kernels (with MKL) whose row independence the tests measure
 
 
 def applies(x: Tensor) -> bool:
-    """Whether these exact ways apply to a computation on x: inference (no autograd), CPU,
-    float32, no autocast. On GPUs the fused cuDNN GRU is faster than a loop of steps."""
+    """Whether these exact ways apply to a computation on x: inference (no autograd), CPU with
+    torch's AVX2/AVX512 kernels and MKL (elsewhere, e.g. oneDNN/ACL on aarch64, a row's GEMM
+    result may depend on the call's row count), float32, no autocast. On GPUs the fused cuDNN GRU
+    is faster than a loop of steps."""
     return (not torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu"))
+            and not torch.is_autocast_enabled("cpu") and torch.backends.mkl.is_available()
+            and torch.backends.cpu.get_cpu_capability() in _MEASURED)
 
 
 def gru_cell(gates_in: Tensor, h: Tensor, w_hh: Tensor, b_hh: Tensor) -> Tensor:
     """One step of torch's CPU GRU cell from pre-computed input gates, operation for operation:
-    gates_in Float[n, 3H] (W_ih x + b_ih, gates r, z, n), h Float[n, H] -> Float[n, H]."""
+    gates_in Float[n, 3H] (W_ih x + b_ih, gates r, z, n), h Float[n, H] -> Float[n, H].
+    The sigmoids run on [n, H] column chunks of [n, 3H] products, i.e. row by row, as torch's
+    do: a vectorised sigmoid's tail differs from its body, so on a contiguous tensor a value's
+    bits would depend on its position."""
     i_r, i_z, i_n = gates_in.unsafe_chunk(3, 1)
     h_r, h_z, h_n = torch.addmm(b_hh, h, w_hh.t()).unsafe_chunk(3, 1)
     r = h_r.add_(i_r).sigmoid_()
@@ -57,28 +65,50 @@ def gru_cell(gates_in: Tensor, h: Tensor, w_hh: Tensor, b_hh: Tensor) -> Tensor:
 
 class InputGates:
     """The input gates of a one-layer GRU over an item embedding, per item: a table
-    Float[n_items + 1, 3H] equal row for row to what the GRU computes per event (``linear_ih``:
-    a matmul, then the bias added), kept until a weight changes (the tensors' version counters:
-    an optimizer step or a `load_state_dict` changes them in place)."""
+    Float[n_items + 1, 3H] equal row for row to what the GRU computes per event where its input
+    is a non-contiguous [t, n, E] view (``linear_ih`` folded into one matmul, then the bias
+    added; `uses_table` says where). Kept while the weights are the same tensors, at the same
+    addresses, with the same version counters; torch's in-place operations bump the counters,
+    hnvm's compiled optimizer loops bump them too, and switching `HNVMNet` to training mode
+    drops the table (a write through ``.data`` or numpy does not bump them). Thread-safe: one
+    build at a time."""
 
     def __init__(self) -> None:
-        self._of: tuple[Tensor, ...] = ()  # the weights the table was built from, held (so never reused)
-        self._versions: tuple[int, ...] = ()
-        self._table: Tensor | None = None
+        self._lock = threading.Lock()
+        # (the weights it was built from, held so their addresses are not reused; their
+        # addresses and versions; the table)
+        self._built: tuple[tuple[Tensor, ...], tuple[int, ...], Tensor] | None = None
 
     def table(self, emb: nn.Embedding, gru: nn.GRU, events: int) -> Tensor | None:
         """The table, or None where building it would cost more than computing the gates of
-        `events` events directly and it is not already built for these weights."""
+        `events` events directly and it is not already built for these weights, or where the
+        table's own product would be a small call (under `MIN_ROWS` items) or the weights are
+        inference tensors (no version counter)."""
         tensors = (emb.weight, gru.weight_ih_l0, gru.bias_ih_l0)
-        versions = tuple(t._version for t in tensors)
-        same = len(self._of) == 3 and all(a is b for a, b in zip(self._of, tensors, strict=True))
-        if not same or versions != self._versions:
-            self._of, self._versions, self._table = (), (), None
+        if emb.num_embeddings < MIN_ROWS or any(t.is_inference() for t in tensors):
+            return None
+        key = tuple(v for t in tensors for v in (t.data_ptr(), t._version))
+        with self._lock:
+            built = self._built
+            if built is not None and all(a is b for a, b in zip(built[0], tensors, strict=True)) and built[1] == key:
+                return built[2]
+            self._built = None
             if emb.num_embeddings > events:
                 return None
-            table = torch.matmul(emb.weight, gru.weight_ih_l0.t())  # [n_items + 1, 3H]
-            self._of, self._versions, self._table = tensors, versions, table.add_(gru.bias_ih_l0)
-        return self._table
+            table = torch.matmul(emb.weight, gru.weight_ih_l0.t()).add_(gru.bias_ih_l0)  # [n_items + 1, 3H]
+            self._built = (tensors, key, table)
+            return table
+
+
+def uses_table(gru: nn.GRU, items: Tensor) -> bool:
+    """Whether the GRU's own input gates for items Long[n, t] are the table's rows: its
+    time-major input [t, n, E] is then a non-contiguous view that ``linear`` folds into one
+    matmul of t * n rows (>= `MIN_ROWS`) before adding the bias. Not for t = 1 or n = 1 (a
+    contiguous view: one addmm with the bias inside the sum, other bits once E exceeds the
+    BLAS's K block) nor for frozen input weights (then matmul does not fold but runs a batched
+    product per time step)."""
+    n, t = items.shape
+    return n > 1 and t > 1 and n * t >= MIN_ROWS and gru.weight_ih_l0.requires_grad
 
 
 def gru_last_states(table: Tensor, gru: nn.GRU, seqs: Tensor, lengths: Tensor) -> Tensor:
@@ -103,7 +133,7 @@ def context_after(cell: nn.GRUCell, h_enc: Tensor, session_mask: Tensor, h0: Ten
     or its exact conditions do not hold (fewer than `MIN_ROWS` rows or sessions, or a step
     larger than one thread's grain): the caller steps the cell itself."""
     B, W, H = h_enc.shape
-    if cell.training or not applies(h_enc) or B < MIN_ROWS or B * H > GRAIN:
+    if cell.training or not applies(h_enc) or B < MIN_ROWS or B * cell.hidden_size > GRAIN:
         return None
     real = session_mask.reshape(-1).nonzero().squeeze(1)  # [N] flat slots holding a session
     if len(real) < MIN_ROWS:
@@ -130,10 +160,11 @@ def prior_states(net: HNVMNet, users: Tensor, items: Tensor, h_con0: Tensor,
     the encoder's pass over the scored sessions, their posterior and KL terms, the context after
     them. users Long[B], items Long[B, T] right-padded, h_con0 Float[B, H] -> (states
     Float[sum(lengths), H] row by row, lengths Long[B]); the same floats (the same decoder call
-    on the same inputs). None with mc_samples > 1 (forward averages prior draws) or where a row
-    has no item (forward skips it)."""
+    on the same inputs). None with mc_samples > 1 (forward averages prior draws), where a row
+    has no item (forward skips it) or a session is not right-padded."""
     lengths = (items > 0).sum(-1)  # [B]
-    if mc_samples > 1 or not bool((lengths > 0).all()):
-        return None
+    right_padded = torch.equal(items > 0, torch.arange(items.shape[1], device=items.device) < lengths[:, None])
+    if mc_samples > 1 or not right_padded or not bool((lengths > 0).all()):
+        return None  # (forward raises on a session that is not right-padded)
     cond = net.session_condition(h_con0, net.general_preference(users))  # [B, C]
     return net.drop(net._decode_valid(items[:, : int(lengths.max())], lengths, cond)), lengths

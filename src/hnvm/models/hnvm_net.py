@@ -51,7 +51,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from hnvm.models.gru_inference import MIN_ROWS, InputGates, applies, context_after, gru_last_states
+from hnvm.models.gru_inference import InputGates, applies, context_after, gru_last_states, uses_table
 from hnvm.models.hnvm_repeat import RepeatChannel
 from hnvm.models.layers import (
     GaussianHead,
@@ -148,14 +148,16 @@ class HNVMNet(nn.Module):
         # that without it the network and its random stream are the paper's
         self.repeat = RepeatChannel(cond_dim, H, n_items, sparse) if repeat else None
 
+    def train(self, mode: bool = True) -> HNVMNet:
+        if mode:  # training may change the weights in ways no version counter sees
+            self.input_gates = InputGates()
+        return super().train(mode)
+
     # ---- building blocks ------------------------------------------------------------------
 
     def _buckets(self, lengths: Tensor) -> list[Tensor]:
-        """Row indices grouped by length, shortest first. A GRU runs per group, padded to the
-        group's longest row: padded, not packed (on CPU torch's packed GRU is several times
-        slower). Rows of a GRU are independent and causal, so valid positions are exact whatever
-        the grouping (bit for bit with groups of >= 8 rows, measured: evaluation's exported ranks
-        did not change); the grouping only sets the cost, which `length_groups` minimises."""
+        """Row indices by length, shortest first, each group one GRU call padded to its longest row
+        (torch's packed GRU is slower on CPU); the grouping sets the cost (`length_groups`)."""
         order = lengths.argsort()
         cuts = length_groups(lengths[order].cpu().numpy(), self.step_rows)
         return list(order.tensor_split(cuts))
@@ -171,7 +173,7 @@ class HNVMNet(nn.Module):
         for rows in self._buckets(lengths):
             n = lengths[rows]
             items = seqs[rows, : int(n.max())]  # [n, t]
-            if table is not None and items.numel() >= MIN_ROWS:
+            if table is not None and uses_table(self.encoder, items):
                 parts.append(gru_last_states(table, self.encoder, items, n))
             else:
                 out = self.encoder(self.item_emb(items))[0]  # [n, t, H]

@@ -307,8 +307,11 @@ def length_groups(sorted_lengths: np.ndarray, step_rows: float, min_rows: int = 
     padded GRU call: the cuts minimising sum over groups of (step_rows + rows) * longest row,
     i.e. GRU time when one time step costs as much fixed overhead as `step_rows` rows (about
     20 at H = 100..200 on CPU, forward and backward). Every group holds at least `min_rows`
-    rows (one group when there are fewer): a GEMM of 1-4 rows takes another kernel path whose
-    last bits differ, and a row's result must not depend on its neighbours. Exact dynamic
+    rows (one group when there are fewer): a GEMM of few rows takes other kernels whose last
+    bits differ, so a row's result would depend on its group (measured with MKL's AVX512 kernels
+    at K = 200: 1-3, 5-7 and 9-11 rows differ from a large call; the floor of 8 avoids the
+    smallest calls, not all of them; raising it would change every trained model's floats,
+    docs/design.md). Exact dynamic
     programme over the m distinct lengths (O(m^2)). -> the positions of the cuts (tensor_split)."""
     if len(sorted_lengths) == 0:
         return []

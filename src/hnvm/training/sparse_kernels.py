@@ -141,4 +141,6 @@ def adagrad_momentum_rows(p: Tensor, acc: Tensor, velocity: Tensor | None, idx: 
     step.sqrt_()  # torch's square root (MKL's on x86 builds), as the torch update takes it
     torch.div(val, step, out=step)
     _descend(p_, vel_, ids, step.numpy(), lr, momentum)
+    for t in (p, acc, velocity) if momentum and velocity is not None else (p, acc):
+        torch.autograd.graph.increment_version(t)  # written through numpy: say so, as an in-place op would
     return True
