@@ -12,15 +12,16 @@ evaluation"); two costs of that encoding are not the GRUs' own, and scoring runs
   are as many as its longest history): `context_after` runs it over the rows whose slot holds a
   session, and computes the input half of each cell for all sessions at once.
 
-Both compute what torch's CPU GRU computes, operation for operation (aten/src/ATen/native/RNN.cpp,
-``GRUCell`` with pre-computed input gates), so the floats are the ones of ``nn.GRU`` /
-``nn.GRUCell`` provided each row's products do not depend on the other rows of the call. They
-do not on the CPU BLAS for calls of at least `MIN_ROWS` rows (a GEMM of fewer rows takes other
-kernels, whose last bits differ), and element-wise operations do not while a call stays within
-one thread's grain (torch splits larger ones between threads mid-row). The callers take these
-ways only where both hold and fall back to the modules otherwise: the same floats either way,
-tested (tests/test_gru_inference.py) and checked on the exported ranks
-(benchmarks/fingerprint.py).
+The first two compute what torch's CPU GRU computes, operation for operation
+(aten/src/ATen/native/RNN.cpp, ``GRUCell`` with pre-computed input gates), so the floats are the
+ones of ``nn.GRU`` / ``nn.GRUCell`` provided each row's products do not depend on the other rows
+of the call. They do not with MKL's AVX2/AVX512 kernels for calls of at least `MIN_ROWS` rows (a
+GEMM of fewer rows takes other kernels, whose last bits differ), and element-wise operations do
+not while a call stays within one thread's grain (torch splits larger ones between threads
+mid-row). The callers take these ways only where both hold and fall back to the modules
+otherwise. The third makes the decoder call forward makes, on the same inputs. The same floats
+either way: tested (tests/test_gru_inference.py), compared batch by batch
+(benchmarks/hnvm_inference.py) and checked on the exported ranks (benchmarks/fingerprint.py).
 """
 
 from __future__ import annotations
