@@ -135,12 +135,12 @@ def adagrad_momentum_rows(p: Tensor, acc: Tensor, velocity: Tensor | None, idx: 
         raise IndexError(f"adagrad_momentum_rows: row indices must lie in [0, {len(p)})")
     # every view before the first loop: nothing is touched if one of them fails
     p_, acc_, ids = p.detach().numpy(), acc.detach().numpy(), idx.contiguous().numpy()
-    vel_ = velocity.detach().numpy() if momentum and velocity is not None else p_
+    vel_ = tables[2].detach().numpy() if momentum else p_  # (unused without momentum)
     step = torch.empty(val.shape, dtype=torch.float32)
     _accumulate(acc_, ids, val.detach().numpy(), eps, step.numpy())
     step.sqrt_()  # torch's square root (MKL's on x86 builds), as the torch update takes it
     torch.div(val, step, out=step)
     _descend(p_, vel_, ids, step.numpy(), lr, momentum)
-    for t in (p, acc, velocity) if momentum and velocity is not None else (p, acc):
+    for t in tables:
         torch.autograd.graph.increment_version(t)  # written through numpy: say so, as an in-place op would
     return True
