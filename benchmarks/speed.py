@@ -16,7 +16,9 @@ Sections (each also runs on its own with the command it prints):
             (HNVM's context, HRNN's user state; nothing scored) against that floor, the
             bound of the model's ratio; and under HNVM, HRNN and NCF the FLOPs that bound it
             (history encoding; NCF's tower over every (user, item) pair) against this
-            machine's fastest measured matmul.
+            machine's fastest measured matmul. Under HNVM also what bounds its training step:
+            the FLOPs of its matrix products (forward and backward) a target, the time they take
+            replayed alone at their shapes, and the step's count of other operator calls.
   knn       TIFU-KNN's and V-SKNN's exact shortcuts against the long way, scores torch.equal
             (benchmarks/knn_paths.py: the Instacart sample, the 60,750-item set, 100,000
             short-history users, a heavy-head log)
@@ -38,6 +40,7 @@ models section) and their output is printed as they print it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import statistics
 import subprocess
@@ -45,9 +48,13 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from itertools import islice
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from hnvm.contract import Batch
 from hnvm.data.batches import Sequences
@@ -139,6 +146,75 @@ def matmul_rate(m: int, k: int, n: int, repeats: int = 20) -> float:
     return 2.0 * m * k * n / best
 
 
+_PRODUCTS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+             torch.ops.aten.baddbmm.default)
+
+
+class Products(TorchDispatchMode):
+    """While active, records every matrix product dispatched (forward and backward): its op and
+    arguments, each tensor as its (shape, stride, dtype), so that `replay_seconds` can rerun it;
+    and counts the other operator calls (`others`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[Any, list[Any], dict[str, Any]]] = []
+        self.others = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        self.others += func not in _PRODUCTS
+        if func in _PRODUCTS:
+            spec = [(tuple(a.shape), a.stride(), a.dtype) if isinstance(a, torch.Tensor) else a for a in args]
+            self.calls.append((func, spec, dict(kwargs)))
+        return func(*args, **kwargs)
+
+    def flops(self) -> float:
+        """2 · m · k · n of every recorded product (times the batch for bmm / baddbmm)."""
+        total = 0.0
+        for _, spec, _ in self.calls:
+            a, b = spec[-2][0], spec[-1][0]  # the two factors: [.., m, k] and [.., k, n]
+            total += 2.0 * float(np.prod(a)) * b[-1]
+        return total
+
+    def replay_seconds(self, rounds: int = 3) -> float:
+        """Seconds to rerun the recorded products one by one on random tensors of the same shapes,
+        strides and dtypes (one tensor per distinct layout), the fastest of `rounds` rounds."""
+        pool: dict[tuple[Any, ...], torch.Tensor] = {}
+
+        def tensor(spec: tuple[Any, ...]) -> torch.Tensor:
+            if spec not in pool:
+                pool[spec] = torch.empty_strided(spec[0], spec[1], dtype=spec[2]).uniform_(-1.0, 1.0)
+            return pool[spec]
+
+        calls = [(func, [tensor(a) if isinstance(a, tuple) else a for a in spec], kw) for func, spec, kw in self.calls]
+        best = float("inf")
+        for _ in range(rounds + 1):  # (the first round warms up)
+            t0 = time.perf_counter()
+            for func, args, kw in calls:
+                func(*args, **kw)
+            best = min(best, time.perf_counter() - t0)
+        return best
+
+
+def training_products(trainable: Any, steps: int) -> tuple[float, float, float, float]:
+    """(FLOPs of the matrix products per target, seconds per target to replay them alone, products
+    a step, other operator calls a step) over the training steps `train_throughput` times (epoch
+    0's batches 1..steps: forward and backward; the optimizer step, which has no product, is not
+    counted). What the step's arithmetic costs at the shapes the model gives it, measured without
+    everything else the step does."""
+    module = trainable.module
+    module.train()
+    rec, n = Products(), 0
+    for i, batch in enumerate(islice(trainable.train_batches(0, np.random.default_rng(0)), steps + 1)):
+        with rec if i > 0 else contextlib.nullcontext():
+            trainable.loss(batch, i)["loss"].backward()
+        module.zero_grad(set_to_none=True)
+        n += trainable.batch_targets(batch) if i > 0 else 0
+    module.eval()
+    steps = max(steps, 1)
+    return rec.flops() / max(n, 1), rec.replay_seconds() / max(n, 1), len(rec.calls) / steps, rec.others / steps
+
+
 def eval_ratio(model: object, seq: Sequences, n_items: int, hidden: int, targets: int,
                rounds: int) -> tuple[float, float, float, float | None]:
     """(model targets/s, floor targets/s, ratio, ratio of the history part alone or None):
@@ -197,6 +273,13 @@ def models_section(args: argparse.Namespace) -> None:
             ev, floor, ratio, bound = eval_ratio(model, seq, ds.n_items, hidden, args.eval_targets, args.rounds)
             alone = f" (history alone {bound:.2f})" if bound is not None else ""
             print(f"{label:>12} | {train:>26} | {ev:>14,.0f} | {floor:>8,.0f} | {ratio:.2f}{alone}", flush=True)
+            if tr is not None and name == "hnvm":  # the issue's bar: 10,000 target items/s at the paper's sizes
+                flops, replay, products, others = training_products(tr[2], args.steps)
+                print(f"{'':>12}   its training step: {flops / 1e6:.1f} MFLOP of products a target (forward and "
+                      f"backward, padding included), replayed alone at their shapes {replay * 1e6:.0f} us a target "
+                      f"({flops / replay / 1e9:,.0f} GFLOP/s); the whole step {1e6 / tr[0]:.0f} us a target, "
+                      f"{tr[1] / args.steps:,.0f} targets, {products:,.0f} products and {others:,.0f} other operator "
+                      f"calls; 10,000 target items/s leaves 100 us", flush=True)
             batches = first_test_batches(seq, args.eval_targets)
             # what a ratio >= 0.5 leaves a part that the model computes before or as it scores: two
             # floors' time in all; a model that also scores as the floor does (the same product and

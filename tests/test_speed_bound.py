@@ -5,13 +5,16 @@ per-pair tower FLOPs are what its scoring computes beyond its per-user and per-i
 from __future__ import annotations
 
 import sys
+from itertools import islice
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from hnvm.contract import Batch
+from hnvm.data.batches import Sequences
 from hnvm.data.samples import synthetic_dataset
 from hnvm.models.gru_inference import InputGates
 from hnvm.models.hnvm import HNVM
@@ -115,3 +118,35 @@ def test_hnvm_history_flops_count_the_input_gate_table_once_where_it_is_smaller(
     monkeypatch.setattr(InputGates, "table", lambda *a: None)  # gates per history item
     per_event = _counted(model, batch)
     assert per_event - flops == pytest.approx(6.0 * 16 * 12 * (18 * rows - rows) / 3, rel=1e-12)
+
+
+def test_training_products_are_every_product_of_the_timed_steps_and_replay_them() -> None:
+    """The training bound's products: what FlopCounterMode counts over the same training steps
+    (forward and backward; HNVM computes no FLOPs outside matrix products), per timed target;
+    the products and the other operator calls counted per step; the replay runs each of them."""
+    ds = synthetic_dataset(n_users=30, n_items=40, n_topics=4, seed=5)
+    model = HNVM(hidden=16, emb_dim=12, mlp_hidden=16, d_e=8, d_z=8, n_negatives=8, batch_size=4)
+    trainable = model.trainable(ds, Sequences.from_events(ds.events, ds.n_users), TrainConfig())
+    flops, replay, products, others = speed.training_products(trainable, steps=3)
+    assert not trainable.module.training  # left in eval mode, as train_throughput leaves it
+    batches = list(islice(trainable.train_batches(0, np.random.default_rng(0)), 4))[1:]  # the timed steps
+    trainable.module.train()
+    with FlopCounterMode(display=False) as fc:
+        for i, b in enumerate(batches, start=1):
+            trainable.loss(b, i)["loss"].backward()
+    targets = sum(trainable.batch_targets(b) for b in batches)
+    assert flops == pytest.approx(fc.get_total_flops() / targets, rel=1e-12)
+    assert replay > 0 and products >= 3 * 4 and others > products  # a GRU step alone is several products
+
+    rec = speed.Products()
+    a, b = torch.randn(5, 3), torch.randn(3, 7)
+    with rec:
+        torch.addmm(torch.zeros(7), a, b).relu()
+        torch.bmm(torch.randn(2, 5, 3), torch.randn(2, 3, 4))
+    assert rec.flops() == 2 * 5 * 3 * 7 + 2 * 2 * 5 * 3 * 4 and rec.others >= 1
+    calls = []
+    real = torch.ops.aten.addmm.default
+    rec.calls[0] = (lambda *args, **kw: calls.append([tuple(x.shape) for x in args]) or real(*args, **kw),
+                    *rec.calls[0][1:])
+    rec.replay_seconds(rounds=2)
+    assert calls == [[(7,), (5, 3), (3, 7)]] * 3  # a warm-up round, then 2 timed rounds
