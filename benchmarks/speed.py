@@ -277,9 +277,9 @@ def models_section(args: argparse.Namespace) -> None:
                 flops, replay, products, others = training_products(tr[2], args.steps)
                 print(f"{'':>12}   its training step: {flops / 1e6:.1f} MFLOP of products a target (forward and "
                       f"backward, padding included), replayed alone at their shapes {replay * 1e6:.0f} us a target "
-                      f"({flops / replay / 1e9:,.0f} GFLOP/s); the whole step {1e6 / tr[0]:.0f} us a target, "
-                      f"{tr[1] / args.steps:,.0f} targets, {products:,.0f} products and {others:,.0f} other operator "
-                      f"calls; 10,000 target items/s leaves 100 us", flush=True)
+                      f"({flops / replay / 1e9:,.0f} GFLOP/s); the whole step {1e6 / tr[0]:.0f} us a target; a step: "
+                      f"{tr[1] / args.steps:,.0f} targets, {products:,.0f} products, {others:,.0f} other operator "
+                      f"calls; 10,000 target items/s leaves 100 us a target", flush=True)
             batches = first_test_batches(seq, args.eval_targets)
             # what a ratio >= 0.5 leaves a part that the model computes before or as it scores: two
             # floors' time in all; a model that also scores as the floor does (the same product and
