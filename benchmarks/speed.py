@@ -55,6 +55,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 from hnvm.contract import Batch
 from hnvm.data.batches import Sequences
@@ -169,12 +170,9 @@ class Products(TorchDispatchMode):
         return func(*args, **kwargs)
 
     def flops(self) -> float:
-        """2 · m · k · n of every recorded product (times the batch for bmm / baddbmm)."""
-        total = 0.0
-        for _, spec, _ in self.calls:
-            a, b = spec[-2][0], spec[-1][0]  # the two factors: [.., m, k] and [.., k, n]
-            total += 2.0 * float(np.prod(a)) * b[-1]
-        return total
+        """The recorded products' FLOPs, by torch's own formulas (torch.utils.flop_counter)."""
+        return float(sum(flop_registry[func._overloadpacket](*(a[0] if isinstance(a, tuple) else a for a in spec), **kw)
+                         for func, spec, kw in self.calls))
 
     def replay_seconds(self, rounds: int = 3) -> float:
         """Seconds to rerun the recorded products one by one on random tensors of the same shapes,
@@ -205,14 +203,15 @@ def training_products(trainable: Any, steps: int) -> tuple[float, float, float, 
     module = trainable.module
     module.train()
     rec, n = Products(), 0
-    for i, batch in enumerate(islice(trainable.train_batches(0, np.random.default_rng(0)), steps + 1)):
-        with rec if i > 0 else contextlib.nullcontext():
+    batches = islice(trainable.train_batches(0, np.random.default_rng(0)), steps + 1)
+    for i, batch in enumerate(batches):  # batch 0: the warm-up step, untimed in train_throughput too
+        with rec if i > 0 else contextlib.nullcontext():  # the loss and its backward only
             trainable.loss(batch, i)["loss"].backward()
         module.zero_grad(set_to_none=True)
         n += trainable.batch_targets(batch) if i > 0 else 0
     module.eval()
-    steps = max(steps, 1)
-    return rec.flops() / max(n, 1), rec.replay_seconds() / max(n, 1), len(rec.calls) / steps, rec.others / steps
+    steps, n = max(steps, 1), max(n, 1)
+    return rec.flops() / n, rec.replay_seconds() / n, len(rec.calls) / steps, rec.others / steps
 
 
 def eval_ratio(model: object, seq: Sequences, n_items: int, hidden: int, targets: int,

@@ -143,7 +143,10 @@ def test_training_products_are_every_product_of_the_timed_steps_and_replay_them(
     with rec:
         torch.addmm(torch.zeros(7), a, b).relu()
         torch.bmm(torch.randn(2, 5, 3), torch.randn(2, 3, 4))
-    assert rec.flops() == 2 * 5 * 3 * 7 + 2 * 2 * 5 * 3 * 4 and rec.others >= 1
+    assert [c[0] for c in rec.calls] == [torch.ops.aten.addmm.default, torch.ops.aten.bmm.default]
+    assert rec.calls[1][1] == [((2, 5, 3), (15, 3, 1), torch.float32), ((2, 3, 4), (12, 4, 1), torch.float32)]
+    assert rec.others >= 1  # relu and the random tensors' operations
+    assert rec.flops() == 2 * 5 * 3 * 7 + 2 * 2 * 5 * 3 * 4
     calls = []
     real = torch.ops.aten.addmm.default
     rec.calls[0] = (lambda *args, **kw: calls.append([tuple(x.shape) for x in args]) or real(*args, **kw),
