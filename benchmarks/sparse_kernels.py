@@ -1,6 +1,6 @@
-"""GRU4Rec's training steps with the compiled sparse-gradient loops against the torch operations
-they replace, in one run (hnvm.training.sparse_kernels: the per-row sums of a lookup's
-gradient and AdagradMomentum's update of those rows).
+"""GRU4Rec's training steps with its compiled loops against the torch operations they replace, in
+one run (hnvm.training.sparse_kernels: the per-row sums of a lookup's gradient and
+AdagradMomentum's update of those rows; hnvm.models.loss_kernels: the BPR-max gradient).
 
     python benchmarks/sparse_kernels.py [--losses bpr-max,cross-entropy] [--steps 1600] [--threads 1]
 
@@ -32,6 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gru4rec_reference import SETTINGS, load_dataset, our_config
 
+import hnvm.models.loss_kernels as loss_kernels
 import hnvm.training.sparse_kernels as kernels
 from hnvm.data.batches import Sequences
 from hnvm.data.store import Dataset
@@ -39,14 +40,15 @@ from hnvm.models.gru4rec import GRU4Rec
 from hnvm.training import TrainConfig
 from hnvm.training.optim import make_optimizer
 
-COMPILED = {"adagrad_momentum_rows": kernels.adagrad_momentum_rows, "coalesce_rows": kernels.coalesce_rows}
-DECLINE = {"adagrad_momentum_rows": lambda *a: False, "coalesce_rows": lambda *a: None}
+LOOPS = ((kernels, "adagrad_momentum_rows", False), (kernels, "coalesce_rows", None),
+         (loss_kernels, "bpr_max_gradient", False))  # (module, loop, what it returns when it declines)
+COMPILED = {name: getattr(module, name) for module, name, _ in LOOPS}
 
 
 def use(compiled: bool) -> None:
     """The compiled loops (True) or the torch operations (each loop declines: False)."""
-    for name in COMPILED:
-        setattr(kernels, name, (COMPILED if compiled else DECLINE)[name])
+    for module, name, declined in LOOPS:
+        setattr(module, name, COMPILED[name] if compiled else (lambda *a, _d=declined: _d))
 
 
 def steps(ds: Dataset, seq: Sequences, loss: str, n: int, ways: tuple[bool, ...]

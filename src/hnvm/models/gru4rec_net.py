@@ -109,7 +109,8 @@ def in_batch_bpr_max_loss(scores: Tensor, bpreg: float, elu_p: float) -> Tensor:
 
     The value is computed with the reference's operations (bit for bit); the gradient is the
     closed form (_BprMax), which takes a third of the passes over the [b, m] scores that autograd
-    through those operations takes."""
+    through those operations takes (on the CPU one compiled pass after two torch operations,
+    hnvm.models.loss_kernels: the same floats)."""
     return _BprMax.apply(scores, bpreg, elu_p)
 
 
@@ -143,6 +144,11 @@ class _BprMax(torch.autograd.Function):
         d_b = grad * ctx.bpreg  # dL/dB
         g = s_sig * sig  # s σ²
         d_t = (a - g.sum(1)) * d_a.squeeze(1)  # [b]
+        from hnvm.models.loss_kernels import bpr_max_gradient  # (imports numba: not at start-up)
+
+        # on the CPU in one compiled pass, the same floats as the operations below
+        if bpr_max_gradient(g, r, s, a, b, d_a.view(-1), d_b, d_t, ctx.elu_p):
+            return g, None, None
         g.sub_(s * a.unsqueeze(1)).mul_(d_a)  # dL/dA · s (σ² - A)
         g.add_((r + 2.0).mul_(r).sub_(b.unsqueeze(1)).mul_(s).mul_(d_b))  # + dL/dB · s (r² + 2r - B)
         g.diagonal().add_(d_t)
