@@ -2,7 +2,7 @@
 one run (hnvm.training.sparse_kernels: the per-row sums of a lookup's gradient and
 AdagradMomentum's update of those rows; hnvm.models.loss_kernels: the BPR-max gradient).
 
-    python benchmarks/sparse_kernels.py [--losses bpr-max,cross-entropy] [--steps 1600] [--threads 1]
+    python benchmarks/sparse_kernels.py [--losses bpr-max,cross-entropy] [--steps 1600] [--threads 1] [--loops NAMES]
 
 One GRU4Rec per loss with the reference settings of benchmarks/gru4rec_reference.py (docs/design.md,
 "Reference figures") on the Instacart sample trains `--steps` steps; the steps alternate between
@@ -21,6 +21,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from itertools import islice
 from pathlib import Path
 
@@ -45,16 +46,21 @@ LOOPS = ((kernels, "adagrad_momentum_rows", False), (kernels, "coalesce_rows", N
 COMPILED = {name: getattr(module, name) for module, name, _ in LOOPS}
 
 
-def use(compiled: bool) -> None:
-    """The compiled loops (True) or the torch operations (each loop declines: False)."""
+TOGGLED = set(COMPILED)  # the loops `use` switches (--loops); the others stay compiled
+
+
+def use(compiled: bool, opt: torch.optim.Optimizer | None = None) -> None:
+    """The compiled loops (True) or the torch operations (each loop of TOGGLED declines: False)."""
     for module, name, declined in LOOPS:
-        setattr(module, name, COMPILED[name] if compiled else (lambda *a, _d=declined: _d))
+        off = not compiled and name in TOGGLED
+        setattr(module, name, (lambda *a, _d=declined: _d) if off else COMPILED[name])
 
 
-def steps(ds: Dataset, seq: Sequences, loss: str, n: int, ways: tuple[bool, ...]
+def steps(ds: Dataset, seq: Sequences, loss: str, n: int, ways: tuple[bool, ...],
+          switch: Callable[[bool, torch.optim.Optimizer], None] = use
           ) -> tuple[dict[bool, list[float]], dict[str, torch.Tensor]]:
-    """n training steps from seed 0, step i the way ways[i % len(ways)]: seconds per step by
-    way (after 10 warm-up steps) and the final weights."""
+    """n training steps from seed 0, step i the way ways[i % len(ways)] (`switch(way, optimizer)`
+    sets it): seconds per step by way (after 10 warm-up steps) and the final weights."""
     cfg, train = our_config(SETTINGS[loss])
     tc = TrainConfig(seed=0, **train)
     torch.manual_seed(0)
@@ -64,7 +70,7 @@ def steps(ds: Dataset, seq: Sequences, loss: str, n: int, ways: tuple[bool, ...]
     secs: dict[bool, list[float]] = {w: [] for w in ways}
     for i, batch in enumerate(islice(iter(trainable.train_batches(0, np.random.default_rng(0))), n)):
         way = ways[i % len(ways)]
-        use(way)
+        switch(way, opt)
         t0 = time.perf_counter()
         loss_value = trainable.loss(batch, i)["loss"]
         opt.zero_grad(set_to_none=True)
@@ -72,7 +78,7 @@ def steps(ds: Dataset, seq: Sequences, loss: str, n: int, ways: tuple[bool, ...]
         opt.step()
         if i >= 10:
             secs[way].append(time.perf_counter() - t0)
-    use(True)
+    switch(True, opt)
     return secs, {k: v.clone() for k, v in trainable.module.state_dict().items()}
 
 
@@ -82,14 +88,21 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=1600, help="alternating steps per loss")
     ap.add_argument("--check", type=int, default=300, help="steps of each way alone for the weights check; 0: none")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--loops", default=",".join(COMPILED),
+                    help="the loops to compare with their torch operations (the others run compiled both ways)")
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "hnvm-bench")
     args = ap.parse_args(argv)
+    TOGGLED.clear()
+    TOGGLED.update(x.strip() for x in args.loops.split(",") if x.strip())
+    if TOGGLED - set(COMPILED):
+        raise SystemExit(f"unknown loop(s) {sorted(TOGGLED - set(COMPILED))}; choose from {sorted(COMPILED)}")
     torch.set_num_threads(args.threads)
     args.workdir.mkdir(parents=True, exist_ok=True)
     ds = load_dataset(None, args.workdir)
     seq = Sequences.from_events(ds.events, ds.n_users)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); GRU4Rec, reference settings, "
-          f"Instacart sample; {args.steps} steps alternating torch operations / compiled loops")
+          f"Instacart sample; {args.steps} steps alternating torch operations / compiled loops "
+          f"({', '.join(sorted(TOGGLED))})")
     for loss in [x.strip() for x in args.losses.split(",") if x.strip()]:
         if loss not in SETTINGS:
             raise SystemExit(f"unknown loss {loss}; choose from {sorted(SETTINGS)}")
