@@ -3,13 +3,14 @@ steps with AdagradMomentum's step and zero_grad as torch wraps them (a `record_f
 around each call) against ours (hnvm.training.optim: the ranges only while the profiler runs or
 a step hook is registered), in one run.
 
-    python benchmarks/optimizer_ranges.py [--losses bpr-max,cross-entropy] [--steps 1600] [--threads 1]
+    python benchmarks/optimizer_ranges.py [--losses bpr-max,cross-entropy] [--steps 1600] [--threads 1] [--check 300]
 
 One GRU4Rec per loss with the reference settings of benchmarks/gru4rec_reference.py (docs/design.md,
 "Reference figures") on the Instacart sample trains `--steps` steps; the steps alternate between
 the two ways (even steps torch's wrappers, odd steps ours), so both see the same batches, weights
-and machine load; both run the same update. Prints mean and median milliseconds per step
-(forward, backward, zero_grad and optimizer step) for each way and their ratio.
+and machine load; both run the same update (a second pass of `--check` steps, each way alone
+from the same seed, confirms that the weights end equal). Prints mean and median milliseconds per
+step (forward, backward, zero_grad and optimizer step) for each way and their ratio.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--losses", default="bpr-max,cross-entropy")
     ap.add_argument("--steps", type=int, default=1600, help="alternating steps per loss")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--check", type=int, default=300, help="steps of each way alone for the weights check; 0: none")
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "hnvm-bench")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -65,6 +67,13 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  {loss}: torch's wrappers {ms[False][0]:.2f} ms/step (median {ms[False][1]:.2f}), ours "
               f"{ms[True][0]:.2f} (median {ms[True][1]:.2f}); torch's/ours {ms[False][0] / ms[True][0]:.3f} "
               f"(medians {ms[False][1] / ms[True][1]:.3f})")
+        if args.check:
+            same = [steps(ds, seq, loss, args.check, (w,), switch=torch_wrappers)[1] for w in (False, True)]
+            equal = all(torch.equal(same[0][k], same[1][k]) for k in same[0])
+            print(f"  {loss}: weights after {args.check} steps of each way alone: "
+                  f"{'equal (torch.equal, every tensor)' if equal else 'DIFFERENT'}")
+            if not equal:
+                raise SystemExit(1)
 
 
 if __name__ == "__main__":

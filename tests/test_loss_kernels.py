@@ -52,14 +52,39 @@ def test_compiled_bpr_max_gradient_equals_the_torch_operations_bit_for_bit(
 
 def test_other_dtypes_layouts_and_cpu_kernels_take_the_torch_operations(monkeypatch: pytest.MonkeyPatch) -> None:
     n, m = 3, 5
+
+    def call(g: torch.Tensor, r: torch.Tensor, s: torch.Tensor, row: torch.Tensor | None = None,
+             d_b: torch.Tensor | None = None) -> bool:
+        row = torch.ones(n) if row is None else row  # A, B, dL/dA and dL/dt
+        d_b = torch.tensor(1.0) if d_b is None else d_b
+        return COMPILED(g, r, s, row, row.clone(), row.clone(), d_b, row.clone(), 0.5)
+
     g, r, s = torch.ones(n, m), torch.ones(n, m), torch.ones(n, m)
-    rows = [torch.ones(n) for _ in range(4)]
-    d_b = torch.tensor(1.0)
-    assert not COMPILED(g.double(), r.double(), s.double(), *[t.double() for t in rows], d_b, 0.5)  # type: ignore[misc]
-    assert not COMPILED(torch.ones(m, n).T, r, s, *rows, d_b, 0.5)  # type: ignore[misc]
-    assert not COMPILED(g[:, :2], r[:, :2], s[:, :2], *rows, d_b, 0.5)  # type: ignore[misc]  # fewer columns than rows
+    with torch.no_grad():  # as in a backward pass
+        if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+            assert call(g.clone(), r, s)  # (what each line below changes)
+        assert not call(g.double(), r.double(), s.double(), torch.ones(n, dtype=torch.float64))
+        assert not call(torch.ones(m, n).T, r, s)
+        assert not call(*[t[:, :2].contiguous() for t in (g, r, s)])  # fewer columns than rows
+        assert not call(g, r, s, torch.ones(2 * n)[::2])  # a row vector not contiguous
+        assert not call(g, r, s, d_b=torch.tensor(1.0, requires_grad=True))
+    assert not call(g, r, s)  # grad mode on: create_graph=True
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
-    assert not COMPILED(g, r, s, *rows, d_b, 0.5)  # type: ignore[misc]
+    with torch.no_grad():
+        assert not call(g, r, s)
     assert torch.equal(g, torch.ones(n, m))
     _, taken = _gradient(monkeypatch, True, torch.randn(4, 9), 1.95, 0.5, 1.0)
     assert taken == 0
+
+
+def test_a_differentiated_gradient_takes_the_torch_operations(monkeypatch: pytest.MonkeyPatch) -> None:
+    """create_graph=True with an upstream gradient that requires grad: the loop declines (it
+    could not read that gradient through numpy), the torch operations build the graph, and the
+    gradient is the same."""
+    x = torch.randn(4, 9, generator=torch.Generator().manual_seed(3)).requires_grad_()
+    v = torch.tensor(1.0, requires_grad=True)
+    (g1,) = torch.autograd.grad(in_batch_bpr_max_loss(x, 1.95, 0.5), x, grad_outputs=v, create_graph=True)
+    want, _ = _gradient(monkeypatch, False, x.detach(), 1.95, 0.5, 1.0)
+    assert torch.equal(g1.detach(), want)
+    (dv,) = torch.autograd.grad(g1.sum(), v)  # the gradient is linear in the upstream one
+    assert torch.allclose(dv, want.sum())

@@ -2,7 +2,8 @@
 CPU (numba), in place of about ten torch operations over the step's [b, b + n_sample] scores,
 three of them allocating a temporary of that size (the reference settings: [64, 2112] a step).
 
-The loop gives the floats of the torch operations it replaces, bit for bit (tested against them):
+The loop gives the floats of the torch operations it replaces, bit for bit (tested against them;
+NaN aside: a row whose target score is infinite or NaN gives NaN either way, its sign bit may differ):
 each product, sum and difference is rounded once as IEEE arithmetic rounds it, in the same
 order, and none of those operations fuses a multiply-add in torch's kernels (their `+ 1 · x`
 and `- 1 · x` forms are exact either way). The row sums stay torch's. It runs where torch's CPU
@@ -46,10 +47,13 @@ def bpr_max_gradient(g: Tensor, r: Tensor, s: Tensor, a: Tensor, b: Tensor, d_a:
     terms): (g - s · A) · dL/dA + ((r + 2) · r - B) · s · dL/dB, plus dL/dt on the diagonal, then
     ELU's backward (elu_p > 0) from r. r, s: Float[n, m]; a, b, d_a, d_t: Float[n]; d_b: a
     0-dim tensor. Returns False, touching nothing, where the loop does not apply (not all on the
-    CPU, float32 and contiguous, or torch's CPU kernels are not the AVX2/AVX512 ones checked)."""
+    CPU, float32 and contiguous, torch's CPU kernels are not the AVX2/AVX512 ones checked, or the
+    gradient is itself differentiated: `create_graph=True`)."""
     matrices, rows = (g, r, s), (a, b, d_a, d_t)
     n, m = g.shape
-    if (any(t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous() for t in (*matrices, *rows))
+    if (torch.is_grad_enabled() or any(t.requires_grad for t in (*matrices, *rows, d_b))
+            or any(t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous()
+                   for t in (*matrices, *rows))
             or any(t.shape != (n, m) for t in matrices) or any(t.shape != (n,) for t in rows) or m < n
             or torch.backends.cpu.get_cpu_capability() not in _CHECKED_CAPABILITIES):
         return False
