@@ -82,6 +82,18 @@ def steps(ds: Dataset, seq: Sequences, loss: str, n: int, ways: tuple[bool, ...]
     return secs, {k: v.clone() for k, v in trainable.module.state_dict().items()}
 
 
+def check_weights(ds: Dataset, seq: Sequences, loss: str, n: int,
+                  switch: Callable[[bool, torch.optim.Optimizer], None] = use) -> None:
+    """n steps of each way alone from the same seed: print whether the weights end equal (exit
+    status 1 where they do not)."""
+    same = [steps(ds, seq, loss, n, (w,), switch)[1] for w in (False, True)]
+    equal = all(torch.equal(same[0][k], same[1][k]) for k in same[0])
+    print(f"  {loss}: weights after {n} steps of each way alone: "
+          f"{'equal (torch.equal, every tensor)' if equal else 'DIFFERENT'}")
+    if not equal:
+        raise SystemExit(1)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--losses", default="bpr-max,cross-entropy")
@@ -112,12 +124,7 @@ def main(argv: list[str] | None = None) -> None:
               f"{ms[True][0]:.2f} (median {ms[True][1]:.2f}); torch/compiled {ms[False][0] / ms[True][0]:.3f} "
               f"(medians {ms[False][1] / ms[True][1]:.3f})")
         if args.check:
-            same = [steps(ds, seq, loss, args.check, (w,))[1] for w in (False, True)]
-            equal = all(torch.equal(same[0][k], same[1][k]) for k in same[0])
-            print(f"  {loss}: weights after {args.check} steps of each way alone: "
-                  f"{'equal (torch.equal, every tensor)' if equal else 'DIFFERENT'}")
-            if not equal:
-                raise SystemExit(1)
+            check_weights(ds, seq, loss, args.check)
 
 
 if __name__ == "__main__":
