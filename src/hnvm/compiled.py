@@ -12,8 +12,20 @@ from collections.abc import Callable
 from typing import Any
 
 import numba
+import torch
 from numba import types
 from numba.extending import intrinsic
+
+# torch's CPU kernels whose roundings the compiled loops are checked against: its AVX2 and AVX512
+# kernels round addcmul_ and add(alpha=) once (a fused multiply-add, `fma` below); its default
+# (scalar) kernels, e.g. ATEN_CPU_CAPABILITY=default or a CPU without AVX2, round twice, and
+# other architectures are not checked. Elsewhere the callers take torch's own operations.
+CHECKED_CPU_KERNELS = ("AVX2", "AVX512")
+
+
+def torch_kernels_checked() -> bool:
+    """Are torch's CPU kernels here the ones the compiled loops reproduce (`CHECKED_CPU_KERNELS`)?"""
+    return torch.backends.cpu.get_cpu_capability() in CHECKED_CPU_KERNELS
 
 
 def compiled(fn: Callable[..., Any], parallel: bool = False) -> Any:

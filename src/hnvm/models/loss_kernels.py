@@ -16,9 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from hnvm.compiled import compiled
-
-_CHECKED_CAPABILITIES = ("AVX2", "AVX512")
+from hnvm.compiled import compiled, torch_kernels_checked
 
 
 @compiled
@@ -55,7 +53,7 @@ def bpr_max_gradient(g: Tensor, r: Tensor, s: Tensor, a: Tensor, b: Tensor, d_a:
             or any(t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous()
                    for t in (*matrices, *rows))
             or any(t.shape != (n, m) for t in matrices) or any(t.shape != (n,) for t in rows) or m < n
-            or torch.backends.cpu.get_cpu_capability() not in _CHECKED_CAPABILITIES):
+            or not torch_kernels_checked()):
         return False
     _bpr_max_gradient(g.numpy(), r.numpy(), s.numpy(), a.numpy(), b.numpy(), d_a.numpy(), float(d_b), d_t.numpy(),
                       float(elu_p))

@@ -20,7 +20,7 @@ _Step = Callable[..., Any]
 def _step_hooks(opt: torch.optim.Optimizer) -> bool:
     """Has any step hook been registered, on `opt` or for every optimizer? (True where torch
     keeps them elsewhere than this version does: then torch's own wrapper runs them.)"""
-    return bool(opt._optimizer_step_pre_hooks or opt._optimizer_step_post_hooks
+    return bool(getattr(opt, "_optimizer_step_pre_hooks", True) or getattr(opt, "_optimizer_step_post_hooks", True)
                 or getattr(torch_optimizer, "_global_optimizer_pre_hooks", True)
                 or getattr(torch_optimizer, "_global_optimizer_post_hooks", True))
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from hnvm.compiled import compiled, fma
+from hnvm.compiled import compiled, fma, torch_kernels_checked
 
 
 @compiled
@@ -105,12 +105,6 @@ def _descend(p: np.ndarray, velocity: np.ndarray, idx: np.ndarray, step: np.ndar
                 p[r, j] = fma(step[i, j], neg_lr, p[r, j])
 
 
-# torch rounds addcmul_ and add(alpha=) once (a fused multiply-add) in its AVX2 and AVX512
-# kernels only; its default (scalar) kernels, e.g. ATEN_CPU_CAPABILITY=default or a CPU without
-# AVX2, round twice, and other architectures are not checked: the torch operations run there
-_FMA_CAPABILITIES = ("AVX2", "AVX512")
-
-
 def adagrad_momentum_rows(p: Tensor, acc: Tensor, velocity: Tensor | None, idx: Tensor, val: Tensor,
                           lr: float, momentum: float, eps: float) -> bool:
     """AdagradMomentum's update (hnvm.training.optim) of the rows idx (Long[u], distinct) of
@@ -125,7 +119,7 @@ def adagrad_momentum_rows(p: Tensor, acc: Tensor, velocity: Tensor | None, idx: 
     if (idx.device.type != "cpu" or idx.dtype != torch.long
             or any(t is None or t.device.type != "cpu" or t.dtype != torch.float32 or t.dim() != 2
                    or not t.is_contiguous() for t in (*tables, val))
-            or torch.backends.cpu.get_cpu_capability() not in _FMA_CAPABILITIES):
+            or not torch_kernels_checked()):
         return False
     if idx.dim() != 1 or len(idx) != len(val) or any(t.shape != p.shape for t in tables) or val.shape[1] != p.shape[1]:
         raise IndexError(f"adagrad_momentum_rows: rows {tuple(idx.shape)} and gradient {tuple(val.shape)} "
