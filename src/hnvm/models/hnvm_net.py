@@ -57,6 +57,7 @@ from hnvm.models.layers import (
     GaussianHead,
     ItemOutput,
     gaussian_kl_dims,
+    gru_outputs,
     init_uniform_,
     length_groups,
     reparameterize,
@@ -176,7 +177,7 @@ class HNVMNet(nn.Module):
             if table is not None and uses_table(self.encoder, items):
                 parts.append(gru_last_states(table, self.encoder, items, n))
             else:
-                out = self.encoder(self.item_emb(items))[0]  # [n, t, H]
+                out = gru_outputs(self.encoder, self.item_emb(items))  # [n, t, H]
                 parts.append(out[torch.arange(len(rows), device=out.device), n - 1])
             order.append(rows)
         return unsort_rows(torch.cat(parts), torch.cat(order))
@@ -192,11 +193,10 @@ class HNVMNet(nn.Module):
         return x_ids
 
     def _decode_valid(self, seqs: Tensor, lengths: Tensor, cond: Tensor) -> Tensor:
-        """Decoder over (BOS, seqs[:, :-1]), the states at real positions only: seqs Long[N, T]
-        right-padded, lengths Long[N] >= 1, cond Float[N, C] -> Float[sum(lengths), H] in
-        (row, position) order, i.e. the order of out[arange(T) < lengths[:, None]] for a padded
-        out. Gathering per length group avoids padded [N, T, H] copies (training's largest
-        non-GRU cost) and makes dropout act on real states only."""
+        """Decoder over (BOS, seqs[:, :-1]), the states at real positions only: seqs Long[N, T] right-padded,
+        lengths Long[N] >= 1, cond Float[N, C] -> Float[sum(lengths), H] in (row, position) order, i.e. the order
+        of out[arange(T) < lengths[:, None]] for a padded out. Gathering per length group avoids padded
+        [N, T, H] copies (training's largest non-GRU cost) and makes dropout act on real states only."""
         x_ids = self._decoder_input(seqs)
         starts = torch.cumsum(lengths, 0) - lengths  # [N] first flat index of each row
         parts, where = [], []
@@ -205,7 +205,7 @@ class HNVMNet(nn.Module):
             t = int(n.max())
             x = self.item_emb(x_ids[rows, :t])  # [n, t, E]
             c = cond[rows].unsqueeze(1).expand(-1, t, -1)  # the same [h_con; z] at every step
-            out = self.decoder(torch.cat([x, c], dim=-1))[0]  # [n, t, H]
+            out = gru_outputs(self.decoder, torch.cat([x, c], dim=-1))  # [n, t, H]
             steps = torch.arange(t, device=out.device)
             valid = steps < n[:, None]  # [n, t]
             parts.append(out[valid])

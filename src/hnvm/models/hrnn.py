@@ -44,7 +44,7 @@ from hnvm.data.batches import Sequences, user_windows, window_batches
 from hnvm.data.sampling import popularity_probs, train_counts
 from hnvm.models.base import NetPersistence, register
 from hnvm.models.carry import CarriedStates
-from hnvm.models.layers import keep_last_items, ranking_loss
+from hnvm.models.layers import gru_outputs, keep_last_items, ranking_loss
 from hnvm.training import TrainConfig, fit
 
 if TYPE_CHECKING:
@@ -89,7 +89,7 @@ class HRNNNet(nn.Module):
         x = self.item_emb(items)  # [B, T, E]
         if self.user_to_input:  # "All": c_{m-1} is an input of every step
             x = torch.cat([x, user.unsqueeze(1).expand(-1, items.shape[1], -1)], -1)
-        out, _ = self.session_gru(x, h0.unsqueeze(0).contiguous())  # [B, T, S]
+        out = gru_outputs(self.session_gru, x, h0)  # [B, T, S]
         return self.drop_session(torch.cat([h0.unsqueeze(1), out], 1))
 
     def forward(self, items: Tensor, user0: Tensor | None = None) -> HRNNOutput:

@@ -1,0 +1,169 @@
+"""A one-layer GRU over sequences for training on the CPU: torch's forward, operation for
+operation, and a backward of two calls a time step instead of autograd's graph.
+
+Training HNVM and HRNN runs their GRUs over length groups of a few dozen rows (HNVM at the
+paper's sizes: about 130 time steps a training step over [20-90, 200] states). Autograd through
+torch's CPU GRU records about ten operations a step and replays about twenty-five in the
+backward, each on a few thousand floats, so the calls cost as much as their arithmetic. Here:
+
+* **Forward** (`_GRUSequence.forward`): what aten/src/ATen/native/RNN.cpp computes for
+  ``nn.GRU`` on the CPU (input gates ``W_ih x + b_ih`` for every step in one product, then per
+  step ``GRUCell`` with pre-computed input gates), the same floats bit for bit (tested): the
+  products and the sigmoid/tanh are torch's calls on tensors of the same shapes, strides and
+  fresh allocations; the additions and products between them (one rounding each, no fused
+  multiply-add, as torch's separate operations) run in three compiled loops. The gates are kept
+  for the backward instead of autograd's graph.
+* **Backward** (`_GRUSequence.backward`): per step, one compiled loop for the gates' gradients
+  and one product for the hidden state's (``dh W_hh``); the weights' and the input's gradients
+  as one product each over all steps. This is the gradient of the same function, summed in
+  another order (autograd sums the weights' gradients step by step): it differs from
+  autograd's in the last bits (about 1e-7 relative; tests/test_gru_train.py bounds it against a
+  float64 reference), so trained weights differ from ``nn.GRU``'s and the quality is compared
+  over seeds (docs/performance.md).
+
+`gru_sequence` is what the models call (through hnvm.models.layers.gru_outputs, which imports
+this module on the first training step: it imports numba). Importing this module imports numba.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+from hnvm.compiled import compiled
+
+
+@compiled
+def _gates_in(gh: np.ndarray, gi: np.ndarray) -> None:
+    """gh[:, :2H] += gi[:, :2H] (the r and z pre-activations; torch's two add_)."""
+    n, h3 = gh.shape
+    for i in range(n):
+        for j in range(2 * (h3 // 3)):
+            gh[i, j] = gh[i, j] + gi[i, j]
+
+
+@compiled
+def _new_in(out: np.ndarray, gh: np.ndarray, gi: np.ndarray) -> None:
+    """out = gi_n + gh_n · r (the new gate's pre-activation; torch's mul then add)."""
+    n, h = out.shape
+    for i in range(n):
+        for j in range(h):
+            out[i, j] = gi[i, 2 * h + j] + gh[i, 2 * h + j] * gh[i, j]
+
+
+@compiled
+def _blend(out: np.ndarray, h: np.ndarray, new: np.ndarray, gh: np.ndarray) -> None:
+    """out = (h - n) · z + n (the next state; torch's sub, mul_, add_)."""
+    rows, width = out.shape
+    for i in range(rows):
+        for j in range(width):
+            out[i, j] = (h[i, j] - new[i, j]) * gh[i, width + j] + new[i, j]
+
+
+@compiled
+def _step_backward(t: int, dh: np.ndarray, dout: np.ndarray, gates: np.ndarray, new: np.ndarray,
+                   hs: np.ndarray, dgi: np.ndarray, dgh: np.ndarray, base: np.ndarray) -> None:
+    """Step t's gradients from dh = dL/dh_t' (Float[N, H]): the input gates' dgi[t] and the
+    hidden gates' dgh[t] (Float[N, 3H]; they differ in the new gate, whose hidden part is scaled
+    by r), and base = dL/dh_{t-1} except through W_hh (dh · z, plus the output's gradient at t-1)."""
+    rows, width = dh.shape
+    one = np.float32(1.0)
+    for i in range(rows):
+        for j in range(width):
+            g = dh[i, j]
+            r, z, hn = gates[t, i, j], gates[t, i, width + j], gates[t, i, 2 * width + j]
+            nj = new[t, i, j]
+            d_n = g * (one - z) * (one - nj * nj)  # through h' = (h - n) z + n, then tanh
+            d_r = d_n * hn * r * (one - r)  # n = tanh(i_n + r · h_n), then sigmoid
+            d_z = g * (hs[t, i, j] - nj) * z * (one - z)
+            dgi[t, i, j] = d_r
+            dgi[t, i, width + j] = d_z
+            dgi[t, i, 2 * width + j] = d_n
+            dgh[t, i, j] = d_r
+            dgh[t, i, width + j] = d_z
+            dgh[t, i, 2 * width + j] = d_n * r
+            b = g * z
+            if t > 0:
+                b = b + dout[t - 1, i, j]
+            base[i, j] = b
+
+
+class _GRUSequence(torch.autograd.Function):
+    """x Float[N, T, I], h0 Float[N, H] or None, the GRU's four tensors -> Float[N, T, H]."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, h0: Tensor | None, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor,
+                b_hh: Tensor) -> Tensor:
+        N, T, _ = x.shape
+        H = w_hh.shape[1]
+        gi = F.linear(x.transpose(0, 1), w_ih, b_ih)  # [T, N, 3H], torch's call for a batch_first GRU
+        h = x.new_zeros(N, H) if h0 is None else h0.detach()
+        hs, gs, ns = [h], [], []
+        for t in range(T):
+            gh = torch.addmm(b_hh, h, w_hh.t())  # [N, 3H] (r, z, n), a fresh tensor as torch's
+            gh_a, gi_a = gh.numpy(), gi[t].numpy()
+            _gates_in(gh_a, gi_a)
+            h_r, h_z, _ = gh.unsafe_chunk(3, 1)
+            h_r.sigmoid_()  # on [N, H] column chunks, as torch's: the bits of a vectorised
+            h_z.sigmoid_()  # sigmoid depend on where a value falls in a contiguous run
+            new = x.new_empty(N, H)
+            _new_in(new.numpy(), gh_a, gi_a)
+            new.tanh_()
+            h_next = x.new_empty(N, H)
+            _blend(h_next.numpy(), h.numpy(), new.numpy(), gh_a)
+            h = h_next
+            hs.append(h)
+            gs.append(gh)  # r and z after their sigmoid, h_n before r scales it
+            ns.append(new)
+        states = torch.stack(hs)  # [T + 1, N, H]
+        ctx.save_for_backward(x, states, torch.stack(gs), torch.stack(ns), w_ih, w_hh)
+        ctx.h0 = h0 is not None
+        return states[1:].transpose(0, 1)  # [N, T, H], as torch's stack and transpose
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, dout: Tensor) -> tuple[Tensor | None, ...]:
+        x, states, gates, new, w_ih, w_hh = ctx.saved_tensors
+        T, N, H = new.shape
+        d_out = dout.transpose(0, 1).contiguous()  # [T, N, H]
+        dgi, dgh = new.new_empty(T, N, 3 * H), new.new_empty(T, N, 3 * H)
+        dh, base = d_out[T - 1].clone(), new.new_empty(N, H)
+        arrays = [a.numpy() for a in (d_out, gates, new, states, dgi, dgh, base)]
+        need_h0 = ctx.h0 and ctx.needs_input_grad[1]
+        for t in range(T - 1, -1, -1):
+            _step_backward(t, dh.numpy(), *arrays)
+            if t > 0 or need_h0:
+                dh = torch.addmm(base, dgh[t], w_hh)  # dL/dh_{t-1}
+        gi_rows, gh_rows = dgi.view(T * N, 3 * H), dgh.view(T * N, 3 * H)
+        xt = x.transpose(0, 1)  # [T, N, I], the rows of gi_rows
+        dx = (gi_rows @ w_ih).view(T, N, -1).transpose(0, 1) if ctx.needs_input_grad[0] else None
+        d_w_ih = gi_rows.t() @ xt.reshape(T * N, -1)
+        d_w_hh = gh_rows.t() @ states[:-1].reshape(T * N, H)
+        return dx, dh if need_h0 else None, d_w_ih, d_w_hh, gi_rows.sum(0), gh_rows.sum(0)
+
+
+def applies(gru: nn.GRU, x: Tensor, h0: Tensor | None = None) -> bool:
+    """Whether `gru_sequence` takes this call: autograd on, a one-layer unidirectional
+    batch_first GRU with biases and no projection, x Float[N, T, I] with N, T >= 1 and the
+    weights float32 on the CPU, h0 None or Float[N, H] contiguous, no autocast."""
+    tensors = [x, *gru.parameters(), *([] if h0 is None else [h0])]
+    return (torch.is_grad_enabled() and gru.num_layers == 1 and not gru.bidirectional and gru.bias
+            and gru.batch_first and gru.proj_size == 0 and x.dim() == 3 and x.shape[0] > 0 and x.shape[1] > 0
+            and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+            and (h0 is None or (h0.shape == (x.shape[0], gru.hidden_size) and h0.is_contiguous()))
+            and not torch.is_autocast_enabled("cpu"))
+
+
+def gru_sequence(gru: nn.GRU, x: Tensor, h0: Tensor | None = None) -> Tensor:
+    """The outputs of `gru` over x: Float[N, T, I] (batch first) from h0: Float[N, H] (None:
+    zeros) -> Float[N, T, H], what ``gru(x, h0[None])[0]`` gives, bit for bit, with the backward
+    above (the same gradient summed in another order). Where `applies` does not hold, the module
+    itself runs."""
+    if not applies(gru, x, h0):
+        return gru(x, None if h0 is None else h0.unsqueeze(0).contiguous())[0]
+    return _GRUSequence.apply(x, h0, gru.weight_ih_l0, gru.weight_hh_l0, gru.bias_ih_l0, gru.bias_hh_l0)
