@@ -13,6 +13,7 @@ from hnvm.models.hnvm_net import HNVMNet
 from hnvm.models.hrnn import HRNNNet
 
 COMPILED = gru_train.gru_sequence
+COMPILED_APPLY = gru_train._GRUSequence.apply
 
 
 def _gru(i: int, h: int, seed: int = 0) -> nn.GRU:
@@ -141,4 +142,16 @@ def test_hrnn_training_pass_takes_it_with_the_same_loss(monkeypatch: pytest.Monk
     _compare_training_passes(monkeypatch, run)
 
 
-COMPILED_APPLY = gru_train._GRUSequence.apply
+
+def test_frozen_weights_get_no_gradient_and_the_input_still_does() -> None:
+    gru = _gru(5, 6)
+    gru.weight_ih_l0.requires_grad_(False)
+    gru.bias_hh_l0.requires_grad_(False)
+    x = torch.randn(3, 4, 5, requires_grad=True)
+    out = gru_train.gru_sequence(gru, x)
+    assert _ours(out)
+    out.sum().backward()
+    assert gru.weight_ih_l0.grad is None and gru.bias_hh_l0.grad is None
+    assert gru.weight_hh_l0.grad is not None and gru.bias_ih_l0.grad is not None and x.grad is not None
+    expected = torch.autograd.grad(gru(x)[0].sum(), x)[0]
+    torch.testing.assert_close(x.grad, expected, rtol=1e-5, atol=1e-6)

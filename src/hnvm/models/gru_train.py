@@ -142,9 +142,11 @@ class _GRUSequence(torch.autograd.Function):
         gi_rows, gh_rows = dgi.view(T * N, 3 * H), dgh.view(T * N, 3 * H)
         xt = x.transpose(0, 1)  # [T, N, I], the rows of gi_rows
         dx = (gi_rows @ w_ih).view(T, N, -1).transpose(0, 1) if ctx.needs_input_grad[0] else None
-        d_w_ih = gi_rows.t() @ xt.reshape(T * N, -1)
-        d_w_hh = gh_rows.t() @ states[:-1].reshape(T * N, H)
-        return dx, dh if need_h0 else None, d_w_ih, d_w_hh, gi_rows.sum(0), gh_rows.sum(0)
+        need = ctx.needs_input_grad
+        d_w_ih = gi_rows.t() @ xt.reshape(T * N, -1) if need[2] else None
+        d_w_hh = gh_rows.t() @ states[:-1].reshape(T * N, H) if need[3] else None
+        return (dx, dh if need_h0 else None, d_w_ih, d_w_hh, gi_rows.sum(0) if need[4] else None,
+                gh_rows.sum(0) if need[5] else None)
 
 
 def applies(gru: nn.GRU, x: Tensor, h0: Tensor | None = None) -> bool:
