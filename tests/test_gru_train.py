@@ -93,6 +93,30 @@ def test_declines_what_it_does_not_cover() -> None:
     assert not gru_train.applies(gru, x[:, :0])  # no time step
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not gru_train.applies(gru, x)
+    with pytest.raises(RuntimeError, match=r"input\.size"):  # the module's own error for a wrong width
+        gru_train.gru_sequence(gru, torch.randn(3, 4, 7, requires_grad=True))
+    seen = []
+    handle = gru.register_forward_pre_hook(lambda module, args: seen.append(1))
+    out = gru_train.gru_sequence(gru, x)  # a hook (pruning, weight_norm) runs with the module
+    handle.remove()
+    assert seen and not _ours(out)
+
+
+def test_any_input_layout_and_inputs_without_gradient() -> None:
+    gru = _gru(5, 6)
+    base = torch.randn(4, 3, 5)
+    for x in (base.transpose(0, 1).requires_grad_(), base.clone()):  # non-contiguous; no gradient wanted
+        gru.zero_grad()
+        out = gru_train.gru_sequence(gru, x)
+        assert _ours(out) and torch.equal(out, gru(x)[0])
+        out.pow(2).sum().backward()
+        ours = [p.grad.clone() for p in gru.parameters()] + ([x.grad] if x.requires_grad else [])
+        gru.zero_grad()
+        x2 = x.detach().clone().requires_grad_(x.requires_grad)
+        gru(x2)[0].pow(2).sum().backward()
+        theirs = [p.grad for p in gru.parameters()] + ([x2.grad] if x.requires_grad else [])
+        for a, b in zip(ours, theirs, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def _compare_training_passes(monkeypatch: pytest.MonkeyPatch, run: object) -> None:
@@ -134,13 +158,15 @@ def test_hrnn_training_pass_takes_it_with_the_same_loss(monkeypatch: pytest.Monk
     torch.manual_seed(0)
     net = HRNNNet(n_items=30, emb_dim=8, session_hidden=6, user_hidden=5).train()
     items = torch.tensor([[[1, 2, 3, 4, 5], [6, 7, 0, 0, 0]], [[0, 0, 0, 0, 0], [3, 4, 8, 0, 0]]])
+    taken = []
+    monkeypatch.setattr(gru_train._GRUSequence, "apply", lambda *a: taken.append(1) or COMPILED_APPLY(*a))
 
     def run() -> tuple[torch.Tensor, nn.Module]:
         out = net(items)
         return (out.pred_states ** 2).sum() + out.user_out.sum(), net
 
     _compare_training_passes(monkeypatch, run)
-
+    assert taken  # the session GRU went through gru_train
 
 
 def test_frozen_weights_get_no_gradient_and_the_input_still_does() -> None:

@@ -66,30 +66,32 @@ def _blend(out: np.ndarray, h: np.ndarray, new: np.ndarray, gh: np.ndarray) -> N
 
 
 @compiled
-def _step_backward(t: int, dh: np.ndarray, dout: np.ndarray, gates: np.ndarray, new: np.ndarray,
-                   hs: np.ndarray, dgi: np.ndarray, dgh: np.ndarray, base: np.ndarray) -> None:
-    """Step t's gradients from dh = dL/dh_t' (Float[N, H]): the input gates' dgi[t] and the
-    hidden gates' dgh[t] (Float[N, 3H]; they differ in the new gate, whose hidden part is scaled
-    by r), and base = dL/dh_{t-1} except through W_hh (dh · z, plus the output's gradient at t-1)."""
+def _step_backward(dh: np.ndarray, dout_prev: np.ndarray, gates: np.ndarray, new: np.ndarray, h_prev: np.ndarray,
+                   dgi: np.ndarray, dgh: np.ndarray, base: np.ndarray, carry: bool) -> None:
+    """One step's gradients from dh = dL/dh_t (Float[N, H]) and the step's gates (Float[N, 3H]:
+    r, z after their sigmoid, h_n), new gate n and entering state h_prev (Float[N, H]): the input
+    gates' dgi and the hidden gates' dgh (Float[N, 3H]; they differ in the new gate, whose hidden
+    part is scaled by r), and base = dL/dh_{t-1} except through W_hh: dh · z, plus dout_prev (the
+    output's gradient at t-1) where carry."""
     rows, width = dh.shape
     one = np.float32(1.0)
     for i in range(rows):
         for j in range(width):
             g = dh[i, j]
-            r, z, hn = gates[t, i, j], gates[t, i, width + j], gates[t, i, 2 * width + j]
-            nj = new[t, i, j]
+            r, z, hn = gates[i, j], gates[i, width + j], gates[i, 2 * width + j]
+            nj = new[i, j]
             d_n = g * (one - z) * (one - nj * nj)  # through h' = (h - n) z + n, then tanh
             d_r = d_n * hn * r * (one - r)  # n = tanh(i_n + r · h_n), then sigmoid
-            d_z = g * (hs[t, i, j] - nj) * z * (one - z)
-            dgi[t, i, j] = d_r
-            dgi[t, i, width + j] = d_z
-            dgi[t, i, 2 * width + j] = d_n
-            dgh[t, i, j] = d_r
-            dgh[t, i, width + j] = d_z
-            dgh[t, i, 2 * width + j] = d_n * r
+            d_z = g * (h_prev[i, j] - nj) * z * (one - z)
+            dgi[i, j] = d_r
+            dgi[i, width + j] = d_z
+            dgi[i, 2 * width + j] = d_n
+            dgh[i, j] = d_r
+            dgh[i, width + j] = d_z
+            dgh[i, 2 * width + j] = d_n * r
             b = g * z
-            if t > 0:
-                b = b + dout[t - 1, i, j]
+            if carry:
+                b = b + dout_prev[i, j]
             base[i, j] = b
 
 
@@ -121,22 +123,24 @@ class _GRUSequence(torch.autograd.Function):
             gs.append(gh)  # r and z after their sigmoid, h_n before r scales it
             ns.append(new)
         states = torch.stack(hs)  # [T + 1, N, H]
-        ctx.save_for_backward(x, states, torch.stack(gs), torch.stack(ns), w_ih, w_hh)
+        ctx.save_for_backward(x, states, w_ih, w_hh, *gs, *ns)  # the steps' tensors unstacked: a copy less
         ctx.h0 = h0 is not None
         return states[1:].transpose(0, 1)  # [N, T, H], as torch's stack and transpose
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, dout: Tensor) -> tuple[Tensor | None, ...]:
-        x, states, gates, new, w_ih, w_hh = ctx.saved_tensors
-        T, N, H = new.shape
+        x, states, w_ih, w_hh, *steps = ctx.saved_tensors
+        T, N, H = states.shape[0] - 1, states.shape[1], states.shape[2]
+        gates, new = steps[:T], steps[T:]  # T of Float[N, 3H], T of Float[N, H]
         d_out = dout.transpose(0, 1).contiguous()  # [T, N, H]
-        dgi, dgh = new.new_empty(T, N, 3 * H), new.new_empty(T, N, 3 * H)
-        dh, base = d_out[T - 1].clone(), new.new_empty(N, H)
-        arrays = [a.numpy() for a in (d_out, gates, new, states, dgi, dgh, base)]
+        dgi, dgh = states.new_empty(T, N, 3 * H), states.new_empty(T, N, 3 * H)
+        dh, base = d_out[T - 1].clone(), states.new_empty(N, H)
         need_h0 = ctx.h0 and ctx.needs_input_grad[1]
+        base_a = base.numpy()
         for t in range(T - 1, -1, -1):
-            _step_backward(t, dh.numpy(), *arrays)
+            _step_backward(dh.numpy(), d_out[max(t - 1, 0)].numpy(), gates[t].numpy(), new[t].numpy(),
+                           states[t].numpy(), dgi[t].numpy(), dgh[t].numpy(), base_a, t > 0)
             if t > 0 or need_h0:
                 dh = torch.addmm(base, dgh[t], w_hh)  # dL/dh_{t-1}
         gi_rows, gh_rows = dgi.view(T * N, 3 * H), dgh.view(T * N, 3 * H)
@@ -150,22 +154,32 @@ class _GRUSequence(torch.autograd.Function):
 
 
 def applies(gru: nn.GRU, x: Tensor, h0: Tensor | None = None) -> bool:
-    """Whether `gru_sequence` takes this call: autograd on, a one-layer unidirectional
-    batch_first GRU with biases and no projection, x Float[N, T, I] with N, T >= 1 and the
-    weights float32 on the CPU, h0 None or Float[N, H] contiguous, no autocast."""
-    tensors = [x, *gru.parameters(), *([] if h0 is None else [h0])]
-    return (torch.is_grad_enabled() and gru.num_layers == 1 and not gru.bidirectional and gru.bias
-            and gru.batch_first and gru.proj_size == 0 and x.dim() == 3 and x.shape[0] > 0 and x.shape[1] > 0
-            and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
-            and (h0 is None or (h0.shape == (x.shape[0], gru.hidden_size) and h0.is_contiguous()))
-            and not torch.is_autocast_enabled("cpu"))
+    """Whether `gru_sequence` takes this call: autograd on, no autocast, a one-layer
+    unidirectional batch_first GRU with biases, no projection and no module hooks (a forward
+    pre-hook, e.g. pruning's or the old weight_norm's, changes the weights as the module runs),
+    x Float[N, T, input_size] with N, T >= 1, the four weights float32 on the CPU, h0 None or a
+    contiguous Float[N, H]. Elsewhere the module runs (and raises its own errors)."""
+    hooks = (gru._forward_hooks, gru._forward_pre_hooks, gru._backward_hooks, gru._backward_pre_hooks,
+             *(getattr(nn.modules.module, f"_global_{kind}_hooks", None)
+               for kind in ("forward", "forward_pre", "backward", "backward_pre")))
+    if (not torch.is_grad_enabled() or torch.is_autocast_enabled("cpu") or any(hooks) or gru.num_layers != 1
+            or gru.bidirectional or not gru.bias or not gru.batch_first or gru.proj_size != 0):
+        return False
+    weights = (gru.weight_ih_l0, gru.weight_hh_l0, gru.bias_ih_l0, gru.bias_hh_l0)
+    return (x.dim() == 3 and x.shape[0] > 0 and x.shape[1] > 0 and x.shape[2] == gru.input_size
+            and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (x, *weights))
+            and (h0 is None or (h0.shape == (x.shape[0], gru.hidden_size) and h0.is_contiguous()
+                                and h0.device.type == "cpu" and h0.dtype == torch.float32)))
 
 
 def gru_sequence(gru: nn.GRU, x: Tensor, h0: Tensor | None = None) -> Tensor:
     """The outputs of `gru` over x: Float[N, T, I] (batch first) from h0: Float[N, H] (None:
     zeros) -> Float[N, T, H], what ``gru(x, h0[None])[0]`` gives, bit for bit, with the backward
     above (the same gradient summed in another order). Where `applies` does not hold, the module
-    itself runs."""
+    itself runs. Unlike the module's, the output may not be changed in place (autograd raises:
+    it is a view made inside a custom Function), its gradient is not differentiable again
+    (no double backward, no torch.func transforms) and x may not be an inference-mode tensor;
+    the models' callers only index and concatenate it."""
     if not applies(gru, x, h0):
         return gru(x, None if h0 is None else h0.unsqueeze(0).contiguous())[0]
     return _GRUSequence.apply(x, h0, gru.weight_ih_l0, gru.weight_hh_l0, gru.bias_ih_l0, gru.bias_hh_l0)

@@ -344,12 +344,12 @@ def unsort_rows(rows: Tensor, where: Tensor) -> Tensor:
     return rows[inverse]
 
 
-
 def gru_outputs(gru: nn.GRU, x: Tensor, h0: Tensor | None = None) -> Tensor:
     """A batch_first GRU's outputs: x Float[N, T, I], h0 Float[N, H] or None (zeros) ->
     Float[N, T, H], the floats of ``gru(x, h0[None])[0]``. In CPU training the GRU runs in
     hnvm.models.gru_train (torch's forward operation for operation, a backward of two calls a
-    step; imported, with numba, on the first training call); elsewhere the module runs."""
+    step; imported, with numba, on the first training call; its output may not be changed in
+    place); elsewhere the module runs."""
     if torch.is_grad_enabled() and x.device.type == "cpu":
         from hnvm.models import gru_train
 
