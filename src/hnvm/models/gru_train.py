@@ -106,9 +106,10 @@ class _GRUSequence(torch.autograd.Function):
         gi = F.linear(x.transpose(0, 1), w_ih, b_ih)  # [T, N, 3H], torch's call for a batch_first GRU
         h = x.new_zeros(N, H) if h0 is None else h0.detach()
         hs, gs, ns = [h], [], []
+        gi_all = gi.numpy()  # its steps sliced in numpy: no torch operator call a step
         for t in range(T):
             gh = torch.addmm(b_hh, h, w_hh.t())  # [N, 3H] (r, z, n), a fresh tensor as torch's
-            gh_a, gi_a = gh.numpy(), gi[t].numpy()
+            gh_a, gi_a = gh.numpy(), gi_all[t]
             _gates_in(gh_a, gi_a)
             h_r, h_z, _ = gh.unsafe_chunk(3, 1)
             h_r.sigmoid_()  # on [N, H] column chunks, as torch's: the bits of a vectorised
@@ -137,10 +138,11 @@ class _GRUSequence(torch.autograd.Function):
         dgi, dgh = states.new_empty(T, N, 3 * H), states.new_empty(T, N, 3 * H)
         dh, base = d_out[T - 1].clone(), states.new_empty(N, H)
         need_h0 = ctx.h0 and ctx.needs_input_grad[1]
-        base_a = base.numpy()
+        # numpy views of the steps (slicing a numpy array is not a torch operator call)
+        d_out_a, states_a, dgi_a, dgh_a, base_a = (a.numpy() for a in (d_out, states, dgi, dgh, base))
         for t in range(T - 1, -1, -1):
-            _step_backward(dh.numpy(), d_out[max(t - 1, 0)].numpy(), gates[t].numpy(), new[t].numpy(),
-                           states[t].numpy(), dgi[t].numpy(), dgh[t].numpy(), base_a, t > 0)
+            _step_backward(dh.numpy(), d_out_a[max(t - 1, 0)], gates[t].numpy(), new[t].numpy(), states_a[t],
+                           dgi_a[t], dgh_a[t], base_a, t > 0)
             if t > 0 or need_h0:
                 dh = torch.addmm(base, dgh[t], w_hh)  # dL/dh_{t-1}
         gi_rows, gh_rows = dgi.view(T * N, 3 * H), dgh.view(T * N, 3 * H)
