@@ -91,8 +91,9 @@ def speed(name: str, ds: Any, steps: int) -> None:
 
 
 def quality(data: Path, seeds: list[int], epochs: int) -> None:
-    print(f"\nvalidation after training HNVM at the paper's sizes, {epochs} epochs (MRR@5, Recall@20), and the "
-          "largest difference between the two ways' last weights relative to that tensor's largest weight")
+    print(f"\nHNVM at the paper's sizes, {epochs} epochs: validation of the epoch kept (best MRR@5; MRR@5, "
+          "Recall@20), and the largest difference between the two ways' last weights relative to that "
+          "tensor's largest weight")
     for seed in seeds:
         row, weights = [], []
         for way in (False, True):

@@ -1,8 +1,9 @@
 """A one-layer GRU over sequences for training on the CPU: torch's forward, operation for
 operation, and a backward of two calls a time step instead of autograd's graph.
 
-Training HNVM and HRNN runs their GRUs over length groups of a few dozen rows (HNVM at the
-paper's sizes: about 130 time steps a training step over [20-90, 200] states). Autograd through
+Training HNVM and HRNN runs their GRUs over a few dozen rows at a time (HNVM's length groups
+at the paper's sizes: about 130 time steps a training step over [20-90, 200] states; HRNN's
+windows of padded sessions). Autograd through
 torch's CPU GRU records about ten operations a step and replays about twenty-five in the
 backward, each on a few thousand floats, so the calls cost as much as their arithmetic. Here:
 
@@ -17,9 +18,9 @@ backward, each on a few thousand floats, so the calls cost as much as their arit
   and one product for the hidden state's (``dh W_hh``); the weights' and the input's gradients
   as one product each over all steps. This is the gradient of the same function, summed in
   another order (autograd sums the weights' gradients step by step): it differs from
-  autograd's in the last bits (about 1e-7 relative; tests/test_gru_train.py bounds it against a
-  float64 reference), so trained weights differ from ``nn.GRU``'s and the quality is compared
-  over seeds (docs/performance.md).
+  autograd's in the last bits (1e-7 to 5e-7 of the largest gradient on the tests' shapes;
+  tests/test_gru_train.py bounds it against a float64 reference), so trained weights differ
+  from ``nn.GRU``'s and the quality is compared over seeds (docs/performance.md).
 
 `gru_sequence` is what the models call (through hnvm.models.layers.gru_outputs, which imports
 this module on the first training step: it imports numba). Importing this module imports numba.
@@ -137,7 +138,8 @@ class _GRUSequence(torch.autograd.Function):
         d_out = dout.transpose(0, 1).contiguous()  # [T, N, H]
         dgi, dgh = states.new_empty(T, N, 3 * H), states.new_empty(T, N, 3 * H)
         dh, base = d_out[T - 1].clone(), states.new_empty(N, H)
-        need_h0 = ctx.h0 and ctx.needs_input_grad[1]
+        need = ctx.needs_input_grad  # (x, h0, W_ih, W_hh, b_ih, b_hh)
+        need_h0 = ctx.h0 and need[1]
         # numpy views of the steps (slicing a numpy array is not a torch operator call)
         d_out_a, states_a, dgi_a, dgh_a, base_a = (a.numpy() for a in (d_out, states, dgi, dgh, base))
         for t in range(T - 1, -1, -1):
@@ -147,8 +149,7 @@ class _GRUSequence(torch.autograd.Function):
                 dh = torch.addmm(base, dgh[t], w_hh)  # dL/dh_{t-1}
         gi_rows, gh_rows = dgi.view(T * N, 3 * H), dgh.view(T * N, 3 * H)
         xt = x.transpose(0, 1)  # [T, N, I], the rows of gi_rows
-        dx = (gi_rows @ w_ih).view(T, N, -1).transpose(0, 1) if ctx.needs_input_grad[0] else None
-        need = ctx.needs_input_grad
+        dx = (gi_rows @ w_ih).view(T, N, -1).transpose(0, 1) if need[0] else None
         d_w_ih = gi_rows.t() @ xt.reshape(T * N, -1) if need[2] else None
         d_w_hh = gh_rows.t() @ states[:-1].reshape(T * N, H) if need[3] else None
         return (dx, dh if need_h0 else None, d_w_ih, d_w_hh, gi_rows.sum(0) if need[4] else None,
