@@ -38,6 +38,7 @@ from train_eval import ROOT, load_data, model_for
 import hnvm.models.gru_train as gru_train
 from hnvm.data.batches import Sequences
 from hnvm.models.base import get_model_class
+from hnvm.models.layers import module_outputs
 from hnvm.runs import train_run
 from hnvm.training import TrainConfig
 from hnvm.training.optim import make_optimizer
@@ -46,13 +47,9 @@ COMPILED = gru_train.gru_sequence
 PAPER = ROOT / "src" / "hnvm" / "paper_configs" / "hnvm.toml"
 
 
-def torch_gru(gru: torch.nn.GRU, x: torch.Tensor, h0: torch.Tensor | None = None) -> torch.Tensor:
-    """Autograd through the module, as before hnvm.models.gru_train."""
-    return gru(x, None if h0 is None else h0.unsqueeze(0).contiguous())[0]
-
-
 def use(compiled: bool) -> None:
-    gru_train.gru_sequence = COMPILED if compiled else torch_gru  # type: ignore[assignment]
+    """gru_train's GRU (True) or autograd through the module, as before it (False)."""
+    gru_train.gru_sequence = COMPILED if compiled else module_outputs  # type: ignore[assignment]
 
 
 def speed(name: str, ds: Any, steps: int) -> None:

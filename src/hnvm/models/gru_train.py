@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from hnvm.compiled import compiled
+from hnvm.models.layers import module_outputs
 
 
 @compiled
@@ -184,5 +185,5 @@ def gru_sequence(gru: nn.GRU, x: Tensor, h0: Tensor | None = None) -> Tensor:
     (no double backward, no torch.func transforms) and x may not be an inference-mode tensor;
     the models' callers only index and concatenate it."""
     if not applies(gru, x, h0):
-        return gru(x, None if h0 is None else h0.unsqueeze(0).contiguous())[0]
+        return module_outputs(gru, x, h0)
     return _GRUSequence.apply(x, h0, gru.weight_ih_l0, gru.weight_hh_l0, gru.bias_ih_l0, gru.bias_hh_l0)

@@ -344,6 +344,12 @@ def unsort_rows(rows: Tensor, where: Tensor) -> Tensor:
     return rows[inverse]
 
 
+def module_outputs(gru: nn.GRU, x: Tensor, h0: Tensor | None = None) -> Tensor:
+    """``gru(x, h0[None])[0]``: the module's own way (autograd through torch's GRU), x Float[N, T, I]
+    batch first, h0 Float[N, H] or None (zeros) -> Float[N, T, H]."""
+    return gru(x, None if h0 is None else h0.unsqueeze(0).contiguous())[0]
+
+
 def gru_outputs(gru: nn.GRU, x: Tensor, h0: Tensor | None = None) -> Tensor:
     """A batch_first GRU's outputs: x Float[N, T, I], h0 Float[N, H] or None (zeros) ->
     Float[N, T, H], the floats of ``gru(x, h0[None])[0]``. In CPU training the GRU runs in
@@ -354,4 +360,4 @@ def gru_outputs(gru: nn.GRU, x: Tensor, h0: Tensor | None = None) -> Tensor:
         from hnvm.models import gru_train
 
         return gru_train.gru_sequence(gru, x, h0)
-    return gru(x, None if h0 is None else h0.unsqueeze(0).contiguous())[0]
+    return module_outputs(gru, x, h0)
