@@ -27,6 +27,7 @@ either way: tested (tests/test_gru_inference.py), compared batch by batch
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -64,15 +65,13 @@ def gru_cell(gates_in: Tensor, h: Tensor, w_hh: Tensor, b_hh: Tensor) -> Tensor:
     return (h - n).mul_(z).add_(n)
 
 
-class InputGates:
-    """The input gates of a one-layer GRU over an item embedding, per item: a table
-    Float[n_items + 1, 3H] equal row for row to what the GRU computes per event where its input
-    is a non-contiguous [t, n, E] view (``linear_ih`` folded into one matmul, then the bias
-    added; `uses_table` says where). Kept while the weights are the same tensors, at the same
-    addresses, with the same version counters; torch's in-place operations bump the counters,
-    hnvm's compiled optimizer loops bump them too, and switching `HNVMNet` to training mode
-    drops the table (a write through ``.data`` or numpy does not bump them). Thread-safe: one
-    build at a time."""
+class ItemTable:
+    """A product of an item embedding's whole table, kept between calls: built by the caller's
+    `build` from the weights `tensors` and reused while they are the same tensors, at the same
+    addresses, with the same version counters. torch's in-place operations bump the counters,
+    hnvm's compiled optimizer loops bump them too, and the models drop their tables when they
+    switch to training mode (a write through ``.data`` or numpy does not bump them).
+    Thread-safe: one build at a time."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -80,13 +79,13 @@ class InputGates:
         # addresses and versions; the table)
         self._built: tuple[tuple[Tensor, ...], tuple[int, ...], Tensor] | None = None
 
-    def table(self, emb: nn.Embedding, gru: nn.GRU, events: int) -> Tensor | None:
-        """The table, or None where building it would cost more than computing the gates of
-        `events` events directly and it is not already built for these weights, or where the
-        table's own product would be a small call (under `MIN_ROWS` items) or the weights are
-        inference tensors (no version counter)."""
-        tensors = (emb.weight, gru.weight_ih_l0, gru.bias_ih_l0)
-        if emb.num_embeddings < MIN_ROWS or any(t.is_inference() for t in tensors):
+    def get(self, tensors: tuple[Tensor, ...], build: Callable[[], Tensor], worth_building: bool) -> Tensor | None:
+        """The table built from `tensors` (their first is the item embedding's weight, one row per
+        item), or None where it is not built for these weights and `worth_building` is False (the
+        caller's direct products would cost less), where the table's own product would be a small
+        call (under `MIN_ROWS` items) or where a weight is an inference tensor (no version
+        counter)."""
+        if len(tensors[0]) < MIN_ROWS or any(t.is_inference() for t in tensors):
             return None
         key = tuple(v for t in tensors for v in (t.data_ptr(), t._version))
         with self._lock:
@@ -94,11 +93,26 @@ class InputGates:
             if built is not None and all(a is b for a, b in zip(built[0], tensors, strict=True)) and built[1] == key:
                 return built[2]
             self._built = None
-            if emb.num_embeddings > events:
+            if not worth_building:
                 return None
-            table = torch.matmul(emb.weight, gru.weight_ih_l0.t()).add_(gru.bias_ih_l0)  # [n_items + 1, 3H]
+            table = build()
             self._built = (tensors, key, table)
             return table
+
+
+class InputGates(ItemTable):
+    """The input gates of a one-layer GRU over an item embedding, per item: a table
+    Float[n_items + 1, 3H] equal row for row to what the GRU computes per event where its input
+    is a non-contiguous [t, n, E] view (``linear_ih`` folded into one matmul, then the bias
+    added; `uses_table` says where); kept as `ItemTable` keeps it."""
+
+    def table(self, emb: nn.Embedding, gru: nn.GRU, events: int) -> Tensor | None:
+        """The table, or None where building it would cost more than computing the gates of
+        `events` events directly and it is not already built for these weights, or where
+        `ItemTable.get` declines."""
+        w, b = gru.weight_ih_l0, gru.bias_ih_l0
+        return self.get((emb.weight, w, b), lambda: torch.matmul(emb.weight, w.t()).add_(b),  # [n_items + 1, 3H]
+                        worth_building=emb.num_embeddings <= events)
 
 
 def uses_table(gru: nn.GRU, items: Tensor) -> bool:

@@ -37,6 +37,7 @@ from hnvm.data.batches import SPLIT_CODE, Sequences
 from hnvm.data.sampling import popularity_probs, train_counts
 from hnvm.distributed import shard_indices
 from hnvm.models.base import NetPersistence, register
+from hnvm.models.gru_inference import MIN_ROWS, ItemTable, applies
 from hnvm.models.layers import full_softmax_loss, sampled_softmax_loss
 from hnvm.training import TrainConfig, fit
 
@@ -67,6 +68,33 @@ class STAMPNet(nn.Module):
                 nn.init.normal_(p, std=weight_std)
         with torch.no_grad():
             self.item_emb.weight[0].zero_()
+        self.w1_table = ItemTable()  # inference only: W_1 x per item
+
+    def train(self, mode: bool = True) -> STAMPNet:
+        if mode:  # training may change the weights in ways no version counter sees
+            self.w1_table = ItemTable()
+        return super().train(mode)
+
+    def _inputs(self, prefix: Tensor, keep: Tensor, mask: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(x, W_1 x or None), each Float[B, T, d]: the prefix's embeddings with the positions
+        outside `keep` (Bool[B, T]; mask = its Float[B, T, 1]) zeroed, and their attention input
+        where a table gives it (None: the caller applies W_1, after the terms it computes first,
+        so that autograd sums x's gradient in the order it always has). In inference on the
+        CPU, the attention input is the table's rows at the prefix's items (`w1_table`): at kept
+        positions the floats of W_1 x (its product runs over B * T rows, at least `MIN_ROWS`,
+        row by row the same as the table's: gru_inference); elsewhere other values, which never
+        reach the output (α is masked there and x is 0). There x skips the mask where it
+        changes nothing (every position it drops holds the padding item, whose embedding is 0:
+        whole right-padded prefixes): x · 1 is x."""
+        emb, w1 = self.item_emb.weight, self.W1.weight
+        if self.training or prefix.numel() < MIN_ROWS or not applies(emb):
+            return self.item_emb(prefix) * mask, None
+        table = self.w1_table.get((emb, w1), lambda: nn.functional.linear(emb, w1),
+                                  worth_building=len(emb) <= prefix.numel())
+        x = self.item_emb(prefix)
+        if bool(prefix.masked_fill(keep, 0).any()) or bool(emb[0].any()):  # the mask changes x
+            x = x * mask
+        return x, None if table is None else table[prefix]
 
     def forward(self, prefix: Tensor, max_len: int = 0) -> Tensor:
         """prefix: Long[B, T] right-padded, at least one item per row -> h_s ⊙ h_t: [B, d].
@@ -77,10 +105,11 @@ class STAMPNet(nn.Module):
         if max_len:
             keep &= t >= lengths - max_len
         mask = keep.unsqueeze(-1).float()  # [B, T, 1]
-        x = self.item_emb(prefix) * mask  # [B, T, d]
+        x, w1_x = self._inputs(prefix, keep, mask)  # [B, T, d] each (w1_x None: W_1 x below)
         m_s = x.sum(1) / mask.sum(1)  # [B, d]
         x_t = x[torch.arange(len(prefix), device=x.device), lengths.squeeze(1) - 1]  # [B, d]
-        act = torch.sigmoid(self.W1(x) + (self.W2(x_t) + self.W3(m_s) + self.b_a).unsqueeze(1))
+        w1_x = self.W1(x) if w1_x is None else w1_x  # (here: autograd's order of x's gradient terms)
+        act = torch.sigmoid(w1_x + (self.W2(x_t) + self.W3(m_s) + self.b_a).unsqueeze(1))
         alpha = self.w0(act) * mask  # [B, T, 1]
         m_a = (alpha * x).sum(1)  # [B, d]
         h_s = torch.tanh(self.mlp_s(m_a))
