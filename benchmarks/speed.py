@@ -22,8 +22,9 @@ Sections (each also runs on its own with the command it prints):
   knn       TIFU-KNN's and V-SKNN's exact shortcuts against the long way, scores torch.equal
             (benchmarks/knn_paths.py: the Instacart sample, the 60,750-item set, 100,000
             short-history users, a heavy-head log)
-  hnvm      HNVM's exact inference ways (hnvm.models.gru_inference) against the modules' way,
-            scores torch.equal, alternating per batch in one process (benchmarks/hnvm_inference.py)
+  hnvm      HNVM's and STAMP's exact inference ways (hnvm.models.gru_inference, STAMP's W_1 table)
+            against the modules' way, scores torch.equal, alternating per batch in one process
+            (benchmarks/hnvm_inference.py)
   windows   HNVM (paper sizes) and HRNN on the Instacart sample: whole training epochs with the
             state entering each user window carried over from the user's previous window (the
             default) against re-encoded before every window (`carry_context` / `carry_state`
@@ -357,7 +358,7 @@ def main(argv: list[str] | None = None) -> None:
         child("kNN baselines: each exact shortcut against the long way (next-item targets/s, one process)",
               [sys.executable, str(HERE / "knn_paths.py"), "--workdir", str(args.workdir)])
     if "hnvm" in only:
-        child("HNVM's exact inference ways against the modules' way (next-item targets/s, one process)",
+        child("HNVM's and STAMP's exact inference ways against the modules' way (next-item targets/s, one process)",
               [sys.executable, str(HERE / "hnvm_inference.py"), "--workdir", str(args.workdir)])
     if "windows" in only:
         windows_section(args)
