@@ -22,6 +22,9 @@ mid-row). The callers take these ways only where both hold and fall back to the 
 otherwise. The third makes the decoder call forward makes, on the same inputs. The same floats
 either way: tested (tests/test_gru_inference.py), compared batch by batch
 (benchmarks/hnvm_inference.py) and checked on the exported ranks (benchmarks/fingerprint.py).
+
+`ItemTable`, the cache behind the input-gate table, also keeps STAMP's attention input per item
+(hnvm.models.stamp), under the same conditions (`applies`, `MIN_ROWS`).
 """
 
 from __future__ import annotations
