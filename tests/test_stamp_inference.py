@@ -5,6 +5,8 @@ the weights are the same and dropped when they change or training starts."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -32,9 +34,14 @@ def _prefixes(rows: int, width: int, n_items: int = 60, seed: int = 0) -> torch.
     return torch.randint(1, n_items + 1, (rows, width), generator=g) * (torch.arange(width) < lengths[:, None])
 
 
+def _no_table(*args: object, **kwargs: object) -> None:
+    raise AssertionError("the module's way read the table")
+
+
 def _module_way(net: STAMPNet, prefix: torch.Tensor, max_len: int, monkeypatch: pytest.MonkeyPatch) -> torch.Tensor:
     with monkeypatch.context() as m:
         m.setattr(stamp, "applies", lambda x: False)  # the way autograd and other CPUs take
+        m.setattr(net.w1_table, "get", _no_table)
         return net(prefix, max_len)
 
 
@@ -45,6 +52,7 @@ def _module_way(net: STAMPNet, prefix: torch.Tensor, max_len: int, monkeypatch: 
     (40, 9, 24, 60, 0, True),  # the padding row is not 0: the mask is applied
     (300, 31, 100, 500, 0, False),
     (130, 7, 200, 60, 5, True),
+    (40, 9, 16, 60, 0, False),  # MIN_WIDTH
 ])
 def test_scores_from_the_item_table_are_the_modules(rows: int, width: int, d: int, n_items: int, max_len: int,
                                                      padding_row: bool, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -58,6 +66,42 @@ def test_scores_from_the_item_table_are_the_modules(rows: int, width: int, d: in
         assert torch.equal(net.score_all(fast), net.score_all(want))
 
 
+@pytest.mark.parametrize("d", [5, 7, 9, 11])
+def test_narrow_embeddings_take_the_modules_way(d: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Square products of these widths give a row other bits by its place in the call: no table."""
+    net = _net(d)
+    prefix = _prefixes(40, 9)
+    with torch.no_grad():
+        got = net(prefix)
+        assert net.w1_table._built is None
+        assert torch.equal(got, _module_way(net, prefix, 0, monkeypatch))
+
+
+@pytest.mark.parametrize("d", [100, 256])
+def test_small_calls_after_the_table_is_built_take_the_modules_way(d: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under MIN_ROWS positions a product may take kernels whose last bits differ from the table's."""
+    net = _net(d)
+    with torch.no_grad():
+        net(_prefixes(40, 9))
+        assert net.w1_table._built is not None
+        for rows, width in ((3, 1), (2, 3), (1, 5), (11, 1), (5, 3)):
+            prefix = _prefixes(rows, width, seed=rows * width)
+            assert torch.equal(net(prefix), _module_way(net, prefix, 0, monkeypatch))
+
+
+def test_one_thread_gives_the_modules_floats(monkeypatch: pytest.MonkeyPatch) -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        net = _net(100, n_items=500)
+        prefix = _prefixes(300, 31, n_items=500)
+        with torch.no_grad():
+            assert torch.equal(net(prefix), _module_way(net, prefix, 0, monkeypatch))
+            assert net.w1_table._built is not None
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_a_prefix_that_is_not_right_padded_is_masked_as_the_module_masks_it(monkeypatch: pytest.MonkeyPatch) -> None:
     net = _net(24)
     prefix = _prefixes(40, 9)
@@ -67,7 +111,8 @@ def test_a_prefix_that_is_not_right_padded_is_masked_as_the_module_masks_it(monk
         assert torch.equal(net(prefix), _module_way(net, prefix, 0, monkeypatch))
 
 
-def test_the_table_is_built_where_it_pays_kept_and_dropped_when_weights_change() -> None:
+def test_the_table_is_built_where_it_pays_kept_and_dropped_when_weights_change(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     net = _net(16, n_items=60)
     with torch.no_grad():
         net(_prefixes(3, 4))  # 12 positions: under MIN_ROWS, the module's product
@@ -83,6 +128,23 @@ def test_the_table_is_built_where_it_pays_kept_and_dropped_when_weights_change()
         net(_prefixes(20, 5))
         second = net.w1_table._built[2]
         assert second is not first and not torch.equal(second, first)
+        net.item_emb.weight[5].add_(1.0)  # the embedding is part of the key too
+        net(_prefixes(20, 5))
+        third = net.w1_table._built[2]
+        assert third is not second
+        assert torch.equal(third, torch.nn.functional.linear(net.item_emb.weight, net.W1.weight))
+        net.load_state_dict(_net(16, n_items=60, seed=1).state_dict())  # copies in place
+        prefix = _prefixes(20, 5)
+        assert torch.equal(net(prefix), _module_way(net, prefix, 0, monkeypatch))
+        assert net.w1_table._built[2] is not third
+        with torch.no_grad():
+            net.W1.weight.data.mul_(2.0)  # through .data: no version bump, so the owner clears
+        net.w1_table.clear()
+        assert torch.equal(net(prefix), _module_way(net, prefix, 0, monkeypatch))
+    copied = copy.deepcopy(net)  # a lock does not copy: the copy starts without a table
+    assert copied.w1_table._built is None and net.w1_table._built is not None
+    with torch.no_grad():
+        assert torch.equal(copied(prefix), net(prefix))
     net.train()
     assert net.w1_table._built is None
     net.eval()

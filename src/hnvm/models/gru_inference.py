@@ -24,7 +24,8 @@ either way: tested (tests/test_gru_inference.py), compared batch by batch
 (benchmarks/hnvm_inference.py) and checked on the exported ranks (benchmarks/fingerprint.py).
 
 `ItemTable`, the cache behind the input-gate table, also keeps STAMP's attention input per item
-(hnvm.models.stamp), under the same conditions (`applies`, `MIN_ROWS`).
+(hnvm.models.stamp), under the same conditions (`applies`, `MIN_ROWS`) and at widths of at least
+`MIN_WIDTH`.
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ if TYPE_CHECKING:
     from hnvm.models.hnvm_net import HNVMNet
 
 MIN_ROWS = 16  # GEMMs of fewer rows may take kernels whose last bits differ (here 1-3, 5-7, 9-11 rows, K = 200)
+# and narrower ones, at any row count: square products of width 5-7 or 9-11 gave a row other bits
+# by its place in the call (MKL, AVX512 and AVX2, one and two threads; widths 12-300 did not)
+MIN_WIDTH = 16
 GRAIN = 32768  # torch's element-wise grain (at::internal::GRAIN_SIZE): larger ops are split between threads
 _MEASURED = ("AVX2", "AVX512")  # the CPU kernels (with MKL) whose row independence the tests measure
 
@@ -73,14 +77,27 @@ class ItemTable:
     `build` from the weights `tensors` and reused while they are the same tensors, at the same
     addresses, with the same version counters. torch's in-place operations bump the counters,
     hnvm's compiled optimizer loops bump them too, and the models drop their tables when they
-    switch to training mode (a write through ``.data`` or numpy does not bump them).
-    Thread-safe: one build at a time."""
+    switch to training mode. A write through ``.data`` or numpy, or a fused optimizer's step
+    (``torch.optim.Adam(fused=True)`` on the CPU), does not bump them: after one, outside
+    training mode, call `clear`. Thread-safe: one build at a time. A copy (``copy.deepcopy``,
+    pickling) starts empty."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         # (the weights it was built from, held so their addresses are not reused; their
         # addresses and versions; the table)
         self._built: tuple[tuple[Tensor, ...], tuple[int, ...], Tensor] | None = None
+
+    def clear(self) -> None:
+        """Drop the table: the next `get` builds it again (or declines)."""
+        with self._lock:
+            self._built = None
+
+    def __getstate__(self) -> dict[str, object]:
+        return {}  # a lock does not copy, and a table is rebuilt from the copy's own weights
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__init__()  # type: ignore[misc]
 
     def get(self, tensors: tuple[Tensor, ...], build: Callable[[], Tensor], worth_building: bool) -> Tensor | None:
         """The table built from `tensors` (their first is the item embedding's weight, one row per

@@ -37,7 +37,7 @@ from hnvm.data.batches import SPLIT_CODE, Sequences
 from hnvm.data.sampling import popularity_probs, train_counts
 from hnvm.distributed import shard_indices
 from hnvm.models.base import NetPersistence, register
-from hnvm.models.gru_inference import MIN_ROWS, ItemTable, applies
+from hnvm.models.gru_inference import MIN_ROWS, MIN_WIDTH, ItemTable, applies
 from hnvm.models.layers import full_softmax_loss, sampled_softmax_loss
 from hnvm.training import TrainConfig, fit
 
@@ -82,12 +82,12 @@ class STAMPNet(nn.Module):
         so that autograd sums x's gradient in the order it always has). In inference on the
         CPU, the attention input is the table's rows at the prefix's items (`w1_table`): at kept
         positions the floats of W_1 x (its product runs over B * T rows, at least `MIN_ROWS`,
-        row by row the same as the table's: gru_inference); elsewhere other values, which never
-        reach the output (α is masked there and x is 0). There x skips the mask where it
-        changes nothing (every position it drops holds the padding item, whose embedding is 0:
-        whole right-padded prefixes): x · 1 is x."""
+        and d is at least `MIN_WIDTH`: row by row the same as the table's, gru_inference);
+        elsewhere other values, which never reach the output (α is masked there and x is 0).
+        There x skips the mask where it changes nothing (every position it drops holds the
+        padding item, whose embedding is 0: whole right-padded prefixes): x · 1 is x."""
         emb, w1 = self.item_emb.weight, self.W1.weight
-        if self.training or prefix.numel() < MIN_ROWS or not applies(emb):
+        if self.training or prefix.numel() < MIN_ROWS or emb.shape[1] < MIN_WIDTH or not applies(emb):
             return self.item_emb(prefix) * mask, None
         table = self.w1_table.get((emb, w1), lambda: nn.functional.linear(emb, w1),
                                   worth_building=len(emb) <= prefix.numel())
