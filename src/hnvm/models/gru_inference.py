@@ -97,7 +97,8 @@ class ItemTable:
         return {}  # a lock does not copy, and a table is rebuilt from the copy's own weights
 
     def __setstate__(self, state: dict[str, object]) -> None:
-        self.__init__()  # type: ignore[misc]
+        self._lock = threading.Lock()
+        self._built = None
 
     def get(self, tensors: tuple[Tensor, ...], build: Callable[[], Tensor], worth_building: bool) -> Tensor | None:
         """The table built from `tensors` (their first is the item embedding's weight, one row per

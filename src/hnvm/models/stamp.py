@@ -108,7 +108,8 @@ class STAMPNet(nn.Module):
         x, w1_x = self._inputs(prefix, keep, mask)  # [B, T, d] each (w1_x None: W_1 x below)
         m_s = x.sum(1) / mask.sum(1)  # [B, d]
         x_t = x[torch.arange(len(prefix), device=x.device), lengths.squeeze(1) - 1]  # [B, d]
-        w1_x = self.W1(x) if w1_x is None else w1_x  # (here: autograd's order of x's gradient terms)
+        # W_1 x after m_s and x_t, as always: autograd sums x's gradient terms in node order
+        w1_x = self.W1(x) if w1_x is None else w1_x
         act = torch.sigmoid(w1_x + (self.W2(x_t) + self.W3(m_s) + self.b_a).unsqueeze(1))
         alpha = self.w0(act) * mask  # [B, T, 1]
         m_a = (alpha * x).sum(1)  # [B, d]
