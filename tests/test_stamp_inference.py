@@ -137,8 +137,7 @@ def test_the_table_is_built_where_it_pays_kept_and_dropped_when_weights_change(
         prefix = _prefixes(20, 5)
         assert torch.equal(net(prefix), _module_way(net, prefix, 0, monkeypatch))
         assert net.w1_table._built[2] is not third
-        with torch.no_grad():
-            net.W1.weight.data.mul_(2.0)  # through .data: no version bump, so the owner clears
+        net.W1.weight.data.mul_(2.0)  # through .data: no version bump, so the owner clears
         net.w1_table.clear()
         assert torch.equal(net(prefix), _module_way(net, prefix, 0, monkeypatch))
     copied = copy.deepcopy(net)  # a lock does not copy: the copy starts without a table
