@@ -153,3 +153,26 @@ def test_training_products_are_every_product_of_the_timed_steps_and_replay_them(
                     *rec.calls[0][1:])
     rec.replay_seconds(rounds=2)
     assert calls == [[(7,), (5, 3), (3, 7)]] * 3  # a warm-up round, then 2 timed rounds
+
+
+@pytest.mark.parametrize("model", [HNVM(hidden=16, emb_dim=12, mlp_hidden=16, d_e=8, d_z=8, n_negatives=8),
+                                   HRNN(emb_dim=12, session_hidden=16, user_hidden=10)], ids=["hnvm", "hrnn"])
+def test_the_rest_of_scoring_reads_the_history_it_is_given(model: object) -> None:
+    """`history_given` times the rest of a model's scoring: with the history `history_only`
+    computed for the batch, the same scores; with another one, other scores (it is read, not
+    encoded again); afterwards the model encodes its history itself again."""
+    model.fit(synthetic_dataset(n_users=30, n_items=40, n_topics=4, seed=5),  # type: ignore[attr-defined]
+              train_cfg=TrainConfig(epochs=1))
+    sessions = torch.randint(1, 20, (3, 4, 5), generator=torch.Generator().manual_seed(3))
+    batch = Batch(sessions=sessions, users=torch.tensor([1, 2, 3]), target_rows=torch.tensor([0, 1, 2]),
+                  target_pos=torch.tensor([1, 2, 3]))
+    with torch.no_grad():
+        expected = model.score(batch)  # type: ignore[attr-defined]
+        history = speed.history_only(model)(batch)
+        with speed.history_given(model, history):
+            assert torch.equal(model.score(batch), expected)  # type: ignore[attr-defined]
+        with speed.history_given(model, torch.zeros_like(history)):
+            assert not torch.equal(model.score(batch), expected)  # type: ignore[attr-defined]
+        assert torch.equal(model.score(batch), expected)  # type: ignore[attr-defined]
+    owner = model if isinstance(model, HNVM) else model.network()  # type: ignore[attr-defined]
+    assert "_history" not in vars(owner) and "user_state" not in vars(owner)
