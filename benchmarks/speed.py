@@ -17,8 +17,9 @@ Sections (each also runs on its own with the command it prints):
             rest alone": their scoring with that history given (the same scores, checked),
             each a bound of the model's ratio; and under HNVM, HRNN and NCF the FLOPs that
             bound it (history encoding, in the time a 0.5 ratio leaves it after the rest as
-            measured; NCF's tower over every (user, item) pair, in two floors' time) against
-            this machine's fastest measured matmul. Under HNVM also what bounds its training step:
+            measured, and in one floor's time, were the rest only the floor's own product and
+            rank; NCF's tower over every (user, item) pair, in two floors' time) against this
+            machine's fastest measured matmul. Under HNVM also what bounds its training step:
             the FLOPs of its matrix products (forward and backward) a target, the time they take
             replayed alone at their shapes, and the step's count of other operator calls.
   knn       TIFU-KNN's and V-SKNN's exact shortcuts against the long way, scores torch.equal
@@ -327,9 +328,10 @@ def models_section(args: argparse.Namespace) -> None:
                 left = (f"what a 0.5 ratio leaves it, {budget * 1e6:.0f} us a target, needs "
                         f"{flops / budget / 1e9:,.0f} GFLOP/s" if budget > 0 else
                         "a 0.5 ratio leaves it no time: the rest alone takes more")
-                if parts is not None:
+                if parts is not None:  # and, were the rest only the floor's own product and rank, one floor's time
                     rest_us = 1e6 / (parts[1] * floor)
-                    left = f"{2e6 / floor:.0f} us a target in all, less the rest's {rest_us:.0f}: {left}"
+                    left = (f"{2e6 / floor:.0f} us a target in all, less the rest's {rest_us:.0f}: {left} (in one "
+                            f"floor's time, {1e6 / floor:.0f} us, {flops * floor / 1e9:,.0f} GFLOP/s)")
                 print(f"{'':>12}   {what}: {flops / 1e6:.1f} MFLOP a target at the fewest; {left}; this machine's "
                       f"matmul: {peaks[shape] / 1e9:,.0f} GFLOP/s at [{m}, {k}] x [{k}, {n}], "
                       f"{peaks['square'] / 1e9:,.0f} at 2048^3", flush=True)
