@@ -176,3 +176,13 @@ def test_the_rest_of_scoring_reads_the_history_it_is_given(model: object) -> Non
         assert torch.equal(model.score(batch), expected)  # type: ignore[attr-defined]
     owner = model if isinstance(model, HNVM) else model.network()  # type: ignore[attr-defined]
     assert "_history" not in vars(owner) and "user_state" not in vars(owner)
+    with torch.no_grad(), speed.history_given(model, torch.zeros_like(history)):  # nested: the outer one comes back
+        with speed.history_given(model, history):
+            assert torch.equal(model.score(batch), expected)  # type: ignore[attr-defined]
+        assert not torch.equal(model.score(batch), expected)  # type: ignore[attr-defined]
+    assert "_history" not in vars(owner) and "user_state" not in vars(owner)
+
+
+def test_only_history_models_are_given_a_history() -> None:
+    with pytest.raises(ValueError, match="encodes no history"), speed.history_given(NCF(), torch.zeros(1)):
+        pass
