@@ -184,5 +184,6 @@ def test_the_rest_of_scoring_reads_the_history_it_is_given(model: object) -> Non
 
 
 def test_only_history_models_are_given_a_history() -> None:
+    """A model with no history to shadow (NCF) is refused, not silently left encoding nothing."""
     with pytest.raises(ValueError, match="encodes no history"), speed.history_given(NCF(), torch.zeros(1)):
         pass
